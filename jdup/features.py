@@ -12,6 +12,11 @@ embedding output dropped (slot ``l`` = ``hidden_states[l + 1]``). Pooling (spec 
 
 BART uses ``encoder_hidden_states[1:] + hidden_states[1:]`` (encoder layers, then decoder layers).
 
+For ``"cls"`` pooling on an encoder (BERT / RoBERTa), the pass calls the model with
+``last_layer_positions="cls"``: the last layer computes only the [CLS] row (its attention still reads every
+position), which is all that the last feature slot and the logits need. The features are the same (to float32
+rounding) and about ``1/L`` of the forward work is saved.
+
 The per-example pooling functions are vmapped over the batch. :func:`make_batch_fn` builds ONE jitted function
 per detection pass: ``fn(model_state, batch, aux) -> dict of arrays``, running the model once and handing the
 pooled features ``[B, L, D]`` (float32) and logits to a ``head`` callback (e.g. the scorers), so a pass can keep
@@ -107,6 +112,18 @@ def layer_states(out: Output, arch: str) -> tuple[Array, ...]:
     return tuple(out.hidden_states[1:])
 
 
+#: Archs whose forward accepts ``last_layer_positions="cls"`` (last layer computed at position 0 only).
+CLS_TRIM_ARCHS = ("bert", "roberta")
+
+
+def model_call_kwargs(arch: str, pooling: str, trim_last_layer: bool = True) -> dict:
+    """Extra keyword arguments of the feature forward: ``last_layer_positions="cls"`` when only the [CLS] row of
+    the last layer is used (encoder + ``"cls"`` pooling), else none."""
+    if trim_last_layer and pooling == "cls" and arch in CLS_TRIM_ARCHS:
+        return {"last_layer_positions": "cls"}
+    return {}
+
+
 def pooled_features(out: Output, attention_mask: Array, arch: str, pooling: str) -> Array:
     """``[B, L, D]`` float32 pooled features of a model output."""
     pool = jax.vmap(lambda h, m: pool_one(h, m, pooling))
@@ -133,6 +150,7 @@ def make_batch_fn(
     pooling: str = "auto",
     faithful_bart: bool = False,
     head_key: Hashable | None = None,
+    trim_last_layer: bool = True,
 ) -> tuple[Callable[[Any, dict, Any], dict], Any]:
     """Builds the jitted per-batch function of a pass.
 
@@ -145,6 +163,8 @@ def make_batch_fn(
       head_key: a hashable name for ``head`` (its behaviour must depend only on this key). With a key, the
         jitted function is cached per (model structure, pooling, key), so repeated detections on models of the
         same shape (or the same model) reuse compiled code; without one a fresh function is traced.
+      trim_last_layer: with ``"cls"`` pooling on an encoder, compute the last layer at position 0 only (see
+        :func:`model_call_kwargs`); False runs the full last layer.
 
     Returns:
       ``(fn, state)``: call ``fn(state, batch, aux)``; ``batch`` holds ``input_ids``, ``attention_mask`` and
@@ -155,7 +175,8 @@ def make_batch_fn(
     graphdef, state = nnx.split(model)
     if head is features_head and head_key is None:
         head_key = "features"
-    key = None if head_key is None else (graphdef, arch, how, head_key)
+    call_kw = model_call_kwargs(arch, how, trim_last_layer)
+    key = None if head_key is None else (graphdef, arch, how, head_key, tuple(sorted(call_kw.items())))
     if key is not None and key in _FN_CACHE:
         _FN_CACHE.move_to_end(key)
         return _FN_CACHE[key], state
@@ -165,7 +186,12 @@ def make_batch_fn(
         m = nnx.merge(graphdef, state)
         tt = batch.get("token_type_ids") if use_tt else None
         out = m(
-            batch["input_ids"], batch["attention_mask"], tt, output_hidden_states=True, deterministic=True
+            batch["input_ids"],
+            batch["attention_mask"],
+            tt,
+            output_hidden_states=True,
+            deterministic=True,
+            **call_kw,
         )
         feats = pooled_features(out, batch["attention_mask"], arch, how)
         return head(feats, out.logits.astype(jnp.float32), batch, aux)
@@ -235,6 +261,7 @@ def extract_features(
     pooling: str = "auto",
     faithful_bart: bool = False,
     progress: bool = True,
+    trim_last_layer: bool = True,
 ) -> dict[str, np.ndarray]:
     """Pooled features ``[N, L, D]`` and logits ``[N, C]`` of every row of ``encoded`` (a :class:`jdup.data.Encoded`).
 
@@ -243,7 +270,9 @@ def extract_features(
     """
     from jdup import data
 
-    fn, state = make_batch_fn(model, features_head, pooling=pooling, faithful_bart=faithful_bart)
+    fn, state = make_batch_fn(
+        model, features_head, pooling=pooling, faithful_bart=faithful_bart, trim_last_layer=trim_last_layer
+    )
     it = data.batches(encoded, batch_size, sort_by_length=True)
     return run_pass(
         fn,

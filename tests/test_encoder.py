@@ -180,3 +180,23 @@ def test_roberta_position_ids_follow_padding():
 def test_unsupported_activation_is_rejected():
     with pytest.raises(jm.hf.JdupError, match="hidden_act"):
         jm.tiny_model("bert", hidden_act="mish")
+
+
+@pytest.mark.parametrize("arch,remat", [("bert", False), ("roberta", False), ("bert", True)])
+def test_last_layer_cls_only_matches_full_forward(arch, remat):
+    ids, mask, types = padded_batch(arch)
+    model = jm.tiny_model(arch, num_labels=3, seed=2, num_hidden_layers=3, remat=remat)
+    tt = types if arch == "bert" else None
+    full = model(ids, mask, tt, output_hidden_states=True)
+    fwd = nnx.jit(lambda m, i, a, t: m(i, a, t, output_hidden_states=True, last_layer_positions="cls"))
+    trim = fwd(model, ids, mask, tt)
+    np.testing.assert_allclose(trim.logits, full.logits, rtol=1e-5, atol=1e-5)
+    assert len(trim.hidden_states) == len(full.hidden_states)
+    for a, b in zip(trim.hidden_states[:-1], full.hidden_states[:-1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert trim.hidden_states[-1].shape == (ids.shape[0], 1, model.config.hidden_size)
+    np.testing.assert_allclose(
+        trim.hidden_states[-1][:, 0], full.hidden_states[-1][:, 0], rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="last_layer_positions"):
+        model(ids, mask, last_layer_positions="last")

@@ -156,3 +156,15 @@ def test_last_token_pooling_on_a_decoder(tok):
     for layer in range(n_layers):
         ref = np.asarray(out.hidden_states[layer + 1])[np.arange(4), last]
         np.testing.assert_allclose(got["features"][:, layer], ref, rtol=2e-5, atol=2e-5)
+
+
+def test_trimmed_last_layer_gives_the_same_features(tiny_bert, tok):
+    assert features.model_call_kwargs("bert", "cls") == {"last_layer_positions": "cls"}
+    assert features.model_call_kwargs("bert", "mean") == {}
+    assert features.model_call_kwargs("llama", "last_token") == {}
+    assert features.model_call_kwargs("bert", "cls", trim_last_layer=False) == {}
+    enc = data.encode(tok, _ds(), max_length=64, buckets=(8, 16, 64))
+    trim = features.extract_features(tiny_bert, enc, batch_size=3, progress=False)
+    full = features.extract_features(tiny_bert, enc, batch_size=3, progress=False, trim_last_layer=False)
+    np.testing.assert_allclose(trim["features"], full["features"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(trim["logits"], full["logits"], rtol=1e-5, atol=1e-5)

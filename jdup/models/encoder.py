@@ -216,15 +216,22 @@ class SelfAttention(nnx.Module):
         self.value = _linear(d, d, cfg, dtype, param_dtype, rngs)
         self.dense = _linear(d, d, cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, h: jax.Array, bias: jax.Array, *, deterministic: bool, rngs) -> jax.Array:
+    def __call__(
+        self, h: jax.Array, bias: jax.Array, *, deterministic: bool, rngs, queries: jax.Array | None = None
+    ) -> jax.Array:
+        """Self-attention over ``h [B, S, D]``; ``queries [B, Q, D]`` (default ``h``) are the rows whose outputs
+        are computed (keys and values always come from every position of ``h``). Returns ``[B, Q, D]``."""
         b, s, _ = h.shape
+        hq = h if queries is None else queries
+        nq = hq.shape[1]
         nh, hd = self.cfg.num_attention_heads, self.cfg.head_dim
-        split = lambda x: x.reshape(b, s, nh, hd)
-        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+        q = self.query(hq).reshape(b, nq, nh, hd)
+        k = self.key(h).reshape(b, s, nh, hd)
+        v = self.value(h).reshape(b, s, nh, hd)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
         probs = jax.nn.softmax(scores + bias, axis=-1)
         probs = _dropout(probs, self.cfg.attention_probs_dropout_prob, deterministic, rngs).astype(v.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, nh * hd)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, nq, nh * hd)
         return self.dense(ctx)
 
 
@@ -240,10 +247,15 @@ class Layer(nnx.Module):
         self.output = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, dtype, param_dtype, rngs)
         self.output_norm = _LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, param_dtype, rngs)
 
-    def __call__(self, h: jax.Array, bias: jax.Array, *, deterministic: bool, rngs) -> jax.Array:
+    def __call__(
+        self, h: jax.Array, bias: jax.Array, *, deterministic: bool, rngs, cls_only: bool = False
+    ) -> jax.Array:
+        """``h [B, S, D]`` -> ``[B, S, D]``; with ``cls_only`` only position 0 is computed (attending to every
+        position) and the result is ``[B, 1, D]``: exact for a last layer whose only use is the [CLS] row."""
         p = self.cfg.hidden_dropout_prob
-        a = self.attention(h, bias, deterministic=deterministic, rngs=rngs)
-        h = self.attention_norm(h + _dropout(a, p, deterministic, rngs))
+        x = h[:, :1] if cls_only else h
+        a = self.attention(h, bias, deterministic=deterministic, rngs=rngs, queries=x if cls_only else None)
+        h = self.attention_norm(x + _dropout(a, p, deterministic, rngs))
         f = self.output(self.act(self.intermediate(h)))
         return self.output_norm(h + _dropout(f, p, deterministic, rngs))
 
@@ -258,17 +270,26 @@ class Encoder(nnx.Module):
             ]
         )
 
-    def __call__(self, h, bias, *, deterministic: bool, rngs) -> list[jax.Array]:
+    def __call__(self, h, bias, *, deterministic: bool, rngs, last_cls_only: bool = False) -> list[jax.Array]:
         states = [h]
-        for layer in self.layers:
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            co = last_cls_only and i == n - 1
             if self.remat:
-                h = nnx.remat(lambda m, x, b, r: m(x, b, deterministic=deterministic, rngs=r))(
-                    layer, h, bias, rngs
-                )
+                h = nnx.remat(_layer_fn(deterministic, co))(layer, h, bias, rngs)
             else:
-                h = layer(h, bias, deterministic=deterministic, rngs=rngs)
+                h = layer(h, bias, deterministic=deterministic, rngs=rngs, cls_only=co)
             states.append(h)
         return states
+
+
+def _layer_fn(deterministic: bool, cls_only: bool):
+    """``(layer, h, bias, rngs) -> layer(...)`` with the static flags closed over (for ``nnx.remat``)."""
+
+    def f(m, x, b, r):
+        return m(x, b, deterministic=deterministic, rngs=r, cls_only=cls_only)
+
+    return f
 
 
 def attention_bias(attention_mask: jax.Array) -> jax.Array:
@@ -300,6 +321,7 @@ class _EncoderClassifier(nnx.Module):
         output_hidden_states: bool = False,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        last_layer_positions: str = "all",
     ) -> Output:
         """Classify a batch.
 
@@ -310,14 +332,26 @@ class _EncoderClassifier(nnx.Module):
           output_hidden_states: also return the embedding output and every layer's output (static).
           deterministic: False turns dropout on; then ``rngs`` with a ``dropout`` stream is required.
           rngs: ``nnx.Rngs`` used only for dropout.
+          last_layer_positions: ``"all"`` (default) or ``"cls"`` (static): the last layer computes only position
+            0 (its attention still reads every position), which is all the head and [CLS] pooling need; the
+            logits are unchanged, about ``1/num_hidden_layers`` of the work is saved, and the last entry of
+            ``hidden_states`` is then ``[batch, 1, dim]`` (the [CLS] row only). Used by detection features.
 
         Returns:
           ``Output(logits [batch, num_labels] in the compute dtype, hidden_states or None)``.
         """
+        if last_layer_positions not in ("all", "cls"):
+            raise ValueError(f"last_layer_positions must be 'all' or 'cls', got {last_layer_positions!r}")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         h = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
-        states = self.encoder(h, attention_bias(attention_mask), deterministic=deterministic, rngs=rngs)
+        states = self.encoder(
+            h,
+            attention_bias(attention_mask),
+            deterministic=deterministic,
+            rngs=rngs,
+            last_cls_only=last_layer_positions == "cls",
+        )
         logits = self._head(states[-1][:, 0], deterministic=deterministic, rngs=rngs)
         return Output(logits=logits, hidden_states=tuple(states) if output_hidden_states else None)
 
