@@ -15,6 +15,9 @@ Pipeline of :func:`run_unlearn` (``jdup unlearn --model M --data DIR --out OUT [
    where the faithful ``forget`` is ``−KL(p_T ‖ p_S)`` (``jdup.losses``; bounded variants selectable).
 5. Optimiser (:func:`make_optimizer`): ``clip_by_global_norm(1) → scale_by_adam → [projection slot] → decoupled
    weight decay (off when projecting) → −lr(t)``, linear warm-up 10 % then linear decay (first update lr 0).
+   With a projection (UPGP) the two loss terms get separate streams (:class:`TwoStreams`): the forgetting
+   gradient goes through ``clip → Adam → projection → −lr·λ_asr``, the clean CE through its own unprojected
+   ``clip → Adam → −lr·λ_acc``, and the two updates are added.
 6. Early stopping (``early_stop``): ``proxy`` (default; uses only what a defender has), ``oracle_dev_poison``
    (the official rule: ground-truth dev-poison ASR, an oracle) or ``none``.
 7. Merge the adapters (exact), evaluate CACC / ASR / RA before and after on test-clean / test-poison, write
@@ -328,6 +331,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, settings: LossSe
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _train_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key):
+    if isinstance(tx, TwoStreams):  # static: projected forget stream + unprojected retain stream
+        return _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key)
+
     def objective(trainable):
         forget, retain = loss_pieces(graphdef, trainable, frozen, batch, key, settings)
         return settings.lambda_asr * forget + settings.lambda_acc * retain, (forget, retain)
@@ -335,6 +341,85 @@ def _train_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key
     (loss, (forget, retain)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss, "forget": forget, "retain": retain, "grad_norm": optax.tree.norm(grads)}
+    return trainable, opt_state, metrics
+
+
+class TwoStreams(NamedTuple):
+    """Two optimizer streams whose updates are added (UPGP spec §5.6): ``forget`` gets the forgetting gradient
+    (``clip → scale_by_adam → projection → −lr·λ_asr``), ``retain`` the clean-CE gradient (``clip →
+    scale_by_adam → −lr·λ_acc``, never projected), each with its own clip and Adam moments.
+
+    A single projected stream would project the retain gradient too, and that gradient lies almost entirely in
+    the protected (clean) subspace, so the retain term would be switched off. ``update`` takes the pair
+    ``(forget_grads, retain_grads)``; the state is ``(forget_state, retain_state)`` (``jdup.optim.set_basis`` /
+    ``get_basis`` find the projection state inside it).
+    """
+
+    forget: optax.GradientTransformation
+    retain: optax.GradientTransformation
+
+    def init(self, params):
+        return (self.forget.init(params), self.retain.init(params))
+
+    def update(self, grads, state, params=None):
+        g_forget, g_retain = grads
+        u_f, s_f = self.forget.update(g_forget, state[0], params)
+        u_r, s_r = self.retain.update(g_retain, state[1], params)
+        return jax.tree.map(jnp.add, u_f, u_r), (s_f, s_r)
+
+
+def make_two_stream_optimizer(
+    lr: float,
+    total_steps: int,
+    projection: optax.GradientTransformation,
+    *,
+    lambda_asr: float = 1.0,
+    lambda_acc: float = 1.0,
+    warmup_frac: float = 0.1,
+    clip_norm: float = 1.0,
+    retain_projection: optax.GradientTransformation | None = None,
+) -> TwoStreams:
+    """The optimiser of a projected run: :class:`TwoStreams` of two :func:`make_optimizer` chains.
+
+    The loss weights scale each stream's learning rate (``lr·λ``), not its gradient: Adam is invariant to a
+    gradient scale, so a weight on the gradient would do nothing. No weight decay in either stream (spec §5.5:
+    the decay direction ``−θ`` is not in the protected complement).
+
+    ``retain_projection`` is NOT the clean-subspace projection: it only carries *structural* constraints of a
+    projection variant that every update must respect (``jdup.upgp``: InfLoRA's frozen down-projections and
+    head bias, the representation variant's down-projections kept in the clean complement); ``None`` for the
+    gradient variant, whose retain stream is entirely free.
+    """
+    forget = make_optimizer(
+        lr * lambda_asr, total_steps, warmup_frac=warmup_frac, clip_norm=clip_norm, projection=projection
+    )
+    retain = make_optimizer(
+        lr * lambda_acc,
+        total_steps,
+        warmup_frac=warmup_frac,
+        weight_decay=0.0,
+        clip_norm=clip_norm,
+        projection=retain_projection,
+    )
+    return TwoStreams(forget, retain)
+
+
+def _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key):
+    """One forward pass, two backward passes (one per loss term), two optimizer streams (traced in
+    :func:`_train_step`)."""
+
+    def pieces(tr):
+        return loss_pieces(graphdef, tr, frozen, batch, key, settings)
+
+    (forget, retain), vjp = jax.vjp(pieces, trainable)
+    one, zero = jnp.ones_like(forget), jnp.zeros_like(forget)
+    (g_forget,) = vjp((one, zero))
+    (g_retain,) = vjp((zero, jnp.ones_like(retain)))
+    updates, opt_state = tx.update((g_forget, g_retain), opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    grads = jax.tree.map(lambda a, b: settings.lambda_asr * a + settings.lambda_acc * b, g_forget, g_retain)
+    loss = settings.lambda_asr * forget + settings.lambda_acc * retain
     metrics = {"loss": loss, "forget": forget, "retain": retain, "grad_norm": optax.tree.norm(grads)}
     return trainable, opt_state, metrics
 
@@ -494,6 +579,7 @@ def unlearn(
     projection: optax.GradientTransformation | None = None,
     on_step: Callable[[StepInfo], dict | None] | None = None,
     ckpt_dir: str | None = None,
+    retain_projection: optax.GradientTransformation | None = None,
 ) -> UnlearnResult:
     """Unlearn the flagged rows ``forget`` while keeping accuracy on the labelled clean rows ``retain``.
 
@@ -507,7 +593,11 @@ def unlearn(
       monitor: early-stop rule evaluated every ``cfg.eval_every_steps`` (0: each epoch) and at the end; the
         state with the lowest ``score`` among ``ok`` evaluations (step 0 included) is kept. ``None``: keep the
         final state.
-      projection: optional transform for the projection slot of :func:`make_optimizer`.
+      projection: optional transform for the projection slot of :func:`make_optimizer`. When given, only the
+        forgetting update is projected; the retain (clean CE) update runs in a separate, unprojected optimizer
+        stream (:func:`make_two_stream_optimizer`) and the two updates are added.
+      retain_projection: structural constraints for the retain stream (see :func:`make_two_stream_optimizer`);
+        default: ``on_step.retain_projection`` when the hook has one (``jdup.upgp.ProjectionHook``), else none.
       on_step: hook called after each step with a :class:`StepInfo`; a returned dict is merged into that step's
         log record (scalars), except its ``"opt_state"`` entry, which replaces the optimizer state (e.g. after a
         projection-basis refresh with ``jdup.optim.set_basis``). If the hook has a ``prepare_student(Student) ->
@@ -534,14 +624,25 @@ def unlearn(
     if total == 0 or len(retain) == 0:
         merged = lora_lib.merge(student.model)
         return UnlearnResult(student, merged, 0, 0, 0, [], [], False)
-    tx = make_optimizer(
-        cfg.lr,
-        total,
-        warmup_frac=cfg.warmup_frac,
-        weight_decay=cfg.weight_decay,
-        clip_norm=cfg.clip_norm,
-        projection=projection,
-    )
+    if projection is None:
+        tx = make_optimizer(
+            cfg.lr, total, warmup_frac=cfg.warmup_frac, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm
+        )
+    else:  # spec UPGP §5.6: the retain (clean CE) update is a separate, unprojected stream
+        tx = make_two_stream_optimizer(
+            cfg.lr,
+            total,
+            projection,
+            lambda_asr=cfg.lambda_asr,
+            lambda_acc=cfg.lambda_acc,
+            warmup_frac=cfg.warmup_frac,
+            clip_norm=cfg.clip_norm,
+            retain_projection=(
+                retain_projection
+                if retain_projection is not None
+                else getattr(on_step, "retain_projection", None)
+            ),
+        )
     from jdup.train import linear_warmup_decay
 
     schedule = linear_warmup_decay(cfg.lr, total, int(cfg.warmup_frac * total))

@@ -915,6 +915,7 @@ def build_projection(name: str, options: dict, context: dict):
     )[0]
     new_a: dict = {}
     module_bases: dict = {}
+    retain_projection = None
     t0 = time.perf_counter()
     if name == "gradient":
         stack = clean_gradient_stack(graphdef, trainable, frozen, retain, opts.k, opts.basis_batch_size, seed)
@@ -937,6 +938,7 @@ def build_projection(name: str, options: dict, context: dict):
         leaves = jax.tree.leaves(trainable)
         cache: dict[str, tuple] = {}
         bases_leaves, ranks = [], []
+        retain_leaves = []  # structural constraints only (A in the complement / frozen, frozen head bias)
         for path, x in zip(_leaf_paths(trainable), leaves, strict=True):
             module, pname = _module_of(path), path[-1]
             if pname == "lora_a":
@@ -960,8 +962,10 @@ def build_projection(name: str, options: dict, context: dict):
                         ),
                     )
                     bases_leaves.append(jnp.eye(x.shape[0], dtype=jnp.float32))
+                retain_leaves.append(bases_leaves[-1])
             elif pname == "lora_b":
                 bases_leaves.append(None)
+                retain_leaves.append(None)
             elif str(path[0]) in heads:
                 if x.ndim >= 2:
                     if module not in covs:
@@ -971,12 +975,18 @@ def build_projection(name: str, options: dict, context: dict):
                     )
                     ranks.append(int(r))
                     bases_leaves.append(u)
+                    retain_leaves.append(None)  # the retain stream may move the head freely
                 else:
                     n = int(np.prod(x.shape))
                     bases_leaves.append(jnp.eye(n, dtype=jnp.float32) if opts.freeze_head_bias else None)
+                    retain_leaves.append(bases_leaves[-1])
             else:
                 bases_leaves.append(None)
+                retain_leaves.append(None)
         bases = _with_leaves(trainable, bases_leaves)
+        retain_projection = optim.project_null_space(
+            0, opts.beta, mode="rows", bases=_with_leaves(trainable, retain_leaves), track=False
+        )
         module_bases = {k[: -len("/base")]: v[0] for k, v in cache.items()}
         tx = optim.project_null_space(0, opts.beta, mode="rows", bases=bases)
         rank_info = float(np.mean(ranks)) if ranks else 0.0
@@ -987,4 +997,8 @@ def build_projection(name: str, options: dict, context: dict):
     hook = ProjectionHook(name, opts, graphdef, frozen, retain, seed, new_a, probe, base_loss, mode)
     hook.initial_rank = rank_info
     hook.module_bases = module_bases  # representation/inflora: clean-input basis U [d, d] per LoRA module
+    # jdup.unlearn runs the retain (clean CE) update in a separate, unprojected stream (spec §5.6); it still has
+    # to respect the variant's structure (representation: A stays in the clean complement; inflora: A and the
+    # head bias frozen), else a retain step would undo what makes the forget stream safe. None for gradient.
+    hook.retain_projection = retain_projection
     return tx, hook

@@ -165,6 +165,52 @@ def test_gradient_projection_step_changes_clean_loss_at_second_order(tiny):
     assert proj[1] < 1e-4 * delta(direction, 1.0)
 
 
+def test_retain_update_is_a_separate_unprojected_stream(tiny):
+    """Spec §5.6: with a projection, the forget update is projected, the retain (clean CE) update is not."""
+    from jdup import unlearn as U
+
+    cfg = _unlearn_cfg()
+    clean, forget = _encoded(16, 13), _encoded(16, 14, poison_frac=1.0)
+    st = U.build_student(tiny, cfg)
+    g, tr, fr = st.graphdef, jax.tree.map(lambda x: x + 0.05, st.trainable), st.frozen
+    settings = U.LossSettings.from_config(cfg, 1)
+    teacher = np.asarray(U.model_logits(tiny, forget, 16))
+    batch = U.joint_batch(next(D.batches(forget, 8)), teacher, next(D.batches(clean, 8)))
+
+    def grad_of(i):
+        return jax.grad(lambda t: U.loss_pieces(g, t, fr, batch, None, settings)[i])(tr)
+
+    g_forget, g_retain = grad_of(0), grad_of(1)
+    # protected subspace: the retain gradient's own direction plus the sign pattern Adam's first step takes
+    stack = jax.tree.map(lambda a, b: jnp.stack([a, jnp.sign(b)]), g_retain, g_retain)
+    bases, _ = optim.gradient_basis(stack, 1.0, per_block=False, max_rank=2)
+    proj = optim.project_null_space(2, 1.0, mode="global", bases=bases)
+    tx = U.make_two_stream_optimizer(0.1, 10, proj, warmup_frac=0.0, clip_norm=1.0)
+    assert isinstance(tx, U.TwoStreams)
+    state = tx.init(tr)
+    u_both, _ = tx.update((g_forget, g_retain), state, tr)
+    u_forget, _ = tx.forget.update(g_forget, tx.forget.init(tr), tr)
+    u_retain, _ = tx.retain.update(g_retain, tx.retain.init(tr), tr)
+
+    def cos(u):
+        return float(optim.subspace_cosine(u, bases, mode="global"))
+
+    assert cos(g_forget) > 1e-2  # the forgetting gradient does reach into the clean subspace ...
+    assert cos(u_forget) <= 1e-5  # ... and its update is projected out of it
+    assert cos(u_retain) > 0.5  # the retain update keeps its component in the clean subspace
+    for a, b, c in zip(jax.tree.leaves(u_both), jax.tree.leaves(u_forget), jax.tree.leaves(u_retain), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b) + np.asarray(c), rtol=1e-5, atol=1e-7)
+    assert optim.get_basis(state) is not None  # the hook finds the projection state inside the pair
+
+    # the jitted train step routes the two loss terms into the two streams (one forward, two backwards)
+    step = U.make_train_step(g, tx, settings)
+    new_tr, _, m = step(tr, fr, tx.init(tr), batch, None)
+    moved = jax.tree.map(lambda a, b: a - b, new_tr, tr)
+    for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(u_both), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)  # jit vs eager float noise
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+
+
 def test_projection_hook_in_unlearn_logs_sensitivity_and_refreshes(tiny):
     from jdup import unlearn as U
 
