@@ -130,10 +130,17 @@ def detect(
     model: str = typer.Option(None, help="the suspect classifier: HF folder, hub id, builtin:..."),
     data: str = typer.Option(None, help="data folder with dev-clean.csv (calibration) and the set to score"),
     out: str = typer.Option(None, help="output folder: detection.json, scores.npy, plots"),
-    method: str = typer.Option(None, help="dup | dan | upgp | ensemble"),
+    method: str = typer.Option(
+        None,
+        help="dup | dan | upgp (UPGP unlearning sensitivity; options as upgp.KEY=VALUE) | ensemble (rank mean "
+        "of dup and upgp)",
+    ),
     score_set: str = typer.Option(None, "--score-set", help="file to score (default test-detect)"),
 ) -> None:
-    """Detect poisoned inputs (calibrated on clean dev data) and write scores, metrics and plots."""
+    """Detect poisoned inputs (calibrated on clean dev data) and write scores, metrics and plots.
+
+    Every method writes detection.json, scores.npy, flags.npy, components.npz, roc.png and hist.png.
+    """
     _run_stage("detect", config, dict(model=model, data=data, out=out, method=method, score_set=score_set),
                ctx.args)
 

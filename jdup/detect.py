@@ -14,6 +14,11 @@ Algorithm (spec §2.11), with one forward pass per sample:
 4. Host: z-scores fitted on V, fusion ``α·z_MD + (1−α)·z_SS``, threshold at the ``1−frr`` percentile of V
    (``purification_mode``: the 80th percentile of the scored set), flags ``z > τ``, metrics.
 
+``method: upgp`` routes to UPGP sensitivity detection (:func:`jdup.upgp.detect_upgp`; options in the nested
+``upgp:`` dict, :func:`upgp_config`) and ``method: ensemble`` runs DUP and UPGP and averages their rank fractions
+(:func:`jdup.upgp.ensemble_scores` with ``rank=True``), thresholded on DUP's clean validation half; see
+:func:`detect`.
+
 Library entry points: :func:`detect` (model, tokenizer and datasets in memory; used by unlearning) and
 :func:`run_detect` (the ``jdup detect`` stage: reads files, writes ``detection.json``, ``scores.npy``,
 ``components.npz``, ``roc.png``, ``hist.png``).
@@ -60,7 +65,10 @@ class DetectConfig:
     #                                 or a path to a CSV in the DUP layout
     calib_set: str = "dev-clean"  # clean labelled split used for calibration + validation
     # --- method
-    method: Literal["dup", "dan"] = "dup"  # dup = Mahalanobis + spectral fusion; dan = DAN baseline
+    method: Literal["dup", "dan", "upgp", "ensemble"] = (
+        "dup"  # dup = Mahalanobis + spectral fusion; dan = DAN baseline; upgp = unlearning sensitivity;
+    )
+    #                                 ensemble = rank average of dup and upgp
     alpha: float = 0.9  # fusion weight of the Mahalanobis z-score (1 = MD only, 0 = spectral only)
     top_k: int | None = 3  # layers kept by Calinski–Harabasz ranking (None or <= 0: all md_layers)
     frr: float = 0.05  # target false rejection rate on clean validation data (threshold percentile 1 - frr)
@@ -76,6 +84,9 @@ class DetectConfig:
         "gram"  # spectral singular values from the Gram matrix or a direct SVD
     )
     fit_dtype: Literal["float32", "float64"] = "float32"  # Gaussian fit on device (f32) or host NumPy float64
+    upgp: dict = dataclasses.field(
+        default_factory=dict
+    )  # method=upgp|ensemble: jdup.upgp.UPGPDetectConfig fields (perturbation, flag rule, first_order, seed)
     # --- calibration split
     split_seed: int = 2025  # seed of the Python-random shuffle of the calibration split (DUP: 2025)
     calib_fraction: float = 0.5  # share of the shuffled clean split used to fit (rest: z-scores + threshold)
@@ -94,6 +105,43 @@ class DetectConfig:
     # --- misc
     plots: bool = True  # write roc.png and hist.png (run_detect)
     progress: bool = True  # tqdm progress bars over batches
+
+
+#: UPGPDetectConfig fields that come from DetectConfig itself (not settable in ``upgp:``).
+UPGP_CARRIED = {
+    "model": "model",
+    "data": "data",
+    "out": "out",
+    "normal_split": "calib_set",
+    "scored_split": "score_set",
+    "max_length": "max_length",
+    "eval_batch_size": "batch_size",
+    "progress": "progress",
+}
+METHODS = ("dup", "dan", "upgp", "ensemble")
+
+
+def upgp_config(cfg: DetectConfig):
+    """The :class:`jdup.upgp.UPGPDetectConfig` of a ``method: upgp|ensemble`` detection.
+
+    ``model``/``data``/``out``/``max_length``/``progress`` are carried over, ``normal_split`` = ``calib_set``,
+    ``scored_split`` = ``score_set``, ``eval_batch_size`` = ``batch_size`` and ``seed`` = ``split_seed`` (unless
+    ``upgp.seed`` is given); every other UPGP option comes from the nested ``cfg.upgp`` dict. Carried or unknown
+    keys in it raise :class:`JdupError`.
+    """
+    from jdup import config as config_lib
+    from jdup import upgp
+
+    opts = dict(cfg.upgp or {})
+    carried = sorted(set(opts) & set(UPGP_CARRIED))
+    if carried:
+        raise JdupError(
+            f"detect.upgp: {carried} come from the detect config itself "
+            f"(set {sorted({UPGP_CARRIED[k] for k in carried})} there)"
+        )
+    opts.setdefault("seed", cfg.split_seed)
+    values = {k: getattr(cfg, v) for k, v in UPGP_CARRIED.items()} | opts
+    return config_lib.build(upgp.UPGPDetectConfig, values, source="detect.upgp")
 
 
 @dataclasses.dataclass
@@ -115,6 +163,12 @@ class DetectionResult:
       calib_index, val_index: rows of the calibration dataset in each half.
       metrics: AUROCs, FRR/FAR, ... when the scored set has poison flags of both kinds (else only counts).
       timings: seconds per stage.
+      extra: ``upgp``/``ensemble`` only: ``upgp_scores``, ``sensitivity`` (``[N]``), ``upgp_info`` (target
+        class, perturbation statistics, UPGP's own AUROC variants); ``ensemble`` also ``dup_scores`` and the
+        two detectors' scores of the validation half (``dup_val_scores``, ``upgp_val_scores``).
+
+    For ``upgp`` the DUP-specific arrays (``md``, ``ss``, ``z_md``, ``z_ss``) are zeros, ``md_layers`` is
+    ``[N, 0]``, ``layers``/``ch``/``val_scores``/``val_index`` are empty; ``ensemble`` keeps DUP's.
     """
 
     scores: np.ndarray
@@ -133,6 +187,7 @@ class DetectionResult:
     val_index: np.ndarray
     metrics: dict[str, Any]
     timings: dict[str, float]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # upgp/ensemble: per-method scores + info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,12 +231,22 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
       scored: :class:`jdup.data.TextDataset` to score (its ``poison`` column is used only for metrics).
       cfg: :class:`DetectConfig` (only the method/feature/decision fields matter here).
 
+    Methods: ``dup``, ``dan`` (one forward pass per row, above); ``upgp``: UPGP unlearning-sensitivity scores
+    (:func:`jdup.upgp.detect_upgp`, perturbation learned on all of ``calib``; flags = UPGP's rule: the low
+    robust-z tail of the suspected target class, ``threshold`` = ``upgp.z_threshold`` on ``scores = -z``);
+    ``ensemble``: DUP, then UPGP with its perturbation learned on DUP's calibration half only, both scored on
+    DUP's validation half V and on ``scored``; the score is the mean rank fraction of the two
+    (``upgp.ensemble_scores(..., rank=True)``: scale-free), thresholded at the ``1 − frr`` quantile of V's
+    ensemble scores (V is unseen by both detectors), or at ``purification_percentile`` in purification mode.
+
     Returns:
       :class:`DetectionResult`.
     """
     cfg = cfg or DetectConfig()
-    if cfg.method not in ("dup", "dan"):
-        raise JdupError(f"unknown detection method {cfg.method!r}; use dup or dan")
+    if cfg.method not in METHODS:
+        raise JdupError(f"unknown detection method {cfg.method!r}; use one of {list(METHODS)}")
+    if cfg.method in ("upgp", "ensemble"):
+        return _detect_sensitivity(model, tokenizer, calib, scored, cfg)
     if not 0.0 <= cfg.alpha <= 1.0:
         raise JdupError(f"alpha must lie in [0, 1], got {cfg.alpha}")
     if not 0.0 < cfg.frr < 1.0:
@@ -300,6 +365,95 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     )
 
 
+def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> DetectionResult:
+    """``method: upgp | ensemble`` (see :func:`detect`)."""
+    from jdup import upgp
+    from jdup.train import predict
+
+    ucfg = upgp_config(cfg)
+    if len(scored) == 0:
+        raise JdupError("nothing to score (empty dataset)", getattr(scored, "source", None))
+    t0 = time.perf_counter()
+    enc_kw = dict(max_length=cfg.max_length, buckets=cfg.buckets, config=model.config)
+    dup = None
+    if cfg.method == "ensemble":
+        dup = detect(model, tokenizer, calib, scored, dataclasses.replace(cfg, method="dup"))
+        normal_ds, val_ds = calib.subset(dup.calib_index), calib.subset(dup.val_index)
+        both = data_lib.TextDataset.concat([val_ds, scored])
+    else:
+        normal_ds, both = calib, scored
+    n_v = len(both) - len(scored)
+    normal = data_lib.encode(tokenizer, normal_ds, **enc_kw)
+    enc = data_lib.encode(tokenizer, both, **enc_kw)
+    t = time.perf_counter()
+    det = upgp.detect_upgp(model, enc, normal, ucfg)
+    t_upgp = time.perf_counter() - t
+    u_all = np.asarray(det.scores, np.float64)
+    info = dict(det.info)
+    if dup is not None:  # UPGP's own metrics were computed over V ∪ scored: drop them (recomputed below)
+        drop = ("auroc", "frr", "far", "precision", "recall", "f1", "tp", "fp", "tn", "fn")
+        info = {k: v for k, v in info.items() if not k.startswith(drop)}
+    extra: dict[str, Any] = {
+        "upgp_scores": u_all[n_v:],
+        "sensitivity": np.asarray(det.sensitivity)[n_v:],
+        "upgp_info": info,
+    }
+    if dup is None:
+        sc, flags, tau = u_all, np.asarray(det.flags, bool), float(det.threshold)
+        preds = predict(model, enc, cfg.batch_size).argmax(-1)
+        n = len(scored)
+        zeros = np.zeros(n)
+        md = ss = z_md = z_ss = zeros
+        md_layers, layers, ch = np.zeros((n, 0)), [], np.zeros(0)
+        val, c_idx, v_idx = np.zeros(0), np.arange(len(calib)), np.zeros(0, np.int64)
+        timings = {"upgp": t_upgp}
+    else:
+        d_all = np.concatenate([dup.val_scores, dup.scores])
+        ens = upgp.ensemble_scores([d_all, u_all], rank=True)
+        val, sc = ens[:n_v], ens[n_v:]
+        if cfg.purification_mode:
+            tau = float(np.percentile(sc, cfg.purification_percentile))
+        else:
+            tau = float(np.percentile(val, (1.0 - cfg.frr) * 100.0))
+        flags = sc > tau
+        preds, md, ss, z_md, z_ss = dup.preds, dup.md, dup.ss, dup.z_md, dup.z_ss
+        md_layers, layers, ch = dup.md_layers, dup.layers, dup.ch
+        c_idx, v_idx = dup.calib_index, dup.val_index
+        extra.update(dup_scores=dup.scores, dup_val_scores=dup.val_scores, upgp_val_scores=u_all[:n_v])
+        timings = {**{f"dup_{k}": v for k, v in dup.timings.items()}, "upgp": t_upgp}
+    timings["total"] = time.perf_counter() - t0
+    metrics = _metrics(scored, sc, flags, z_md, z_ss, preds, cfg)
+    y = np.asarray(scored.poison).astype(bool)
+    if y.any() and (~y).any():
+        metrics["auroc_upgp"] = metrics_lib.auroc(y, extra["upgp_scores"])
+        if "dup_scores" in extra:
+            metrics["auroc_dup"] = metrics_lib.auroc(y, extra["dup_scores"])
+        if det.first_order is not None:
+            metrics["auroc_upgp_first_order"] = metrics_lib.auroc(y, -np.asarray(det.first_order)[n_v:])
+    if len(val):
+        metrics["frr_validation"] = float(np.mean(val > tau))
+    metrics["target_class"] = int(det.target_class)
+    return DetectionResult(
+        scores=sc,
+        flags=flags,
+        threshold=tau,
+        layers=layers,
+        md=md,
+        ss=ss,
+        z_md=z_md,
+        z_ss=z_ss,
+        md_layers=md_layers,
+        preds=np.asarray(preds),
+        val_scores=val,
+        ch=ch,
+        calib_index=c_idx,
+        val_index=v_idx,
+        metrics=metrics,
+        timings=timings,
+        extra=extra,
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def _scorers(
     method,
@@ -371,8 +525,11 @@ def _metrics(scored, sc, flags, z_md, z_ss, preds, cfg: DetectConfig) -> dict[st
     out: dict[str, Any] = {"n_scored": int(len(sc)), "n_flagged": int(flags.sum()), "n_poison": int(y.sum())}
     if y.any() and (~y).any():
         out.update(metrics_lib.detection_metrics(y, flags, sc))
-        out["auroc_md"] = metrics_lib.auroc(y, z_md)
-        out["auroc_ss"] = metrics_lib.auroc(y, z_ss) if cfg.method == "dup" else float("nan")
+        if cfg.method != "upgp":
+            out["auroc_md"] = metrics_lib.auroc(y, z_md)
+            out["auroc_ss"] = (
+                metrics_lib.auroc(y, z_ss) if cfg.method in ("dup", "ensemble") else float("nan")
+            )
         out.update(metrics_lib.filtered_cacc_asr(preds, scored.labels, flags, y))
     else:
         # one kind of row only: report what is defined
@@ -429,6 +586,8 @@ def run_detect(cfg: DetectConfig) -> dict:
 
     if not cfg.model or not cfg.data or not cfg.out:
         raise JdupError("detect needs model, data and out")
+    if cfg.method in ("upgp", "ensemble"):
+        upgp_config(cfg)  # bad `upgp:` options fail before the model is loaded
     t0 = time.perf_counter()
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     model = models.from_pretrained(cfg.model, dtype=dtype)
@@ -497,6 +656,7 @@ def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float) -> dict:
             labels=scored.labels,
             calib_index=res.calib_index,
             val_index=res.val_index,
+            **{k: v for k, v in res.extra.items() if isinstance(v, np.ndarray)},
         ),
     )
     y = np.asarray(scored.poison).astype(bool)
@@ -507,6 +667,8 @@ def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float) -> dict:
         where = os.path.join(*os.path.normpath(os.path.abspath(cfg.data)).split(os.sep)[-2:])
         title = f"{cfg.method.upper()}: {where}/{cfg.score_set}"
         extra = {"MD only": res.z_md, "SS only": res.z_ss} if cfg.method == "dup" else None
+        if cfg.method == "ensemble":
+            extra = {"DUP": res.extra["dup_scores"], "UPGP": res.extra["upgp_scores"]}
         plots_lib.roc_plot(y, res.scores, os.path.join(out, "roc.png"), title=title, extra=extra)
         plots_lib.score_histogram(res.scores, y, res.threshold, os.path.join(out, "hist.png"), title=title)
         plots = ["roc.png", "hist.png"]
@@ -515,7 +677,8 @@ def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float) -> dict:
         "threshold": res.threshold,
         "layers": res.layers,
         "method": cfg.method,
-        "alpha": cfg.alpha if cfg.method == "dup" else None,
+        "alpha": cfg.alpha if cfg.method in ("dup", "ensemble") else None,
+        **({"upgp": res.extra["upgp_info"]} if "upgp_info" in res.extra else {}),
         "ch": res.ch.tolist(),
         "seconds": time.perf_counter() - t0,
         "seconds_load": t_load,

@@ -119,8 +119,9 @@ def run_pipeline(cfg: Mapping, *, source: str = "config") -> dict:
         section = cfg.get(stage)
         if _enabled(section):
             probe = {**section, "out": section.get("out") or os.path.join(out, stage)}
-            build_stage_config(stage, _chain(stage, probe, {"seed": seed, "data": out, "model": out}),
-                               source=f"{source} [{stage}]")
+            built = build_stage_config(stage, _chain(stage, probe, {"seed": seed, "data": out, "model": out}),
+                                       source=f"{source} [{stage}]")
+            _check_detection_options(stage, built, f"{source} [{stage}]")
 
     def run_stage(stage: str, section: dict) -> dict:
         stage_out = section.get("out") or os.path.join(out, {"train": "victim"}.get(stage, stage))
@@ -159,6 +160,22 @@ def run_pipeline(cfg: Mapping, *, source: str = "config") -> dict:
     report = {"out": out, "seconds": time.perf_counter() - t0, "stages": results}
     write_report(report, out)
     return report
+
+
+def _check_detection_options(stage: str, stage_cfg: Any, source: str) -> None:
+    """Nested detection options (``detect.upgp``, ``unlearn.detect``) are otherwise only checked when their stage
+    runs; check them up front so a typo does not cost the stages before it."""
+    if stage not in ("detect", "unlearn"):
+        return
+    from jdup import detect as detect_lib
+
+    if stage == "unlearn":
+        opts = dict(stage_cfg.detect or {})
+        if "seed" in opts:  # documented alias of split_seed
+            opts["split_seed"] = opts.pop("seed")
+        stage_cfg = config_lib.build(detect_lib.DetectConfig, opts, source=f"{source} detect")
+    if stage_cfg.method in ("upgp", "ensemble"):
+        detect_lib.upgp_config(stage_cfg)
 
 
 def _fmt(value: Any) -> str:
