@@ -18,7 +18,9 @@ Detection (spec §3-§4, :func:`detect_upgp`):
    fresh LoRA adapter, with ``jax.vmap(jax.grad(...))`` over rows.
 
 Projected unlearning (spec §5-§6, :func:`build_projection`): plugs into ``jdup.unlearn`` through its projection
-slot (``clip -> scale_by_adam -> projection -> -lr``) and its ``on_step`` hook:
+slot (``clip -> scale_by_adam -> projection -> -lr``) and its ``on_step`` hook. Only the forgetting update is
+projected: ``jdup.unlearn`` runs the retain (clean CE) update in a separate, unprojected optimizer stream (spec
+§5.6), which keeps only the variant's structure (``ProjectionHook.retain_projection``):
 
 * ``gradient``: block-wise (or global) basis of ``k`` clean mini-batch gradients of the retain loss over the
   trainable (LoRA + head) parameters, energy threshold ``eps``, refreshed every ``refresh`` steps;
