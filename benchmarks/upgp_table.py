@@ -1,0 +1,363 @@
+"""UPGP table: detection AUROC (DUP, DAN, UPGP, ensemble) and projected unlearning on one SST-2 attack (CPU-sized).
+
+For ``ATTACK`` in {badnets, addsent, stylebkd, synbkd} of ``../shared/data/sst-2/1/<attack>`` this script, using the
+public jdup API only:
+
+1. builds a reduced DUP folder (cached): ``--train-rows`` random rows of ``dirty/0.2/train-poison.csv``;
+   dev-clean = ``--dev`` non-target + ``--dev`` target rows of dev-clean, dev-poison = the poisoned copies of those
+   non-target rows; test-clean = ``--test`` non-target + ``--test`` target rows of test-clean, test-poison = the
+   poisoned copies of those non-target rows, in the same order (the row pairing of the DUP layout, so robust
+   accuracy is defined); test-detect = test-clean ‖ test-poison;
+2. trains a MiniLM victim with :func:`jdup.train.run_train` (cached under ``benchmarks/.cache/upgp_table/``);
+3. detection on test-detect, calibrated / perturbation learned on dev-clean: DUP and DAN (:func:`jdup.detect.detect`),
+   UPGP zeroth-order sensitivity (:func:`jdup.upgp.detect_upgp`), and the rank ensemble of DUP and UPGP
+   (:func:`jdup.upgp.ensemble_scores` with ``rank=True``, what ``jdup detect --method ensemble`` writes);
+4. unlearning (:func:`jdup.unlearn.run_unlearn`) of the rows DUP flags on dev-detect = dev-clean ‖ dev-poison, with
+   projection none / gradient / representation / inflora, all with ``early_stop=none`` (same number of steps);
+5. prints one JSON line and a markdown table, and stores them in the cache folder.
+
+``--summary`` prints the combined markdown tables of every attack already run (from the cache).
+
+Usage (2 shared CPU cores: one attack per locked command)::
+
+    flock /tmp/jdup-cpu.lock .venv/bin/python benchmarks/upgp_table.py badnets
+    .venv/bin/python benchmarks/upgp_table.py --summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO.parent / "shared" / "data" / "sst-2" / "1"
+CACHE = REPO / "benchmarks" / ".cache" / "upgp_table"
+ATTACKS = ("badnets", "addsent", "stylebkd", "synbkd")
+PROJECTIONS = ("none", "gradient", "representation", "inflora")
+TARGET = 1
+
+
+def _settings(args) -> dict:
+    return dict(
+        train_rows=args.train_rows,
+        train_epochs=args.train_epochs,
+        train_lr=args.train_lr,
+        max_length=args.max_length,
+        dev=args.dev,
+        test=args.test,
+        seed=args.seed,
+    )
+
+
+def _paired(clean, poison, n_each: int, rng: np.random.Generator):
+    """``n_each`` non-target + ``n_each`` target rows of ``clean`` (file order kept) and the poisoned copies of the
+    chosen non-target rows (``poison`` row i is the copy of the i-th non-target row of ``clean``)."""
+    non_target = np.flatnonzero(clean.labels != TARGET)
+    if len(non_target) != len(poison):
+        raise SystemExit(f"{clean.source}: {len(non_target)} non-target rows but {len(poison)} poisoned rows")
+    target = np.flatnonzero(clean.labels == TARGET)
+    pick_nt = np.sort(rng.choice(len(non_target), n_each, replace=False))
+    pick_t = rng.choice(target, n_each, replace=False)
+    rows = np.sort(np.concatenate([non_target[pick_nt], pick_t]))
+    return clean.subset(rows), poison.subset(pick_nt)
+
+
+def make_folder(attack: str, root: Path, s: dict) -> Path:
+    from jdup import data
+
+    dst = root / "data"
+    if (dst / "test-detect.csv").is_file():
+        return dst
+    src = SST2 / attack
+    rng = np.random.default_rng(s["seed"])  # the same clean dev/test rows for every attack
+    for kind, n in (("dev", s["dev"]), ("test", s["test"])):
+        clean, poison = _paired(
+            data.read_split(src, f"{kind}-clean"), data.read_split(src, f"{kind}-poison"), n, rng
+        )
+        data.write_dup_csv(clean, dst / f"{kind}-clean.csv")
+        data.write_dup_csv(poison, dst / f"{kind}-poison.csv")
+        if kind == "test":
+            data.write_dup_csv(data.TextDataset.concat([clean, poison]), dst / "test-detect.csv")
+    train = data.read_split(src, "train", rate=0.2)
+    trng = np.random.default_rng(s["seed"] + 1)
+    rows = np.sort(trng.choice(len(train), min(s["train_rows"], len(train)), replace=False))
+    data.write_dup_csv(train.subset(rows), dst / "dirty" / "0.2" / "train-poison.csv")
+    return dst
+
+
+def train_victim(root: Path, folder: Path, s: dict) -> dict:
+    from jdup import train
+
+    metrics_path = root / "victim" / "metrics.json"
+    if metrics_path.is_file():
+        return json.loads(metrics_path.read_text())
+    cfg = train.TrainConfig(
+        model="builtin:minilm",
+        data=str(folder),
+        out=str(root / "victim"),
+        rate=0.2,
+        num_labels=2,
+        target=TARGET,
+        epochs=s["train_epochs"],
+        lr=s["train_lr"],
+        warmup=0.1,
+        batch_size=32,
+        max_length=s["max_length"],
+        group_by_length=True,
+        seed=s["seed"],
+        eval_every=s["train_epochs"],
+        ckpt_every_steps=0,
+        progress=False,
+    )
+    return train.run_train(cfg)
+
+
+def detection(root: Path, folder: Path, s: dict, args) -> dict:
+    from jdup import data, detect, metrics, models, upgp
+
+    path = root / "detection.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model_dir = str(root / "victim" / "model")
+    victim = models.from_pretrained(model_dir)
+    tok = models.load_tokenizer(model_dir)
+    calib = data.read_split(folder, "dev-clean", num_labels=2)
+    scored = data.read_split(folder, "test-detect", num_labels=2)
+    truth = scored.poison.astype(bool)
+    out: dict = {}
+    scores = {}
+    for method in ("dup", "dan"):
+        t = time.perf_counter()
+        cfg = detect.DetectConfig(method=method, max_length=s["max_length"], progress=False, plots=False)
+        res = detect.detect(victim, tok, calib, scored, cfg)
+        scores[method] = res.scores
+        out[f"auroc_{method}"] = metrics.auroc(truth, res.scores)
+        out[f"seconds_{method}"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ucfg = upgp.UPGPDetectConfig(
+        max_length=s["max_length"],
+        max_steps=args.upgp_steps,
+        eval_every=10,
+        first_order=False,
+        progress=False,
+        seed=s["seed"],
+    )
+    normal = data.encode(tok, calib, s["max_length"], config=victim.config)
+    enc = data.encode(tok, scored, s["max_length"], config=victim.config)
+    det = upgp.detect_upgp(victim, enc, normal, ucfg)
+    scores["upgp"] = det.scores
+    out["auroc_upgp"] = metrics.auroc(truth, det.scores)
+    out["seconds_upgp"] = time.perf_counter() - t
+    out["upgp_perturbation_steps"] = [p["steps"] for p in det.info["perturbations"]]
+    ens = upgp.ensemble_scores([scores["dup"], scores["upgp"]], rank=True)
+    out["auroc_ensemble"] = metrics.auroc(truth, ens)
+    out["n_scored"] = int(len(scored))
+    out["n_poison"] = int(truth.sum())
+    path.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def unlearning(root: Path, folder: Path, s: dict, args) -> dict:
+    from jdup import detect, models, unlearn
+
+    model_dir = str(root / "victim" / "model")
+    dev_det = root / "dup-dev-detect"
+    if not (dev_det / "flags.npy").is_file():
+        victim = models.from_pretrained(model_dir)
+        detect.detect_dev(
+            victim,
+            model_dir,
+            str(folder),
+            str(dev_det),
+            {"max_length": s["max_length"], "progress": False, "plots": False},
+        )
+    options = {
+        "none": {},
+        "gradient": {"k": args.k, "basis_batch_size": 16, "refresh": args.refresh, "probe_rows": 32},
+        "representation": {"repr_rows": 128, "probe_rows": 32},
+        "inflora": {"repr_rows": 128, "forget_rows": 256, "probe_rows": 32},
+    }
+    out = {}
+    for proj in args.projections:
+        run = root / f"unlearn-{proj}-e{args.unlearn_epochs}-b{args.unlearn_batch}-{args.forget_loss}"
+        mpath = run / "metrics.json"
+        if not mpath.is_file():
+            cfg = unlearn.UnlearnConfig(
+                model=model_dir,
+                data=str(folder),
+                out=str(run),
+                detection=str(dev_det),
+                max_length=s["max_length"],
+                forget_loss=args.forget_loss,
+                lr=args.unlearn_lr,
+                epochs=args.unlearn_epochs,
+                batch_size=args.unlearn_batch,
+                early_stop="none",
+                projection=proj,
+                projection_options=options[proj],
+                ckpt_every_steps=0,
+                progress=False,
+            )
+            unlearn.run_unlearn(cfg)
+        m = json.loads(mpath.read_text())
+        rec = {
+            k: m.get(k)
+            for k in (
+                "cacc_before",
+                "asr_before",
+                "ra_before",
+                "cacc_after",
+                "asr_after",
+                "ra_after",
+                "steps",
+                "n_flagged",
+                "n_flagged_poison",
+                "unlearn_seconds",
+            )
+        }
+        hist = json.loads((run / "history.json").read_text())["steps"]
+        if proj != "none" and hist:
+            rec["sens_before_mean"] = float(np.mean([h.get("sens_before", np.nan) for h in hist]))
+            rec["sens_after_max"] = float(np.max([h.get("sens_after", np.nan) for h in hist]))
+            rec["clean_loss_change_sum"] = float(
+                np.nansum([h.get("clean_loss_change", np.nan) for h in hist])
+            )
+        out[proj] = rec
+    return out
+
+
+def _f(x, nd=3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| attack | victim CACC / ASR | DUP | DAN | UPGP | ensemble (rank) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        d, v = r["detection"], r["victim"]
+        lines.append(
+            f"| {r['attack']} | {_f(v['cacc'])} / {_f(v['asr'])} | {_f(d['auroc_dup'])} | {_f(d['auroc_dan'])} "
+            f"| {_f(d['auroc_upgp'])} | {_f(d['auroc_ensemble'])} |"
+        )
+    lines += [
+        "",
+        "| attack | flagged (poison) | steps | " + " | ".join(f"{p} CACC / ASR" for p in PROJECTIONS) + " |",
+        "|---|---|---|" + "---|" * len(PROJECTIONS),
+    ]
+    for r in results:
+        u = r["unlearn"]
+        any_ = next(iter(u.values()), {})
+        cells = [
+            f"{_f(u[p]['cacc_after'])} / {_f(u[p]['asr_after'])}" if p in u else "–" for p in PROJECTIONS
+        ]
+        lines.append(
+            f"| {r['attack']} | {any_.get('n_flagged')} ({any_.get('n_flagged_poison')}) | {any_.get('steps')} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("attack", nargs="?", choices=ATTACKS)
+    p.add_argument("--summary", action="store_true", help="print the combined tables of cached results")
+    p.add_argument("--train-rows", type=int, default=1500, help="rows of dirty/0.2/train-poison.csv")
+    p.add_argument("--train-epochs", type=int, default=3)
+    p.add_argument("--train-lr", type=float, default=1e-4)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument(
+        "--dev", type=int, default=150, help="non-target (= target) dev-clean rows; dev-poison = this"
+    )
+    p.add_argument(
+        "--test", type=int, default=150, help="non-target (= target) test-clean rows; test-poison = this"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--upgp-steps", type=int, default=60, help="max steps of each UPGP label-flip perturbation"
+    )
+    p.add_argument("--unlearn-epochs", type=int, default=2)
+    p.add_argument("--unlearn-batch", type=int, default=16)
+    p.add_argument("--unlearn-lr", type=float, default=5e-4)
+    p.add_argument("--forget-loss", default="suppress_target")
+    p.add_argument(
+        "--k", type=int, default=16, help="gradient projection: clean mini-batch gradients per basis"
+    )
+    p.add_argument(
+        "--refresh", type=int, default=10, help="gradient projection: basis refresh period (steps)"
+    )
+    p.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    s = _settings(args)
+    key = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
+    if args.summary:
+        results = []
+        for attack in ATTACKS:
+            f = CACHE / f"{attack}-{key}" / "result.json"
+            if f.is_file():
+                results.append(json.loads(f.read_text()))
+        print(markdown(results))
+        return 0
+    if not args.attack:
+        p.error("name an attack (or --summary)")
+    if not (SST2 / args.attack).is_dir():
+        raise SystemExit(f"data not found: {SST2 / args.attack}")
+    root = CACHE / f"{args.attack}-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings = {}
+    folder = make_folder(args.attack, root, s)
+    t = time.perf_counter()
+    vm = train_victim(root, folder, s)
+    timings["train"] = time.perf_counter() - t
+    victim = {k: vm.get(k) for k in ("cacc", "asr", "dev_acc", "dev_asr", "seconds")}
+    if (victim["cacc"] or 0) < 0.7:
+        print(
+            f"warning: victim CACC {victim['cacc']:.3f} < 0.7 (did not learn the clean task)", file=sys.stderr
+        )
+    t = time.perf_counter()
+    det = detection(root, folder, s, args)
+    timings["detection"] = time.perf_counter() - t
+    t = time.perf_counter()
+    un = unlearning(root, folder, s, args)
+    timings["unlearning"] = time.perf_counter() - t
+    result = {
+        "attack": args.attack,
+        "settings": s,
+        "unlearn_settings": {
+            "epochs": args.unlearn_epochs,
+            "batch_size": args.unlearn_batch,
+            "lr": args.unlearn_lr,
+            "forget_loss": args.forget_loss,
+            "k": args.k,
+            "refresh": args.refresh,
+        },
+        "victim": victim,
+        "detection": det,
+        "unlearn": un,
+        "seconds_this_run": timings | {"total": time.perf_counter() - t0},
+    }
+    old = root / "result.json"
+    merged_unlearn = json.loads(old.read_text()).get("unlearn", {}) if old.is_file() else {}
+    result["unlearn"] = merged_unlearn | un
+    old.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    print(markdown([result]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
