@@ -29,6 +29,8 @@ DEFAULTS = dict(
     jdup_batch_size=32,  # jdup's default batch (sorted by length, bucketed)
     alpha=0.9,  # DUP class default (the detection demo used 1.0)
     jdup_mode="default",  # default (float32 fit, Gram spectral) | faithful (float64 fit, SVD spectral)
+    jdup_buckets="",  # comma-separated padded lengths for jdup ("" = DetectConfig default)
+    jdup_trim=1,  # 1: jdup's last layer computes only [CLS] (default); 0: full last layer (for comparison)
 )
 
 
@@ -168,6 +170,13 @@ def worker_jdup(args) -> dict:
     if args.rows_mult > 1:
         scored = D.TextDataset.concat([scored] * args.rows_mult)
     extra = dict(fit_dtype="float64", ss_method="svd") if args.jdup_mode == "faithful" else {}
+    if args.jdup_buckets:
+        extra["buckets"] = tuple(int(x) for x in args.jdup_buckets.split(","))
+    if not args.jdup_trim:
+        from jdup import features as F
+
+        plain = F.model_call_kwargs
+        F.model_call_kwargs = lambda arch, pooling, trim=True: plain(arch, pooling, False)
     cfg = J.DetectConfig(
         alpha=args.alpha, batch_size=args.jdup_batch_size, progress=False, plots=False, **extra
     )
@@ -255,6 +264,8 @@ def _worker_args(args, impl: str, warmup: bool = True, **over) -> list[str]:
         "jdup-batch-size": args.jdup_batch_size,
         "alpha": args.alpha,
         "jdup-mode": args.jdup_mode,
+        "jdup-buckets": args.jdup_buckets,
+        "jdup-trim": args.jdup_trim,
         "threads": args.threads,
         "rows-mult": 1,
         "limit": args.limit or 0,
@@ -283,6 +294,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--jdup-batch-size", type=int, default=DEFAULTS["jdup_batch_size"])
     ap.add_argument("--alpha", type=float, default=DEFAULTS["alpha"])
     ap.add_argument("--jdup-mode", default=DEFAULTS["jdup_mode"], choices=["default", "faithful"])
+    ap.add_argument("--jdup-buckets", default=DEFAULTS["jdup_buckets"], help="e.g. 16,32,48,64,128,256,512")
+    ap.add_argument("--jdup-trim", type=int, default=DEFAULTS["jdup_trim"], help="0: full last layer")
     ap.add_argument("--threads", type=int, default=C.num_cores(), help="torch intra-op threads")
     ap.add_argument("--rows-mult", type=int, default=1, help="repeat the scored rows k times")
     ap.add_argument("--limit", type=int, default=0, help="smoke test: first N rows of each CSV")
