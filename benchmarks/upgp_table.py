@@ -264,6 +264,25 @@ def markdown(results: list[dict]) -> str:
             + " | ".join(cells)
             + " |"
         )
+    lines += [
+        "",
+        "| attack | "
+        + " | ".join(f"{p}: sensitivity before → after, Σ clean-loss change" for p in PROJECTIONS[1:])
+        + " |",
+        "|---|" + "---|" * (len(PROJECTIONS) - 1),
+    ]
+    for r in results:
+        u = r["unlearn"]
+        cells = []
+        for p in PROJECTIONS[1:]:
+            x = u.get(p, {})
+            if "sens_before_mean" not in x:
+                cells.append("–")
+                continue
+            cells.append(
+                f"{x['sens_before_mean']:.2f} → {x['sens_after_max']:.0e}, {x['clean_loss_change_sum']:+.3f}"
+            )
+        lines.append(f"| {r['attack']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -351,8 +370,9 @@ def main(argv=None) -> int:
         "seconds_this_run": timings | {"total": time.perf_counter() - t0},
     }
     old = root / "result.json"
-    merged_unlearn = json.loads(old.read_text()).get("unlearn", {}) if old.is_file() else {}
-    result["unlearn"] = merged_unlearn | un
+    previous = json.loads(old.read_text()) if old.is_file() else {}
+    if previous.get("unlearn_settings") == result["unlearn_settings"]:  # a --projections subset adds to it
+        result["unlearn"] = previous.get("unlearn", {}) | un
     old.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     print(markdown([result]))
