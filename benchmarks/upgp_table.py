@@ -9,9 +9,9 @@ public jdup API only:
    poisoned copies of those non-target rows, in the same order (the row pairing of the DUP layout, so robust
    accuracy is defined); test-detect = test-clean ‖ test-poison;
 2. trains a MiniLM victim with :func:`jdup.train.run_train` (cached under ``benchmarks/.cache/upgp_table/``);
-3. detection on test-detect, calibrated / perturbation learned on dev-clean: DUP and DAN (:func:`jdup.detect.detect`),
-   UPGP zeroth-order sensitivity (:func:`jdup.upgp.detect_upgp`), and the rank ensemble of DUP and UPGP
-   (:func:`jdup.upgp.ensemble_scores` with ``rank=True``, what ``jdup detect --method ensemble`` writes);
+3. detection on test-detect, calibrated / perturbation learned on dev-clean, with :func:`jdup.detect.detect`
+   (what ``jdup detect --method dup|dan|upgp|ensemble`` runs): DUP, DAN, UPGP zeroth-order sensitivity (first-order
+   score off) and the ensemble (mean rank fraction of DUP and UPGP, UPGP learned on DUP's calibration half);
 4. unlearning (:func:`jdup.unlearn.run_unlearn`) of the rows DUP flags on dev-detect = dev-clean ‖ dev-poison, with
    projection none / gradient / representation / inflora, all with ``early_stop=none`` (same number of steps);
 5. prints one JSON line and a markdown table, and stores them in the cache folder.
@@ -120,9 +120,10 @@ def train_victim(root: Path, folder: Path, s: dict) -> dict:
 
 
 def detection(root: Path, folder: Path, s: dict, args) -> dict:
-    from jdup import data, detect, metrics, models, upgp
+    """AUROCs on test-detect through ``jdup.detect.detect`` (the library call behind ``jdup detect --method``)."""
+    from jdup import data, detect, models
 
-    path = root / "detection.json"
+    path = root / "detection-v2.json"
     if path.is_file():
         return json.loads(path.read_text())
     model_dir = str(root / "victim" / "model")
@@ -130,36 +131,22 @@ def detection(root: Path, folder: Path, s: dict, args) -> dict:
     tok = models.load_tokenizer(model_dir)
     calib = data.read_split(folder, "dev-clean", num_labels=2)
     scored = data.read_split(folder, "test-detect", num_labels=2)
-    truth = scored.poison.astype(bool)
+    upgp_opts = {"max_steps": args.upgp_steps, "eval_every": 10, "first_order": False, "seed": s["seed"]}
     out: dict = {}
-    scores = {}
-    for method in ("dup", "dan"):
+    for method in ("dup", "dan", "upgp", "ensemble"):
         t = time.perf_counter()
-        cfg = detect.DetectConfig(method=method, max_length=s["max_length"], progress=False, plots=False)
+        cfg = detect.DetectConfig(
+            method=method, max_length=s["max_length"], progress=False, plots=False, upgp=upgp_opts
+        )
         res = detect.detect(victim, tok, calib, scored, cfg)
-        scores[method] = res.scores
-        out[f"auroc_{method}"] = metrics.auroc(truth, res.scores)
+        out[f"auroc_{method}"] = res.metrics["auroc"]
+        out[f"frr_{method}"] = res.metrics["frr"]
+        out[f"far_{method}"] = res.metrics["far"]
         out[f"seconds_{method}"] = time.perf_counter() - t
-    t = time.perf_counter()
-    ucfg = upgp.UPGPDetectConfig(
-        max_length=s["max_length"],
-        max_steps=args.upgp_steps,
-        eval_every=10,
-        first_order=False,
-        progress=False,
-        seed=s["seed"],
-    )
-    normal = data.encode(tok, calib, s["max_length"], config=victim.config)
-    enc = data.encode(tok, scored, s["max_length"], config=victim.config)
-    det = upgp.detect_upgp(victim, enc, normal, ucfg)
-    scores["upgp"] = det.scores
-    out["auroc_upgp"] = metrics.auroc(truth, det.scores)
-    out["seconds_upgp"] = time.perf_counter() - t
-    out["upgp_perturbation_steps"] = [p["steps"] for p in det.info["perturbations"]]
-    ens = upgp.ensemble_scores([scores["dup"], scores["upgp"]], rank=True)
-    out["auroc_ensemble"] = metrics.auroc(truth, ens)
+        if method == "upgp":
+            out["upgp_perturbation_steps"] = [p["steps"] for p in res.extra["upgp_info"]["perturbations"]]
     out["n_scored"] = int(len(scored))
-    out["n_poison"] = int(truth.sum())
+    out["n_poison"] = int(scored.poison.sum())
     path.write_text(json.dumps(out, indent=2))
     return out
 
