@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdup import dropout as _dropout_lib
+
 __all__ = [
     "LoRALinear",
     "add_lora",
@@ -132,9 +134,7 @@ class LoRALinear(nnx.Module):
             elif deterministic is None:
                 key = _next_context_key()
         if key is not None:
-            keep = 1.0 - self.dropout_rate
-            m = jax.random.bernoulli(key, keep, h.shape)
-            h = jnp.where(m, h / keep, jnp.zeros_like(h))
+            h = _dropout_lib.dropout(h, self.dropout_rate, key)
         a = self.lora_a[...].astype(h.dtype)
         b = self.lora_b[...].astype(h.dtype)
         return y + ((h @ a) @ b) * jnp.asarray(self.scale, h.dtype)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdup import dropout as _dropout_lib
 from jdup.errors import JdupError
 from jdup.models import registry
 from jdup.models.common import Output
@@ -142,8 +143,7 @@ def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | No
         return x
     if rngs is None:
         raise ValueError("deterministic=False needs rngs=nnx.Rngs(dropout=...) at call time")
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return _dropout_lib.dropout(x, rate, rngs.dropout())
 
 
 def _linear(d_in: int, d_out: int, cfg: EncoderConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:

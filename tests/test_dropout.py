@@ -1,0 +1,87 @@
+"""Hash dropout masks (jdup.dropout): keep rate, independence, fresh masks per key/step, inverted scaling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jdup import dropout as DR
+from jdup import lora
+from jdup.models import tiny_model
+
+
+def _masks(keys, keep, shape):
+    f = jax.jit(jax.vmap(lambda k: DR.keep_mask(k, keep, shape)))
+    return np.asarray(f(keys))
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.25])
+def test_keep_rate_within_tolerance(keep):
+    m = np.asarray(jax.jit(lambda k: DR.keep_mask(k, keep, (64, 48, 384)))(jax.random.key(3)))
+    n = m.size
+    assert abs(m.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / n)
+
+
+def test_masks_differ_per_step_and_are_independent():
+    keep, shape = 0.9, (32, 40, 96)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2025), i))(jnp.arange(64))
+    m = _masks(keys, keep, shape).reshape(64, -1).astype(np.float64)
+    n = m.shape[1]
+    tol = 6 * np.sqrt(keep * (1 - keep) / n)
+    # every step's mask is different, each has the right rate
+    assert len({r.tobytes() for r in m.astype(bool)}) == 64
+    assert np.all(np.abs(m.mean(1) - keep) < tol)
+    # masks of consecutive steps (and of far-apart steps) are uncorrelated: P(both kept) = keep^2
+    for a, b in [(0, 1), (1, 2), (5, 37), (62, 63)]:
+        both = (m[a] * m[b]).mean()
+        assert abs(both - keep * keep) < 6 * np.sqrt(keep * keep * (1 - keep * keep) / n), (a, b)
+    # neighbouring elements of one mask are uncorrelated (along every axis of the flattened layout)
+    for lag in (1, 2, 96, 40 * 96):
+        both = (m[:, :-lag] * m[:, lag:]).mean()
+        assert abs(both - keep * keep) < 6 * np.sqrt(keep * keep * (1 - keep * keep) / (64 * (n - lag))), lag
+    # each position is kept at the right rate across steps (no position is biased)
+    per_pos = m.mean(0)
+    z = (per_pos - keep) / np.sqrt(keep * (1 - keep) / 64)
+    assert abs(z.mean()) < 6 / np.sqrt(n) and 0.95 < z.std() < 1.05
+
+
+def test_same_key_same_mask_and_any_key_impl():
+    a = DR.keep_mask(jax.random.key(1), 0.9, (7, 5))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(DR.keep_mask(jax.random.key(1), 0.9, (7, 5))))
+    assert not np.array_equal(np.asarray(a), np.asarray(DR.keep_mask(jax.random.key(2), 0.9, (7, 5))))
+    for impl in ("rbg", "unsafe_rbg"):
+        m = np.asarray(DR.keep_mask(jax.random.key(0, impl=impl), 0.8, (100, 100)))
+        assert abs(m.mean() - 0.8) < 5 * np.sqrt(0.16 / 1e4)
+
+
+def test_dropout_is_inverted_and_rate_zero_is_identity():
+    x = jnp.ones((200, 300))
+    y = np.asarray(DR.dropout(x, 0.1, jax.random.key(0)))
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.9], rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 5 * np.sqrt(0.1 / 0.9 / y.size)
+    assert DR.dropout(x, 0.0, jax.random.key(0)) is x
+    assert DR.dropout(x.astype(jnp.bfloat16), 0.1, jax.random.key(0)).dtype == jnp.bfloat16
+
+
+def test_threefry_switch(monkeypatch):
+    monkeypatch.setenv("JDUP_DROPOUT_RNG", "threefry")
+    k = jax.random.key(4)
+    np.testing.assert_array_equal(
+        np.asarray(DR.keep_mask(k, 0.9, (10, 10))), np.asarray(jax.random.bernoulli(k, 0.9, (10, 10)))
+    )
+
+
+def test_model_and_lora_dropout_use_it():
+    victim = tiny_model("bert", 2, seed=1)
+    m = lora.add_lora(victim, rank=4, alpha=8, dropout=0.5)
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 50, (3, 9)), jnp.int32)
+    det = np.asarray(m(ids).logits)
+
+    def run(seed):
+        with lora.lora_dropout(jax.random.key(seed)):
+            return np.asarray(m(ids, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(seed))).logits)
+
+    a, b = run(1), run(2)
+    assert np.abs(a - det).max() > 1e-4 and np.abs(a - b).max() > 1e-4
+    np.testing.assert_array_equal(a, run(1))
