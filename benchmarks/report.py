@@ -66,7 +66,14 @@ def table(recs: dict[str, dict]) -> str:
         rows.append(
             f"| detection peak RSS, MiB | {_f(j['peak_rss_mb'], 0)} | {_f(t['peak_rss_mb'], 0)} | | |"
         )
-        rows.append(f"| jdup compile time (warm-up run), s | {_f(j['compile_s'])} | — | | |")
+        n_comp = f" ({j['compiles_warmup']} compilations)" if "compiles_warmup" in j else ""
+        rows.append(f"| jdup compile time (warm-up run), s{n_comp} | {_f(j['compile_s'])} | — | | |")
+        if "warmup_s" in j:
+            cold = j["warmup_s"]
+            rows.append(
+                f"| jdup first (cold) detection incl. compilation, s | {_f(cold)} | {_f(t['total']['median'])} | "
+                f"{t['total']['median'] / cold:.2f}× | |"
+            )
     pf = recs.get("detect_faithful")
     if pf and "jdup" in pf and d and "torch" in d:
         diff = abs(pf["jdup"]["auroc"] - d["torch"]["auroc"])
@@ -118,12 +125,17 @@ def machine_line(recs: dict[str, dict]) -> str:
     r = next(iter(recs.values()))
     m, v = r["machine"], r["versions"]
     loads = ", ".join(f"{k} {x['machine']['loadavg'][0]:.1f}" for k, x in recs.items())
-    return (
+    line = (
         f"{m['cpu']}, {m['cores']} cores, {m['mem_gb']} GB RAM, shared with other jobs (1-min load average at the "
         f"start of each benchmark: {loads}); "
         f"jax {v.get('jax')}, flax {v.get('flax')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"peft {v.get('peft')}; commit {r.get('commit')}"
     )
+    cpus = {(x["machine"]["cpu"], x.get("commit")) for x in recs.values()}
+    if len(cpus) > 1:  # records merged from different runs: say which machine and commit gave each
+        per = "; ".join(f"{k}: {x['machine']['cpu']}, commit {x.get('commit')}" for k, x in recs.items())
+        line += f". **Records from different runs** ({per})"
+    return line
 
 
 def plot(recs: dict[str, dict], out: str | Path) -> Path:

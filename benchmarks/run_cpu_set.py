@@ -6,17 +6,28 @@ All JSON lines go to ``benchmarks/results/cpu.jsonl`` (overwritten per run); ``b
 
     python benchmarks/run_cpu_set.py                 # everything, defaults
     python benchmarks/run_cpu_set.py --quick         # 1 repetition each, 400-row subsets (a smoke run)
+    python benchmarks/run_cpu_set.py --only forward,detect,parity,memory --keep-others   # refresh those only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common as C  # noqa: E402
+
+#: --only part -> the ``bench`` name of the record it writes
+BENCH_OF = {
+    "forward": "forward",
+    "detect": "detect",
+    "parity": "detect_faithful",
+    "memory": "detect_memory",
+    "unlearn": "unlearn_epoch",
+}
 
 
 def main(argv=None) -> None:
@@ -30,14 +41,25 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--memory-impl", default="jdup", choices=["jdup", "torch", "both"], help="who --memory measures"
     )
+    ap.add_argument(
+        "--keep-others",
+        action="store_true",
+        help="keep the records of the benchmarks not in --only that OUT already holds (default: start OUT afresh)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("")
+    only = set(args.only.split(","))
+    kept = []
+    if args.keep_others and out.exists():
+        ran = {BENCH_OF[p] for p in only if p in BENCH_OF}
+        for line in out.read_text().splitlines():
+            if line.strip().startswith("{") and json.loads(line).get("bench") not in ran:
+                kept.append(line)
+    out.write_text("".join(ln + "\n" for ln in kept))
     model = str(C.resolve_model(args.model))
     common = ["--model", model, "--out", str(out)]
     quick_reps = ["--reps", "1" if args.quick else str(args.reps)]
-    only = set(args.only.split(","))
     from benchmarks import bench_detect, bench_forward, bench_unlearn, report
 
     t0 = time.perf_counter()

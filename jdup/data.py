@@ -597,6 +597,10 @@ def load_builtin(name: str, split: str = "train", seed: int = 0) -> TextDataset:
 # --------------------------------------------------------------------------------------------------------------
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
+#: Finer lengths for inference passes (detection): multiples of 8 up to 128, then steps of 32 and 64. Batches sorted
+#: by length then carry almost no padding (SST-2: 1.15x the real tokens instead of 1.6x with DEFAULT_BUCKETS); only
+#: the buckets that occur compile, once each per model.
+INFERENCE_BUCKETS = (*range(8, 129, 8), 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 @dataclasses.dataclass

@@ -96,7 +96,7 @@ class DetectConfig:
     faithful_bart: bool = False  # BART: DUP's unmasked mean over padded positions (default: masked mean)
     batch_size: int = 32  # rows per forward pass
     max_length: int = 512  # truncation length (DUP: 512); batches are padded to length buckets only
-    buckets: tuple[int, ...] = (32, 64, 128, 256, 512)  # padded lengths (bounded recompilation)
+    buckets: tuple[int, ...] = data_lib.INFERENCE_BUCKETS  # padded lengths: 8, 16, ..., 128, 160, ..., 512
     chunk_rows: int = 8192  # scored rows tokenised + scored at a time (bounds host memory; 0 = all at once)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the model (DUP: float32)
     # --- decision

@@ -17,12 +17,13 @@ For ``"cls"`` pooling on an encoder (BERT / RoBERTa), the pass calls the model w
 position), which is all that the last feature slot and the logits need. The features are the same (to float32
 rounding) and about ``1/L`` of the forward work is saved.
 
-The per-example pooling functions are vmapped over the batch. :func:`make_batch_fn` builds ONE jitted function
-per detection pass: ``fn(model_state, batch, aux) -> dict of arrays``, running the model once and handing the
+The per-example pooling functions are vmapped over the batch. :func:`make_batch_fn` builds the function of a
+detection pass: ``fn(model_state, batch, aux) -> dict of arrays``, running the model once (one jitted forward,
+shared by every pass over the same model) and handing the
 pooled features ``[B, L, D]`` (float32) and logits to a ``head`` callback (e.g. the scorers), so a pass can keep
 only per-row scalars. The model is split once (``nnx.split``) and its state is an argument, not a constant.
-Batches come from :func:`jdup.data.batches` (fixed batch size, bucketed lengths), so a pass compiles at most once
-per length bucket.
+Batches come from :func:`jdup.data.batches` (fixed batch size, bucketed lengths), so the forward compiles at most
+once per length bucket (shared by all passes over the same model) and the head once per batch size.
 """
 
 from __future__ import annotations
@@ -152,56 +153,78 @@ def make_batch_fn(
     head_key: Hashable | None = None,
     trim_last_layer: bool = True,
 ) -> tuple[Callable[[Any, dict, Any], dict], Any]:
-    """Builds the jitted per-batch function of a pass.
+    """Builds the per-batch function of a pass: a jitted forward, then a jitted head.
+
+    The forward (model + pooling) is compiled once per model structure, pooling and padded length, and shared by
+    every pass over the same model (the calibration pass and the scoring pass compile it once per bucket, not
+    twice). The head sees only ``[B, ...]`` arrays, so it compiles once per batch size, whatever the bucket.
 
     Args:
       model: a jdup classifier (``model.config.arch`` picks the layers and the default pooling).
-      head: ``(features [B, L, D], logits [B, C], batch, aux) -> dict of [B, ...] arrays``, traced inside the
-        same jit (e.g. Mahalanobis and spectral scores of the batch, so only scalars leave the device).
+      head: ``(features [B, L, D], logits [B, C], batch, aux) -> dict of [B, ...] arrays``, jitted (e.g.
+        Mahalanobis and spectral scores of the batch, so only scalars leave the device); ``batch`` is
+        ``{"lengths": int32 [B]}`` (real tokens per row).
       pooling: ``"auto"`` or one of :data:`POOLINGS`.
       faithful_bart: BART only, DUP's unmasked mean when ``pooling="auto"``.
       head_key: a hashable name for ``head`` (its behaviour must depend only on this key). With a key, the
-        jitted function is cached per (model structure, pooling, key), so repeated detections on models of the
-        same shape (or the same model) reuse compiled code; without one a fresh function is traced.
+        jitted head is cached per key, so repeated detections reuse compiled code; without one a fresh head
+        function is traced (the forward is cached either way).
       trim_last_layer: with ``"cls"`` pooling on an encoder, compute the last layer at position 0 only (see
         :func:`model_call_kwargs`); False runs the full last layer.
 
     Returns:
       ``(fn, state)``: call ``fn(state, batch, aux)``; ``batch`` holds ``input_ids``, ``attention_mask`` and
-      (encoders) ``token_type_ids``; ``aux`` is any pytree (e.g. fitted scorer states).
+      (encoders) ``token_type_ids``; ``aux`` is any pytree (e.g. fitted scorer states). Results are device
+      arrays, dispatched asynchronously.
     """
     arch = model.config.arch
     how = resolve_pooling(pooling, arch, faithful_bart)
     graphdef, state = nnx.split(model)
-    if head is features_head and head_key is None:
-        head_key = "features"
-    call_kw = model_call_kwargs(arch, how, trim_last_layer)
-    key = None if head_key is None else (graphdef, arch, how, head_key, tuple(sorted(call_kw.items())))
-    if key is not None and key in _FN_CACHE:
-        _FN_CACHE.move_to_end(key)
-        return _FN_CACHE[key], state
-    use_tt = arch in TOKEN_TYPE_ARCHS
+    call_kw = tuple(sorted(model_call_kwargs(arch, how, trim_last_layer).items()))
+    fwd = _cached(
+        ("forward", graphdef, arch, how, call_kw), lambda: _forward_fn(graphdef, arch, how, call_kw)
+    )
+    if head is features_head:
+
+        def fn(state, batch: dict, aux: Any) -> dict:
+            feats, logits, _ = fwd(state, batch)
+            return {"features": feats, "logits": logits}
+
+        return fn, state
+    hfn = jax.jit(head) if head_key is None else _cached(("head", head_key), lambda: jax.jit(head))
 
     def fn(state, batch: dict, aux: Any) -> dict:
+        feats, logits, lengths = fwd(state, batch)
+        return hfn(feats, logits, {"lengths": lengths}, aux)
+
+    return fn, state
+
+
+def _forward_fn(graphdef, arch: str, how: str, call_kw: tuple) -> Callable:
+    """Jitted ``(state, batch) -> (features [B, L, D] f32, logits [B, C] f32, lengths [B] int32)``."""
+    use_tt = arch in TOKEN_TYPE_ARCHS
+    kw = dict(call_kw)
+
+    def fwd(state, batch: dict):
         m = nnx.merge(graphdef, state)
         tt = batch.get("token_type_ids") if use_tt else None
-        out = m(
-            batch["input_ids"],
-            batch["attention_mask"],
-            tt,
-            output_hidden_states=True,
-            deterministic=True,
-            **call_kw,
-        )
-        feats = pooled_features(out, batch["attention_mask"], arch, how)
-        return head(feats, out.logits.astype(jnp.float32), batch, aux)
+        mask = batch["attention_mask"]
+        out = m(batch["input_ids"], mask, tt, output_hidden_states=True, deterministic=True, **kw)
+        feats = pooled_features(out, mask, arch, how)
+        return feats, out.logits.astype(jnp.float32), jnp.sum(mask != 0, axis=-1).astype(jnp.int32)
 
-    jitted = jax.jit(fn)
-    if key is not None:
-        _FN_CACHE[key] = jitted
-        while len(_FN_CACHE) > _FN_CACHE_SIZE:
-            _FN_CACHE.popitem(last=False)
-    return jitted, state
+    return jax.jit(fwd)
+
+
+def _cached(key: Hashable, make: Callable[[], Callable]) -> Callable:
+    """LRU cache of jitted functions (at most ``_FN_CACHE_SIZE``)."""
+    if key in _FN_CACHE:
+        _FN_CACHE.move_to_end(key)
+        return _FN_CACHE[key]
+    fn = _FN_CACHE[key] = make()
+    while len(_FN_CACHE) > _FN_CACHE_SIZE:
+        _FN_CACHE.popitem(last=False)
+    return fn
 
 
 _FN_CACHE: OrderedDict = OrderedDict()
