@@ -155,15 +155,23 @@ def unlearning(root: Path, folder: Path, s: dict, args) -> dict:
     from jdup import detect, models, unlearn
 
     model_dir = str(root / "victim" / "model")
-    dev_det = root / "dup-dev-detect"
+    det = args.forget_detector
+    dev_det = root / f"{det}-dev-detect"
     if not (dev_det / "flags.npy").is_file():
         victim = models.from_pretrained(model_dir)
+        upgp_opts = {"max_steps": args.upgp_steps, "eval_every": 10, "first_order": False, "seed": s["seed"]}
         detect.detect_dev(
             victim,
             model_dir,
             str(folder),
             str(dev_det),
-            {"max_length": s["max_length"], "progress": False, "plots": False},
+            {
+                "max_length": s["max_length"],
+                "progress": False,
+                "plots": False,
+                "method": det,
+                "upgp": upgp_opts,
+            },
         )
     options = {
         "none": {},
@@ -174,6 +182,8 @@ def unlearning(root: Path, folder: Path, s: dict, args) -> dict:
     out = {}
     for proj in args.projections:
         run = root / f"unlearn-{proj}-e{args.unlearn_epochs}-b{args.unlearn_batch}-{args.forget_loss}"
+        if det != "dup":
+            run = run.with_name(run.name + f"-{det}")
         mpath = run / "metrics.json"
         if not mpath.is_file():
             cfg = unlearn.UnlearnConfig(
@@ -230,6 +240,8 @@ def markdown(results: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in results:
+        if "label" in r:  # the same victim, unlearning with another detector's flags: detection shown once
+            continue
         d, v = r["detection"], r["victim"]
         lines.append(
             f"| {r['attack']} | {_f(v['cacc'])} / {_f(v['asr'])} | {_f(d['auroc_dup'])} | {_f(d['auroc_dan'])} "
@@ -247,7 +259,7 @@ def markdown(results: list[dict]) -> str:
             f"{_f(u[p]['cacc_after'])} / {_f(u[p]['asr_after'])}" if p in u else "–" for p in PROJECTIONS
         ]
         lines.append(
-            f"| {r['attack']} | {any_.get('n_flagged')} ({any_.get('n_flagged_poison')}) | {any_.get('steps')} | "
+            f"| {r.get('label', r['attack'])} | {any_.get('n_flagged')} ({any_.get('n_flagged_poison')}) | {any_.get('steps')} | "
             + " | ".join(cells)
             + " |"
         )
@@ -269,7 +281,7 @@ def markdown(results: list[dict]) -> str:
             cells.append(
                 f"{x['sens_before_mean']:.2f} → {x['sens_after_max']:.0e}, {x['clean_loss_change_sum']:+.3f}"
             )
-        lines.append(f"| {r['attack']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.get('label', r['attack'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -301,6 +313,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--refresh", type=int, default=10, help="gradient projection: basis refresh period (steps)"
     )
+    p.add_argument(
+        "--forget-detector",
+        default="dup",
+        choices=("dup", "upgp", "ensemble"),
+        help="detector whose flags on dev-detect form the forget set",
+    )
     p.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -312,8 +330,7 @@ def main(argv=None) -> int:
     if args.summary:
         results = []
         for attack in ATTACKS:
-            f = CACHE / f"{attack}-{key}" / "result.json"
-            if f.is_file():
+            for f in sorted((CACHE / f"{attack}-{key}").glob("result*.json")):
                 results.append(json.loads(f.read_text()))
         print(markdown(results))
         return 0
@@ -350,13 +367,16 @@ def main(argv=None) -> int:
             "forget_loss": args.forget_loss,
             "k": args.k,
             "refresh": args.refresh,
+            "forget_detector": args.forget_detector,
         },
         "victim": victim,
         "detection": det,
         "unlearn": un,
         "seconds_this_run": timings | {"total": time.perf_counter() - t0},
     }
-    old = root / "result.json"
+    if args.forget_detector != "dup":
+        result["label"] = f"{args.attack} ({args.forget_detector} flags)"
+    old = root / ("result.json" if args.forget_detector == "dup" else f"result-{args.forget_detector}.json")
     previous = json.loads(old.read_text()) if old.is_file() else {}
     if previous.get("unlearn_settings") == result["unlearn_settings"]:  # a --projections subset adds to it
         result["unlearn"] = previous.get("unlearn", {}) | un
