@@ -8,7 +8,8 @@ Pipeline of :func:`run_unlearn` (``jdup unlearn --model M --data DIR --out OUT [
    retain set.
 3. Teacher logits on ``D_p``: one jitted pass, stored as an ``[N, K]`` array.
 4. Student = victim + LoRA (``jdup.lora``) + a trainable copy of the head. Per step, one flagged batch and one
-   clean batch (cycled) go through **one** forward pass (concatenated, padded to a common bucket) and
+   clean batch (cycled; :class:`BatchPlan`: length-grouped and paired by length, padded to a multiple of 8
+   tokens) go through **one** forward pass (concatenated, padded to a common length) and
 
    ``L = λ_asr · forget(student, teacher)[D_p batch] + λ_acc · CE(student, y)[clean batch]``
 
@@ -117,6 +118,13 @@ class UnlearnConfig:
     )
     #                          forwards at their own lengths (less padding; measured faster on CPU when the two
     #                          batches fall in different buckets, equal otherwise)
+    length_group: int = 8  # length-grouped batches: rows are shuffled, cut into groups of this many batches,
+    #                        sorted by length inside each group (HF group_by_length), the batches visited in a
+    #                        random order; inside each epoch the flagged batches are paired with the clean
+    #                        batches of the same steps by length rank. ~2x fewer padded tokens on SST-2;
+    #                        0 = plain shuffled batches, paired in order
+    pad_multiple: int = 8  # unlearning batches are padded to a multiple of this many tokens (each distinct
+    #                        length compiles the step once); 0 = the encoding's buckets (32/64/128/...)
 
     # --- early stopping (spec §3.6, §10.4)
     early_stop: str = "proxy"  # proxy | oracle_dev_poison (official, uses ground-truth dev-poison) | none
@@ -484,6 +492,134 @@ def forget_batch_at(forget: D.Encoded, batch_size: int, step: int, seed: int) ->
     return next(D.batches(forget, batch_size, shuffle=True, seed=seed, epoch=epoch, start=i))
 
 
+def with_pad_multiple(encoded: D.Encoded, multiple: int) -> D.Encoded:
+    """``encoded`` whose batches are padded to a multiple of ``multiple`` tokens (``<= 0``: unchanged)."""
+    if multiple <= 0:
+        return encoded
+    top = encoded.max_length
+    return dataclasses.replace(encoded, buckets=(*range(int(multiple), top, int(multiple)), top))
+
+
+def _grouped_chunks(lengths: np.ndarray, batch_size: int, group: int, rng: np.random.Generator) -> list:
+    """Row chunks of one epoch: a permutation cut into groups of ``group`` batches, sorted by length (longest
+    first) inside each group, the batches visited in a random order (``group <= 0``: the plain permutation)."""
+    n = len(lengths)
+    perm = rng.permutation(n)
+    if group > 0 and n:
+        size = batch_size * group
+        perm = np.concatenate(
+            [
+                g[np.argsort(-lengths[g], kind="stable")]
+                for g in (perm[i : i + size] for i in range(0, n, size))
+            ]
+        )
+    chunks = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [chunks[i] for i in rng.permutation(len(chunks))] if group > 0 else chunks
+
+
+def _cut(encoded: D.Encoded, chunk: np.ndarray, batch_size: int) -> dict:
+    """One batch in :func:`jdup.data.batches`' format from the row numbers ``chunk``."""
+    k = len(chunk)
+    idx = np.concatenate([chunk, np.full(batch_size - k, chunk[0], chunk.dtype)]) if k < batch_size else chunk
+    index = idx.astype(np.int64).copy()
+    index[k:] = -1
+    seq = encoded.bucket_for(int(encoded.lengths[chunk].max()))
+    return {
+        "input_ids": encoded.input_ids[idx, :seq],
+        "attention_mask": encoded.attention_mask[idx, :seq],
+        "token_type_ids": encoded.token_type_ids[idx, :seq],
+        "labels": encoded.labels[idx],
+        "poison": encoded.poison[idx],
+        "valid": np.arange(batch_size) < k,
+        "index": index,
+    }
+
+
+class BatchPlan:
+    """The flagged and the clean batch of every step, a pure function of the data, the settings and the step
+    (a resumed run replays the batches of an uninterrupted one).
+
+    Flagged rows: every epoch visits each once, in a fresh order. Clean rows: cycled in lock-step, one batch per
+    step, a fresh order per pass. With ``length_group > 0`` both streams are length-grouped
+    (:func:`_grouped_chunks`) and, inside each flagged epoch, the clean batches of that epoch's steps are handed
+    to its flagged batches by length rank (each still used exactly once), so the fused step's joint batch
+    ``[flagged; clean]`` is padded little. ``length_group=0, pad_multiple=0`` gives exactly
+    :func:`forget_batch_at` / :func:`clean_batch_at`.
+    """
+
+    def __init__(
+        self,
+        forget: D.Encoded,
+        retain: D.Encoded,
+        batch_size: int,
+        seed: int,
+        *,
+        length_group: int = 0,
+        pad_multiple: int = 0,
+    ):
+        self.forget = with_pad_multiple(forget, pad_multiple)
+        self.retain = with_pad_multiple(retain, pad_multiple)
+        self.batch_size, self.seed, self.group = int(batch_size), int(seed), int(length_group)
+        self.per_epoch = D.num_batches(len(forget), batch_size)
+        self.per_pass = D.num_batches(len(retain), batch_size)
+        self._cache: dict = {}
+        self._cache_size = 8 + 2 * (self.per_epoch // max(self.per_pass, 1))
+        self._pairing: tuple = (-1, [])
+
+    @classmethod
+    def from_config(cls, forget: D.Encoded, retain: D.Encoded, cfg: UnlearnConfig) -> BatchPlan:
+        return cls(
+            forget,
+            retain,
+            cfg.batch_size,
+            cfg.seed,
+            length_group=cfg.length_group,
+            pad_multiple=cfg.pad_multiple,
+        )
+
+    def _chunks(self, stream: str, epoch: int) -> list:
+        key = (stream, epoch)
+        if key not in self._cache:
+            if len(self._cache) > self._cache_size:
+                self._cache.clear()
+            enc, seed = (self.forget, self.seed) if stream == "forget" else (self.retain, self.seed + 1)
+            if self.group > 0:
+                rng = np.random.default_rng([seed, int(epoch)])
+                self._cache[key] = _grouped_chunks(enc.lengths, self.batch_size, self.group, rng)
+            else:  # exactly jdup.data.batches(shuffle=True)
+                order = D.epoch_order(len(enc), shuffle=True, seed=seed, epoch=epoch)
+                self._cache[key] = [
+                    order[i : i + self.batch_size] for i in range(0, len(enc), self.batch_size)
+                ]
+        return self._cache[key]
+
+    def _clean_chunk(self, position: int) -> np.ndarray:
+        p, j = divmod(int(position), self.per_pass)
+        return self._chunks("retain", p)[j]
+
+    def forget_batch(self, step: int) -> dict:
+        e, i = divmod(int(step), self.per_epoch)
+        return _cut(self.forget, self._chunks("forget", e)[i], self.batch_size)
+
+    def clean_batch(self, step: int) -> dict:
+        if self.group <= 0:
+            return _cut(self.retain, self._clean_chunk(step), self.batch_size)
+        e, i = divmod(int(step), self.per_epoch)
+        base = e * self.per_epoch
+        if self._pairing[0] != e:
+            f_len = [int(self.forget.lengths[c].max()) for c in self._chunks("forget", e)]
+            c_len = [
+                int(self.retain.lengths[self._clean_chunk(base + k)].max()) for k in range(self.per_epoch)
+            ]
+            f_rank = sorted(range(self.per_epoch), key=lambda k: (f_len[k], k))
+            c_rank = sorted(range(self.per_epoch), key=lambda k: (c_len[k], k))
+            pos = [0] * self.per_epoch
+            for fr, cr in zip(f_rank, c_rank, strict=True):
+                pos[fr] = cr
+            self._pairing = (e, pos)
+        return _cut(self.retain, self._clean_chunk(base + self._pairing[1][i]), self.batch_size)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prediction helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -648,6 +784,7 @@ def unlearn(
     schedule = linear_warmup_decay(cfg.lr, total, int(cfg.warmup_frac * total))
     step_fn = make_train_step(student.graphdef, tx, settings)
     eval_every = cfg.eval_every_steps or per_epoch
+    plan = BatchPlan.from_config(forget, retain, cfg)
 
     trainable, frozen = student.trainable, student.frozen
     opt_state = tx.init(trainable)
@@ -717,8 +854,7 @@ def unlearn(
     bar = tqdm(total=total, initial=step, desc="unlearn", disable=not cfg.progress, leave=False)
     try:
         while step < total:
-            fb = forget_batch_at(forget, cfg.batch_size, step, cfg.seed)
-            cb = clean_batch_at(retain, cfg.batch_size, step, cfg.seed)
+            fb, cb = plan.forget_batch(step), plan.clean_batch(step)
             batch = joint_batch(fb, teacher_logits, cb, cfg.fused_step)
             lr = float(schedule(step))
             trainable, opt_state, m = step_fn(

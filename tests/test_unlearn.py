@@ -181,6 +181,59 @@ def test_fused_and_two_forward_batches_agree(victim):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def _same_batch(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_batch_plan_without_grouping_is_the_plain_order():
+    forget, retain = _encoded(10, 11), _encoded(7, 12)
+    plan = U.BatchPlan(forget, retain, 4, 3)
+    for step in range(9):
+        _same_batch(plan.forget_batch(step), U.forget_batch_at(forget, 4, step, 3))
+        _same_batch(plan.clean_batch(step), U.clean_batch_at(retain, 4, step, 3))
+
+
+def test_batch_plan_length_grouped_covers_every_row_and_pads_less():
+    forget, retain = _encoded(70, 13, seq=40), _encoded(90, 14, seq=40)
+    forget = dataclasses.replace(forget, buckets=(16, 32, 40))
+    retain = dataclasses.replace(retain, buckets=(16, 32, 40))
+    bs, per_epoch = 8, 9
+    plan = U.BatchPlan(forget, retain, bs, 5, length_group=4, pad_multiple=8)
+    plain = U.BatchPlan(forget, retain, bs, 5)
+    tokens = {"grouped": 0, "plain": 0}
+    clean_seen = []
+    for e in range(3):
+        rows = []
+        for i in range(per_epoch):
+            step = e * per_epoch + i
+            fb, cb = plan.forget_batch(step), plan.clean_batch(step)
+            rows += list(fb["index"][fb["valid"]])
+            clean_seen += list(cb["index"][cb["valid"]])
+            s = fb["input_ids"].shape[1]
+            assert s % 8 == 0 and s >= forget.lengths[fb["index"][fb["valid"]]].max()
+            assert cb["input_ids"].shape[1] % 8 == 0
+            # batch format as jdup.data.batches: padding rows are copies of the first row, index -1
+            assert np.all(fb["index"][~fb["valid"]] == -1)
+            np.testing.assert_array_equal(
+                fb["input_ids"][~fb["valid"]], fb["input_ids"][:1].repeat((~fb["valid"]).sum(), 0)
+            )
+            for name, p in (("grouped", plan), ("plain", plain)):
+                j = U.joint_batch(p.forget_batch(step), np.zeros((70, 2)), p.clean_batch(step))
+                tokens[name] += j["input_ids"].size
+        assert sorted(rows) == list(range(70))  # every flagged row once per epoch
+    # the clean stream is still cycled: 27 steps of 8 rows over 90 rows = every row 2 or 3 times
+    counts = np.bincount(clean_seen, minlength=90)
+    assert counts.min() >= 2 and counts.max() <= 3
+    assert tokens["grouped"] < 0.9 * tokens["plain"]
+    # a fresh plan (a resumed run) replays the same batches
+    again = U.BatchPlan(forget, retain, bs, 5, length_group=4, pad_multiple=8)
+    for step in (20, 3, 11):
+        _same_batch(again.clean_batch(step), plan.clean_batch(step))
+        _same_batch(again.forget_batch(step), plan.forget_batch(step))
+
+
 def test_unlearn_resumes_after_a_kill(victim, tmp_path):
     cfg = U.UnlearnConfig(**{**TINY, "ckpt_every_steps": 2, "epochs": 3})
     forget, retain = _encoded(10, 5, trigger=9), _encoded(12, 6)
