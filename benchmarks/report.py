@@ -122,7 +122,9 @@ def table(recs: dict[str, dict]) -> str:
 
 
 def machine_line(recs: dict[str, dict]) -> str:
-    r = next(iter(recs.values()))
+    cpus = [x["machine"]["cpu"] for x in recs.values()]
+    main_cpu = max(set(cpus), key=cpus.count)  # records may be merged from runs on different machines
+    r = next(x for x in recs.values() if x["machine"]["cpu"] == main_cpu)
     m, v = r["machine"], r["versions"]
     loads = ", ".join(f"{k} {x['machine']['loadavg'][0]:.1f}" for k, x in recs.items())
     line = (
