@@ -383,6 +383,10 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> D
     else:
         normal_ds, both = calib, scored
     n_v = len(both) - len(scored)
+    if tuple(cfg.buckets) == data_lib.INFERENCE_BUCKETS:
+        # UPGP trains LoRA perturbations on shuffled batches: the fine inference buckets would compile its train
+        # step for many lengths, so it keeps the coarse training buckets unless `buckets` was set explicitly
+        enc_kw["buckets"] = data_lib.DEFAULT_BUCKETS
     normal = data_lib.encode(tokenizer, normal_ds, **enc_kw)
     enc = data_lib.encode(tokenizer, both, **enc_kw)
     t = time.perf_counter()
