@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--upgp-steps", type=int, default=60, help="max steps of each UPGP label-flip perturbation"
     )
-    p.add_argument("--unlearn-epochs", type=int, default=2)
+    p.add_argument("--unlearn-epochs", type=int, default=6)
     p.add_argument("--unlearn-batch", type=int, default=16)
     p.add_argument("--unlearn-lr", type=float, default=5e-4)
     p.add_argument("--forget-loss", default="suppress_target")
@@ -330,7 +330,8 @@ def main(argv=None) -> int:
     if args.summary:
         results = []
         for attack in ATTACKS:
-            for f in sorted((CACHE / f"{attack}-{key}").glob("result*.json")):
+            files = (CACHE / f"{attack}-{key}").glob("result*.json")
+            for f in sorted(files, key=lambda f: (f.name != "result.json", f.name)):
                 results.append(json.loads(f.read_text()))
         print(markdown(results))
         return 0
