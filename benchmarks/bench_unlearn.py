@@ -5,7 +5,11 @@ the timing), the same retain set (all of ``dev-clean``), batch 32, λ_asr = λ_a
 dropout 0.1 on query/key/value plus the head, AdamW 5e-4 with a linear schedule, clip 1.0, and one epoch
 (``ceil(428 / 32) = 14`` steps on SST-2). Each run is a whole call of the implementation's unlearning function
 (teacher logits, LoRA set-up, the steps, merge); stages are timed inside it. jdup's first (warm-up) call
-compiles; the timed calls follow it. Model FLOPs per step = 2 × the forward FLOPs of the two batches (frozen base:
+compiles; the timed calls follow it. jdup's batches are length-grouped and paired by length
+(``--length-group 8 --pad-multiple 8``, its defaults; ``--length-group 0 --pad-multiple 0`` gives the plain
+shuffled order padded to 32/64/128 buckets); the reference batches as the official code (a fixed shuffle,
+each batch padded to its longest row, both batches of a step to the longer). Both sides report the padded
+tokens their steps processed (``padded_tokens_epoch``). Model FLOPs per step = 2 × the forward FLOPs of the two batches (frozen base:
 forward + input-gradient backward), counted on real token lengths.
 
     python benchmarks/bench_unlearn.py                  # MiniLM BadNets victim, SST-2
@@ -31,6 +35,8 @@ DEFAULTS = dict(
     lambda_asr=1.0,  # forget weight (the official demo's 0 switches the forget term off)
     lambda_acc=1.0,  # retain CE weight
     limit=0,  # smoke test: use only the first N rows of dev-poison / dev-clean
+    length_group=8,  # jdup: length-grouped batches paired by length (UnlearnConfig.length_group; 0 = plain order)
+    pad_multiple=8,  # jdup: pad batches to a multiple of this (UnlearnConfig.pad_multiple; 0 = 32/64/128 buckets)
 )
 
 
@@ -96,6 +102,8 @@ def worker_torch(args) -> dict:
         runs.append(out)
     steps = runs[-1]["steps"]
     flops, counts = _epoch_flops(folder, forget, retain, args.batch_size, steps)
+    # each step pads both batches to the longest row of the two: 2B rows x that length
+    padded = int(sum(len(s) * max(s) for s in runs[-1]["step_lengths"]))
     tim = [r["timings"] for r in runs]
     train = C.summarize([t["train_steps"] for t in tim])
     step_all = [s for t in tim for s in t["step"]]
@@ -119,6 +127,7 @@ def worker_torch(args) -> dict:
         "losses_last_run": runs[-1]["losses"],
         "flops_model_epoch": flops,
         "flop_counts": counts,
+        "padded_tokens_epoch": padded,
         "peak": peak,
         "achieved_flops_per_s": flops / train["min"],
         "mfu": flops / train["min"] / peak["flops_per_s"],
@@ -156,6 +165,8 @@ def worker_jdup(args) -> dict:
         early_stop="none",
         ckpt_every_steps=0,
         progress=False,
+        length_group=args.length_group,
+        pad_multiple=args.pad_multiple,
     )
     peak = C.matmul_peak("jax", "float32")
     rss_before = psutil.Process().memory_info().rss / 2**20
@@ -209,6 +220,15 @@ def worker_jdup(args) -> dict:
     steps = runs[-1]["steps"]
     flops, counts = _epoch_flops(folder, forget_rows, retain_rows, args.batch_size, steps)
     train = C.summarize([r["train_steps"] for r in runs])
+    # padded tokens of the joint batches the steps processed (the same plan U.unlearn follows)
+    f_enc = D.encode(tok, ds(forget_rows), max_length=cfg.max_length, config=model.config)
+    r_enc = D.encode(tok, ds(retain_rows), max_length=cfg.max_length, config=model.config)
+    plan = U.BatchPlan.from_config(f_enc, r_enc, cfg)
+    padded, lengths = 0, []
+    for s in range(steps):
+        n = U.joint_batch(plan.forget_batch(s), np.zeros((len(f_enc), 2)), plan.clean_batch(s))["input_ids"]
+        padded += int(n.size)
+        lengths.append(int(n.shape[1]))
     step_all = [s for r in runs for s in r["step"]]
     return {
         "impl": "jdup",
@@ -217,6 +237,7 @@ def worker_jdup(args) -> dict:
         "warmup_s": warm,
         "compile_s": c1 - c0,
         "compiles_warmup": n1 - n0,
+        "step_lengths": sorted(set(lengths)),
         "compile_s_per_timed_run": compiles,
         "total": C.summarize([r["total"] for r in runs]),
         "stages": {
@@ -227,6 +248,7 @@ def worker_jdup(args) -> dict:
         "losses_last_run": runs[-1]["losses"],
         "flops_model_epoch": flops,
         "flop_counts": counts,
+        "padded_tokens_epoch": padded,
         "peak": peak,
         "achieved_flops_per_s": flops / train["min"],
         "mfu": flops / train["min"] / peak["flops_per_s"],
@@ -279,6 +301,7 @@ def main(argv=None) -> dict:
             "speedup_total_median": C.ratio(t["total"]["median"], j["total"]["median"]),
             "speedup_step_median": C.ratio(t["step_s"]["median"], j["step_s"]["median"]),
             "mfu_jdup_over_torch": C.ratio(j["mfu"], t["mfu"]),
+            "padded_tokens_torch_over_jdup": C.ratio(t["padded_tokens_epoch"], j["padded_tokens_epoch"]),
         }
     C.emit(record, args.out)
     return record
