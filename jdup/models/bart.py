@@ -182,13 +182,15 @@ class Attention(nnx.Module):
         s = kv.shape[1]
         h = self.heads
         hd = d // h
-        q = self.q_proj(x).reshape(b, t, h, hd)
-        k = self.k_proj(kv).reshape(b, s, h, hd)
-        v = self.v_proj(kv).reshape(b, s, h, hd)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * (hd**-0.5)
+        # heads-major [B, H, T, d] operands (faster batched matmuls on XLA:CPU, benchmarks/bench_attention.py)
+        q = self.q_proj(x).reshape(b, t, h, hd).transpose(0, 2, 1, 3)
+        k = self.k_proj(kv).reshape(b, s, h, hd).transpose(0, 2, 1, 3)
+        v = self.v_proj(kv).reshape(b, s, h, hd).transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32) * (hd**-0.5)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = _dropout(jax.nn.softmax(scores, axis=-1).astype(x.dtype), self.rate, deterministic, rngs)
-        return self.out_proj(jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, d))
+        ctx = jnp.einsum("bhts,bhsd->bhtd", probs, v).transpose(0, 2, 1, 3)
+        return self.out_proj(ctx.reshape(b, t, d))
 
 
 class EncoderLayer(nnx.Module):
