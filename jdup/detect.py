@@ -334,10 +334,7 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     alpha = cfg.alpha if cfg.method == "dup" else 1.0
     fused = alpha * z_md + (1.0 - alpha) * z_ss
     val, sc = fused[:n_v], fused[n_v:]
-    if cfg.purification_mode:
-        tau = float(np.percentile(sc, cfg.purification_percentile))
-    else:
-        tau = float(np.percentile(val, (1.0 - cfg.frr) * 100.0))
+    tau = _threshold(val, sc, cfg)
     flags = sc > tau
     preds = res["logits"][n_v:].argmax(-1)
     timings["decide"] = time.perf_counter() - t
@@ -363,6 +360,14 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
         metrics=metrics,
         timings=timings,
     )
+
+
+def _threshold(val: np.ndarray, scored: np.ndarray, cfg: DetectConfig) -> float:
+    """τ: the ``1 − frr`` percentile of the clean validation scores (linear interpolation; flags are ``> τ``), or
+    DUP's purification mode, the ``purification_percentile`` of the scored set itself."""
+    if cfg.purification_mode:
+        return float(np.percentile(scored, cfg.purification_percentile))
+    return float(np.percentile(val, (1.0 - cfg.frr) * 100.0))
 
 
 def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> DetectionResult:
@@ -415,10 +420,7 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> D
         d_all = np.concatenate([dup.val_scores, dup.scores])
         ens = upgp.ensemble_scores([d_all, u_all], rank=True)
         val, sc = ens[:n_v], ens[n_v:]
-        if cfg.purification_mode:
-            tau = float(np.percentile(sc, cfg.purification_percentile))
-        else:
-            tau = float(np.percentile(val, (1.0 - cfg.frr) * 100.0))
+        tau = _threshold(val, sc, cfg)
         flags = sc > tau
         preds, md, ss, z_md, z_ss = dup.preds, dup.md, dup.ss, dup.z_md, dup.z_ss
         md_layers, layers, ch = dup.md_layers, dup.layers, dup.ch
