@@ -809,19 +809,23 @@ def batches(
     if drop_last:
         chunks = [c for c in chunks if len(c) == batch_size]
     for c in chunks[start:]:
-        k = len(c)
-        valid = np.zeros(batch_size, bool)
-        valid[:k] = True
-        idx = np.concatenate([c, np.full(batch_size - k, c[0], c.dtype)]) if k < batch_size else c
-        seq = encoded.bucket_for(int(encoded.lengths[c].max()))
-        index = idx.astype(np.int64).copy()
-        index[k:] = -1
-        yield {
-            "input_ids": encoded.input_ids[idx, :seq],
-            "attention_mask": encoded.attention_mask[idx, :seq],
-            "token_type_ids": encoded.token_type_ids[idx, :seq],
-            "labels": encoded.labels[idx],
-            "poison": encoded.poison[idx],
-            "valid": valid,
-            "index": index,
-        }
+        yield make_batch(encoded, c, batch_size)
+
+
+def make_batch(encoded: Encoded, rows: np.ndarray, batch_size: int) -> dict:
+    """One batch of :func:`batches` from the row numbers ``rows`` (at most ``batch_size``): padded to the smallest
+    bucket holding its longest row; missing rows repeat the first one with ``valid`` False and ``index`` -1."""
+    k = len(rows)
+    idx = np.concatenate([rows, np.full(batch_size - k, rows[0], rows.dtype)]) if k < batch_size else rows
+    index = idx.astype(np.int64).copy()
+    index[k:] = -1
+    seq = encoded.bucket_for(int(encoded.lengths[rows].max()))
+    return {
+        "input_ids": encoded.input_ids[idx, :seq],
+        "attention_mask": encoded.attention_mask[idx, :seq],
+        "token_type_ids": encoded.token_type_ids[idx, :seq],
+        "labels": encoded.labels[idx],
+        "poison": encoded.poison[idx],
+        "valid": np.arange(batch_size) < k,
+        "index": index,
+    }

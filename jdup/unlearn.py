@@ -517,24 +517,6 @@ def _grouped_chunks(lengths: np.ndarray, batch_size: int, group: int, rng: np.ra
     return [chunks[i] for i in rng.permutation(len(chunks))] if group > 0 else chunks
 
 
-def _cut(encoded: D.Encoded, chunk: np.ndarray, batch_size: int) -> dict:
-    """One batch in :func:`jdup.data.batches`' format from the row numbers ``chunk``."""
-    k = len(chunk)
-    idx = np.concatenate([chunk, np.full(batch_size - k, chunk[0], chunk.dtype)]) if k < batch_size else chunk
-    index = idx.astype(np.int64).copy()
-    index[k:] = -1
-    seq = encoded.bucket_for(int(encoded.lengths[chunk].max()))
-    return {
-        "input_ids": encoded.input_ids[idx, :seq],
-        "attention_mask": encoded.attention_mask[idx, :seq],
-        "token_type_ids": encoded.token_type_ids[idx, :seq],
-        "labels": encoded.labels[idx],
-        "poison": encoded.poison[idx],
-        "valid": np.arange(batch_size) < k,
-        "index": index,
-    }
-
-
 class BatchPlan:
     """The flagged and the clean batch of every step, a pure function of the data, the settings and the step
     (a resumed run replays the batches of an uninterrupted one).
@@ -599,11 +581,11 @@ class BatchPlan:
 
     def forget_batch(self, step: int) -> dict:
         e, i = divmod(int(step), self.per_epoch)
-        return _cut(self.forget, self._chunks("forget", e)[i], self.batch_size)
+        return D.make_batch(self.forget, self._chunks("forget", e)[i], self.batch_size)
 
     def clean_batch(self, step: int) -> dict:
         if self.group <= 0:
-            return _cut(self.retain, self._clean_chunk(step), self.batch_size)
+            return D.make_batch(self.retain, self._clean_chunk(step), self.batch_size)
         e, i = divmod(int(step), self.per_epoch)
         base = e * self.per_epoch
         if self._pairing[0] != e:
@@ -617,7 +599,7 @@ class BatchPlan:
             for fr, cr in zip(f_rank, c_rank, strict=True):
                 pos[fr] = cr
             self._pairing = (e, pos)
-        return _cut(self.retain, self._clean_chunk(base + self._pairing[1][i]), self.batch_size)
+        return D.make_batch(self.retain, self._clean_chunk(base + self._pairing[1][i]), self.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
