@@ -1,4 +1,4 @@
-"""Detection metrics (DUP spec §7): AUROC, FRR/FAR, precision/recall/F1, post-filter CACC/ASR.
+"""Metrics (DUP spec §7): AUROC, FRR/FAR, precision/recall/F1, post-filter CACC/ASR; accuracy and ASR.
 
 Plain NumPy on host arrays (these run once per evaluation on ``[N]`` vectors). Conventions: poison is the
 positive class; a higher score means more suspicious; ``flags`` is the detector's boolean decision.
@@ -56,6 +56,18 @@ def roc_curve(is_poison, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _ratio(a: int, b: int) -> float:
     return float(a) / float(b) if b else float("nan")
+
+
+def accuracy(preds, labels) -> float:
+    """Fraction of ``preds == labels`` (0.0 for an empty set)."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    return float((preds == labels).mean()) if preds.size else 0.0
+
+
+def attack_success_rate(preds, target: int) -> float:
+    """ASR: fraction of (triggered, non-target) rows predicted as ``target`` (0.0 for an empty set)."""
+    preds = np.asarray(preds)
+    return float((preds == target).mean()) if preds.size else 0.0
 
 
 def confusion(is_poison, flags) -> dict[str, int]:

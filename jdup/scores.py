@@ -8,6 +8,9 @@ Every scorer is a :class:`Scorer`, a NamedTuple of pure functions in the style o
 * ``score(state, features [B, L, D]) -> [B]`` (higher = more suspicious);
 * ``score_layers(state, features [B, L, D]) -> [B, L_sel]`` (the per-layer scores before aggregation).
 
+Host-side (NumPy) helpers at the end: UPGP's per-class robust z-score and low-tail flag rule
+(:func:`robust_z`, :func:`flag_low_tail`) and the fusion of detector scores (:func:`ensemble_scores`).
+
 ``features`` are pooled hidden states, one row per sample and one slot per layer (DUP uses the outputs of layers
 1..L, i.e. Hugging Face ``hidden_states[1:]``; slot ``l`` here is ``hidden_states[l + 1]``). This module imports
 only JAX and NumPy, so it is usable from other JAX code without the rest of jdup.
@@ -567,3 +570,112 @@ def dan_calibrate(state: DanState, val_layer_scores: Array, mask: Array | None =
 def dan_aggregate(stats: ZStats, layer_scores: Array, agg: Agg = "max") -> Array:
     """Standardises ``[B, K]`` per-layer scores with ``stats`` and aggregates them over layers."""
     return aggregate(zscore(stats, layer_scores), agg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host-side robust scores (UPGP's per-class robust z and low-tail rule) and score fusion (NumPy)
+
+
+def robust_z(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    ref_scores: np.ndarray | None = None,
+    ref_labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-class robust z-score ``(s - median_c) / (1.4826 MAD_c)`` (spec §4.3).
+
+    The median and MAD of class ``c`` come from the reference rows of that class when given (known-clean rows
+    scored the same way), else from the scored rows themselves. A reference matters when the scored set is
+    heavily poisoned: in the DUP benchmark sets about half the target-class rows are poisoned, which drags the
+    in-set median between the two groups and inflates the MAD.
+
+    Args:
+      scores, labels: ``[N]`` scores and given labels of the scored rows.
+      ref_scores, ref_labels: optional ``[M]`` reference (clean) scores and labels.
+
+    Returns:
+      ``[N]`` float64 z-scores.
+    """
+    s = np.asarray(scores, np.float64)
+    labels = np.asarray(labels)
+    z = np.zeros_like(s)
+    for c in np.unique(labels):
+        i = labels == c
+        ref = s[i]
+        if ref_scores is not None:
+            r = np.asarray(ref_scores, np.float64)[np.asarray(ref_labels) == c]
+            if len(r) >= 5:
+                ref = r
+        med = np.median(ref)
+        mad = 1.4826 * np.median(np.abs(ref - med))
+        if mad <= 1e-12:
+            mad = np.std(ref) + 1e-12
+        z[i] = (s[i] - med) / mad
+    return z
+
+
+def flag_low_tail(
+    z: np.ndarray, labels: np.ndarray, threshold: float, min_frac: float = 0.005, max_frac: float = 0.5
+) -> tuple[np.ndarray, int]:
+    """Flag the low-z tail of the suspected target class (spec §4.3-4.4).
+
+    The target class is the one with the largest fraction of rows below ``-threshold``; its rows below it are
+    flagged; the count is then clipped to ``[min_frac, max_frac]`` of all rows by taking the lowest z in that
+    class.
+
+    Returns:
+      ``(flags [N] bool, target_class)``.
+    """
+    n = len(z)
+    classes = np.unique(labels)
+    frac = [float(np.mean(z[labels == c] < -threshold)) for c in classes]
+    target = int(classes[int(np.argmax(frac))])
+    in_c = np.flatnonzero(labels == target)
+    order = in_c[np.argsort(z[in_c], kind="stable")]
+    count = int(np.sum(z[in_c] < -threshold))
+    count = int(np.clip(count, int(np.ceil(min_frac * n)), int(np.floor(max_frac * n))))
+    count = min(count, len(in_c))
+    flags = np.zeros(n, bool)
+    flags[order[:count]] = True
+    return flags, target
+
+
+def ensemble_scores(
+    scores: Sequence[np.ndarray],
+    calib: np.ndarray | None = None,
+    weights: Sequence[float] | None = None,
+    standardize: bool = True,
+    rank: bool = False,
+) -> np.ndarray:
+    """Average of robustly standardised suspicion scores (each: higher = more suspicious).
+
+    Each score is mapped to ``(x - median) / (1.4826 MAD)`` with the median/MAD taken on the calibration rows
+    ``calib`` (e.g. known-clean rows; default: all rows), so scores on different scales (Mahalanobis distances,
+    loss changes, cosines) count equally.
+
+    Args:
+      scores: sequence of ``[N]`` arrays.
+      calib: optional boolean mask or index array of calibration rows.
+      weights: optional per-score weights (default equal).
+      rank: average rank fractions in ``[0, 1)`` instead (scale-free, insensitive to heavy tails; on the SST-2
+        badnets MiniLM victim DUP+UPGP: rank 0.891 vs robust-z 0.805 AUROC).
+      standardize: ``False`` averages the scores as given -- right when each is already a z-score against its
+        own clean calibration rows (DUP's fused score, ``UPGPDetection.scores``).
+
+    Returns:
+      ``[N]`` float64 ensemble score (higher = more suspicious).
+    """
+    out = None
+    weights = [1.0] * len(scores) if weights is None else list(weights)
+    for s, w in zip(scores, weights, strict=True):
+        s = np.asarray(s, np.float64)
+        if rank:
+            s = np.argsort(np.argsort(s, kind="stable"), kind="stable") / len(s)
+        elif standardize:
+            ref = s if calib is None else s[calib]
+            med = np.median(ref)
+            mad = 1.4826 * np.median(np.abs(ref - med)) + 1e-12
+            s = (s - med) / mad
+        t = w * s
+        out = t if out is None else out + t
+    return out / float(sum(weights))
