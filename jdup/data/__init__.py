@@ -29,7 +29,18 @@ Every name of the former single module ``jdup.data`` is re-exported here, so ``f
 D.encode(...)`` keeps working.
 """
 
-from jdup.data.batching import LENGTH_GROUP, batches, epoch_order, make_batch, num_batches
+from jdup.data.batching import (
+    LENGTH_GROUP,
+    BatchPlan,
+    batches,
+    clean_batch_at,
+    epoch_order,
+    forget_batch_at,
+    forget_batches_per_epoch,
+    make_batch,
+    num_batches,
+    with_pad_multiple,
+)
 from jdup.data.builtin import (
     BUILTIN_FRACTIONS,
     BUILTINS,
@@ -66,14 +77,18 @@ __all__ = [
     "DUP_SPLITS",
     "INFERENCE_BUCKETS",
     "LENGTH_GROUP",
+    "BatchPlan",
     "TREC_CLASSES",
     "Encoded",
     "TextDataset",
     "available_rates",
     "batches",
     "builtin_splits",
+    "clean_batch_at",
     "encode",
     "epoch_order",
+    "forget_batch_at",
+    "forget_batches_per_epoch",
     "load_builtin",
     "make_batch",
     "make_buckets",
@@ -88,5 +103,6 @@ __all__ = [
     "read_table",
     "split_path",
     "validate",
+    "with_pad_multiple",
     "write_dup_csv",
 ]

@@ -7,7 +7,9 @@ the flagged and the clean batch of every unlearning step (length-grouped, paired
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -105,3 +107,137 @@ def make_batch(encoded: Encoded, rows: np.ndarray, batch_size: int) -> dict:
         "valid": np.arange(batch_size) < k,
         "index": index,
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Unlearning: the flagged (forget) and the clean (retain) batch of every step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def clean_batch_at(retain: Encoded, batch_size: int, step: int, seed: int) -> dict:
+    """The clean batch of global step ``step``: dev-clean is cycled (reshuffled each pass) in lock-step."""
+    per_epoch = num_batches(len(retain), batch_size)
+    epoch, i = divmod(int(step), per_epoch)
+    return next(batches(retain, batch_size, shuffle=True, seed=seed + 1, epoch=epoch, start=i))
+
+
+def forget_batches_per_epoch(n_forget: int, batch_size: int) -> int:
+    return num_batches(n_forget, batch_size)
+
+
+def forget_batch_at(forget: Encoded, batch_size: int, step: int, seed: int) -> dict:
+    """The flagged batch of global step ``step`` (each epoch is a fresh permutation of the flagged rows)."""
+    per_epoch = num_batches(len(forget), batch_size)
+    epoch, i = divmod(int(step), per_epoch)
+    return next(batches(forget, batch_size, shuffle=True, seed=seed, epoch=epoch, start=i))
+
+
+def with_pad_multiple(encoded: Encoded, multiple: int) -> Encoded:
+    """``encoded`` whose batches are padded to a multiple of ``multiple`` tokens (``<= 0``: unchanged)."""
+    if multiple <= 0:
+        return encoded
+    top = encoded.max_length
+    return dataclasses.replace(encoded, buckets=(*range(int(multiple), top, int(multiple)), top))
+
+
+def _grouped_chunks(lengths: np.ndarray, batch_size: int, group: int, rng: np.random.Generator) -> list:
+    """Row chunks of one epoch: a permutation cut into groups of ``group`` batches, sorted by length (longest
+    first) inside each group, the batches visited in a random order (``group <= 0``: the plain permutation)."""
+    n = len(lengths)
+    perm = rng.permutation(n)
+    if group > 0 and n:
+        size = batch_size * group
+        perm = np.concatenate(
+            [
+                g[np.argsort(-lengths[g], kind="stable")]
+                for g in (perm[i : i + size] for i in range(0, n, size))
+            ]
+        )
+    chunks = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [chunks[i] for i in rng.permutation(len(chunks))] if group > 0 else chunks
+
+
+class BatchPlan:
+    """The flagged and the clean batch of every step, a pure function of the data, the settings and the step
+    (a resumed run replays the batches of an uninterrupted one).
+
+    Flagged rows: every epoch visits each once, in a fresh order. Clean rows: cycled in lock-step, one batch per
+    step, a fresh order per pass. With ``length_group > 0`` both streams are length-grouped
+    (:func:`_grouped_chunks`) and, inside each flagged epoch, the clean batches of that epoch's steps are handed
+    to its flagged batches by length rank (each still used exactly once), so the fused step's joint batch
+    ``[flagged; clean]`` is padded little. ``length_group=0, pad_multiple=0`` gives exactly
+    :func:`forget_batch_at` / :func:`clean_batch_at`.
+    """
+
+    def __init__(
+        self,
+        forget: Encoded,
+        retain: Encoded,
+        batch_size: int,
+        seed: int,
+        *,
+        length_group: int = 0,
+        pad_multiple: int = 0,
+    ):
+        self.forget = with_pad_multiple(forget, pad_multiple)
+        self.retain = with_pad_multiple(retain, pad_multiple)
+        self.batch_size, self.seed, self.group = int(batch_size), int(seed), int(length_group)
+        self.per_epoch = num_batches(len(forget), batch_size)
+        self.per_pass = num_batches(len(retain), batch_size)
+        self._cache: dict = {}
+        self._cache_size = 8 + 2 * (self.per_epoch // max(self.per_pass, 1))
+        self._pairing: tuple = (-1, [])
+
+    @classmethod
+    def from_config(cls, forget: Encoded, retain: Encoded, cfg: Any) -> BatchPlan:
+        """From an ``UnlearnConfig`` (any object with ``batch_size``, ``seed``, ``length_group``, ``pad_multiple``)."""
+        return cls(
+            forget,
+            retain,
+            cfg.batch_size,
+            cfg.seed,
+            length_group=cfg.length_group,
+            pad_multiple=cfg.pad_multiple,
+        )
+
+    def _chunks(self, stream: str, epoch: int) -> list:
+        key = (stream, epoch)
+        if key not in self._cache:
+            if len(self._cache) > self._cache_size:
+                self._cache.clear()
+            enc, seed = (self.forget, self.seed) if stream == "forget" else (self.retain, self.seed + 1)
+            if self.group > 0:
+                rng = np.random.default_rng([seed, int(epoch)])
+                self._cache[key] = _grouped_chunks(enc.lengths, self.batch_size, self.group, rng)
+            else:  # exactly jdup.data.batches(shuffle=True)
+                order = epoch_order(len(enc), shuffle=True, seed=seed, epoch=epoch)
+                self._cache[key] = [
+                    order[i : i + self.batch_size] for i in range(0, len(enc), self.batch_size)
+                ]
+        return self._cache[key]
+
+    def _clean_chunk(self, position: int) -> np.ndarray:
+        p, j = divmod(int(position), self.per_pass)
+        return self._chunks("retain", p)[j]
+
+    def forget_batch(self, step: int) -> dict:
+        e, i = divmod(int(step), self.per_epoch)
+        return make_batch(self.forget, self._chunks("forget", e)[i], self.batch_size)
+
+    def clean_batch(self, step: int) -> dict:
+        if self.group <= 0:
+            return make_batch(self.retain, self._clean_chunk(step), self.batch_size)
+        e, i = divmod(int(step), self.per_epoch)
+        base = e * self.per_epoch
+        if self._pairing[0] != e:
+            f_len = [int(self.forget.lengths[c].max()) for c in self._chunks("forget", e)]
+            c_len = [
+                int(self.retain.lengths[self._clean_chunk(base + k)].max()) for k in range(self.per_epoch)
+            ]
+            f_rank = sorted(range(self.per_epoch), key=lambda k: (f_len[k], k))
+            c_rank = sorted(range(self.per_epoch), key=lambda k: (c_len[k], k))
+            pos = [0] * self.per_epoch
+            for fr, cr in zip(f_rank, c_rank, strict=True):
+                pos[fr] = cr
+            self._pairing = (e, pos)
+        return make_batch(self.retain, self._clean_chunk(base + self._pairing[1][i]), self.batch_size)
