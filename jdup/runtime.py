@@ -1,0 +1,212 @@
+"""Process-wide runtime settings: JAX's persistent compilation cache, on by default.
+
+Repeated CLI calls (``jdup detect`` / ``unlearn`` / ``run`` over many victims) compile the same XLA programs
+again in every fresh process. :func:`setup` (called once by the CLI before any JAX work) points JAX's persistent
+compilation cache at a per-user folder so a second process loads the executables from disk instead:
+
+* folder: ``$JDUP_COMPILATION_CACHE`` when it is a path, else ``$XDG_CACHE_HOME/jdup/xla``, else
+  ``~/.cache/jdup/xla``;
+* opt out: ``JDUP_COMPILATION_CACHE=0`` (also ``false``/``off``/``no``) or ``setup(enabled=False)``;
+* only programs whose XLA compile took at least ``min_compile_time_s`` (default 0.25 s;
+  ``$JDUP_COMPILATION_CACHE_MIN_SECS``) are written, so tiny eager/helper programs do not fill the folder;
+* size bounded (default 4 GiB; ``$JDUP_COMPILATION_CACHE_MAX_BYTES``) with least-recently-used eviction.
+
+Settings the user gave JAX directly win: with ``JAX_COMPILATION_CACHE_DIR`` (or ``jax_compilation_cache_dir``
+already configured) jdup leaves the cache folder alone, and explicitly set ``JAX_PERSISTENT_CACHE_*`` /
+``JAX_COMPILATION_CACHE_MAX_SIZE`` variables are kept. The opt-out only stops jdup from turning the cache on;
+it does not switch off a cache the user configured for JAX.
+
+Two processes sharing the folder (verified in the jax 0.10.2 source, ``jax/_src/lru_cache.py`` and
+``jax/_src/compiler.py``): JAX does **not** write entries atomically (``LRUCache.put`` is a plain
+``Path.write_bytes`` after an ``exists()`` check), and with JAX's default ``jax_compilation_cache_max_size=-1``
+no lock is taken, so a reader could see a half-written entry. Setting a size limit (as :func:`setup` does)
+switches on eviction, and with it a ``filelock.FileLock`` on ``<dir>/.lockfile`` around every ``get`` and
+``put``: reads and writes of the folder are then serialised across processes. Independently of that, a read
+that fails (truncated or corrupt entry: zlib/zstd decompression or deserialisation error, or a lock timeout)
+is caught in ``compiler._cache_read`` and only warns; the program is then compiled as if the entry were absent.
+Only process 0 of a multi-process JAX job writes entries.
+
+This module imports nothing heavy at import time: when JAX has not been imported yet, :func:`setup` only sets
+the ``JAX_*`` environment variables that JAX reads when it is imported, so ``jdup --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+#: ``0``/``false``/``off``/``no`` disables the cache, ``1``/``true``/``on``/``yes``/empty keeps the default folder,
+#: anything else is taken as the cache folder.
+ENV_CACHE = "JDUP_COMPILATION_CACHE"
+ENV_MIN_SECS = "JDUP_COMPILATION_CACHE_MIN_SECS"
+ENV_MAX_BYTES = "JDUP_COMPILATION_CACHE_MAX_BYTES"
+
+DEFAULT_MIN_COMPILE_TIME_S = 0.25  # XLA compile seconds below which an executable is not written
+DEFAULT_MAX_BYTES = 4 * 2**30  # LRU bound of the folder (also what turns on JAX's inter-process file lock)
+
+_OFF = {"0", "false", "off", "no"}
+_ON = {"", "1", "true", "on", "yes"}
+
+# JAX config names and the environment variables JAX reads them from at import time
+_JAX_DIR = "jax_compilation_cache_dir"
+_JAX_MIN_SECS = "jax_persistent_cache_min_compile_time_secs"
+_JAX_MAX_SIZE = "jax_compilation_cache_max_size"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStatus:
+    """What :func:`setup` did.
+
+    Attributes:
+      enabled: the persistent cache is on (by jdup or by the user's own JAX settings).
+      dir: the cache folder, or None when off.
+      source: ``"jdup"`` (jdup's default or ``$JDUP_COMPILATION_CACHE``), ``"jax"`` (the user's JAX settings),
+        ``"off"`` (opted out).
+      min_compile_time_s: write threshold in effect (None when off).
+      max_bytes: size bound in effect (None when off; -1 = unbounded, JAX's default, no inter-process lock).
+    """
+
+    enabled: bool
+    dir: str | None
+    source: str
+    min_compile_time_s: float | None = None
+    max_bytes: int | None = None
+
+
+_status: CacheStatus | None = None
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/jdup/xla`` (when set and absolute) else ``~/.cache/jdup/xla``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "jdup" / "xla"
+
+
+def _env_choice() -> tuple[bool, Path | None]:
+    """(enabled, folder from the variable or None) from ``$JDUP_COMPILATION_CACHE``."""
+    raw = os.environ.get(ENV_CACHE, "").strip()
+    if raw.lower() in _OFF:
+        return False, None
+    if raw.lower() in _ON:
+        return True, None
+    return True, Path(raw).expanduser()
+
+
+def _float_env(name: str, default: float) -> float:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def _int_env(name: str, default: int) -> int:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def _user_jax_dir() -> str | None:
+    """A cache folder the user configured for JAX itself (not one jdup set), else None."""
+    ours = os.environ.get(_OWN_MARK)
+    env = os.environ.get(_JAX_DIR.upper())
+    if env and env != ours:
+        return env
+    if "jax" in sys.modules:
+        import jax
+
+        cur = getattr(jax.config, _JAX_DIR)
+        if cur and cur != ours:
+            return cur
+    return None
+
+
+def setup(
+    enabled: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    min_compile_time_s: float | None = None,
+    max_bytes: int | None = None,
+) -> CacheStatus:
+    """Turn on JAX's persistent compilation cache for this process (call once, before any JAX compilation).
+
+    Args:
+      enabled: False opts out (like ``JDUP_COMPILATION_CACHE=0``); None follows the environment (default on).
+      cache_dir: the cache folder; None: ``$JDUP_COMPILATION_CACHE`` (if a path) or :func:`default_cache_dir`.
+      min_compile_time_s: only executables that took at least this long to compile are written;
+        None: ``$JDUP_COMPILATION_CACHE_MIN_SECS`` or 0.25 s.
+      max_bytes: LRU size bound of the folder (> 0; it also enables JAX's inter-process file lock);
+        None: ``$JDUP_COMPILATION_CACHE_MAX_BYTES`` or 4 GiB.
+
+    Returns:
+      A :class:`CacheStatus` (also kept for :func:`status`). JAX opens the folder at its first compilation
+      with a cache folder set; changing the folder after that has no effect in this process.
+    """
+    global _status
+    env_on, env_dir = _env_choice()
+    on = env_on if enabled is None else bool(enabled)
+    user_dir = _user_jax_dir()
+    if user_dir:
+        _status = CacheStatus(True, str(user_dir), "jax")
+        return _status
+    if not on:
+        if os.environ.get(_OWN_MARK):
+            _apply(None, None, None)  # undo an earlier setup() of this process
+        _status = CacheStatus(False, None, "off")
+        return _status
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else (env_dir or default_cache_dir())
+    secs = (
+        _float_env(ENV_MIN_SECS, DEFAULT_MIN_COMPILE_TIME_S)
+        if min_compile_time_s is None
+        else min_compile_time_s
+    )
+    size = _int_env(ENV_MAX_BYTES, DEFAULT_MAX_BYTES) if max_bytes is None else int(max_bytes)
+    if size <= 0:
+        raise ValueError(
+            f"max_bytes must be > 0 (it bounds the folder and enables the file lock), got {size}"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder = folder.resolve()
+    except OSError:  # read-only home or the like: run without the cache rather than fail
+        _status = CacheStatus(False, None, "off")
+        return _status
+    _apply(str(folder), float(secs), size)
+    _status = CacheStatus(True, str(folder), "jdup", float(secs), size)
+    return _status
+
+
+#: holds the folder while the JAX_* cache variables / jax.config values were set by jdup's setup()
+_OWN_MARK = "JDUP_COMPILATION_CACHE_SET_BY_JDUP"
+_JAX_DEFAULTS = {_JAX_DIR: None, _JAX_MIN_SECS: 1.0, _JAX_MAX_SIZE: -1}
+
+
+def _apply(folder: str | None, secs: float | None, size: int | None) -> None:
+    """Set (or, with ``folder=None``, reset) the three JAX settings: environment variables that JAX reads at
+    import, and ``jax.config`` too when JAX is already imported. A ``JAX_*`` variable the user set is kept."""
+    ours = os.environ.get(_OWN_MARK) is not None
+    values = {_JAX_DIR: folder, _JAX_MIN_SECS: secs, _JAX_MAX_SIZE: size}
+    for name, value in values.items():
+        env = name.upper()
+        if name != _JAX_DIR and env in os.environ and not ours:
+            continue  # the user's explicit JAX setting wins
+        if value is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = str(value)
+        if "jax" in sys.modules:
+            import jax
+
+            jax.config.update(name, _JAX_DEFAULTS[name] if value is None else value)
+    if folder is None:
+        os.environ.pop(_OWN_MARK, None)
+    else:
+        os.environ[_OWN_MARK] = folder
+
+
+def status() -> CacheStatus | None:
+    """The result of the last :func:`setup` call in this process (None before the first)."""
+    return _status

@@ -1,0 +1,131 @@
+"""jdup.runtime: the persistent compilation cache across fresh processes, its opt-out and its write threshold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent(
+    """
+    import dataclasses, json, sys
+    from jdup import runtime
+    kw = json.loads(sys.argv[1])
+    st = runtime.setup(**kw)
+    jax_before = "jax" in sys.modules
+    import jax
+    import jax.numpy as jnp
+    from jax import monitoring
+
+    events = []
+    monitoring.register_event_listener(lambda event, **_: events.append(event))
+    f = jax.jit(lambda x: jnp.tanh(x @ x.T + 1.0).sum(axis=0))
+    f(jnp.ones((32, 32), jnp.float32)).block_until_ready()
+    print(json.dumps({
+        "status": dataclasses.asdict(st),
+        "jax_imported_by_setup": jax_before,
+        "hits": events.count("/jax/compilation_cache/cache_hits"),
+        "misses": events.count("/jax/compilation_cache/cache_misses"),
+        "jax_dir": jax.config.jax_compilation_cache_dir,
+    }))
+    """
+)
+
+
+def _env(tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JDUP_COMPILATION_CACHE"))}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def _child(env: dict, **setup_kw) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(setup_kw)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*-cache")) if folder.is_dir() else []
+
+
+def test_second_process_hits_the_cache(tmp_path):
+    folder = tmp_path / "xla"
+    env = _env(tmp_path, JDUP_COMPILATION_CACHE=str(folder))
+    first = _child(env, min_compile_time_s=0.0)
+    assert first["status"]["enabled"] and first["status"]["source"] == "jdup"
+    assert first["status"]["dir"] == str(folder.resolve()) and first["jax_dir"] == str(folder.resolve())
+    assert not first["jax_imported_by_setup"]  # setup() itself does not import jax (fast `jdup --help`)
+    assert first["hits"] == 0 and first["misses"] >= 1
+    written = _entries(folder)
+    assert written, "the first process wrote no cache entry"
+    second = _child(env, min_compile_time_s=0.0)
+    assert second["hits"] >= 1 and second["misses"] == 0
+    assert _entries(folder) == written  # nothing new: the executable came from disk
+
+
+def test_default_folder_and_opt_out(tmp_path):
+    default = tmp_path / "xdg" / "jdup" / "xla"
+    off = _child(_env(tmp_path, JDUP_COMPILATION_CACHE="0"), min_compile_time_s=0.0)
+    assert off["status"] == {
+        "enabled": False, "dir": None, "source": "off", "min_compile_time_s": None, "max_bytes": None,
+    }  # fmt: skip
+    assert off["jax_dir"] is None and off["hits"] == 0
+    assert _entries(default) == [] and not default.exists()
+    off2 = _child(_env(tmp_path), enabled=False, min_compile_time_s=0.0)  # the setting, not the variable
+    assert off2["status"]["enabled"] is False and not default.exists()
+    on = _child(_env(tmp_path), min_compile_time_s=0.0)  # default: on, in $XDG_CACHE_HOME/jdup/xla
+    assert on["status"]["dir"] == str(default.resolve()) and _entries(default)
+
+
+def test_threshold_keeps_small_programs_out(tmp_path):
+    folder = tmp_path / "xla"
+    got = _child(_env(tmp_path, JDUP_COMPILATION_CACHE=str(folder)), min_compile_time_s=60.0)
+    assert got["status"]["enabled"] and got["status"]["min_compile_time_s"] == 60.0
+    assert _entries(folder) == []  # compiled in far less than 60 s: not written
+
+
+def test_user_jax_setting_wins(tmp_path):
+    mine = tmp_path / "mine"
+    got = _child(_env(tmp_path, JAX_COMPILATION_CACHE_DIR=str(mine), JDUP_COMPILATION_CACHE="0"))
+    assert got["status"]["source"] == "jax" and got["jax_dir"] == str(mine)
+
+
+def test_setup_in_process_after_jax_import(tmp_path, monkeypatch):
+    jax = pytest.importorskip("jax")
+    from jdup import runtime
+
+    for k in list(os.environ):
+        if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JDUP_COMPILATION_CACHE")):
+            monkeypatch.delenv(k)
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        st = runtime.setup(cache_dir=tmp_path / "c", min_compile_time_s=2.0, max_bytes=2**20)
+        assert st.enabled and jax.config.jax_compilation_cache_dir == str((tmp_path / "c").resolve())
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
+        assert jax.config.jax_compilation_cache_max_size == 2**20
+        assert runtime.status() == st
+        st = runtime.setup(enabled=False)  # undoes its own setting
+        assert not st.enabled and jax.config.jax_compilation_cache_dir is None
+        assert jax.config.jax_compilation_cache_max_size == -1
+        with pytest.raises(ValueError, match="max_bytes"):
+            runtime.setup(cache_dir=tmp_path / "c", max_bytes=0)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        jax.config.update("jax_compilation_cache_max_size", -1)
+        os.environ.pop(runtime._OWN_MARK, None)
