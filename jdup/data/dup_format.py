@@ -17,11 +17,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jdup.data.records import TextDataset, _check_file, _open_text, _parse_int, validate
+from jdup.data.records import TextDataset, _check_file, _open_text, _parse_int, validate, warn_empty_texts
 from jdup.errors import JdupError
 
+#: The splits stored as files in a DUP folder.
 DUP_SPLITS = ("train", "train-clean", "train-poison", "dev-clean", "dev-poison", "test-clean", "test-poison",
               "test-detect")
+#: Splits made of others, in order: ``dev-detect`` = dev-clean followed by dev-poison (what unlearning detects on).
+DERIVED_SPLITS = {"dev-detect": ("dev-clean", "dev-poison")}
+#: Every split name :func:`read_split` accepts.
+KNOWN_SPLITS = (*DUP_SPLITS, *DERIVED_SPLITS)
 
 
 def read_dup_csv(path: str | os.PathLike, num_labels: int | None = None) -> TextDataset:
@@ -69,7 +74,9 @@ def read_dup_csv(path: str | os.PathLike, num_labels: int | None = None) -> Text
     except csv.Error as e:
         raise JdupError(f"malformed CSV ({e})", path) from None
     ds = TextDataset(texts, np.asarray(labels, np.int64), np.asarray(poison, np.int64), source=path)
-    return validate(ds, num_labels)
+    validate(ds, num_labels)
+    warn_empty_texts(ds)
+    return ds
 
 
 def write_dup_csv(ds: TextDataset, path: str | os.PathLike) -> None:
@@ -86,8 +93,11 @@ def write_dup_csv(ds: TextDataset, path: str | os.PathLike) -> None:
 def split_path(folder: str | os.PathLike, name: str, rate: float | str = 0.2) -> str:
     """The file behind split ``name`` of a DUP folder (``train`` -> ``dirty/<rate>/train-poison.csv``)."""
     folder = os.fspath(folder)
-    if name not in DUP_SPLITS:
-        raise JdupError(f"unknown split {name!r}; known splits: {', '.join(DUP_SPLITS)}", folder)
+    if name not in KNOWN_SPLITS:
+        raise JdupError(f"unknown split {name!r}; known splits: {', '.join(KNOWN_SPLITS)}", folder)
+    if name in DERIVED_SPLITS:
+        raise JdupError(f"split {name!r} is not one file but {' followed by '.join(DERIVED_SPLITS[name])} "
+                        "(read it with read_split)", folder)
     if name == "train":
         return os.path.join(folder, "dirty", _rate_dir(folder, rate), "train-poison.csv")
     return os.path.join(folder, f"{name}.csv")
@@ -118,11 +128,12 @@ def available_rates(folder: str | os.PathLike) -> list[str]:
 def read_split(
     folder: str | os.PathLike, name: str, rate: float | str = 0.2, num_labels: int | None = None
 ) -> TextDataset:
-    """Read one split of a DUP folder (see :data:`DUP_SPLITS`).
+    """Read one split of a DUP folder (see :data:`DUP_SPLITS` and :data:`DERIVED_SPLITS`).
 
     Args:
       folder: ``poison_data/<dataset>/<target>/<attack>``-style folder.
-      name: split name; ``train`` is the mixed training set ``dirty/<rate>/train-poison.csv``.
+      name: split name; ``train`` is the mixed training set ``dirty/<rate>/train-poison.csv``; ``dev-detect`` is
+        dev-clean followed by dev-poison (``source`` = ``<folder>/dev-detect``).
       rate: poison rate (only for ``train``).
       num_labels: when given, labels must lie in ``[0, num_labels)``.
 
@@ -131,7 +142,13 @@ def read_split(
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise JdupError("is a file, not a data folder (expected a folder in the DUP layout: "
+                            "dirty/<rate>/train-poison.csv, dev-clean.csv, test-clean.csv, ...)", folder)
         raise JdupError("data folder not found", folder)
+    if name in DERIVED_SPLITS:
+        parts = [read_split(folder, n, rate, num_labels) for n in DERIVED_SPLITS[name]]
+        return TextDataset.concat(parts, source=os.path.join(folder, name))
     path = split_path(folder, name, rate)
     if name == "train" and not os.path.exists(path):
         rates = available_rates(folder)
@@ -154,7 +171,7 @@ def read_dup_folder(
     Args:
       folder: the folder.
       rate: poison rate selecting ``dirty/<rate>/train-poison.csv`` for ``train``.
-      splits: which splits to read (any of :data:`DUP_SPLITS`).
+      splits: which splits to read (any of :data:`KNOWN_SPLITS`).
       num_labels: when given, labels must lie in ``[0, num_labels)``.
 
     Returns:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from jdup.errors import JdupError
+
+log = logging.getLogger("jdup.data")
 
 
 @dataclasses.dataclass
@@ -107,6 +110,15 @@ def validate(ds: TextDataset, num_labels: int | None = None, *, allow_empty: boo
         bad = int(np.argmax(~np.isin(ds.poison, (0, 1))))
         raise JdupError(f"row {bad}: poison flag must be 0 or 1, got {int(ds.poison[bad])}", ds.source)
     return ds
+
+
+def warn_empty_texts(ds: TextDataset) -> int:
+    """Log one warning naming ``ds.source`` when some texts are empty or only whitespace (they are kept: a model
+    still sees the special tokens); returns their number."""
+    n = sum(1 for t in ds.texts if t is None or (isinstance(t, str) and not t.strip()))
+    if n:
+        log.warning("%s: %d of %d rows have an empty text (kept as they are; check the file)", ds.source, n, len(ds))
+    return n
 
 
 def _parse_int(value: Any, what: str, row: int, path: str) -> int:

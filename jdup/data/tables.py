@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jdup.data.records import TextDataset, _check_file, _open_text, _parse_int, validate
+from jdup.data.records import TextDataset, _check_file, _open_text, _parse_int, validate, warn_empty_texts
 from jdup.errors import JdupError
 
 
@@ -141,7 +141,9 @@ def read_table(
         raise JdupError(f"malformed CSV ({e})", path) from None
     labels, names = _labels_to_ids(raw_labels, path, label_names)
     ds = TextDataset(texts, labels, np.asarray(raw_poison, np.int64), source=path, label_names=names)
-    return validate(ds, num_labels)
+    validate(ds, num_labels)
+    warn_empty_texts(ds)
+    return ds
 
 
 def read_hf_dataset(
@@ -193,4 +195,6 @@ def read_hf_dataset(
         labels, label_names = _labels_to_ids(list(d[label_column]), src, None)
     poison = np.asarray(d[poison_column], np.int64) if poison_column else np.zeros(len(d), np.int64)
     ds = TextDataset(list(d[text_column]), labels, poison, source=src, label_names=label_names)
-    return validate(ds, num_labels)
+    validate(ds, num_labels)
+    warn_empty_texts(ds)
+    return ds
