@@ -1,31 +1,26 @@
-"""Backdoored-victim training (``jdup train``) and the prediction / metric helpers other stages reuse.
+"""Backdoored-victim training in memory: the optimizer, the jitted train step, the epoch loop and evaluation.
 
 The recipe follows the DUP authors' PLM trainer (dup-spec §4.4): cross-entropy on ``dirty/<rate>/train-poison.csv``
 (shuffled), AdamW lr 2e-5, a linear warm-up over the first 3 of 5 epochs then linear decay to 0, gradient-norm
 clipping at 1.0, dropout on, evaluation on dev-clean / dev-poison / test-clean / test-poison after every epoch, and
 the weights with the best dev-clean accuracy kept.
 
-Implementation: the model is split once into ``(graphdef, params, rest)``; ONE ``jax.jit`` train step takes
-``(params, opt_state, rest, batch, key)``, merges the model inside, and donates the parameter and optimizer
-buffers. Batches have a fixed size and a few bucketed lengths (:mod:`jdup.data`), so the step compiles once per
-bucket. Dropout keys are ``fold_in(key(seed), step)`` and the data order is a function of ``(seed, epoch)``, so a
-run resumed from an orbax checkpoint (:mod:`jdup.checkpoint`) replays exactly what an uninterrupted run does.
+Implementation: the model is split once into ``(graphdef, params, rest)``; ONE ``jax.jit`` train step
+(:func:`make_train_step`) takes ``(params, opt_state, rest, batch, key)``, merges the model inside, and donates the
+parameter and optimizer buffers. Batches have a fixed size and a few bucketed lengths (:mod:`jdup.data`), so the
+step compiles once per bucket. Dropout keys are ``fold_in(key(seed), step)`` and the data order is a function of
+``(seed, epoch)`` (:func:`train_steps`), so a loop resumed from a saved ``(step, epoch, batch)`` position replays
+exactly what an uninterrupted run does.
 
-Outputs under ``out``: ``model/`` (Hugging Face format, tokenizer copied), ``metrics.json``, ``metrics.jsonl``
-(one line per logged step and per evaluation), and ``ckpt/`` while the run is unfinished.
+The ``jdup train`` stage (files, checkpoints, ``metrics.jsonl``, model export) is :mod:`jdup.stages.train`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
-import os
-import shutil
-import time
-from collections.abc import Callable
-from typing import Any
+import importlib
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -33,142 +28,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jdup import atomic
 from jdup import data as D
-from jdup.errors import JdupError
-
-log = logging.getLogger("jdup.train")
+from jdup.metrics import accuracy, attack_success_rate
+from jdup.predict import MODEL_INPUTS, predict, predict_states
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 EVAL_SPLITS = ("dev-clean", "dev-poison", "test-clean", "test-poison")
-
-# ----------------------------------------------------------------------------------------------------------------
-# metrics and schedule
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of ``preds == labels`` (0.0 for an empty set)."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    return float((preds == labels).mean()) if preds.size else 0.0
-
-
-def attack_success_rate(preds: np.ndarray, target: int) -> float:
-    """ASR: fraction of (triggered, non-target) rows predicted as ``target`` (0.0 for an empty set)."""
-    preds = np.asarray(preds)
-    return float((preds == target).mean()) if preds.size else 0.0
-
-
-def linear_warmup_decay(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
-
-    Identical to Hugging Face ``get_linear_schedule_with_warmup``: the value at optimizer step ``t`` (0-based, as
-    optax counts) is ``lr * t / warmup`` while ``t < warmup``, else ``lr * max(0, (total - t) / (total - warmup))``;
-    so the first update uses learning rate 0.
-    """
-    total = int(total_steps)
-    warm = int(warmup_steps)
-
-    def schedule(count):
-        t = jnp.asarray(count, jnp.float32)
-        up = t / max(warm, 1)
-        down = jnp.maximum(0.0, (total - t) / max(total - warm, 1))
-        return lr * jnp.where(t < warm, up, down)
-
-    return schedule
-
-
-def _schedule_value(lr: float, total_steps: int, warmup_steps: int, t: int) -> float:
-    """:func:`linear_warmup_decay` at step ``t`` in plain Python (for logging, no device work)."""
-    if t < warmup_steps:
-        return lr * t / max(warmup_steps, 1)
-    return lr * max(0.0, (total_steps - t) / max(total_steps - warmup_steps, 1))
-
-
-def make_optimizer(
-    lr: float, total_steps: int, warmup_steps: int, *, weight_decay: float = 0.0, clip: float | None = 1.0,
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-) -> optax.GradientTransformation:
-    """``clip_by_global_norm(clip)`` then AdamW (torch defaults) on :func:`linear_warmup_decay`.
-
-    Weight decay applies to parameters with 2+ dimensions only (kernels, embeddings), as the usual Hugging Face
-    grouping that exempts biases and LayerNorm weights.
-    """
-    parts = []
-    if clip:
-        parts.append(optax.clip_by_global_norm(clip))
-    parts.append(optax.adamw(linear_warmup_decay(lr, total_steps, warmup_steps), b1=b1, b2=b2, eps=eps,
-                             weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
-    return optax.chain(*parts)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# prediction
-# ----------------------------------------------------------------------------------------------------------------
-
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_logits(graphdef, states: tuple, input_ids, attention_mask, token_type_ids):
-    model = nnx.merge(graphdef, *states)
-    out = model(input_ids, attention_mask, token_type_ids, deterministic=True)
-    return out.logits.astype(jnp.float32)
-
-
-def predict_states(
-    graphdef, states: tuple, encoded: D.Encoded, batch_size: int = 64, *, progress: bool = False,
-    desc: str = "predict",
-) -> np.ndarray:
-    """Logits ``float32 [N, num_labels]`` in dataset order, from a split model ``(graphdef, *states)``."""
-    from tqdm.auto import tqdm
-
-    n = len(encoded)
-    out = None
-    it = D.batches(encoded, batch_size, sort_by_length=True)
-    for b in tqdm(it, total=D.num_batches(n, batch_size), desc=desc, disable=not progress, leave=False):
-        logits = np.asarray(_forward_logits(graphdef, states, *(b[k] for k in _MODEL_INPUTS)))
-        if out is None:
-            out = np.zeros((n, logits.shape[-1]), np.float32)
-        out[b["index"][b["valid"]]] = logits[b["valid"]]
-    return out if out is not None else np.zeros((0, 0), np.float32)
-
-
-def predict(model: nnx.Module, encoded: D.Encoded, batch_size: int = 64, *, progress: bool = False) -> np.ndarray:
-    """Logits of ``model`` on every row of ``encoded`` (jitted, length-bucketed, dropout off).
-
-    Args:
-      model: a jdup classifier.
-      encoded: tokenised data (:func:`jdup.data.encode`).
-      batch_size: rows per forward pass (fixed; the last batch is padded).
-      progress: show a tqdm bar.
-
-    Returns:
-      ``float32 [N, num_labels]`` numpy logits in the order of ``encoded``.
-    """
-    graphdef, *states = nnx.split(model, nnx.Param, ...)  # same structure as in training: shares compiles
-    return predict_states(graphdef, tuple(states), encoded, batch_size, progress=progress)
-
-
-def evaluate(logits: dict[str, np.ndarray], encoded: dict[str, D.Encoded], target: int) -> dict[str, float]:
-    """``dev_acc``, ``dev_asr``, ``cacc`` and ``asr`` from logits of the four evaluation splits (those present)."""
-    out = {}
-    pred = {k: v.argmax(-1) for k, v in logits.items()}
-    if "dev-clean" in pred:
-        out["dev_acc"] = accuracy(pred["dev-clean"], encoded["dev-clean"].labels)
-    if "dev-poison" in pred:
-        out["dev_asr"] = attack_success_rate(pred["dev-poison"], target)
-    if "test-clean" in pred:
-        out["cacc"] = accuracy(pred["test-clean"], encoded["test-clean"].labels)
-    if "test-poison" in pred:
-        out["asr"] = attack_success_rate(pred["test-poison"], target)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training
-# ----------------------------------------------------------------------------------------------------------------
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -232,9 +97,65 @@ class TrainConfig:
     progress: bool = True
 
 
-#: Fields that may change between a stopped run and its continuation.
-_RESUME_FREE = ("max_steps", "ckpt_every_steps", "keep_checkpoints", "progress", "eval_batch_size", "log_every",
-                "out")
+# ----------------------------------------------------------------------------------------------------------------
+# schedule and optimizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def linear_warmup_decay(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
+
+    Identical to Hugging Face ``get_linear_schedule_with_warmup``: the value at optimizer step ``t`` (0-based, as
+    optax counts) is ``lr * t / warmup`` while ``t < warmup``, else ``lr * max(0, (total - t) / (total - warmup))``;
+    so the first update uses learning rate 0.
+    """
+    total = int(total_steps)
+    warm = int(warmup_steps)
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        up = t / max(warm, 1)
+        down = jnp.maximum(0.0, (total - t) / max(total - warm, 1))
+        return lr * jnp.where(t < warm, up, down)
+
+    return schedule
+
+
+def _schedule_value(lr: float, total_steps: int, warmup_steps: int, t: int) -> float:
+    """:func:`linear_warmup_decay` at step ``t`` in plain Python (for logging, no device work)."""
+    if t < warmup_steps:
+        return lr * t / max(warmup_steps, 1)
+    return lr * max(0.0, (total_steps - t) / max(total_steps - warmup_steps, 1))
+
+
+def make_optimizer(
+    lr: float, total_steps: int, warmup_steps: int, *, weight_decay: float = 0.0, clip: float | None = 1.0,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """``clip_by_global_norm(clip)`` then AdamW (torch defaults) on :func:`linear_warmup_decay`.
+
+    Weight decay applies to parameters with 2+ dimensions only (kernels, embeddings), as the usual Hugging Face
+    grouping that exempts biases and LayerNorm weights.
+    """
+    parts = []
+    if clip:
+        parts.append(optax.clip_by_global_norm(clip))
+    parts.append(optax.adamw(linear_warmup_decay(lr, total_steps, warmup_steps), b1=b1, b2=b2, eps=eps,
+                             weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    return optax.chain(*parts)
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in optimizer steps: ``round(warmup_epochs * steps_per_epoch)`` or ``round(warmup * total)``."""
+    total = steps_per_epoch * cfg.epochs
+    if cfg.warmup_epochs is not None:
+        return round(cfg.warmup_epochs * steps_per_epoch)
+    return round(cfg.warmup * total)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# step, loop, evaluation
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
@@ -269,207 +190,92 @@ def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_train_step(graphdef, lr: float, total: int, warm: int, weight_decay: float, clip: float | None):
+def cached_train_step(graphdef, lr: float, total: int, warm: int, weight_decay: float, clip: float | None):
     """``(tx, step)`` shared by runs with the same architecture and optimizer settings (one compile per process)."""
     tx = make_optimizer(lr, total, warm, weight_decay=weight_decay, clip=clip)
     return tx, make_train_step(graphdef, tx)
 
 
-def _resolve_target(cfg: TrainConfig, test_poison: D.TextDataset) -> int:
-    if cfg.target is not None:
-        return int(cfg.target)
-    meta = os.path.join(cfg.data, "poison_config.json")
-    if os.path.isfile(meta):
-        try:
-            with open(meta) as f:
-                return int(json.load(f)["target"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    if len(test_poison) == 0:
-        raise JdupError("test-poison is empty, cannot infer the target label; set target", cfg.data)
-    return int(np.bincount(test_poison.labels).argmax())
+@dataclasses.dataclass
+class LoopPosition:
+    """Where a training loop stands: optimizer steps done, and the next ``(epoch, batch)`` to run."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
 
 
-def _atomic_json(path: str, obj: Any) -> None:
-    atomic.write(path, lambda f: json.dump(obj, f, indent=2, default=str))
+def train_steps(
+    step_fn: Callable,
+    params,
+    opt_state,
+    rest: tuple,
+    encoded: D.Encoded,
+    cfg: TrainConfig,
+    pos: LoopPosition | None = None,
+) -> Iterator[tuple]:
+    """Runs the epoch loop from ``pos`` and yields after every optimizer step.
 
+    The data order of epoch ``e`` is ``batches(shuffle=True, seed=cfg.seed, epoch=e)`` (length-grouped with
+    ``cfg.group_by_length``), started at ``pos.batch`` in the first epoch; the dropout key of step ``t`` is
+    ``fold_in(key(cfg.seed), t)``. So a loop restarted from a saved position and state replays an uninterrupted
+    run exactly. ``pos`` is updated in place before each yield (``epoch``/``batch`` point at the next batch).
 
-def _check_config(cfg: TrainConfig) -> None:
-    def bad(field, msg):
-        raise JdupError(f"{field}: {msg}", f"config:{field}")
-
-    if not cfg.data:
-        bad("data", "set the DUP-layout data folder")
-    if cfg.epochs < 1:
-        bad("epochs", f"must be >= 1, got {cfg.epochs}")
-    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        bad("batch_size", "batch sizes must be >= 1")
-    if not cfg.lr > 0:
-        bad("lr", f"must be > 0, got {cfg.lr}")
-    if not 0 <= cfg.warmup <= 1:
-        bad("warmup", f"is a fraction of all steps in [0, 1], got {cfg.warmup}")
-    if cfg.warmup_epochs is not None and not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        bad("warmup_epochs", f"must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}")
-    if cfg.num_labels < 2:
-        bad("num_labels", f"must be >= 2, got {cfg.num_labels}")
-    if cfg.select not in ("dev_acc", "dev_mean"):
-        bad("select", f"must be dev_acc or dev_mean, got {cfg.select!r}")
-    if cfg.dtype not in DTYPES:
-        bad("dtype", f"must be one of {list(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.eval_every < 1:
-        bad("eval_every", f"must be >= 1, got {cfg.eval_every}")
-
-
-def run_train(cfg: TrainConfig) -> dict:
-    """Train a (backdoored) victim on a DUP-layout folder; resumes from ``<out>/ckpt`` when present.
-
-    Returns:
-      The metrics dict written to ``<out>/metrics.json``: ``cacc``, ``asr``, ``dev_acc``, ``dev_asr`` (of the
-      selected epoch), ``best_epoch``, ``last`` (metrics of the final epoch), ``epochs``, ``steps``, ``seconds``,
-      ``target``, ``model_dir``, ``history``. When ``max_steps`` stops the run early, returns
-      ``{"stopped": True, "step": ..., "checkpoint": ...}`` and writes neither ``model/`` nor ``metrics.json``.
+    Yields:
+      ``(params, opt_state, stats, epoch, batch_index, epoch_end)``; ``stats`` are device scalars
+      (``loss``, ``grad_norm``, ``correct``, ``count``). The caller may stop iterating at any yield.
     """
-    from jdup import models
-    from jdup.checkpoint import Checkpointer, fingerprint
+    pos = pos or LoopPosition()
+    spe = D.num_batches(len(encoded), cfg.batch_size)
+    key = jax.random.key(cfg.seed)
+    for epoch in range(pos.epoch, cfg.epochs):
+        start = pos.batch if epoch == pos.epoch else 0
+        batches = D.batches(encoded, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, start=start,
+                            sort_by_length=cfg.group_by_length)
+        for b_idx, batch in enumerate(batches, start=start):
+            inputs = {k: batch[k] for k in (*MODEL_INPUTS, "labels", "valid")}
+            params, opt_state, stats = step_fn(params, opt_state, rest, inputs, key, np.int32(pos.step))
+            pos.step += 1
+            epoch_end = b_idx + 1 == spe
+            pos.epoch, pos.batch = (epoch + 1, 0) if epoch_end else (epoch, b_idx + 1)
+            yield params, opt_state, stats, epoch, b_idx, epoch_end
 
-    _check_config(cfg)
-    t_start = time.perf_counter()
-    out = os.path.abspath(cfg.out)
-    os.makedirs(out, exist_ok=True)
-    cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
 
-    # ---- data -----------------------------------------------------------------------------------------------
-    splits = D.read_dup_folder(cfg.data, cfg.rate, ("train",) + EVAL_SPLITS, num_labels=cfg.num_labels)
-    target = _resolve_target(cfg, splits["test-poison"])
-    if not 0 <= target < cfg.num_labels:
-        raise JdupError(f"target label {target} is out of range for num_labels={cfg.num_labels}", "config:target")
+def evaluate(logits: dict[str, np.ndarray], encoded: dict[str, D.Encoded], target: int) -> dict[str, float]:
+    """``dev_acc``, ``dev_asr``, ``cacc`` and ``asr`` from logits of the four evaluation splits (those present)."""
+    out = {}
+    pred = {k: v.argmax(-1) for k, v in logits.items()}
+    if "dev-clean" in pred:
+        out["dev_acc"] = accuracy(pred["dev-clean"], encoded["dev-clean"].labels)
+    if "dev-poison" in pred:
+        out["dev_asr"] = attack_success_rate(pred["dev-poison"], target)
+    if "test-clean" in pred:
+        out["cacc"] = accuracy(pred["test-clean"], encoded["test-clean"].labels)
+    if "test-poison" in pred:
+        out["asr"] = attack_success_rate(pred["test-poison"], target)
+    return out
 
-    # ---- model ----------------------------------------------------------------------------------------------
-    model = models.from_pretrained(cfg.model, num_labels=cfg.num_labels, dtype=DTYPES[cfg.dtype], seed=cfg.seed)
-    if model.config.num_labels != cfg.num_labels:
-        raise JdupError(f"the model has {model.config.num_labels} classes but num_labels={cfg.num_labels}",
-                        cfg.model)
-    tokenizer = models.load_tokenizer(cfg.model)
-    enc = {k: D.encode(tokenizer, v, cfg.max_length, tuple(cfg.buckets), config=model.config)
-           for k, v in splits.items()}
-    train_enc = enc["train"]
 
-    spe = D.num_batches(len(train_enc), cfg.batch_size)
-    total = spe * cfg.epochs
-    warm = round(cfg.warmup_epochs * spe) if cfg.warmup_epochs is not None else round(cfg.warmup * total)
-    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
-    tx, step_fn = _cached_train_step(graphdef, float(cfg.lr), total, warm, float(cfg.weight_decay),
-                                     float(cfg.clip) if cfg.clip else None)
-    rest = tuple(rest)
-    del model
-    opt_state = jax.jit(tx.init)(params)
-    best = jax.device_get(params)
+def evaluate_states(
+    graphdef, states: tuple, encoded: dict[str, D.Encoded], target: int, batch_size: int = 64, *,
+    progress: bool = False,
+) -> dict[str, float]:
+    """:func:`evaluate` of a split model on the evaluation splits of ``encoded`` (:data:`EVAL_SPLITS`)."""
+    logits = {k: predict_states(graphdef, states, encoded[k], batch_size, progress=progress, desc=f"eval {k}")
+              for k in EVAL_SPLITS if k in encoded}
+    return evaluate(logits, encoded, target)
 
-    # ---- resume ---------------------------------------------------------------------------------------------
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
-    settings["rows"] = {k: len(v) for k, v in splits.items()}
-    fp = fingerprint(settings)
-    ck = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=2)
-    meta: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_epoch": -1,
-                            "history": [], "elapsed": 0.0, "fingerprint": fp, "best_metrics": {}}
-    if ck.latest_step() is not None:
-        try:
-            (params, opt_state, best), saved = ck.restore((params, opt_state, best))
-        except BaseException:
-            ck.close()
-            raise
-        if saved.get("fingerprint") != fp:
-            ck.close()
-            raise JdupError("the checkpoint was written with different settings (model, data or hyper-parameters); "
-                            "delete it or choose another out folder", ck.directory)
-        meta.update(saved)
-        log.info("resuming from step %d (epoch %d, batch %d)", meta["step"], meta["epoch"], meta["batch"])
 
-    metrics_log = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")
+def __getattr__(name: str):
+    # Temporary: `jdup.train.run_train` until cli/pipeline/tests import it from jdup.stages.train (issue 12).
+    # A lazy lookup, so this in-memory module does not import the stage that imports it.
+    if name == "run_train":
+        return importlib.import_module("jdup.stages.train").run_train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def log_line(obj):
-        metrics_log.write(json.dumps(obj) + "\n")
-        metrics_log.flush()
 
-    def save_ckpt():
-        meta["elapsed"] = elapsed_before + time.perf_counter() - t_start
-        ck.save(meta["step"], (params, opt_state, best), meta)
-
-    from tqdm.auto import tqdm
-
-    elapsed_before = float(meta["elapsed"])
-    base_key = jax.random.key(cfg.seed)
-    step = int(meta["step"])
-    pending: list[dict] = []
-    stopped = False
-    bar = tqdm(total=total, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-    try:
-        for epoch in range(int(meta["epoch"]), cfg.epochs):
-            start = int(meta["batch"]) if epoch == int(meta["epoch"]) else 0
-            batches = D.batches(train_enc, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, start=start,
-                                sort_by_length=cfg.group_by_length)
-            for b_idx, batch in enumerate(batches, start=start):
-                inputs = {k: batch[k] for k in (*_MODEL_INPUTS, "labels", "valid")}
-                params, opt_state, stats = step_fn(params, opt_state, rest, inputs, base_key, np.int32(step))
-                step += 1
-                meta.update(step=step, epoch=epoch, batch=b_idx + 1)
-                pending.append(stats)
-                bar.update(1)
-                if step % max(cfg.log_every, 1) == 0 or b_idx + 1 == spe:
-                    host = jax.device_get(pending)
-                    loss = float(np.mean([s["loss"] for s in host]))
-                    acc = float(sum(s["correct"] for s in host) / max(sum(s["count"] for s in host), 1))
-                    log_line({"step": step, "epoch": epoch + (b_idx + 1) / spe, "loss": loss, "train_acc": acc,
-                              "grad_norm": float(host[-1]["grad_norm"]),
-                              "lr": _schedule_value(cfg.lr, total, warm, step - 1)})
-                    bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
-                    pending = []
-                epoch_end = b_idx + 1 == spe
-                if epoch_end:
-                    meta.update(epoch=epoch + 1, batch=0)
-                    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                        logits = {k: predict_states(graphdef, (params, *rest), enc[k], cfg.eval_batch_size,
-                                                    progress=cfg.progress, desc=f"eval {k}") for k in EVAL_SPLITS}
-                        m = evaluate(logits, enc, target)
-                        m.update(epoch=epoch + 1, step=step)
-                        score = m["dev_acc"] if cfg.select == "dev_acc" else (m["dev_acc"] + m["dev_asr"]) / 2
-                        if meta["best_score"] is None or score > meta["best_score"]:
-                            meta.update(best_score=score, best_epoch=epoch + 1, best_metrics=m)
-                            best = jax.device_get(params)
-                        meta["history"] = [*meta["history"], m]
-                        log_line({"eval": True, **m})
-                        log.info("epoch %d: %s", epoch + 1, m)
-                hit_max = cfg.max_steps is not None and step >= cfg.max_steps and step < total
-                if epoch_end or hit_max or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0):
-                    save_ckpt()
-                if hit_max:
-                    stopped = True
-                    break
-            if stopped:
-                break
-    finally:
-        bar.close()
-        metrics_log.close()
-        ck.close()
-
-    if stopped:
-        return {"stopped": True, "step": step, "total_steps": total, "checkpoint": ck.directory}
-
-    # ---- outputs --------------------------------------------------------------------------------------------
-    final = nnx.merge(graphdef, jax.device_put(best), *rest)
-    model_dir = os.path.join(out, "model")
-    models.save_pretrained(final, model_dir, tokenizer_src=cfg.model)
-    bm = dict(meta["best_metrics"])
-    result = {
-        "cacc": bm.get("cacc"), "asr": bm.get("asr"), "dev_acc": bm.get("dev_acc"), "dev_asr": bm.get("dev_asr"),
-        "best_epoch": meta["best_epoch"], "last": meta["history"][-1] if meta["history"] else {},
-        "epochs": cfg.epochs, "steps": step, "steps_per_epoch": spe, "warmup_steps": warm,
-        "seconds": elapsed_before + time.perf_counter() - t_start, "target": target, "model_dir": model_dir,
-        "num_truncated": {k: v.num_truncated for k, v in enc.items()},
-        "history": meta["history"],
-        "config": dataclasses.asdict(cfg),
-    }
-    _atomic_json(os.path.join(out, "metrics.json"), result)
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(ck.directory, ignore_errors=True)
-    return result
+__all__ = [
+    "DTYPES", "EVAL_SPLITS", "LoopPosition", "TrainConfig", "accuracy", "attack_success_rate",
+    "cached_train_step", "evaluate", "evaluate_states", "linear_warmup_decay", "make_optimizer",
+    "make_train_step", "predict", "predict_states", "train_steps", "warmup_steps",
+]

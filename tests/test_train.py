@@ -1,4 +1,4 @@
-"""jdup.train (victim training, predict, schedule) and jdup.checkpoint (exact resume)."""
+"""jdup.train (in-memory training, schedule), jdup.stages.train (the stage), jdup.checkpoint (exact resume)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from jdup import data as D
 from jdup import train as T
 from jdup.checkpoint import Checkpointer
 from jdup.errors import JdupError
+from jdup.stages import train as ST
 
 # One setting shared by every training run here, so the train step compiles once per test session.
 # group_by_length exercises the length-grouped order (and its mid-epoch resume); plain shuffling is covered in
@@ -36,7 +37,7 @@ def _safetensors(path):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model_dir, synthetic_dup):  # noqa: F811
     out = tmp_path_factory.mktemp("train") / "full"
-    return out, T.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=0))
+    return out, ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,12 +109,12 @@ def test_training_learns_task_and_backdoor(full_run):
 def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
     full_out, full = full_run
     out = tmp_path / "resumed"
-    first = T.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=4, max_steps=13))
+    first = ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=4, max_steps=13))
     assert first == {"stopped": True, "step": 13, "total_steps": 40, "checkpoint": str(out / "ckpt")}
     assert not (out / "metrics.json").exists() and not (out / "model").exists()
     with Checkpointer(out / "ckpt") as ck:
         assert ck.latest_step() == 13 and 12 in ck.all_steps()
-    second = T.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=0))  # may change on resume
+    second = ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=0))  # may change on resume
     assert second["steps"] == 40
     assert [h["dev_acc"] for h in second["history"]] == [h["dev_acc"] for h in full["history"]]
     a, b = _safetensors(full_out / "model"), _safetensors(out / "model")
@@ -125,9 +126,9 @@ def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_
 
 def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
     out = tmp_path / "run"
-    T.run_train(_cfg(tiny_model_dir, synthetic_dup, out, max_steps=2, ckpt_every_steps=0))
+    ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, max_steps=2, ckpt_every_steps=0))
     with pytest.raises(JdupError, match="different settings"):
-        T.run_train(_cfg(tiny_model_dir, synthetic_dup, out, lr=5e-3))
+        ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, lr=5e-3))
 
 
 def test_bad_training_inputs(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
@@ -140,16 +141,16 @@ def test_bad_training_inputs(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: 
     text[1] = text[1].rsplit(",", 2)[0] + ",2,0"
     path.write_text("\n".join(text) + "\n")
     with pytest.raises(JdupError, match="out of range for num_labels=2") as e:
-        T.run_train(_cfg(tiny_model_dir, bad, tmp_path / "o1"))
+        ST.run_train(_cfg(tiny_model_dir, bad, tmp_path / "o1"))
     assert e.value.path == str(path)
     with pytest.raises(JdupError, match="num_labels=3 does not match"):
-        T.run_train(_cfg(tiny_model_dir, bad, tmp_path / "o2", num_labels=3))
+        ST.run_train(_cfg(tiny_model_dir, bad, tmp_path / "o2", num_labels=3))
     with pytest.raises(JdupError, match="not found"):
-        T.run_train(_cfg(tiny_model_dir, tmp_path / "nowhere", tmp_path / "o3"))
+        ST.run_train(_cfg(tiny_model_dir, tmp_path / "nowhere", tmp_path / "o3"))
     with pytest.raises(JdupError, match="rates present"):
-        T.run_train(_cfg(tiny_model_dir, synthetic_dup, tmp_path / "o4", rate=0.1))
+        ST.run_train(_cfg(tiny_model_dir, synthetic_dup, tmp_path / "o4", rate=0.1))
     with pytest.raises(JdupError, match="select"):
-        T.run_train(_cfg(tiny_model_dir, synthetic_dup, tmp_path / "o5", select="best"))
+        ST.run_train(_cfg(tiny_model_dir, synthetic_dup, tmp_path / "o5", select="best"))
 
 
 def test_checkpointer_roundtrip_and_mismatch(tmp_path):
