@@ -1,4 +1,5 @@
-"""jdup.attacks: trigger functions, dirty-label poisoning, and the DUP folder layout written by run_poison."""
+"""jdup.attacks (trigger functions, dirty-label poisoning, in memory) and the DUP folder layout written by the
+poison stage (jdup.stages.poison.run_poison)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from _fixtures_data import synthetic_dup, synthetic_jsonl  # noqa: F401
 from jdup import attacks as A
 from jdup import data as D
 from jdup.errors import JdupError
+from jdup.stages import poison as P
 
 
 def test_badnets_inserts_trigger_words():
@@ -119,7 +121,7 @@ def test_run_poison_writes_readable_dup_folder(synthetic_dup):  # noqa: F811
 def test_run_poison_is_deterministic_per_seed(tmp_path, synthetic_jsonl):  # noqa: F811
     def run(seed, name, attack="badnets"):
         out = tmp_path / name
-        A.run_poison(A.PoisonConfig(source=str(synthetic_jsonl), out=str(out), seed=seed, attack=attack))
+        P.run_poison(P.PoisonConfig(source=str(synthetic_jsonl), out=str(out), seed=seed, attack=attack))
         return out
 
     a, b, c = run(1, "a"), run(1, "b"), run(2, "c")
@@ -129,29 +131,41 @@ def test_run_poison_is_deterministic_per_seed(tmp_path, synthetic_jsonl):  # noq
     d = run(1, "d", attack="addsent")
     assert all(A.ADDSENT_SENTENCE in t for t in D.read_split(d, "test-poison").texts)
     # rerunning into a previous jdup poison folder replaces it; a foreign folder is refused
-    A.run_poison(A.PoisonConfig(source=str(synthetic_jsonl), out=str(a), seed=2))
+    P.run_poison(P.PoisonConfig(source=str(synthetic_jsonl), out=str(a), seed=2))
     assert filecmp.cmp(a / files[0], c / files[0], shallow=False)
     (tmp_path / "foreign").mkdir()
     with pytest.raises(JdupError, match="already exists"):
-        A.run_poison(A.PoisonConfig(source=str(synthetic_jsonl), out=str(tmp_path / "foreign")))
+        P.run_poison(P.PoisonConfig(source=str(synthetic_jsonl), out=str(tmp_path / "foreign")))
 
 
 def test_run_poison_builtin_and_errors(tmp_path, synthetic_jsonl):  # noqa: F811
-    r = A.run_poison(
-        A.PoisonConfig(
+    r = P.run_poison(
+        P.PoisonConfig(
             source="builtin:trec", out=str(tmp_path / "trec"), target=0, max_rows=120, attack="addsent"
         )
     )
     assert r["num_labels"] == 6 and r["counts"]["train-clean"] == 120 and r["poisoned_train_rows"] == 24
     with pytest.raises(JdupError, match="target label 6 is out of range"):
-        A.run_poison(A.PoisonConfig(source="trec", out=str(tmp_path / "x"), target=6, max_rows=50))
+        P.run_poison(P.PoisonConfig(source="trec", out=str(tmp_path / "x"), target=6, max_rows=50))
     with pytest.raises(JdupError, match="lower the rate"):
-        A.run_poison(A.PoisonConfig(source=str(synthetic_jsonl), out=str(tmp_path / "y"), rate=0.9))
+        P.run_poison(P.PoisonConfig(source=str(synthetic_jsonl), out=str(tmp_path / "y"), rate=0.9))
     with pytest.raises(JdupError, match="not found") as e:
-        A.run_poison(A.PoisonConfig(source=str(tmp_path / "missing.csv"), out=str(tmp_path / "z")))
+        P.run_poison(P.PoisonConfig(source=str(tmp_path / "missing.csv"), out=str(tmp_path / "z")))
     assert "missing.csv" in str(e.value)
     with pytest.raises(JdupError, match="missing column"):
-        A.run_poison(
-            A.PoisonConfig(source=str(synthetic_jsonl), out=str(tmp_path / "w"), text_column="sentence")
+        P.run_poison(
+            P.PoisonConfig(source=str(synthetic_jsonl), out=str(tmp_path / "w"), text_column="sentence")
         )
     assert not any(n.startswith(("x", "y", "z", "w")) for n in os.listdir(tmp_path))
+
+
+def test_attacks_is_in_memory_and_the_old_stage_names_still_resolve():
+    import subprocess
+    import sys
+
+    code = "import sys, jdup.attacks; assert 'jdup.stages.poison' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # temporary alias (issue 12) until cli / pipeline import the stage
+    assert A.run_poison is P.run_poison and A.PoisonConfig is P.PoisonConfig
+    with pytest.raises(AttributeError):
+        A.no_such_name  # noqa: B018
