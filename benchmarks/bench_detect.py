@@ -367,6 +367,13 @@ def main(argv=None) -> dict:
             "mfu_jdup_over_torch": C.ratio(j["mfu"], t["mfu"]),
             "peak_rss_jdup_over_torch": C.ratio(j["peak_rss_mb"], t["peak_rss_mb"]),
         }
+        record["normalised"] = C.normalised(
+            j["total"]["median"],
+            t["total"]["median"],
+            j["peak"]["flops_per_s"],
+            t["peak"]["flops_per_s"],
+            j["flops_model"],
+        )
     C.emit(record, args.out)
     return record
 

@@ -213,6 +213,17 @@ def main(argv=None) -> dict:
             }
             for shape in record["torch"]["shapes"]
         }
+        pj, pt = record["jdup"]["peak"]["flops_per_s"], record["torch"]["peak"]["flops_per_s"]
+        record["normalised"] = {
+            shape: C.normalised(
+                record["jdup"]["shapes"][shape]["batch_s"]["median"],
+                record["torch"]["shapes"][shape]["batch_s"]["median"],
+                pj,
+                pt,
+                record["jdup"]["shapes"][shape]["flops_per_batch"],
+            )
+            for shape in record["torch"]["shapes"]
+        }
     C.emit(record, args.out)
     return record
 

@@ -303,6 +303,13 @@ def main(argv=None) -> dict:
             "mfu_jdup_over_torch": C.ratio(j["mfu"], t["mfu"]),
             "padded_tokens_torch_over_jdup": C.ratio(t["padded_tokens_epoch"], j["padded_tokens_epoch"]),
         }
+        record["normalised"] = C.normalised(
+            j["stages"]["train_steps"]["median"],
+            t["stages"]["train_steps"]["median"],
+            j["peak"]["flops_per_s"],
+            t["peak"]["flops_per_s"],
+            j["flops_model_epoch"],
+        )
     C.emit(record, args.out)
     return record
 

@@ -186,6 +186,106 @@ def matmul_peak(backend: str, dtype: str = "float32", n: int = 2048, reps: int =
     return {"backend": backend, "dtype": dtype, "n": n, "flops_per_s": rate, "device": dev}
 
 
+def gflops(peak: dict | None) -> float | None:
+    """GFLOP/s of a :func:`matmul_peak` result (None stays None)."""
+    return None if not peak or peak.get("flops_per_s") is None else peak["flops_per_s"] / 1e9
+
+
+def measure_peak_subprocess(backend: str, dtype: str = "float32", timeout: float = 600) -> dict:
+    """:func:`matmul_peak` in a fresh process (for the side whose worker did not run in this benchmark).
+
+    Returns the peak dict, or ``{"backend", "dtype", "flops_per_s": None, "error"}`` if that framework is missing.
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--peak", backend, dtype]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **ENV), cwd=REPO
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode == 0 and lines:
+            return json.loads(lines[-1]) | {"measured": "separate process"}
+        err = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        err = [repr(e)]
+    return {"backend": backend, "dtype": dtype, "flops_per_s": None, "error": err[0]}
+
+
+def _find_peak(record: dict, backend: str) -> dict | None:
+    """The first ``peak`` dict of ``backend`` in the record's per-implementation parts (``jdup`` / ``torch``)."""
+    for side in ("jdup", "torch"):
+        part = record.get(side)
+        if isinstance(part, dict):
+            p = part.get("peak")
+            if isinstance(p, dict) and p.get("backend") == backend and p.get("flops_per_s"):
+                return p
+    return None
+
+
+def add_peaks(record: dict) -> dict:
+    """Put BOTH frameworks' fp32 2048² matmul peaks of this run under ``record["peaks"]``.
+
+    A side whose worker ran in this benchmark contributes its own measurement (taken in that worker, just before
+    its timings); the other side is measured now in a fresh process. ``peaks`` = ``{"jax_gflops",
+    "torch_gflops", "jax_over_torch", "jax", "torch"}``.
+    """
+    if "peaks" in record:
+        return record
+    found = {b: _find_peak(record, b) or measure_peak_subprocess(b) for b in ("jax", "torch")}
+    j, t = gflops(found["jax"]), gflops(found["torch"])
+    record["peaks"] = {
+        "jax_gflops": j,
+        "torch_gflops": t,
+        "jax_over_torch": ratio(j, t),
+        "dtype": "float32",
+        "n": 2048,
+        "jax": found["jax"],
+        "torch": found["torch"],
+    }
+    return record
+
+
+def normalised(
+    t_jdup: float | None,
+    t_ref: float | None,
+    peak_jdup: float | None,
+    peak_ref: float | None,
+    flops: float | None = None,
+) -> dict[str, Any]:
+    """Raw and machine-normalised comparison of one measured figure (lower time = better).
+
+    Args:
+      t_jdup, t_ref: seconds for the same work (same statistic on both sides, e.g. medians).
+      peak_jdup, peak_ref: each framework's measured matmul peak on this machine (FLOP/s or GFLOP/s, same unit).
+      flops: model FLOPs of the work (optional): adds each side's MFU.
+
+    Returns:
+      ``speedup_raw`` = t_ref / t_jdup; ``mfu_ratio`` = (achieved FLOP/s fraction of jdup) / (that of the
+      reference) = speedup_raw × peak_ref / peak_jdup: the speed-up with the two frameworks' matmul peaks on this
+      machine divided out (> 1: jdup gets more out of its framework's peak); ``peak_ratio`` = peak_jdup / peak_ref;
+      ``mfu_jdup`` / ``mfu_reference`` when ``flops`` is given.
+    """
+    sp = ratio(t_ref, t_jdup)
+    out: dict[str, Any] = {
+        "speedup_raw": sp,
+        "peak_ratio": ratio(peak_jdup, peak_ref),
+        "mfu_ratio": None if sp is None or peak_ref is None else ratio(sp * peak_ref, peak_jdup),
+    }
+    if flops:
+        out["mfu_jdup"] = ratio(ratio(flops, t_jdup), peak_jdup)
+        out["mfu_reference"] = ratio(ratio(flops, t_ref), peak_ref)
+    return out
+
+
+def normalised_from_peaks(
+    record: dict, t_jdup: float | None, t_ref: float | None, flops: float | None = None
+):
+    """:func:`normalised` with the fp32 peaks of :func:`add_peaks` (FLOP/s)."""
+    p = add_peaks(record)["peaks"]
+    pj = p["jax_gflops"] * 1e9 if p["jax_gflops"] else None
+    pt = p["torch_gflops"] * 1e9 if p["torch_gflops"] else None
+    return normalised(t_jdup, t_ref, pj, pt, flops)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FLOP counting
 
@@ -283,7 +383,14 @@ def run_worker(script: str | Path, args: Sequence[str], timeout: float = 3600) -
 
 
 def emit(record: dict[str, Any], out: str | Path | None) -> None:
-    """Print one JSON line and append it to ``out`` (a ``.jsonl`` file) if given."""
+    """Print one JSON line and append it to ``out`` (a ``.jsonl`` file) if given.
+
+    Every line carries the machine, the versions and BOTH frameworks' matmul peaks of this run
+    (:func:`add_peaks` fills in whatever the record lacks).
+    """
+    record.setdefault("machine", machine_info())
+    record.setdefault("versions", versions())
+    add_peaks(record)
     line = json.dumps(record, default=_json_default)
     print(line, flush=True)
     if out:
@@ -327,3 +434,9 @@ def resolve_model(model: str | None) -> Path:
     from benchmarks.torch_baseline.victim import make_victim
 
     return make_victim()
+
+
+if __name__ == "__main__":  # python benchmarks/common.py --peak jax|torch|numpy [dtype]: one JSON line
+    if len(sys.argv) >= 3 and sys.argv[1] == "--peak":
+        setup_env()
+        print(json.dumps(matmul_peak(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "float32")))

@@ -88,7 +88,9 @@ def tiny_folder(tmp_path_factory):
 def _load(folder):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    return AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(
+        folder
+    )
 
 
 def test_read_dup_csv_and_split(tmp_path):
@@ -146,6 +148,65 @@ def test_flops_and_peak_helpers():
     peak = C.matmul_peak("numpy", n=64, reps=1, inner=1)
     assert peak["flops_per_s"] > 0
     assert C.summarize([3.0, 1.0, 2.0])["median"] == 2.0
+
+
+def test_normalised_ratios_and_peaks_block():
+    n = C.normalised(t_jdup=2.0, t_ref=10.0, peak_jdup=400.0, peak_ref=200.0, flops=1000.0)
+    assert n["speedup_raw"] == 5.0 and n["peak_ratio"] == 2.0
+    assert n["mfu_ratio"] == pytest.approx(2.5)  # the speed-up with jax's 2x larger peak divided out
+    assert n["mfu_ratio"] == pytest.approx(n["mfu_jdup"] / n["mfu_reference"])
+    assert C.normalised(None, 1.0, 1.0, 1.0)["speedup_raw"] is None
+    assert C.normalised(1.0, 2.0, 1.0, None)["mfu_ratio"] is None
+    rec = {
+        "jdup": {"peak": {"backend": "jax", "flops_per_s": 3e11}},
+        "torch": {"peak": {"backend": "torch", "flops_per_s": 1.5e11}},
+    }
+    p = C.add_peaks(rec)["peaks"]  # both sides ran: their own measurements, no extra process
+    assert p["jax_gflops"] == 300.0 and p["torch_gflops"] == 150.0 and p["jax_over_torch"] == 2.0
+    assert C.normalised_from_peaks(rec, 1.0, 3.0)["mfu_ratio"] == pytest.approx(1.5)
+
+
+def test_reference_end_to_end_run(tiny_folder, rows, tmp_path, capsys):
+    """``python -m benchmarks.torch_baseline run``: detect on dev-detect, unlearn the flagged rows, evaluate."""
+    pytest.importorskip("peft")
+    import json
+
+    from benchmarks.torch_baseline.__main__ import main
+
+    dev, scored = rows
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def write(name, rs):
+        import csv
+
+        with (data / name).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["", "0", "1", "2"])
+            w.writerows([i, r.text, r.label, r.poison] for i, r in enumerate(rs))
+
+    write("dev-clean.csv", dev[:24])
+    write("dev-poison.csv", scored[20:28])
+    write("test-clean.csv", scored[:8])
+    write("test-poison.csv", scored[28:36])
+    rc = main(
+        [
+            "run",
+            "--model",
+            str(tiny_folder),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "m"),
+            "--epochs",
+            "1",
+        ]
+    )
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and (tmp_path / "m" / "config.json").exists()
+    assert 0 <= got["n_flagged"] <= 32 and got["steps"] == (got["n_flagged"] + 31) // 32
+    assert {"load", "detect", "unlearn", "eval_before", "eval_after", "save"} <= set(got["times"])
+    assert 0.0 <= got["cacc_after"] <= 1.0 and 0.0 <= got["asr_before"] <= 1.0
 
 
 @pytest.fixture(scope="module")

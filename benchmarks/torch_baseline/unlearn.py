@@ -118,11 +118,13 @@ def attack_success_rate(model, tokenizer, rows: Sequence[Row], target: int, batc
 def _accuracy(model, tokenizer, rows, batch_size, target: int | None = None) -> float:
     model.eval()
     hits = 0
+    device = next(model.parameters()).device
     for i in range(0, len(rows), batch_size):
         batch = rows[i : i + batch_size]
         enc = tokenizer(
             [r.text for r in batch], padding=True, truncation=True, max_length=512, return_tensors="pt"
         )
+        enc = {k: v.to(device) for k, v in enc.items()}
         pred = model(**enc).logits.argmax(-1).cpu().numpy()
         want = np.full(len(batch), target) if target is not None else np.array([r.label for r in batch])
         hits += int(np.sum(pred == want))

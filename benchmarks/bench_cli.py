@@ -1,0 +1,277 @@
+"""User-level timings: fresh-process CLI calls of jdup vs fresh-process runs of the PyTorch reference.
+
+What a user pays per call, start-up, imports, model load, tracing, compilation, plots and writing included:
+
+* ``detect``: ``jdup detect --model M --data D --out ...`` (defaults: test-detect scored, plots on) twice in fresh
+  processes sharing one compilation-cache folder that starts empty: the first call fills it, the repeat call reads
+  it. The reference: ``python -m benchmarks.torch_baseline detect`` twice (there is no cache to warm; the repeat
+  shows the OS file cache effect). For the targets, the warm in-process detection time of jdup
+  (``bench_detect.py --impl jdup``: one warm-up call, then ``--reps`` timed calls in one process) is measured in
+  the same run. Targets (issue 15): repeat call ≤ 1.3× the warm in-process time, first call ≤ 1.6×.
+* ``unlearn``: ``jdup unlearn --model M --data D --out ... early_stop=none`` (built-in detection on dev-detect,
+  5 epochs over the flagged rows, batch 32, evaluation before/after, export; the official settings without an
+  early-stop rule, so both sides take the same number of steps) first with an empty cache, then repeated; the
+  reference: ``python -m benchmarks.torch_baseline run`` (the same stages in one torch process). Target: jdup ≥ 2×
+  faster than the reference end to end.
+
+Wall times are measured by this parent around each process (``time.perf_counter``); the child's peak RSS comes from
+``os.wait4``. The compilation-cache folder is a fresh temporary one (``JDUP_COMPILATION_CACHE=<dir>``; any
+``JAX_COMPILATION_CACHE_DIR`` of the caller is removed from the children's environment) and the number of entries
+it holds after each call is recorded, so a CLI that does not turn the cache on shows up as ``cache_entries: 0``.
+``--jax-cache-env`` additionally sets JAX's own variables (to measure the cache before the CLI calls
+``jdup.runtime.setup()``).
+
+    python benchmarks/bench_cli.py                                 # cached MiniLM BadNets victim, SST-2 BadNets
+    python benchmarks/bench_cli.py --parts detect --reps 2
+    python benchmarks/bench_cli.py --model DIR --data ../shared/data/sst-2/1/badnets --parts unlearn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common as C  # noqa: E402
+
+DEFAULTS = dict(
+    attack="badnets",  # ../shared/data/sst-2/1/<attack>
+    reps=1,  # repeat calls per side after the first (jdup: warm cache)
+    inprocess_reps=2,  # timed in-process jdup detections (after one warm-up call)
+    epochs=5,  # unlearning epochs (official: 5)
+)
+TARGETS = {"detect_repeat_over_warm": 1.3, "detect_first_over_warm": 1.6, "unlearn_speedup": 2.0}
+
+
+def jdup_command() -> list[str]:
+    """The ``jdup`` console script next to this Python, else ``python -m jdup``."""
+    exe = Path(sys.executable).with_name("jdup")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "jdup"]
+
+
+def child_env(cache_dir: Path | None, jax_cache_env: bool = False) -> dict[str, str]:
+    """The environment of a measured child: offline, quiet, no inherited JAX cache settings."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))
+    }
+    env.pop("JDUP_COMPILATION_CACHE_SET_BY_JDUP", None)
+    env.update(C.ENV)
+    env["PYTHONPATH"] = os.pathsep.join([str(C.REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if cache_dir is None:
+        env["JDUP_COMPILATION_CACHE"] = "0"
+    else:
+        env["JDUP_COMPILATION_CACHE"] = str(cache_dir)
+        if jax_cache_env:
+            from jdup import runtime
+
+            env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+            env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(runtime.DEFAULT_MIN_COMPILE_TIME_S)
+            env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(runtime.DEFAULT_MAX_BYTES)
+    return env
+
+
+def timed_process(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> dict:
+    """Run ``cmd`` to completion; wall seconds, exit code, peak RSS (MiB), last JSON object printed, output tail."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=C.REPO, text=True)
+        deadline = t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    res = {
+        "cmd": " ".join(cmd),
+        "wall_s": wall,
+        "rc": proc.returncode,
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+    parsed = _last_json(stdout)
+    if parsed is not None:
+        res["output"] = parsed
+    if proc.returncode != 0:
+        res["stderr_tail"] = stderr[-2000:]
+    return res
+
+
+def _last_json(text: str):
+    """The last JSON object in ``text`` (one line, or the CLI's indented block at the end)."""
+    lines = text.strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("{"):
+            try:
+                return json.loads("\n".join(lines[i:]))
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def _entries(folder: Path) -> int:
+    return len(list(folder.glob("*-cache"))) if folder.is_dir() else 0
+
+
+def _calls(make_cmd, n: int, env: dict, cache: Path | None, work: Path, tag: str) -> list[dict]:
+    runs = []
+    for i in range(n):
+        out = work / f"{tag}-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        r = timed_process(make_cmd(out), env)
+        if cache is not None:
+            r["cache_entries"] = _entries(cache)
+        runs.append(r)
+        print(f"# {tag} call {i + 1}: {r['wall_s']:.1f} s (rc {r['rc']})", file=sys.stderr, flush=True)
+    return runs
+
+
+def bench_detect(args, work: Path) -> dict:
+    model, data = str(args.model), str(args.data)
+    cache = work / "xla-detect"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = child_env(cache, args.jax_cache_env)
+
+    def jdup_cmd(out):
+        return jdup_command() + [
+            "detect",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--out",
+            str(out),
+            "progress=false",
+        ]
+
+    def ref_cmd(out):
+        return [sys.executable, "-m", "benchmarks.torch_baseline", "detect", "--model", model, "--data", data]
+
+    rec: dict = {"bench": "cli_detect", "model": model, "data": data}
+    rec["jdup"] = {"calls": _calls(jdup_cmd, 1 + args.reps, env, cache, work, "jdup-detect")}
+    rec["torch"] = {"calls": _calls(ref_cmd, 1 + args.reps, child_env(None), None, work, "ref-detect")}
+    warm = None
+    if args.inprocess_reps > 0:
+        from benchmarks import bench_detect
+
+        wargs = ["--impl", "jdup", "--model", model, "--data-dir", str(Path(data).parent)]
+        wargs += ["--attack", Path(data).name, "--reps", str(args.inprocess_reps)]
+        w = C.run_worker(Path(bench_detect.__file__).resolve(), wargs)
+        rec["jdup"]["inprocess"] = {
+            k: w[k] for k in ("total", "warmup_s", "compile_s", "peak", "auroc", "peak_rss_mb") if k in w
+        }
+        warm = w["total"]["median"]
+    _summarise(rec, warm)
+    return rec
+
+
+def bench_unlearn(args, work: Path) -> dict:
+    model, data = str(args.model), str(args.data)
+    cache = work / "xla-unlearn"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = child_env(cache, args.jax_cache_env)
+    settings = ["early_stop=none", "progress=false", f"epochs={args.epochs}"]
+
+    def jdup_cmd(out):
+        return jdup_command() + ["unlearn", "--model", model, "--data", data, "--out", str(out), *settings]
+
+    def ref_cmd(out):
+        return [sys.executable, "-m", "benchmarks.torch_baseline", "run", "--model", model, "--data", data,
+                "--out", str(out), "--epochs", str(args.epochs)]  # fmt: skip
+
+    rec: dict = {"bench": "cli_unlearn", "model": model, "data": data, "jdup_settings": settings}
+    rec["jdup"] = {"calls": _calls(jdup_cmd, 1 + args.reps, env, cache, work, "jdup-unlearn")}
+    rec["torch"] = {"calls": _calls(ref_cmd, 1, child_env(None), None, work, "ref-unlearn")}
+    _summarise(rec, None)
+    return rec
+
+
+def _summarise(rec: dict, warm_inprocess: float | None) -> None:
+    """first / repeat walls, raw and peak-normalised ratios, targets."""
+    j, t = rec["jdup"]["calls"], rec["torch"]["calls"]
+    jf, tf = j[0]["wall_s"], t[0]["wall_s"]
+    jr = min(c["wall_s"] for c in j[1:]) if len(j) > 1 else None
+    tr = min(c["wall_s"] for c in t[1:]) if len(t) > 1 else tf
+    ok = all(c["rc"] == 0 for c in j + t)
+    rec["summary"] = {
+        "all_calls_ok": ok,
+        "jdup_first_s": jf,
+        "jdup_repeat_s": jr,
+        "torch_first_s": tf,
+        "torch_repeat_s": tr,
+        "jdup_cache_entries_after_first": j[0].get("cache_entries"),
+    }
+    rec["normalised"] = {
+        "first": C.normalised_from_peaks(rec, jf, tf),
+        "repeat": C.normalised_from_peaks(rec, jr, tr) if jr else None,
+    }
+    targets = {}
+    if warm_inprocess:
+        rec["summary"]["jdup_warm_inprocess_s"] = warm_inprocess
+        targets["detect_first_over_warm"] = {
+            "value": jf / warm_inprocess,
+            "target": TARGETS["detect_first_over_warm"],
+        }
+        if jr:
+            targets["detect_repeat_over_warm"] = {
+                "value": jr / warm_inprocess,
+                "target": TARGETS["detect_repeat_over_warm"],
+            }
+    if rec["bench"] == "cli_unlearn":
+        targets["unlearn_speedup"] = {
+            "value": C.ratio(tf, jr or jf),
+            "target": TARGETS["unlearn_speedup"],
+            "higher_is_better": True,
+        }
+    for v in targets.values():
+        if v["value"] is not None:
+            v["met"] = v["value"] >= v["target"] if v.get("higher_is_better") else v["value"] <= v["target"]
+    rec["targets"] = targets
+
+
+def main(argv=None) -> list[dict]:
+    C.setup_env()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder (default: cached MiniLM BadNets victim)")
+    ap.add_argument("--data", default=None, help="DUP folder (default: ../shared/data/sst-2/1/<attack>)")
+    for k, v in DEFAULTS.items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    ap.add_argument("--parts", default="detect,unlearn")
+    ap.add_argument("--jax-cache-env", action="store_true", help="also set JAX_COMPILATION_CACHE_DIR etc.")
+    ap.add_argument("--workdir", default=None, help="outputs + cache folders (default: a temporary folder)")
+    ap.add_argument("--out", default=str(C.RESULTS / "bench_cli.jsonl"))
+    args = ap.parse_args(argv)
+    args.model = C.resolve_model(args.model)
+    args.data = Path(args.data or (C.DATA / args.attack)).resolve()
+    parts = [p for p in args.parts.split(",") if p]
+    recs = []
+    with tempfile.TemporaryDirectory(prefix="jdup-bench-cli-") as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            fn = {"detect": bench_detect, "unlearn": bench_unlearn}[part]
+            rec = {"machine": C.machine_info(), "versions": C.versions(), "commit": C.git_commit()}
+            rec |= fn(args, work)
+            rec["config"] = {k: getattr(args, k) for k in DEFAULTS} | {"jax_cache_env": args.jax_cache_env}
+            C.emit(rec, args.out)
+            recs.append(rec)
+    return recs
+
+
+if __name__ == "__main__":
+    main()
