@@ -6,8 +6,12 @@ field commented. This module only moves values between YAML, the command line an
 * :func:`load_yaml` reads a file (one clear :class:`~jdup.errors.JdupError` if it is missing or malformed);
 * :func:`apply_overrides` applies dotted ``key=value`` strings (values parsed as YAML: ``lr=1e-4``,
   ``layers=[1,2]``, ``alpha=null``);
-* :func:`build` makes a dataclass from a mapping, rejecting unknown keys and coercing simple types
-  (``tuple`` fields from lists, ``float`` from ints), so a typo fails before any work is done.
+* :func:`build` makes a dataclass from a mapping, rejecting unknown keys, coercing simple types (``tuple``
+  fields from lists, ``float`` from ints) and nested dataclass fields from mappings, then runs the class's
+  ``validate()`` (value constraints written with :func:`check_range`, :func:`check_one_of`, ...), so a typo or an
+  out-of-range value fails before any work is done, with a message naming the key and its source::
+
+      configs/x.yaml: detect.frr: must lie in (0, 1), got 2.0
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ T = TypeVar("T")
 def load_yaml(path: str | os.PathLike) -> dict:
     """Reads a YAML mapping. Missing file, bad YAML or a non-mapping top level raise ``JdupError``."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise JdupError("is a folder, not a config file", path)
     if not os.path.isfile(path):
         raise JdupError("config file not found", path)
     try:
@@ -39,6 +45,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
         raise JdupError(f"not valid YAML: {where}{problem}", path) from None
+    except UnicodeDecodeError as e:
+        raise JdupError(f"not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8", path) from None
     except OSError as e:
         raise JdupError(f"cannot read: {e.strerror}", path) from None
     if data is None:
@@ -84,6 +92,16 @@ def apply_overrides(config: Mapping, overrides: Iterable[str]) -> dict:
     return out
 
 
+def override_origins(overrides: Iterable[str], source: str = "command line") -> dict[str, str]:
+    """``{dotted key: source}`` of ``key=value`` overrides, for :func:`build`'s ``origins``."""
+    out = {}
+    for item in overrides:
+        if "=" in item:
+            keys, _ = parse_override(item)
+            out[".".join(keys)] = source
+    return out
+
+
 def _deepcopy(d: Any) -> Any:
     if isinstance(d, Mapping):
         return {k: _deepcopy(v) for k, v in d.items()}
@@ -96,50 +114,187 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def build(cls: type[T], values: Mapping | None, *, source: str = "config") -> T:
-    """Builds the frozen dataclass ``cls`` from a mapping; unknown keys and bad types raise ``JdupError``.
+# ---------------------------------------------------------------------------------------------------------------
+# Value constraints: a config class declares them in a ``validate(self)`` method made of ``check_*`` one-liners,
+# e.g. ``config.check_range(self, "frr", 0, 1, lo_open=True, hi_open=True)``; :func:`build` calls it and names the
+# key and where its value came from: ``configs/x.yaml: detect.frr: must lie in (0, 1), got 2.0``.
+
+
+class Invalid(ValueError):
+    """Raised by a config class's ``validate()``: which field (``key``) is wrong and why (``problem``)."""
+
+    def __init__(self, key: str, problem: str, value: Any = dataclasses.MISSING):
+        self.key = key
+        self.problem = problem
+        self.value = value
+        got = "" if value is dataclasses.MISSING else f", got {value!r}"
+        super().__init__(f"{key}: {problem}{got}")
+
+
+def check(cfg: Any, key: str, ok: bool, problem: str) -> None:
+    """Raises :class:`Invalid` for ``key`` (with its current value) unless ``ok``."""
+    if not ok:
+        raise Invalid(key, problem, getattr(cfg, key, dataclasses.MISSING))
+
+
+def check_range(
+    cfg: Any,
+    key: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """``cfg.key`` must be a number in the interval (``lo``/``hi`` None = unbounded; NaN always fails)."""
+    v = getattr(cfg, key)
+    if v is None:
+        check(cfg, key, allow_none, "must be set")
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        check(cfg, key, False, "must be a number")
+    ok = v == v  # NaN
+    if lo is not None:
+        ok = ok and (v > lo if lo_open else v >= lo)
+    if hi is not None:
+        ok = ok and (v < hi if hi_open else v <= hi)
+    if lo is not None and hi is not None:
+        problem = f"must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        problem = f"must be {'>' if lo_open else '>='} {lo}"
+    else:
+        problem = f"must be {'<' if hi_open else '<='} {hi}"
+    check(cfg, key, ok, problem)
+
+
+def check_one_of(cfg: Any, key: str, options: Iterable[Any]) -> None:
+    """``cfg.key`` must be one of ``options``."""
+    options = list(options)
+    check(cfg, key, getattr(cfg, key) in options, f"must be one of {options}")
+
+
+def check_set(cfg: Any, key: str, what: str = "") -> None:
+    """``cfg.key`` must not be empty (``what`` says what to set, e.g. "the data folder")."""
+    check(cfg, key, bool(getattr(cfg, key)), f"must be set{' to ' + what if what else ''}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Field types of a dataclass; a field whose annotation cannot be resolved falls back to the class of its
+    ``default_factory`` when that is a dataclass (so nested configs are still built), else ``Any``."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        pass
+    out: dict[str, Any] = {}
+    module = __import__(cls.__module__, fromlist=["_"]).__dict__
+    for f in dataclasses.fields(cls):
+        tp: Any = f.type
+        if isinstance(tp, str):
+            try:
+                tp = eval(tp, dict(module), {})  # noqa: S307 - annotations of our own config classes
+            except Exception:  # noqa: BLE001
+                factory = f.default_factory
+                tp = factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else Any
+        out[f.name] = tp
+    return out
+
+
+def origin_of(origins: Mapping[str, str] | None, path: str, source: str) -> str:
+    """Where the value at dotted ``path`` came from: the longest prefix of it in ``origins``, else ``source``."""
+    if origins:
+        parts = path.split(".")
+        for n in range(len(parts), 0, -1):
+            got = origins.get(".".join(parts[:n]))
+            if got:
+                return got
+    return source
+
+
+def build(
+    cls: type[T],
+    values: Mapping | None,
+    *,
+    source: str = "config",
+    prefix: str = "",
+    origins: Mapping[str, str] | None = None,
+) -> T:
+    """Builds the frozen dataclass ``cls`` from a mapping, then runs its ``validate()`` (if it has one).
+
+    Unknown keys, bad types and values ``validate()`` rejects raise ``JdupError`` naming the key (dotted, with
+    ``prefix``) and where it came from.
 
     Args:
-      cls: a dataclass type (fields may themselves be dataclasses, built recursively).
+      cls: a dataclass type; fields that are dataclasses are built recursively from mappings (``a.b`` keys).
       values: the mapping (e.g. one section of a YAML file after overrides).
       source: what to name in error messages (a file path or ``"command line"``).
+      prefix: dotted path of this mapping in the whole config (``"detect."``), for messages.
+      origins: ``{dotted key: source}`` for values that came from elsewhere (e.g. command-line overrides).
     """
-    values = dict(values or {})
-    hints = typing.get_type_hints(cls)
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        where = prefix.rstrip(".") or cls.__name__
+        raise JdupError(f"{where}: expected a mapping of {cls.__name__} keys, got {values!r}", source)
+    values = dict(values)
+    aliases = getattr(cls, "__config_aliases__", {})
+    for alias, name in aliases.items():
+        if alias in values:
+            value = values.pop(alias)
+            values.setdefault(name, value)
+    hints = _hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
+        where = f" in {prefix.rstrip('.')}" if prefix else ""
         raise JdupError(
-            f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(known)}", source
+            f"unknown key(s) {unknown}{where} for {cls.__name__}; valid keys: {sorted(known)}",
+            origin_of(origins, prefix + unknown[0], source),
         )
     kwargs = {}
     for name, value in values.items():
+        path = prefix + name
+        src = origin_of(origins, path, source)
         try:
-            kwargs[name] = _coerce(hints.get(name, Any), value, f"{cls.__name__}.{name}", source)
+            kwargs[name] = _coerce(hints.get(name, Any), value, path, src, origins)
         except JdupError:
             raise
         except (TypeError, ValueError) as e:
-            raise JdupError(f"bad value for {name}: {e}", source) from None
+            raise JdupError(f"{path}: bad value {value!r}: {e}", src) from None
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+    except Invalid as e:
+        raise JdupError(f"{prefix}{e}", origin_of(origins, prefix + e.key, source)) from None
     except (TypeError, ValueError) as e:
-        raise JdupError(f"invalid {cls.__name__}: {e}", source) from None
+        raise JdupError(f"invalid {prefix.rstrip('.') or cls.__name__}: {e}", source) from None
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except Invalid as e:
+            raise JdupError(f"{prefix}{e}", origin_of(origins, prefix + e.key, source)) from None
+    return cfg
 
 
-def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
+def _coerce(tp: Any, value: Any, where: str, source: str, origins: Mapping[str, str] | None = None) -> Any:
     if tp is Any or value is None:
         return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
-        errors = []
+        if len(options) == 1:  # Optional[X]: X's own error is the clearest
+            return _coerce(options[0], value, where, source, origins)
+        nested = [a for a in options if dataclasses.is_dataclass(a) and isinstance(a, type)]
+        if nested and isinstance(value, Mapping):
+            return _coerce(nested[0], value, where, source, origins)
         for opt in options:
             try:
-                return _coerce(opt, value, where, source)
-            except (JdupError, TypeError, ValueError) as e:
-                errors.append(str(e))
-        raise JdupError(f"{where}: {value!r} matches none of {options}", source)
+                return _coerce(opt, value, where, source, origins)
+            except (JdupError, TypeError, ValueError):
+                continue
+        names = [getattr(o, "__name__", str(o)) for o in options]
+        raise JdupError(f"{where}: {value!r} matches none of {names}", source)
     if origin is typing.Literal:
         if value not in args:
             raise JdupError(f"{where}: {value!r} is not one of {list(args)}", source)
@@ -148,8 +303,8 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise JdupError(f"{where}: expected a mapping, got {value!r}", source)
-        return build(tp, value, source=source)
+            raise JdupError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}", source)
+        return build(tp, value, source=source, prefix=where + ".", origins=origins)
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -176,13 +331,19 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
             return bool(value)
         raise JdupError(f"{where}: expected true/false, got {value!r}", source)
     if tp is float:
-        if isinstance(value, bool):
-            raise JdupError(f"{where}: expected a number, got {value!r}", source)
-        return float(value)
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise JdupError(f"{where}: expected a number, got {value!r}", source) from None
     if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise JdupError(f"{where}: expected an integer, got {value!r}", source)
-        return int(value)
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise JdupError(f"{where}: expected an integer, got {value!r}", source) from None
     if tp is str:
         if isinstance(value, (dict, list)):
             raise JdupError(f"{where}: expected a string, got {value!r}", source)
