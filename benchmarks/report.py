@@ -9,16 +9,19 @@ import json
 import sys
 from pathlib import Path
 
-TARGETS = {  # issue 7 targets (CPU, 2 cores, MiniLM victim, SST-2 test-detect)
+TARGETS = {  # issue 7 / 15 targets (CPU, 2 cores, MiniLM victim, SST-2 test-detect)
     "detect": 5.0,  # jdup >= 5x faster end to end
     "unlearn": 2.0,  # jdup >= 2x faster per epoch
     "forward": 1.2,  # jdup time within 1.2x of torch
     "auroc": 0.005,  # |AUROC difference|
+    "cli_detect_repeat": 1.3,  # second `jdup detect` process within 1.3x of the warm in-process time
+    "cli_detect_first": 1.6,  # first one (empty compilation cache) within 1.6x
+    "cli_unlearn": 2.0,  # `jdup unlearn` >= 2x faster than the reference end to end (fresh processes)
 }
 
 
 def load(path: str | Path) -> dict[str, dict]:
-    """The last record of each kind (``detect``, ``detect_memory``, ``unlearn_epoch``, ``forward``) in a file."""
+    """The last record of each kind (``detect``, ``detect_memory``, ``unlearn_epoch``, ``forward``, ``cli_*``)."""
     out: dict[str, dict] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip().startswith("{"):
@@ -31,16 +34,73 @@ def _f(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def _mfu_ratio(rec: dict | None) -> str:
+    """`` (÷ peaks: X×)``: the speed-up with both frameworks' measured matmul peaks divided out."""
+    n = (rec or {}).get("normalised") or {}
+    return f" (÷ peaks: {n['mfu_ratio']:.2f}×)" if n.get("mfu_ratio") else ""
+
+
+def _ok(value: float, target: float, higher: bool) -> str:
+    return "✅" if (value >= target if higher else value <= target) else "❌"
+
+
+def cli_rows(recs: dict[str, dict]) -> list[str]:
+    """User-level rows: fresh-process CLI calls (first with an empty compilation cache, then repeated)."""
+    rows = []
+    d = recs.get("cli_detect")
+    if d and "summary" in d:
+        s = d["summary"]
+        tf, tr = s["torch_first_s"], s["torch_repeat_s"]
+        rows.append(
+            f"| detection as a user runs it: fresh `jdup detect` process, first call (empty compilation cache), s | "
+            f"{_f(s['jdup_first_s'], 1)} | {_f(tf, 1)} | {tf / s['jdup_first_s']:.2f}×"
+            f"{_mfu_ratio({'normalised': d['normalised']['first']})} | |"
+        )
+        if s.get("jdup_repeat_s"):
+            rows.append(
+                f"| · repeat call (warm compilation cache), s | {_f(s['jdup_repeat_s'], 1)} | {_f(tr, 1)} | "
+                f"{tr / s['jdup_repeat_s']:.2f}×{_mfu_ratio({'normalised': d['normalised']['repeat']})} | |"
+            )
+        w = s.get("jdup_warm_inprocess_s")
+        if w:
+            rows.append(f"| · jdup warm, inside one process (same run), s | {_f(w, 1)} | | | |")
+            for key, name in (("cli_detect_first", "jdup_first_s"), ("cli_detect_repeat", "jdup_repeat_s")):
+                if s.get(name):
+                    v = s[name] / w
+                    label = "first" if key.endswith("first") else "repeat"
+                    rows.append(
+                        f"| · jdup {label} call ÷ warm in-process time | ×{v:.2f} | | | ≤ {TARGETS[key]}× "
+                        f"{_ok(v, TARGETS[key], False)} |"
+                    )
+    u = recs.get("cli_unlearn")
+    if u and "summary" in u:
+        s = u["summary"]
+        tf = s["torch_first_s"]
+        for label, key in (("first call (empty cache)", "jdup_first_s"), ("repeat call", "jdup_repeat_s")):
+            if s.get(key):
+                sp = tf / s[key]
+                norm = u["normalised"]["first" if key == "jdup_first_s" else "repeat"]
+                rows.append(
+                    f"| unlearning as a user runs it (`jdup unlearn` = detect + 5 epochs + evaluate + export, fresh "
+                    f"process), {label}, s | {_f(s[key], 1)} | {_f(tf, 1)} | {sp:.2f}×{_mfu_ratio({'normalised': norm})}"
+                    f" | ≥ {TARGETS['cli_unlearn']:.0f}× {_ok(sp, TARGETS['cli_unlearn'], True)} |"
+                )
+    return rows
+
+
 def table(recs: dict[str, dict]) -> str:
-    """Markdown table: figure, jdup, reference, ratio, target."""
-    rows = ["| figure | jdup | PyTorch reference | jdup advantage | target |", "|---|---|---|---|---|"]
+    """Markdown table: figure, jdup, reference, ratio (and the ratio with both matmul peaks divided out), target."""
+    rows = [
+        "| figure | jdup | PyTorch reference | jdup advantage (÷ peaks: MFU ratio) | target |",
+        "|---|---|---|---|---|",
+    ]
     d = recs.get("detect")
     if d and "jdup" in d and "torch" in d:
         j, t = d["jdup"], d["torch"]
         sp = t["total"]["median"] / j["total"]["median"]
         rows.append(
             f"| detection end to end, s (median of {j['total']['n']}; {j['rows_scored']} scored rows) | "
-            f"{_f(j['total']['median'])} | {_f(t['total']['median'])} | {sp:.2f}× | ≥ {TARGETS['detect']:.0f}× "
+            f"{_f(j['total']['median'])} | {_f(t['total']['median'])} | {sp:.2f}×{_mfu_ratio(d)} | ≥ {TARGETS['detect']:.0f}× "
             f"{'✅' if sp >= TARGETS['detect'] else '❌'} |"
         )
         if "total_excl_compile" in j:
@@ -98,7 +158,7 @@ def table(recs: dict[str, dict]) -> str:
         a, b = j["stages"]["train_steps"]["median"], t["stages"]["train_steps"]["median"]
         rows.append(
             f"| unlearning epoch, train steps, s ({j['steps']} steps × 2×{u['config']['batch_size']} rows) | {_f(a)} | "
-            f"{_f(b)} | {b / a:.2f}× | ≥ {TARGETS['unlearn']:.0f}× {'✅' if b / a >= TARGETS['unlearn'] else '❌'} |"
+            f"{_f(b)} | {b / a:.2f}×{_mfu_ratio(u)} | ≥ {TARGETS['unlearn']:.0f}× {'✅' if b / a >= TARGETS['unlearn'] else '❌'} |"
         )
         a2, b2 = j["total"]["median"], t["total"]["median"]
         rows.append(
@@ -113,11 +173,23 @@ def table(recs: dict[str, dict]) -> str:
             ok = r["jdup_over_torch_time_median"] <= TARGETS["forward"]
             rows.append(
                 f"| encoder forward {shape}, ms/batch (MFU) | {jt:.1f} ({100 * r['mfu_jdup']:.0f} %) | "
-                f"{tt:.1f} ({100 * r['mfu_torch']:.0f} %) | time ×{r['jdup_over_torch_time_median']:.2f} | "
+                f"{tt:.1f} ({100 * r['mfu_torch']:.0f} %) | time ×{r['jdup_over_torch_time_median']:.2f}"
+                f"{_mfu_ratio({'normalised': (f.get('normalised') or {}).get(shape)})} | "
                 f"≤ {TARGETS['forward']}× {'✅' if ok else '❌'} |"
             )
-        pj, pt = f["jdup"]["peak"]["flops_per_s"] / 1e9, f["torch"]["peak"]["flops_per_s"] / 1e9
-        rows.append(f"| measured fp32 matmul peak, GFLOP/s | {pj:.0f} (jax) | {pt:.0f} (torch) | | |")
+    rows += cli_rows(recs)
+    for name, r in recs.items():  # both peaks of every record (they differ between runs on a busy machine)
+        p = r.get("peaks") or {}
+        if not p and isinstance(r.get("jdup"), dict) and isinstance(r.get("torch"), dict):  # older records
+            pj, pt = r["jdup"].get("peak") or {}, r["torch"].get("peak") or {}
+            if pj.get("flops_per_s") and pt.get("flops_per_s"):
+                j, t = pj["flops_per_s"] / 1e9, pt["flops_per_s"] / 1e9
+                p = {"jax_gflops": j, "torch_gflops": t, "jax_over_torch": j / t}
+        if p.get("jax_gflops") and p.get("torch_gflops"):
+            rows.append(
+                f"| measured fp32 2048² matmul peak in the `{name}` run, GFLOP/s | {p['jax_gflops']:.0f} (jax) | "
+                f"{p['torch_gflops']:.0f} (torch) | jax/torch {p['jax_over_torch']:.2f} | |"
+            )
     return "\n".join(rows)
 
 

@@ -7,6 +7,11 @@ All JSON lines go to ``benchmarks/results/cpu.jsonl`` (overwritten per run); ``b
     python benchmarks/run_cpu_set.py                 # everything, defaults
     python benchmarks/run_cpu_set.py --quick         # 1 repetition each, 400-row subsets (a smoke run)
     python benchmarks/run_cpu_set.py --only forward,detect,parity,memory --keep-others   # refresh those only
+    python benchmarks/run_cpu_set.py --only cli --keep-others    # user-level rows: fresh-process CLI calls
+
+``--only cli`` (not in the default set: it takes about 10 minutes on 2 cores) adds the user-level records of
+``bench_cli.py``: two fresh ``jdup detect`` processes (empty, then warm compilation cache) vs two reference
+processes and jdup's warm in-process time; ``jdup unlearn`` (first and repeat) vs the reference end to end.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from benchmarks import common as C  # noqa: E402
 
 #: --only part -> the ``bench`` name of the record it writes
 BENCH_OF = {
-    "forward": "forward",
-    "detect": "detect",
-    "parity": "detect_faithful",
-    "memory": "detect_memory",
-    "unlearn": "unlearn_epoch",
+    "forward": ("forward",),
+    "detect": ("detect",),
+    "parity": ("detect_faithful",),
+    "memory": ("detect_memory",),
+    "unlearn": ("unlearn_epoch",),
+    "cli": ("cli_detect", "cli_unlearn"),
 }
 
 
@@ -50,9 +56,12 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))
+    unknown = only - set(BENCH_OF)
+    if unknown:
+        ap.error(f"unknown --only part(s) {sorted(unknown)}; known: {sorted(BENCH_OF)}")
     kept = []
     if args.keep_others and out.exists():
-        ran = {BENCH_OF[p] for p in only if p in BENCH_OF}
+        ran = {b for p in only if p in BENCH_OF for b in BENCH_OF[p]}
         for line in out.read_text().splitlines():
             if line.strip().startswith("{") and json.loads(line).get("bench") not in ran:
                 kept.append(line)
@@ -60,7 +69,7 @@ def main(argv=None) -> None:
     model = str(C.resolve_model(args.model))
     common = ["--model", model, "--out", str(out)]
     quick_reps = ["--reps", "1" if args.quick else str(args.reps)]
-    from benchmarks import bench_detect, bench_forward, bench_unlearn, report
+    from benchmarks import bench_cli, bench_detect, bench_forward, bench_unlearn, report
 
     t0 = time.perf_counter()
     if "forward" in only:
@@ -78,6 +87,8 @@ def main(argv=None) -> None:
         bench_detect.main(common + ["--memory", "--impl", args.memory_impl, "--scored-limit", n])
     if "unlearn" in only:
         bench_unlearn.main(common + quick_reps + (["--limit", "128"] if args.quick else []))
+    if "cli" in only:
+        bench_cli.main(["--model", model, "--out", str(out)] + (["--parts", "detect"] if args.quick else []))
     print(f"# CPU set done in {time.perf_counter() - t0:.0f} s; results in {out}", file=sys.stderr)
     report.main([str(out)])
 
