@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from jdup import data as D
+from jdup.errors import check, check_one_of, check_range
 from jdup.metrics import accuracy, attack_success_rate
 from jdup.predict import MODEL_INPUTS, predict, predict_states
 
@@ -95,6 +96,28 @@ class TrainConfig:
     log_every: int = 10
     # Show tqdm progress bars.
     progress: bool = True
+
+    def validate(self) -> None:
+        """Value constraints, checked by ``jdup.config.build`` before any work (paths are checked by the stage)."""
+        check_range(self, "rate", 0, 1, hi_open=True)
+        check_range(self, "num_labels", 2)
+        check_range(self, "target", 0, self.num_labels - 1, allow_none=True)
+        check_range(self, "epochs", 1)
+        check_range(self, "batch_size", 1)
+        check_range(self, "eval_batch_size", 1)
+        check_range(self, "lr", 0, lo_open=True)
+        check_range(self, "warmup", 0, 1)
+        check_range(self, "warmup_epochs", 0, self.epochs, allow_none=True)
+        check_range(self, "weight_decay", 0)
+        check_range(self, "clip", 0, allow_none=True)
+        check_range(self, "max_length", 1)
+        check(self, "buckets", all(isinstance(b, int) and b >= 1 for b in self.buckets), "lengths must be >= 1")
+        check_range(self, "eval_every", 1)
+        check_one_of(self, "select", ("dev_acc", "dev_mean"))
+        check_range(self, "ckpt_every_steps", 0)
+        check_range(self, "max_steps", 0, allow_none=True)
+        check_one_of(self, "dtype", DTYPES)
+        check_range(self, "log_every", 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

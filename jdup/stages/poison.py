@@ -22,7 +22,7 @@ import numpy as np
 
 from jdup import data as D
 from jdup.attacks import ADDSENT_SENTENCE, BADNETS_TRIGGERS, make_attack, poison_splits
-from jdup.errors import JdupError
+from jdup.errors import JdupError, check, check_one_of, check_range, check_set
 
 
 def write_dup_folder(splits: dict[str, D.TextDataset], out: str | os.PathLike, rate: float) -> None:
@@ -67,6 +67,23 @@ class PoisonConfig:
     max_rows: int | None = None
     # Replace an existing output folder that is not a previous `jdup poison` output (those are always replaced).
     overwrite: bool = False
+
+    def validate(self) -> None:
+        """Value constraints, checked by ``jdup.config.build`` before any work."""
+        check_set(self, "source", "a built-in name, a DUP folder or a table file")
+        check_one_of(self, "attack", ("badnets", "addsent"))
+        check_range(self, "rate", 0, 1, hi_open=True)
+        check_range(self, "target", 0)
+        check_range(self, "num_triggers", 1)
+        check(self, "triggers", self.attack != "badnets" or any(t.strip() for t in self.triggers),
+              "badnets needs at least one trigger word")
+        check(self, "sentence", self.attack != "addsent" or bool(self.sentence.split()),
+              "addsent needs a non-empty sentence")
+        check(self, "fractions", len(self.fractions) == 3 and all(0 <= f <= 1 for f in self.fractions)
+              and abs(sum(self.fractions) - 1) < 1e-6, "must be three fractions in [0, 1] that sum to 1")
+        check_range(self, "num_labels", 2, allow_none=True)
+        check_range(self, "target", 0, (self.num_labels or 2**31) - 1)
+        check_range(self, "max_rows", 1, allow_none=True)
 
 
 def load_clean_source(cfg: PoisonConfig) -> dict[str, D.TextDataset]:
