@@ -2,8 +2,11 @@
 
 Every stage command reads an optional YAML config (``--config``; a file with a section named after the stage
 uses that section), applies the named options, then any ``key=value`` overrides (dotted keys, values parsed as
-YAML), builds the stage's frozen config dataclass and calls ONE library function. Bad input raises
-:class:`jdup.errors.JdupError`, printed as one line on stderr with exit code 2.
+YAML), builds the stage's frozen config dataclass (validating every value) and calls ONE library function.
+
+Every failure is one line on stderr: bad input (:class:`jdup.errors.JdupError`), file-system errors (permission,
+read-only, disk full: the path is named) and usage errors exit with code 2; Ctrl-C prints what was interrupted,
+where its checkpoint is and how to resume, and exits with code 130.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import typer
 
 from jdup import config as config_lib
-from jdup.errors import JdupError
+from jdup.errors import Interrupted, JdupError, os_error_message
 
 app = typer.Typer(
     add_completion=False,
@@ -56,32 +59,45 @@ def _main(
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-def _stage_values(stage: str, config: str | None, named: dict[str, Any], extra: list[str]) -> tuple[dict, str]:
+def _stage_values(stage: str, config: str | None, named: dict[str, Any], extra: list[str]) -> tuple[dict, str, dict]:
+    """The stage's values (file < named options < overrides), the file it came from, and the command-line keys."""
     values: dict = {}
     source = "command line"
     if config:
         data = config_lib.load_yaml(config)
         section = data.get(stage)
+        if stage in data and not isinstance(section, dict):
+            raise JdupError(f"{stage}: the section must be a mapping of {stage} settings, got {section!r}", config)
         values = dict(section) if isinstance(section, dict) else data
         source = config
-    values.update({k: v for k, v in named.items() if v is not None})
+    given = {k: v for k, v in named.items() if v is not None}
+    values.update(given)
     overrides = [e for e in extra if e]
     bad = [e for e in overrides if "=" not in e]
     if bad:
         raise JdupError(f"unexpected argument(s) {bad}: options are --name value, overrides are key=value")
     values = config_lib.apply_overrides(values, overrides)
-    values.pop("enabled", None)
-    return values, source
+    origins = {k: "command line" for k in given}
+    origins.update(config_lib.override_origins(overrides))
+    enabled = values.pop("enabled", None)
+    if enabled is not None and not isinstance(enabled, bool):
+        raise JdupError(f"enabled: must be true or false, got {enabled!r}", origins.get("enabled", source))
+    return values, source, origins
 
 
 def _run_stage(stage: str, config: str | None, named: dict[str, Any], extra: list[str]) -> dict:
-    from jdup import pipeline
+    from jdup import manifest, pipeline
 
-    values, source = _stage_values(stage, config, named, extra)
+    values, source, origins = _stage_values(stage, config, named, extra)
     cls, fn = pipeline.stage_classes(stage)
-    cfg = config_lib.build(cls, values, source=source)
+    cfg = config_lib.build(cls, values, source=source, origins=origins)
+    out = getattr(cfg, "out", None)
+    manifest.check_output(stage, out, pipeline.stage_inputs(stage, cfg), overwrite=True, same_stage=False)
     log.info("%s config: %s", stage, json.dumps(config_lib.to_dict(cfg), default=str))
-    result = fn(cfg)
+    try:
+        result = fn(cfg)
+    except KeyboardInterrupt:
+        raise Interrupted(pipeline.interrupted_message(stage, out, f"jdup {stage}")) from None
     _print_result(result)
     return result
 
@@ -161,12 +177,23 @@ def unlearn(
 
 
 @app.command(context_settings=EXTRA)
-def run(ctx: typer.Context, config: str = typer.Argument(..., help="run config (see configs/demo.yaml)")) -> None:
+def run(
+    ctx: typer.Context,
+    config: str = typer.Argument(..., help="run config (see configs/demo.yaml)"),
+    overwrite: bool = typer.Option(
+        None, "--overwrite", help="allow replacing existing folders that are not outputs of the same stage"
+    ),
+) -> None:
     """Run the whole pipeline: poison -> train -> detect -> unlearn -> report."""
     from jdup import pipeline
 
-    data = config_lib.apply_overrides(config_lib.load_yaml(config), ctx.args)
-    report = pipeline.run_pipeline(data, source=config)
+    try:
+        data = config_lib.apply_overrides(config_lib.load_yaml(config), ctx.args)
+        report = pipeline.run_pipeline(data, source=config, origins=config_lib.override_origins(ctx.args),
+                                       overwrite=overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(f"jdup run {config} was interrupted; run it again to resume (finished stages are "
+                          "reused)") from None
     typer.echo(pipeline.report_markdown(report))
     typer.echo(f"report: {os.path.join(report['out'], 'report.md')}")
 
@@ -181,7 +208,11 @@ def sweep(
     from jdup import sweep as sweep_lib
 
     data = config_lib.apply_overrides(config_lib.load_yaml(config), ctx.args)
-    result = sweep_lib.run_sweep(data, out, source=config)
+    try:
+        result = sweep_lib.run_sweep(data, out, source=config)
+    except KeyboardInterrupt:
+        raise Interrupted(f"sweep {config} was interrupted; finished cells are kept in its results.jsonl; run the "
+                          "same command again to resume") from None
     _print_result(result)
 
 
@@ -190,7 +221,10 @@ def report(sweep_dir: str = typer.Argument(..., help="a sweep folder")) -> None:
     """Aggregate a sweep folder into CSV/Markdown tables and plots."""
     from jdup import report as report_lib
 
-    result = report_lib.run_report(sweep_dir)
+    try:
+        result = report_lib.run_report(sweep_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"report {sweep_dir} was interrupted; run it again") from None
     _print_result(result)
 
 
@@ -217,26 +251,48 @@ def info() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``jdup`` console script and ``python -m jdup``; returns the exit code."""
+    """Entry point of the ``jdup`` console script and ``python -m jdup``; returns the exit code.
+
+    0 on success; 2 for every failure, printed as ONE line ``jdup: error: ...``; 130 after Ctrl-C, with one line
+    ``jdup: interrupted: ...``.
+    """
     try:
-        app(args=argv, standalone_mode=False, prog_name="jdup")
+        rv = app(args=argv, standalone_mode=False, prog_name="jdup")
     except JdupError as e:
-        print("jdup: error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
-        return 2
+        return _fail(str(e))
+    except Interrupted as e:
+        print("jdup: interrupted: " + " ".join(e.message.split()), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("jdup: interrupted", file=sys.stderr)
         return 130
     except SystemExit as e:  # typer/click exits (e.g. --help)
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    except UnicodeDecodeError as e:
+        return _fail(f"cannot read text as UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8")
+    except OSError as e:  # permission, read-only file system, disk full, ... (typer re-raises them)
+        return _fail(os_error_message(e))
+    except MemoryError:
+        return _fail("out of memory: use a smaller batch_size / max_length, or a machine with more memory")
     except Exception as e:  # click usage errors
         # typer >= 0.2x vendors click as typer._click, whose exceptions are not click's: match by behaviour
         if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             return 2
         if type(e).__name__ == "Abort":
+            print("jdup: interrupted", file=sys.stderr)
             return 130
         raise
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer turned a Ctrl-C into Exit(130)
+        if rv == 130:
+            print("jdup: interrupted", file=sys.stderr)
+        return rv
     return 0
+
+
+def _fail(message: str) -> int:
+    print("jdup: error: " + " ".join(message.split()), file=sys.stderr)  # always one line
+    return 2
 
 
 def console() -> None:

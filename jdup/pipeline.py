@@ -11,9 +11,14 @@ The run config is a YAML mapping with one section per stage plus a few top-level
 
 Stages are chained by their folders: the poisoned data folder feeds ``train.data``/``detect.data``/
 ``unlearn.data``; the trained victim folder (``<out>/victim/model``) feeds ``detect.model``/``unlearn.model``;
-unlearning runs its own detection on dev-clean ∪ dev-poison unless ``unlearn.detection`` names one. A key given in a section always wins over the chained value.
-A stage whose ``metrics.json`` already exists is skipped when ``resume: true`` (default), so a killed run picks
-up where it stopped; stages that checkpoint (training, unlearning) also resume inside themselves.
+unlearning runs its own detection on dev-clean ∪ dev-poison unless ``unlearn.detection`` names one. A key given
+in a section always wins over the chained value.
+
+Every section is validated and every stage config built before the first stage runs (a bad value in ``unlearn:``
+fails before poisoning starts, naming the key and the file). With ``resume: true`` (default) a stage is reused
+only when its folder's ``manifest.json`` matches its config and inputs; otherwise it reruns, and so does every
+stage after it that reads its output (their input fingerprints change). Stages that checkpoint (training,
+unlearning) also resume inside themselves after a kill.
 """
 
 from __future__ import annotations
@@ -29,20 +34,26 @@ from typing import Any
 
 from jdup import atomic
 from jdup import config as config_lib
-from jdup.errors import JdupError
+from jdup.errors import Interrupted, JdupError
 
 log = logging.getLogger("jdup")
 
 # stage name -> (module, config class, entry function)
 STAGES: dict[str, tuple[str, str, str]] = {
-    "poison": ("jdup.attacks", "PoisonConfig", "run_poison"),
-    "train": ("jdup.train", "TrainConfig", "run_train"),
+    "poison": ("jdup.stages.poison", "PoisonConfig", "run_poison"),
+    "train": ("jdup.stages.train", "TrainConfig", "run_train"),
     "detect": ("jdup.detect", "DetectConfig", "run_detect"),
     "unlearn": ("jdup.unlearn", "UnlearnConfig", "run_unlearn"),
     "sweep": ("jdup.sweep", "SweepConfig", "run_sweep"),
 }
 
-RUN_KEYS = ("out", "seed", "resume", "poison", "train", "detect", "unlearn", "report")
+RUN_KEYS = ("out", "seed", "resume", "overwrite", "poison", "train", "detect", "unlearn", "report")
+ORDER = ("poison", "train", "detect", "unlearn")
+#: Default folder of each stage under the run's `out`.
+FOLDERS = {"poison": "poison", "train": "victim", "detect": "detect", "unlearn": "unlearn"}
+#: The file holding each stage's returned metrics (what a reused stage contributes to the report).
+RESULT_FILES = {"poison": "metrics.json", "train": "metrics.json", "detect": "detection.json",
+                "unlearn": "metrics.json"}
 
 # metrics shown in the report table, in order, with how to print them
 _REPORT_ROWS = (
@@ -72,9 +83,25 @@ def stage_classes(stage: str) -> tuple[type, Any]:
     return getattr(module, cls_name), getattr(module, fn_name)
 
 
-def build_stage_config(stage: str, values: Mapping, *, source: str) -> Any:
+def build_stage_config(stage: str, values: Mapping, *, source: str, prefix: str = "",
+                       origins: Mapping[str, str] | None = None) -> Any:
     cls, _ = stage_classes(stage)
-    return config_lib.build(cls, values, source=source)
+    return config_lib.build(cls, values, source=source, prefix=prefix, origins=origins)
+
+
+def stage_inputs(stage: str, cfg: Any) -> dict[str, Any]:
+    """What a stage reads (``{name: path or name}``): the folders its output must never replace, and what its
+    manifest fingerprints."""
+    if stage == "poison":
+        return {"source": cfg.source}
+    inputs = {"model": cfg.model, "data": cfg.data}
+    if stage == "detect":
+        s = cfg.score_set
+        if s.endswith(".csv") or os.sep in s:
+            inputs["score_set"] = s if os.path.isabs(s) or os.path.isfile(s) else os.path.join(cfg.data, s)
+    if stage == "unlearn" and cfg.detection:
+        inputs["detection"] = cfg.detection
+    return inputs
 
 
 def _fields(stage: str) -> set[str]:
@@ -82,100 +109,164 @@ def _fields(stage: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _enabled(section: Any) -> bool:
-    return isinstance(section, Mapping) and section.get("enabled", True) is not False
+def interrupted_message(stage: str, out: str | None, command: str = "") -> str:
+    """What Ctrl-C interrupted, where its checkpoint is (if any) and how to go on, in one line."""
+    again = f"run `{command}` again" if command else "run the same command again"
+    if not out:
+        return f"{stage} was interrupted; nothing was written; {again} to start over"
+    out = os.path.abspath(os.fspath(out))
+    ckpt = atomic.checkpoint_of(out)
+    if ckpt is None and os.path.isdir(os.path.join(out, "ckpt")) and os.listdir(os.path.join(out, "ckpt")):
+        ckpt = os.path.join(out, "ckpt")
+    if ckpt:
+        return f"{stage} was interrupted; its checkpoint is in {ckpt}; {again} to resume from it"
+    kept = "the previous output is unchanged" if os.path.isdir(out) else "no output was written"
+    return f"{stage} was interrupted before it finished ({out}: {kept}, no checkpoint); {again} to redo it"
 
 
-def _chain(stage: str, section: dict, defaults: dict) -> dict:
-    """Fills keys the stage has but the section left out, from the chained defaults."""
-    names = _fields(stage)
-    out = {k: v for k, v in section.items() if k != "enabled"}
-    for k, v in defaults.items():
-        if k in names and k not in out and v is not None:
-            out[k] = v
-    return out
+def _section(cfg: Mapping, stage: str, source: str, origins: Mapping[str, str]) -> dict | None:
+    """The stage's section as a dict (None = not run). A present section must be a mapping."""
+    if stage not in cfg:
+        return None
+    section = cfg[stage]
+    where = config_lib.origin_of(origins, stage, source)
+    if not isinstance(section, Mapping):
+        raise JdupError(f"{stage}: the section must be a mapping of {stage} settings (write `{stage}: {{}}` for the "
+                        f"defaults, or `enabled: false` inside it to skip the stage), got {section!r}", where)
+    enabled = section.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise JdupError(f"{stage}.enabled: must be true or false, got {enabled!r}",
+                        config_lib.origin_of(origins, f"{stage}.enabled", source))
+    return {k: v for k, v in section.items() if k != "enabled"} if enabled else None
 
 
-def run_pipeline(cfg: Mapping, *, source: str = "config") -> dict:
-    """Runs the stages named in ``cfg`` in order and writes ``report.json``/``report.md`` under ``cfg['out']``.
+def plan(cfg: Mapping, *, source: str = "config", origins: Mapping[str, str] | None = None) -> dict:
+    """Checks a run config and builds every stage's config (with the chained folders) before any work.
 
-    Returns the report dict ``{"stages": {stage: metrics}, "out": ..., "seconds": ...}``.
+    Returns ``{"out", "resume", "overwrite", "stages": {stage: config}}`` in run order. Raises ``JdupError``
+    naming the key and its source for unknown keys, sections that are not mappings, bad or out-of-range values.
     """
+    origins = dict(origins or {})
+    if not isinstance(cfg, Mapping):
+        raise JdupError(f"the run config must be a mapping, got {type(cfg).__name__}", source)
     unknown = sorted(set(cfg) - set(RUN_KEYS))
     if unknown:
         raise JdupError(f"unknown top-level key(s) {unknown}; valid: {list(RUN_KEYS)}", source)
-    if "out" not in cfg:
+    if not cfg.get("out") or not isinstance(cfg["out"], (str, os.PathLike)):
         raise JdupError("the run config needs `out:` (the folder every stage writes under)", source)
+    for key, kinds, what in (("seed", (int,), "an integer"), ("resume", (bool,), "true or false"),
+                             ("overwrite", (bool,), "true or false")):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, kinds) or (key == "seed" and isinstance(v, bool))):
+            raise JdupError(f"{key}: must be {what}, got {v!r}", config_lib.origin_of(origins, key, source))
     out = os.path.abspath(os.fspath(cfg["out"]))
     seed = cfg.get("seed")
-    resume = bool(cfg.get("resume", True))
+    sections = {stage: _section(cfg, stage, source, origins) for stage in ORDER}
+    if not any(v is not None for v in sections.values()):
+        raise JdupError(f"nothing to run: the config enables none of the stages {list(ORDER)}", source)
+    chained: dict[str, Any] = {"seed": seed}
+    built: dict[str, Any] = {}
+    for stage in ORDER:
+        section = sections[stage]
+        if section is None:
+            continue
+        values = dict(section)
+        values.setdefault("out", os.path.join(out, FOLDERS[stage]))
+        names = _fields(stage)
+        for k, v in chained.items():
+            if k in names and k not in values and v is not None:
+                values[k] = v
+        stage_cfg = build_stage_config(stage, values, source=source, prefix=f"{stage}.", origins=origins)
+        _check_nested(stage, stage_cfg, source, origins)
+        built[stage] = stage_cfg
+        if stage == "poison":
+            chained["data"] = os.path.abspath(os.fspath(stage_cfg.out))
+        elif stage == "train":
+            chained["model"] = os.path.join(os.path.abspath(os.fspath(stage_cfg.out)), "model")
+    return {"out": out, "resume": bool(cfg.get("resume", True)), "overwrite": bool(cfg.get("overwrite", False)),
+            "stages": built}
+
+
+def _check_nested(stage: str, stage_cfg: Any, source: str, origins: Mapping[str, str]) -> None:
+    """Option dicts nested in a stage config (``unlearn.detect``, ``detect.upgp``) that are still plain dicts
+    (not yet typed dataclasses, which :func:`jdup.config.build` checks itself) are built here, before any work."""
+    detect_cls, _ = stage_classes("detect")
+    if stage == "unlearn" and isinstance(stage_cfg.detect, Mapping):
+        opts = dict(stage_cfg.detect)
+        if "seed" in opts and "seed" not in _fields("detect"):  # documented alias of split_seed
+            opts.setdefault("split_seed", opts.pop("seed"))
+        stage_cfg_detect = config_lib.build(detect_cls, opts, source=source, prefix="unlearn.detect.",
+                                            origins=origins)
+        _check_nested("detect", stage_cfg_detect, source, origins)
+    if stage == "detect" and isinstance(stage_cfg.upgp, Mapping) and stage_cfg.method in ("upgp", "ensemble"):
+        module = importlib.import_module(STAGES["detect"][0])
+        if hasattr(module, "upgp_config"):
+            module.upgp_config(stage_cfg)
+
+
+def _load_result(stage: str, folder: str) -> dict:
+    path = os.path.join(folder, RESULT_FILES[stage])
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise JdupError(f"cannot read the finished {stage} stage's results ({e}); pass resume=false to rerun it",
+                        path) from None
+
+
+def run_pipeline(cfg: Mapping, *, source: str = "config", origins: Mapping[str, str] | None = None,
+                 overwrite: bool | None = None) -> dict:
+    """Runs the stages named in ``cfg`` in order and writes ``report.json``/``report.md`` under ``cfg['out']``.
+
+    Every section is validated and every stage config built before the first stage starts. With ``resume``
+    (default) a stage whose output folder holds a manifest matching its config and inputs is reused; any
+    difference (a changed setting, a rerun upstream stage) reruns it, and so everything downstream.
+
+    Returns the report dict ``{"stages": {stage: metrics}, "out", "seconds", "stage_seconds", "reused"}``.
+    """
+    from jdup import manifest
+
+    p = plan(cfg, source=source, origins=origins)
+    out, resume = p["out"], p["resume"]
+    overwrite = p["overwrite"] if overwrite is None else overwrite
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise JdupError("exists and is a file, not a folder: choose a folder for the run's `out`", out)
+    for stage, stage_cfg in p["stages"].items():
+        manifest.check_output(stage, stage_cfg.out, stage_inputs(stage, stage_cfg), overwrite=overwrite,
+                              same_stage=False)
     os.makedirs(out, exist_ok=True)
+    atomic.clean_temp_files(out)
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
-    paths: dict[str, Any] = {"seed": seed}
-
-    # Validate every enabled section before any stage runs: a typo in `unlearn:` must not cost a training run.
-    for stage in ("poison", "train", "detect", "unlearn"):
-        section = cfg.get(stage)
-        if _enabled(section):
-            probe = {**section, "out": section.get("out") or os.path.join(out, stage)}
-            built = build_stage_config(stage, _chain(stage, probe, {"seed": seed, "data": out, "model": out}),
-                                       source=f"{source} [{stage}]")
-            _check_detection_options(stage, built, f"{source} [{stage}]")
-
-    def run_stage(stage: str, section: dict) -> dict:
-        stage_out = section.get("out") or os.path.join(out, {"train": "victim"}.get(stage, stage))
-        section = {**section, "out": stage_out}
-        values = _chain(stage, section, paths)
-        stage_cfg = build_stage_config(stage, values, source=f"{source} [{stage}]")
-        done = os.path.join(os.fspath(getattr(stage_cfg, "out", stage_out)), "metrics.json")
-        if stage == "detect":
-            done = os.path.join(os.fspath(stage_cfg.out), "detection.json")
-        if resume and os.path.isfile(done):
-            log.info("%s: already done (%s), skipping", stage, done)
-            with open(done, encoding="utf-8") as f:
-                return json.load(f)
+    reused: list[str] = []
+    for stage, stage_cfg in p["stages"].items():
+        stage_out = os.path.abspath(os.fspath(stage_cfg.out))
+        expected = manifest.make(stage, stage_cfg, stage_inputs(stage, stage_cfg))
+        if resume and os.path.isdir(stage_out):
+            same, why = manifest.matches(stage_out, expected)
+            if same:
+                log.info("%s: already done with these settings and inputs (%s), reusing it", stage, stage_out)
+                results[stage] = _load_result(stage, stage_out)
+                reused.append(stage)
+                continue
+            log.warning("%s: rerunning, the existing output differs: %s", stage, why)
         log.info("%s: %s", stage, json.dumps(config_lib.to_dict(stage_cfg), default=str))
         _, fn = stage_classes(stage)
-        return fn(stage_cfg)
-
-    if _enabled(cfg.get("poison")):
-        results["poison"] = run_stage("poison", dict(cfg["poison"]))
-        paths["data"] = os.path.join(out, "poison")
-        if isinstance(cfg["poison"], Mapping) and cfg["poison"].get("out"):
-            paths["data"] = os.path.abspath(os.fspath(cfg["poison"]["out"]))
-    for stage in ("train", "detect", "unlearn"):
-        section = cfg.get(stage)
-        if not _enabled(section):
-            continue
-        section = dict(section)
-        if stage == "train":
-            results[stage] = run_stage(stage, section)
-            victim = section.get("out") or os.path.join(out, "victim")
-            paths["model"] = os.path.join(os.path.abspath(os.fspath(victim)), "model")
-        else:
-            # The detect stage evaluates the detector on test-detect; unlearning runs its own detection on
-            # dev-clean ∪ dev-poison (its forget set), so the two are deliberately not chained.
-            results[stage] = run_stage(stage, section)
-    report = {"out": out, "seconds": time.perf_counter() - t0, "stages": results}
+        try:
+            results[stage] = fn(stage_cfg)
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_message(stage, stage_out, f"jdup run {source}") +
+                              " (finished stages are reused)") from None
+        if isinstance(results[stage], Mapping) and results[stage].get("stopped"):
+            raise JdupError(f"{stage} stopped at step {results[stage].get('step')} (max_steps) before finishing; "
+                            "rerun to continue from its checkpoint", stage_out)
+        if manifest.read(stage_out) is None and os.path.isdir(stage_out):  # stages that do not write one yet
+            manifest.write(stage_out, expected, seconds=results[stage].get("seconds"))
+    stage_seconds = sum(float(r.get("seconds") or 0.0) for r in results.values() if isinstance(r, Mapping))
+    report = {"out": out, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds, "reused": reused,
+              "stages": results}
     write_report(report, out)
     return report
-
-
-def _check_detection_options(stage: str, stage_cfg: Any, source: str) -> None:
-    """Nested detection options (``detect.upgp``, ``unlearn.detect``) are otherwise only checked when their stage
-    runs; check them up front so a typo does not cost the stages before it."""
-    if stage not in ("detect", "unlearn"):
-        return
-    from jdup import detect as detect_lib
-
-    if stage == "unlearn":
-        opts = dict(stage_cfg.detect or {})
-        if "seed" in opts:  # documented alias of split_seed
-            opts["split_seed"] = opts.pop("seed")
-        stage_cfg = config_lib.build(detect_lib.DetectConfig, opts, source=f"{source} detect")
-    if stage_cfg.method in ("upgp", "ensemble"):
-        detect_lib.upgp_config(stage_cfg)
 
 
 def _fmt(value: Any) -> str:
@@ -191,22 +282,26 @@ def report_markdown(report: Mapping) -> str:
         value = stages.get(stage, {}).get(key)
         if value is not None:
             lines.append(f"| {stage} | {label} | {_fmt(value)} |")
-    lines.append(f"| all | total time (s) | {_fmt(report.get('seconds', 0.0))} |")
+    total = report.get("stage_seconds", report.get("seconds", 0.0))
+    lines.append(f"| all | total time of the stages (s) | {_fmt(total)} |")
+    if report.get("reused"):
+        lines.append(f"| all | reused from an earlier run | {', '.join(report['reused'])} |")
+        lines.append(f"| all | time of this run (s) | {_fmt(report.get('seconds', 0.0))} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: Mapping, out: str) -> None:
-    """Writes ``report.json``, ``report.md`` and ``report.png`` (before/after bars) atomically under ``out``."""
-    _atomic_write(os.path.join(out, "report.json"), json.dumps(report, indent=2, default=str))
+    """Writes ``report.json``, ``report.md`` and ``report.png`` (before/after bars) atomically under ``out``
+    (a ``report.png`` of an earlier run without unlearning results is removed)."""
+    atomic.write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2, default=str))
     md = f"# jdup run: {out}\n\n" + report_markdown(report)
-    _atomic_write(os.path.join(out, "report.md"), md)
+    atomic.write_text(os.path.join(out, "report.md"), md)
     unlearn = report.get("stages", {}).get("unlearn", {})
+    png = os.path.join(out, "report.png")
     if "cacc_after" in unlearn:
-        _plot_before_after(unlearn, os.path.join(out, "report.png"))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    atomic.write_text(path, text)
+        _plot_before_after(unlearn, png)
+    elif os.path.exists(png):
+        os.remove(png)
 
 
 def _plot_before_after(m: Mapping, path: str) -> None:
@@ -230,7 +325,5 @@ def _plot_before_after(m: Mapping, path: str) -> None:
     ax.set_title("before / after unlearning")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
+    atomic.save_figure(fig, path, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
