@@ -211,9 +211,7 @@ def _plt():
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    atomic.save_figure(fig, path, dpi=120)
 
 
 def plot_asr_vs_cacc(records: Sequence[Mapping], path: str) -> bool:
@@ -339,10 +337,6 @@ def plot_roc_curves(records: Sequence[Mapping], path: str) -> bool:
 # Entry point
 
 
-def _atomic_write(path: str, text: str) -> None:
-    atomic.write_text(path, text)
-
-
 def run_report(sweep_dir: str | os.PathLike) -> dict:
     """Builds ``report.csv``, ``report.md`` and the plots in ``sweep_dir`` from its ``results.jsonl``.
 
@@ -362,10 +356,10 @@ def run_report(sweep_dir: str | os.PathLike) -> dict:
     name = next((r.get("sweep") for r in records if r.get("sweep")), os.path.basename(sweep_dir))
     files = []
     p = os.path.join(sweep_dir, "report.csv")
-    _atomic_write(p, to_csv(axes, rows))
+    atomic.write_text(p, to_csv(axes, rows))
     files.append(p)
     p = os.path.join(sweep_dir, "report.md")
-    _atomic_write(
+    atomic.write_text(
         p,
         to_markdown(
             axes,
@@ -383,6 +377,8 @@ def run_report(sweep_dir: str | os.PathLike) -> dict:
         p = os.path.join(sweep_dir, fname)
         if fn(records, p):
             files.append(p)
+        elif os.path.exists(p):  # no data for it now: a plot of an earlier report would be stale
+            os.remove(p)
     return {
         "out": sweep_dir,
         "cells": len(records),
