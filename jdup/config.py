@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from jdup import errors
 from jdup.errors import JdupError
 
 T = TypeVar("T")
@@ -114,69 +115,13 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Value constraints: a config class declares them in a ``validate(self)`` method made of ``check_*`` one-liners,
-# e.g. ``config.check_range(self, "frr", 0, 1, lo_open=True, hi_open=True)``; :func:`build` calls it and names the
-# key and where its value came from: ``configs/x.yaml: detect.frr: must lie in (0, 1), got 2.0``.
-
-
-class Invalid(ValueError):
-    """Raised by a config class's ``validate()``: which field (``key``) is wrong and why (``problem``)."""
-
-    def __init__(self, key: str, problem: str, value: Any = dataclasses.MISSING):
-        self.key = key
-        self.problem = problem
-        self.value = value
-        got = "" if value is dataclasses.MISSING else f", got {value!r}"
-        super().__init__(f"{key}: {problem}{got}")
-
-
-def check(cfg: Any, key: str, ok: bool, problem: str) -> None:
-    """Raises :class:`Invalid` for ``key`` (with its current value) unless ``ok``."""
-    if not ok:
-        raise Invalid(key, problem, getattr(cfg, key, dataclasses.MISSING))
-
-
-def check_range(
-    cfg: Any,
-    key: str,
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    allow_none: bool = False,
-) -> None:
-    """``cfg.key`` must be a number in the interval (``lo``/``hi`` None = unbounded; NaN always fails)."""
-    v = getattr(cfg, key)
-    if v is None:
-        check(cfg, key, allow_none, "must be set")
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        check(cfg, key, False, "must be a number")
-    ok = v == v  # NaN
-    if lo is not None:
-        ok = ok and (v > lo if lo_open else v >= lo)
-    if hi is not None:
-        ok = ok and (v < hi if hi_open else v <= hi)
-    if lo is not None and hi is not None:
-        problem = f"must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    elif lo is not None:
-        problem = f"must be {'>' if lo_open else '>='} {lo}"
-    else:
-        problem = f"must be {'<' if hi_open else '<='} {hi}"
-    check(cfg, key, ok, problem)
-
-
-def check_one_of(cfg: Any, key: str, options: Iterable[Any]) -> None:
-    """``cfg.key`` must be one of ``options``."""
-    options = list(options)
-    check(cfg, key, getattr(cfg, key) in options, f"must be one of {options}")
-
-
-def check_set(cfg: Any, key: str, what: str = "") -> None:
-    """``cfg.key`` must not be empty (``what`` says what to set, e.g. "the data folder")."""
-    check(cfg, key, bool(getattr(cfg, key)), f"must be set{' to ' + what if what else ''}")
+# Value constraints live with the config classes, in a ``validate(self)`` method made of the ``check_*`` one-liners
+# of :mod:`jdup.errors` (importable by every module), re-exported here.
+Invalid = errors.Invalid
+check = errors.check
+check_range = errors.check_range
+check_one_of = errors.check_one_of
+check_set = errors.check_set
 
 
 def _hints(cls: type) -> dict[str, Any]:
