@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import numpy as np
 
+from jdup import atomic
 from jdup import metrics as metrics_lib
 
 
@@ -20,9 +20,7 @@ def _plt():
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic.save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def roc_plot(
