@@ -124,6 +124,18 @@ check_one_of = errors.check_one_of
 check_set = errors.check_set
 
 
+def validate(cfg: T, *, source: str = "config", prefix: str = "") -> T:
+    """Runs ``cfg.validate()`` (if any) on a config built directly in Python (``build`` already does this), turning
+    :class:`Invalid` into ``JdupError``; returns ``cfg``. Stages call it first, so library callers get the checks."""
+    check_fn = getattr(cfg, "validate", None)
+    if callable(check_fn):
+        try:
+            check_fn()
+        except Invalid as e:
+            raise JdupError(f"{prefix}{e}", source) from None
+    return cfg
+
+
 def _hints(cls: type) -> dict[str, Any]:
     """Field types of a dataclass; a field whose annotation cannot be resolved falls back to the class of its
     ``default_factory`` when that is a dataclass (so nested configs are still built), else ``Any``."""

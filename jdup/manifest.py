@@ -41,6 +41,8 @@ HASH_LIMIT = 16 << 20
 #: Folders with more files than this are fingerprinted by their top level only.
 MAX_FILES = 20000
 _SKIP = (NAME, atomic.OWNER)
+#: Outputs of jdup versions before manifests, recognised by a file only that stage writes.
+LEGACY_MARKERS = {"poison": "poison_config.json"}
 
 
 def version() -> str:
@@ -261,6 +263,9 @@ def check_output(
     if same_stage and os.path.isdir(out) and not overwrite:
         if any(n not in (atomic.OWNER,) for n in os.listdir(out)):
             got = read(out)
+            legacy = LEGACY_MARKERS.get(stage)
+            if got is None and legacy and os.path.isfile(os.path.join(out, legacy)):
+                return out
             if got is None:
                 raise JdupError(f"exists and is not a jdup {stage} output (no manifest.json); pass --overwrite "
                                 "(overwrite=true) to replace it, or choose another output folder", out)

@@ -106,9 +106,10 @@ def test_run_poison_writes_readable_dup_folder(synthetic_dup):  # noqa: F811
             "test-detect.csv",
             "poison_config.json",
             "metrics.json",
+            "manifest.json",
         ]
     )
-    assert not any(".tmp-" in n for n in os.listdir(synthetic_dup.parent))
+    assert not any(".tmp-" in n or n.endswith(".partial") for n in os.listdir(synthetic_dup.parent))
     splits = D.read_dup_folder(synthetic_dup, rate=0.2, splits=D.DUP_SPLITS, num_labels=2)
     assert len(splits["train"]) == 160 and int(splits["train"].poison.sum()) == 32
     assert (splits["train"].labels[-32:] == 1).all()
@@ -134,7 +135,8 @@ def test_run_poison_is_deterministic_per_seed(tmp_path, synthetic_jsonl):  # noq
     P.run_poison(P.PoisonConfig(source=str(synthetic_jsonl), out=str(a), seed=2))
     assert filecmp.cmp(a / files[0], c / files[0], shallow=False)
     (tmp_path / "foreign").mkdir()
-    with pytest.raises(JdupError, match="already exists"):
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(JdupError, match="not a jdup poison output"):
         P.run_poison(P.PoisonConfig(source=str(synthetic_jsonl), out=str(tmp_path / "foreign")))
 
 

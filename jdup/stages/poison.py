@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import numpy as np
 
+from jdup import atomic, manifest
+from jdup import config as config_lib
 from jdup import data as D
 from jdup.attacks import ADDSENT_SENTENCE, BADNETS_TRIGGERS, make_attack, poison_splits
 from jdup.errors import JdupError, check, check_one_of, check_range, check_set
@@ -116,18 +117,16 @@ def load_clean_source(cfg: PoisonConfig) -> dict[str, D.TextDataset]:
 
 
 def run_poison(cfg: PoisonConfig) -> dict:
-    """Poison clean data and write a DUP-layout folder atomically (``<out>.tmp-<pid>`` then rename).
+    """Poison clean data and write a DUP-layout folder atomically (built in ``<out>.partial``, then renamed over
+    ``out``; ``manifest.json`` last).
 
     Returns:
       ``{"out", "attack", "rate", "target", "seed", "num_labels", "counts": {split: rows},
       "poisoned_train_rows", ...}`` (also written to ``<out>/poison_config.json`` and ``<out>/metrics.json``).
     """
-    out = os.path.abspath(cfg.out)
-    if os.path.exists(out) and not cfg.overwrite and not os.path.isfile(os.path.join(out, "poison_config.json")):
-        raise JdupError("output folder already exists and is not a jdup poison folder (set overwrite=true to "
-                        "replace it)", out)
-    if not 0.0 <= cfg.rate < 1.0:
-        raise JdupError(f"rate must be in [0, 1), got {cfg.rate}", "config:rate")
+    config_lib.validate(cfg)
+    output = manifest.StageOutput("poison", cfg, {"source": cfg.source})
+    out = output.out
     attack = make_attack(cfg.attack, triggers=cfg.triggers, num_triggers=cfg.num_triggers, sentence=cfg.sentence)
     clean = load_clean_source(cfg)
     names = clean["train"].label_names
@@ -151,21 +150,9 @@ def run_poison(cfg: PoisonConfig) -> dict:
         "poisoned_train_rows": int(splits["dirty"].poison.sum()),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
     }
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_dup_folder(splits, tmp, cfg.rate)
+    with output:
+        write_dup_folder(splits, output.path, cfg.rate)
         for name in ("poison_config.json", "metrics.json"):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(result, f, indent=2)
-        if os.path.exists(out):
-            old = f"{out}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            atomic.write_text(os.path.join(output.path, name), json.dumps(result, indent=2))
+        output.commit(result)
     return result
