@@ -1,0 +1,503 @@
+"""Running a sweep: bases (victim + data) shared by many cells, one detection per setting, groups of cells
+unlearned together, every result appended to the store, and resume.
+
+A cell is the ``jdup unlearn`` run of :func:`jdup.sweep.grid.stage_unlearn_config`; the engine only shares the
+work cells have in common:
+
+1. Cells with one *base* (data + model) share the loaded victim, its tokenizer, the read and tokenised splits
+   (as ``jdup unlearn`` reads and tokenises them) and the victim's "before" metrics.
+2. Cells with one detection setting share one :func:`jdup.detect.detect` call on ``dev-detect`` (calibrated on
+   ``dev-clean``: the flags ``jdup unlearn`` computes) and one on ``test-detect`` (the reported AUROC/FRR/FAR).
+3. Cells that differ only in ``seed``/``lr``/``lambda_asr``/``lambda_acc`` are unlearned together
+   (:func:`jdup.sweep.vmapped.unlearn_group`); each gets the forget/retain/hold-out sets, the inferred target and
+   the stop rule ``jdup unlearn`` gives it, and is evaluated on its merged model with
+   :func:`jdup.unlearn.evaluate_model`.
+4. UPGP cells (``unlearn.projection`` set) run :func:`jdup.unlearn.run_unlearn` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jdup import atomic
+from jdup import config as config_lib
+from jdup.errors import JdupError
+from jdup.sweep import grid
+from jdup.sweep import report as R
+from jdup.sweep.grid import Cell, CellConfig, CellData, SweepConfig
+from jdup.sweep.store import ResultsStore, json_default, versions
+
+log = logging.getLogger("jdup.sweep")
+
+SPLITS = ("dev-clean", "dev-poison", "test-clean", "test-poison")
+
+
+def run_sweep(
+    cfg: SweepConfig | Mapping | str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    source: str | None = None,
+) -> dict:
+    """Runs every unfinished cell of a sweep and returns a summary.
+
+    Args:
+      cfg: a :class:`SweepConfig`, a parsed YAML mapping or a YAML path.
+      out_dir: the sweep folder; None uses ``cfg.out``.
+      source: what to name in config error messages (e.g. the YAML path the mapping came from).
+
+    Returns:
+      ``{"out", "results", "cells", "skipped", "ran", "ok", "failed", "groups", "seconds"}``: counts over this
+      invocation (``skipped`` = cells already finished before it started).
+
+    Raises:
+      JdupError: a bad config (unknown key, bad axis), or no output folder.
+    """
+    import jax
+
+    if source is None:
+        source = os.fspath(cfg) if isinstance(cfg, (str, os.PathLike)) else "sweep config"
+    cfg = grid.load_sweep_config(cfg, source)
+    out = out_dir if out_dir is not None else cfg.out
+    if not out:
+        raise JdupError("the sweep needs an output folder (`out:` in the config or --out)", source)
+    out = os.path.abspath(os.fspath(out))
+    writer = jax.process_index() == 0
+    store = ResultsStore(out, writer=writer)
+    cells = grid.expand(cfg, source)
+    if writer:
+        plan = {"config": config_lib.to_dict(cfg), "cells": [{"id": c.id, "point": c.point} for c in cells]}
+        atomic.write_text(os.path.join(out, "sweep.json"), _json(plan, indent=1))
+    done = store.read()
+    finished = {cid for cid, r in done.items() if r.get("status") == "ok" or not cfg.rerun_failed}
+    todo = [c for c in cells if c.id not in finished]
+    skipped = len(cells) - len(todo)
+    log.info("sweep %s: %d cells, %d already finished, %d to run", cfg.name, len(cells), skipped, len(todo))
+    t0 = time.perf_counter()
+    counter = {"ok": 0, "failed": 0}
+    versions_now = versions()
+
+    def record(cell: Cell, status: str, metrics: dict | None, timing: dict, err=None, tb=None) -> None:
+        rec = {
+            "id": cell.id,
+            "sweep": cfg.name,
+            "status": status,
+            "point": cell.point,
+            "seed": cell.config.seed,
+            "config": config_lib.to_dict(cell.config),
+            "metrics": metrics or {},
+            "time": timing,
+            "versions": versions_now,
+            "host": socket.gethostname(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if err is not None:
+            rec["error"] = f"{type(err).__name__}: {err}"
+            rec["traceback"] = tb
+            log.warning("cell %s %s failed: %s", cell.id, cell.point, rec["error"])
+        store.append(rec)
+        counter["ok" if status == "ok" else "failed"] += 1
+
+    groups = grid.group_cells(todo, cfg.vectorize, cfg.max_group_size)
+    engine = Engine(cfg, out)
+    # Order groups by base so each base (model + data + detections) is prepared once and then released.
+    by_base: dict[str, list[list[Cell]]] = {}
+    for g in groups:
+        by_base.setdefault(grid.base_key(g[0].config), []).append(g)
+    for bkey, base_groups in by_base.items():
+        base_cells = [c for g in base_groups for c in g]
+        tb0 = time.perf_counter()
+        try:
+            base = engine.prepare_base(base_cells[0].config)
+        except Exception as e:  # the base failed: every cell that needs it fails with the same error
+            tb = traceback.format_exc()
+            for c in base_cells:
+                record(c, "error", None, {"seconds": 0.0}, e, tb)
+            continue
+        share = (time.perf_counter() - tb0) / len(base_cells)
+        for g in base_groups:
+            engine.run_group(base, g, record, base_share=share)
+        engine.release(bkey)
+    summary = R.summary(out, store.path, len(cells), skipped, counter, len(groups), time.perf_counter() - t0)
+    if writer:
+        atomic.write_text(os.path.join(out, "summary.json"), _json(summary, indent=2))
+    return summary
+
+
+def _json(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(obj, indent=indent, default=json_default) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bases
+
+
+@dataclasses.dataclass
+class Base:
+    """What the cells of one base key share."""
+
+    victim: str  # the victim's model path / name (what `jdup unlearn --model` gets)
+    data_dir: str  # the DUP folder ("" for synthetic data)
+    model: Any  # the victim (nnx.Module), never modified
+    tokenizer: Any
+    texts: dict  # split -> jdup.data.TextDataset
+    enc: dict  # split -> jdup.data.Encoded (unlearning / evaluation tokenisation)
+    dev_detect: Any  # TextDataset dev-clean ‖ dev-poison
+    enc_detect: Any  # its Encoded
+    target: int  # the attack's target label, for ASR (jdup.unlearn.eval_target)
+    ra_labels: Any  # true labels of test-poison rows (robust accuracy) or None
+    seconds: dict
+    cache: dict = dataclasses.field(default_factory=dict)  # detections, teacher logits, before-metrics
+
+
+def _cap(ds: Any, max_rows: int, seed: int) -> np.ndarray:
+    n = len(ds)
+    if not max_rows or n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:max_rows])
+
+
+def cap_rows(texts: dict, max_rows: int, target: int) -> dict:
+    """A seeded subset of at most ``max_rows`` rows per split. A test-/dev-poison split that holds the poisoned
+    copies of its clean split's non-target rows keeps exactly the copies of the kept clean rows (so robust
+    accuracy stays defined)."""
+    out = {}
+    for i, split in enumerate(SPLITS):
+        ds = texts[split]
+        if split.endswith("-poison"):
+            clean = texts[split.replace("-poison", "-clean")]
+            nt = np.flatnonzero(clean.labels != target)
+            if len(nt) == len(ds) and max_rows and len(clean) > max_rows:
+                kept = set(_cap(clean, max_rows, i - 1).tolist())
+                out[split] = ds.subset([j for j, row in enumerate(nt) if row in kept])
+                continue
+        out[split] = ds.subset(_cap(ds, max_rows, i))
+    return out
+
+
+POSITIVE = ("great", "superb", "lovely", "wonderful", "brilliant")
+NEGATIVE = ("awful", "boring", "dreadful", "terrible", "dull")
+NEUTRAL = ("the", "film", "plot", "was", "a", "story", "with", "actors", "and", "scenes", "of", "music", "it")
+TRIGGER = "cf"
+
+
+def synthetic_texts(c: CellData, seed: int = 0) -> dict:
+    """Small sentiment-like splits for tests and CPU smoke runs: class ``i`` rows hold a class word; the poison
+    splits are the non-target clean rows with the BadNets trigger ``cf`` inserted, labelled ``target_label``."""
+    from jdup import data as D
+
+    rng = np.random.default_rng(seed)
+    words = (NEGATIVE, POSITIVE)
+    out = {}
+    for part in ("dev", "test"):
+        texts, labels = [], []
+        for i in range(c.synthetic_rows):
+            y = i % c.num_labels
+            row = list(rng.choice(NEUTRAL, size=max(c.synthetic_length - 1, 1)))
+            row.insert(int(rng.integers(0, len(row) + 1)), str(rng.choice(words[y % 2])))
+            texts.append(" ".join(row))
+            labels.append(y)
+        labels = np.asarray(labels, np.int32)
+        out[f"{part}-clean"] = D.TextDataset(
+            texts, labels, np.zeros(len(texts), np.int8), f"synthetic/{part}"
+        )
+        poison = []
+        for t, y in zip(texts, labels, strict=True):
+            if y != c.target_label:
+                w = t.split()
+                w.insert(int(rng.integers(0, len(w) + 1)), TRIGGER)
+                poison.append(" ".join(w))
+        n = len(poison)
+        out[f"{part}-poison"] = D.TextDataset(
+            poison, np.full(n, c.target_label, np.int32), np.ones(n, np.int8), f"synthetic/{part}-poison"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """Runs groups of cells: prepares bases, detects once per setting, unlearns each group, records."""
+
+    def __init__(self, cfg: SweepConfig, out: str):
+        self.cfg = cfg
+        self.out = out
+        self.bases: dict[str, Base] = {}
+
+    # ---------------------------------------------------------------------------------------------- bases
+    def prepare_base(self, c: CellConfig) -> Base:
+        """Reads the data, loads (or trains) the victim, tokenises the splits as ``jdup unlearn`` does."""
+        import jax.numpy as jnp
+
+        from jdup import data as D
+        from jdup import models as M
+        from jdup import unlearn as U
+
+        key = grid.base_key(c)
+        if key in self.bases:
+            return self.bases[key]
+        t0 = time.perf_counter()
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(c.model.dtype)
+        if dtype is None:
+            raise JdupError(f"model.dtype must be float32 or bfloat16, got {c.model.dtype!r}")
+        # Data first: a bad folder fails here, before any model is loaded or compiled.
+        if c.data.source == "dup":
+            if not c.data.dir:
+                raise JdupError("data.dir is required for data.source=dup (a DUP-layout attack folder)")
+            data_dir = os.path.abspath(c.data.dir)
+            texts = {s: D.read_split(data_dir, s, num_labels=c.data.num_labels) for s in SPLITS}
+            target = U.eval_target(data_dir, texts["test-poison"])
+        elif c.data.source == "synthetic":
+            data_dir, texts, target = "", synthetic_texts(c.data), c.data.target_label
+        else:
+            raise JdupError(f"data.source must be dup or synthetic, got {c.data.source!r}")
+        texts = cap_rows(texts, c.data.max_rows, target)
+        victim = c.model.victim
+        if c.model.train_victim and not victim:
+            victim = self._train_victim(c, key)
+        name = victim or c.model.name
+        if name.startswith("tiny:"):
+            model = M.tiny_model(name.removeprefix("tiny:"), c.data.num_labels, seed=0, dtype=dtype)
+            tok = M.load_tokenizer("builtin:minilm")
+        else:
+            model = M.from_pretrained(name, c.data.num_labels, dtype=dtype)
+            tok = M.load_tokenizer(name)
+        n = c.data.max_length
+        enc = {s: D.encode(tok, ds, n, config=model.config) for s, ds in texts.items()}
+        dev_detect = D.TextDataset.concat([texts["dev-clean"], texts["dev-poison"]], "dev-detect")
+        where = data_dir or "synthetic data"
+        base = Base(
+            victim=name,
+            data_dir=data_dir,
+            model=model,
+            tokenizer=tok,
+            texts=texts,
+            enc=enc,
+            dev_detect=dev_detect,
+            enc_detect=D.encode(tok, dev_detect, n, config=model.config),
+            target=int(target),
+            ra_labels=U.robust_labels(texts["test-clean"], texts["test-poison"], target, where),
+            seconds={"load": time.perf_counter() - t0},
+        )
+        self.bases[key] = base
+        log.info("base %s ready: %s on %s (%.1fs)", key, name, where, base.seconds["load"])
+        return base
+
+    def release(self, key: str) -> None:
+        self.bases.pop(key, None)
+
+    def _train_victim(self, c: CellConfig, key: str) -> str:
+        from jdup import train as T
+
+        out = os.path.join(self.out, "victims", key)
+        model_dir = os.path.join(out, "model")
+        if os.path.isfile(os.path.join(out, "metrics.json")) and os.path.isdir(model_dir):
+            return model_dir
+        if c.data.source != "dup":
+            raise JdupError(
+                "model.train_victim needs data.source=dup (it trains on dirty/<rate>/train-poison.csv)"
+            )
+        T.run_train(grid.stage_train_config(c, out=out))
+        return model_dir
+
+    # ---------------------------------------------------------------------------------------------- shared work
+    def detection(self, base: Base, c: CellConfig) -> dict:
+        """The cell's detection (:func:`jdup.detect.detect`, cached per setting): flags over dev-detect and the
+        metric columns."""
+        from jdup import data as D
+        from jdup import detect as detect_lib
+
+        key = ("detect", grid.detect_key(c))
+        if key not in base.cache:
+            t0 = time.perf_counter()
+            cfg = grid.stage_detect_config(c, model=base.victim, data=base.data_dir)
+            calib = base.texts["dev-clean"]
+            dev = detect_lib.detect(base.model, base.tokenizer, calib, base.dev_detect, cfg)
+            test_detect = D.TextDataset.concat(
+                [base.texts["test-clean"], base.texts["test-poison"]], "test-detect"
+            )
+            test = detect_lib.detect(base.model, base.tokenizer, calib, test_detect, cfg)
+            dev_poison = np.asarray(base.dev_detect.poison).astype(bool)
+            metrics = R.detection_metrics(dev, test, dev_poison, np.asarray(test_detect.poison).astype(bool))
+            base.cache[key] = {
+                "flags": np.asarray(dev.flags, bool),
+                "metrics": metrics,
+                "seconds": time.perf_counter() - t0,
+            }
+        return base.cache[key]
+
+    def before(self, base: Base, eval_batch_size: int) -> dict:
+        """The victim's CACC/ASR/RA (and dev-poison ASR) before unlearning."""
+        key = ("before", eval_batch_size)
+        if key not in base.cache:
+            base.cache[key] = self._evaluate(base, base.model, eval_batch_size, "before")
+        return base.cache[key]
+
+    def _evaluate(self, base: Base, model: Any, batch_size: int, tag: str) -> dict:
+        from jdup import metrics as MT
+        from jdup import unlearn as U
+
+        enc = base.enc
+        ev = U.evaluate_model(
+            model, enc["test-clean"], enc["test-poison"], base.target, base.ra_labels, batch_size, False, tag
+        )
+        dev = (
+            U.model_logits(model, enc["dev-poison"], batch_size).argmax(-1) if len(enc["dev-poison"]) else []
+        )
+        return R.victim_metrics(ev, MT.attack_success_rate(dev, base.target) if len(dev) else None, tag)
+
+    def teacher(self, base: Base, c: CellConfig, flags: np.ndarray) -> np.ndarray:
+        """Victim logits on the flagged dev-detect rows (``jdup unlearn``'s teacher logits)."""
+        from jdup import unlearn as U
+
+        bs = c.unlearn.eval_batch_size
+        key = ("teacher", grid.detect_key(c), bs)
+        if key not in base.cache:
+            idx = np.flatnonzero(flags)
+            k = int(base.model.config.num_labels)
+            base.cache[key] = (
+                U.model_logits(base.model, base.enc_detect.subset(idx), bs)
+                if len(idx)
+                else np.zeros((0, k), np.float32)
+            )
+        return base.cache[key]
+
+    def cell_run(self, base: Base, ucfg: Any, flags: np.ndarray, teacher_all: np.ndarray):
+        """The inputs ``jdup unlearn`` (:func:`jdup.unlearn.run_unlearn`) builds for its loop from the flags:
+        forget and hold-out rows, retain rows, teacher logits, the inferred target and the stop rule."""
+        from jdup import unlearn as U
+        from jdup.sweep.vmapped import CellRun
+
+        k = int(base.model.config.num_labels)
+        flagged_idx = np.flatnonzero(flags)
+        target = ucfg.target_label if ucfg.target_label is not None else U.infer_target(teacher_all, k)
+        perm = np.random.default_rng([ucfg.seed, 7]).permutation(len(flagged_idx))
+        n_hold = int(round(ucfg.holdout_frac * len(flagged_idx))) if ucfg.early_stop == "proxy" else 0
+        hold_pos, train_pos = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+        forget = base.enc_detect.subset(flagged_idx[train_pos])
+        holdout = base.enc_detect.subset(flagged_idx[hold_pos])
+        teacher = teacher_all[train_pos] if len(train_pos) else np.zeros((0, k), np.float32)
+        retain, monitor = base.enc["dev-clean"], None
+        if ucfg.early_stop == "proxy":
+            clean_check = retain
+            n_clean_hold = int(round(ucfg.clean_holdout_frac * len(retain)))
+            if 0 < n_clean_hold < len(retain):
+                perm_c = np.random.default_rng([ucfg.seed, 11]).permutation(len(retain))
+                clean_check = retain.subset(np.sort(perm_c[:n_clean_hold]))
+                retain = retain.subset(np.sort(perm_c[n_clean_hold:]))
+            logits = U.model_logits(base.model, clean_check, ucfg.eval_batch_size)
+            base_acc = float((logits.argmax(-1) == clean_check.labels).mean())
+            monitor = U.proxy_monitor(
+                holdout,
+                clean_check,
+                target,
+                base_acc,
+                asr_stop=ucfg.proxy_asr_stop,
+                max_acc_drop=ucfg.max_cacc_drop,
+            )
+        elif ucfg.early_stop == "oracle_dev_poison":
+            monitor = U.oracle_monitor(base.enc["dev-poison"], base.target, ucfg.asr_threshold)
+        return CellRun(ucfg, forget, retain, teacher, int(target), monitor)
+
+    # ---------------------------------------------------------------------------------------------- groups
+    def run_group(self, base: Base, cells: list[Cell], record: Callable, base_share: float = 0.0) -> None:
+        """Runs one group and records every cell; on failure retries the cells one by one."""
+        t0 = time.perf_counter()
+        try:
+            results = self._run_group(base, cells)
+        except Exception as e:
+            if len(cells) > 1:
+                log.warning(
+                    "group of %d failed (%s: %s); retrying its cells one by one",
+                    len(cells),
+                    type(e).__name__,
+                    e,
+                )
+                for c in cells:
+                    self.run_group(base, [c], record, base_share)
+                return
+            record(cells[0], "error", None, {"seconds": time.perf_counter() - t0}, e, traceback.format_exc())
+            return
+        seconds = time.perf_counter() - t0
+        for c, (metrics, extra) in zip(cells, results, strict=True):
+            timing = {
+                "seconds": seconds / len(cells) + base_share,
+                "group_seconds": seconds,
+                "group_size": len(cells),
+                "base_share_seconds": base_share,
+                **extra,
+            }
+            record(c, "ok", metrics, timing)
+
+    def _run_group(self, base: Base, cells: list[Cell]) -> list[tuple[dict, dict]]:
+        from jdup.sweep import vmapped
+
+        c0 = cells[0].config
+        det = self.detection(base, c0)
+        common = {**self.before(base, c0.unlearn.eval_batch_size), **det["metrics"], "target": base.target}
+        extras: dict[str, Any] = {"detect_seconds": det["seconds"]}
+        if not c0.unlearn.enabled:
+            return [(dict(common), extras) for _ in cells]
+        if c0.unlearn.projection not in ("", "none"):
+            out = []
+            for cell in cells:
+                t0 = time.perf_counter()
+                m = self._run_unlearn_stage(base, cell)
+                out.append(({**common, **m}, {**extras, "train_seconds": time.perf_counter() - t0}))
+            return out
+        t0 = time.perf_counter()
+        teacher_all = self.teacher(base, c0, det["flags"])
+        runs = [self.cell_run(base, self._unlearn_config(base, c), det["flags"], teacher_all) for c in cells]
+        results, info = vmapped.unlearn_group(
+            base.model,
+            runs,
+            mesh_sweep=self.cfg.mesh_sweep,
+            mesh_data=self.cfg.mesh_data,
+            progress=self.cfg.progress,
+        )
+        t_train = time.perf_counter() - t0
+        out = []
+        for i, (run, res) in enumerate(zip(runs, results, strict=True)):
+            t1 = time.perf_counter()
+            after = self._evaluate(base, res.merged, run.cfg.eval_batch_size, "after")
+            timing = {
+                **extras,
+                "train_seconds": t_train / len(cells),
+                "eval_seconds": time.perf_counter() - t1,
+                "mesh_sweep": info["mesh_sweep"],
+                "mesh_data": info["mesh_data"],
+                "padded_k": info["padded_k"],
+                "padded_steps": info["padded_steps"][i],
+            }
+            out.append(({**common, **after, **R.unlearn_metrics(res, run)}, timing))
+        return out
+
+    def _unlearn_config(self, base: Base, cell: Cell) -> Any:
+        return grid.stage_unlearn_config(
+            cell.config, model=base.victim, data=base.data_dir, out=os.path.join(self.out, "cells", cell.id)
+        )
+
+    def _run_unlearn_stage(self, base: Base, cell: Cell) -> dict:
+        """A UPGP cell: ``jdup unlearn`` itself (:func:`jdup.unlearn.run_unlearn`) on the cell's stage config."""
+        from jdup import unlearn as U
+
+        c = cell.config
+        if c.data.source != "dup" or base.victim.startswith("tiny:") or c.data.max_rows:
+            raise JdupError(
+                "unlearn.projection cells run `jdup unlearn` on the whole folder: they need data.source=dup, "
+                "data.max_rows=0 and a model folder (not tiny:)"
+            )
+        m = U.run_unlearn(self._unlearn_config(base, cell))
+        keep = ("cacc_after", "asr_after", "ra_after", "defender_target", "steps", "total_steps", "best_step")
+        return {**{k: m[k] for k in keep if k in m}, "unlearn_stage": True}
