@@ -14,23 +14,22 @@ Algorithm (spec §2.11), with one forward pass per sample:
 4. Host: z-scores fitted on V, fusion ``α·z_MD + (1−α)·z_SS``, threshold at the ``1−frr`` percentile of V
    (``purification_mode``: the 80th percentile of the scored set), flags ``z > τ``, metrics.
 
-``method: upgp`` routes to UPGP sensitivity detection (:func:`jdup.upgp.detect_upgp`; options in the nested
-``upgp:`` dict, :func:`upgp_config`) and ``method: ensemble`` runs DUP and UPGP and averages their rank fractions
-(:func:`jdup.upgp.ensemble_scores` with ``rank=True``), thresholded on DUP's clean validation half; see
-:func:`detect`.
+``method: upgp`` routes to UPGP sensitivity detection (:func:`jdup.sensitivity.detect_upgp`; options in the
+nested ``upgp:`` section, a :class:`jdup.sensitivity.UPGPConfig`) and ``method: ensemble`` runs DUP and UPGP and
+averages their rank fractions (:func:`jdup.scores.ensemble_scores` with ``rank=True``), thresholded on DUP's clean
+validation half; see :func:`detect`.
 
-Library entry points: :func:`detect` (model, tokenizer and datasets in memory; used by unlearning) and
-:func:`run_detect` (the ``jdup detect`` stage: reads files, writes ``detection.json``, ``scores.npy``,
-``components.npz``, ``roc.png``, ``hist.png``).
+Everything here is in memory: :func:`detect` takes the model, tokenizer and datasets and returns a
+:class:`DetectionResult`. The ``jdup detect`` stage (reads files, writes ``detection.json``, ``scores.npy``,
+``flags.npy``, ``components.npz``, ``roc.png``, ``hist.png``) and the detection step of ``jdup unlearn``
+(``detect_dev``) are in :mod:`jdup.stages.detect`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
-import os
+import importlib
 import random
 import time
 from typing import Any, Literal
@@ -39,14 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdup import atomic
 from jdup import data as data_lib
 from jdup import features as feat_lib
 from jdup import metrics as metrics_lib
 from jdup import scores as S
+from jdup import sensitivity
 from jdup.errors import JdupError
-
-log = logging.getLogger(__name__)
+from jdup.predict import predict
+from jdup.sensitivity import UPGPConfig
 
 LayerSpec = str | tuple[int, ...]
 
@@ -84,9 +83,9 @@ class DetectConfig:
         "gram"  # spectral singular values from the Gram matrix or a direct SVD
     )
     fit_dtype: Literal["float32", "float64"] = "float32"  # Gaussian fit on device (f32) or host NumPy float64
-    upgp: dict = dataclasses.field(
-        default_factory=dict
-    )  # method=upgp|ensemble: jdup.upgp.UPGPDetectConfig fields (perturbation, flag rule, first_order, seed)
+    # method=upgp|ensemble: perturbation, flag rule, first-order score, seed (None = split_seed); the model,
+    # data, truncation, batch size and progress of UPGP are this config's own fields
+    upgp: UPGPConfig = dataclasses.field(default_factory=UPGPConfig)
     # --- calibration split
     split_seed: int = 2025  # seed of the Python-random shuffle of the calibration split (DUP: 2025)
     calib_fraction: float = 0.5  # share of the shuffled clean split used to fit (rest: z-scores + threshold)
@@ -95,7 +94,7 @@ class DetectConfig:
     pooling: str = "auto"  # auto (cls / last_token / mean per arch) or cls, last_token, mean, mean_unmasked
     faithful_bart: bool = False  # BART: DUP's unmasked mean over padded positions (default: masked mean)
     batch_size: int = 32  # rows per forward pass
-    max_length: int = 512  # truncation length (DUP: 512); batches are padded to length buckets only
+    max_length: int = 512  # truncation length (DUP: 512; also the detection step of `jdup unlearn`); padded to buckets
     buckets: tuple[int, ...] = data_lib.INFERENCE_BUCKETS  # padded lengths: 8, 16, ..., 128, 160, ..., 512
     chunk_rows: int = 8192  # scored rows tokenised + scored at a time (bounds host memory; 0 = all at once)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the model (DUP: float32)
@@ -107,41 +106,14 @@ class DetectConfig:
     progress: bool = True  # tqdm progress bars over batches
 
 
-#: UPGPDetectConfig fields that come from DetectConfig itself (not settable in ``upgp:``).
-UPGP_CARRIED = {
-    "model": "model",
-    "data": "data",
-    "out": "out",
-    "normal_split": "calib_set",
-    "scored_split": "score_set",
-    "max_length": "max_length",
-    "eval_batch_size": "batch_size",
-    "progress": "progress",
-}
 METHODS = ("dup", "dan", "upgp", "ensemble")
 
 
-def upgp_config(cfg: DetectConfig):
-    """The :class:`jdup.upgp.UPGPDetectConfig` of a ``method: upgp|ensemble`` detection.
-
-    ``model``/``data``/``out``/``max_length``/``progress`` are carried over, ``normal_split`` = ``calib_set``,
-    ``scored_split`` = ``score_set``, ``eval_batch_size`` = ``batch_size`` and ``seed`` = ``split_seed`` (unless
-    ``upgp.seed`` is given); every other UPGP option comes from the nested ``cfg.upgp`` dict. Carried or unknown
-    keys in it raise :class:`JdupError`.
-    """
-    from jdup import config as config_lib
-    from jdup import upgp
-
-    opts = dict(cfg.upgp or {})
-    carried = sorted(set(opts) & set(UPGP_CARRIED))
-    if carried:
-        raise JdupError(
-            f"detect.upgp: {carried} come from the detect config itself "
-            f"(set {sorted({UPGP_CARRIED[k] for k in carried})} there)"
-        )
-    opts.setdefault("seed", cfg.split_seed)
-    values = {k: getattr(cfg, v) for k, v in UPGP_CARRIED.items()} | opts
-    return config_lib.build(upgp.UPGPDetectConfig, values, source="detect.upgp")
+def upgp_config(cfg: DetectConfig) -> UPGPConfig:
+    """The :class:`jdup.sensitivity.UPGPConfig` a ``method: upgp|ensemble`` detection runs with: ``cfg.upgp`` with
+    ``seed`` = ``split_seed`` unless ``upgp.seed`` is set."""
+    u = cfg.upgp
+    return u if u.seed is not None else dataclasses.replace(u, seed=int(cfg.split_seed))
 
 
 @dataclasses.dataclass
@@ -232,11 +204,11 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
       cfg: :class:`DetectConfig` (only the method/feature/decision fields matter here).
 
     Methods: ``dup``, ``dan`` (one forward pass per row, above); ``upgp``: UPGP unlearning-sensitivity scores
-    (:func:`jdup.upgp.detect_upgp`, perturbation learned on all of ``calib``; flags = UPGP's rule: the low
+    (:func:`jdup.sensitivity.detect_upgp`, perturbation learned on all of ``calib``; flags = UPGP's rule: the low
     robust-z tail of the suspected target class, ``threshold`` = ``upgp.z_threshold`` on ``scores = -z``);
     ``ensemble``: DUP, then UPGP with its perturbation learned on DUP's calibration half only, both scored on
     DUP's validation half V and on ``scored``; the score is the mean rank fraction of the two
-    (``upgp.ensemble_scores(..., rank=True)``: scale-free), thresholded at the ``1 − frr`` quantile of V's
+    (``scores.ensemble_scores(..., rank=True)``: scale-free), thresholded at the ``1 − frr`` quantile of V's
     ensemble scores (V is unseen by both detectors), or at ``purification_percentile`` in purification mode.
 
     Returns:
@@ -372,9 +344,6 @@ def _threshold(val: np.ndarray, scored: np.ndarray, cfg: DetectConfig) -> float:
 
 def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> DetectionResult:
     """``method: upgp | ensemble`` (see :func:`detect`)."""
-    from jdup import upgp
-    from jdup.train import predict
-
     ucfg = upgp_config(cfg)
     if len(scored) == 0:
         raise JdupError("nothing to score (empty dataset)", getattr(scored, "source", None))
@@ -395,7 +364,7 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> D
     normal = data_lib.encode(tokenizer, normal_ds, **enc_kw)
     enc = data_lib.encode(tokenizer, both, **enc_kw)
     t = time.perf_counter()
-    det = upgp.detect_upgp(model, enc, normal, ucfg)
+    det = sensitivity.detect_upgp(model, enc, normal, ucfg, eval_batch_size=cfg.batch_size)
     t_upgp = time.perf_counter() - t
     u_all = np.asarray(det.scores, np.float64)
     info = dict(det.info)
@@ -418,7 +387,7 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> D
         timings = {"upgp": t_upgp}
     else:
         d_all = np.concatenate([dup.val_scores, dup.scores])
-        ens = upgp.ensemble_scores([d_all, u_all], rank=True)
+        ens = S.ensemble_scores([d_all, u_all], rank=True)
         val, sc = ens[:n_v], ens[n_v:]
         tau = _threshold(val, sc, cfg)
         flags = sc > tau
@@ -543,175 +512,12 @@ def _metrics(scored, sc, flags, z_md, z_ss, preds, cfg: DetectConfig) -> dict[st
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The `jdup detect` stage
+def __getattr__(name: str):
+    # Temporary: `jdup.detect.run_detect` / `detect_dev` until cli/pipeline/unlearn import them from
+    # jdup.stages.detect (issue 12). A lazy lookup, so this in-memory module does not import the stage.
+    if name in ("run_detect", "detect_dev"):
+        return getattr(importlib.import_module("jdup.stages.detect"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _read_scored(cfg: DetectConfig, num_labels: int | None):
-    s = cfg.score_set
-    if s.endswith(".csv") or os.sep in s or os.path.isfile(s):
-        path = s if os.path.isabs(s) or os.path.isfile(s) else os.path.join(cfg.data, s)
-        return data_lib.read_dup_csv(path, num_labels)
-    if s == "dev-detect":
-        parts = [data_lib.read_split(cfg.data, n, num_labels=num_labels) for n in ("dev-clean", "dev-poison")]
-        return data_lib.TextDataset.concat(parts, source=os.path.join(cfg.data, "dev-detect"))
-    return data_lib.read_split(cfg.data, s, num_labels=num_labels)
-
-
-def _atomic_bytes(path: str, write) -> None:
-    atomic.write(path, write, binary=True)
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.ndarray):
-        return _json_safe(x.tolist())
-    return x
-
-
-def run_detect(cfg: DetectConfig) -> dict:
-    """The ``jdup detect`` stage: loads the model and data, runs :func:`detect`, writes the outputs.
-
-    Writes under ``cfg.out`` (each file atomically; ``detection.json`` last): ``scores.npy`` (fused score per
-    row of the scored file, in file order), ``flags.npy``, ``components.npz`` (md, ss, z_md, z_ss, preds,
-    per-layer scores, validation scores, split indices), ``roc.png`` and ``hist.png`` (if the scored rows have
-    both poison flags), and ``detection.json`` with ``auroc``, ``auroc_md``, ``auroc_ss``, ``frr``, ``far``,
-    ``threshold``, ``layers``, ``n_scored``, ``n_flagged``, ``seconds`` and more.
-
-    Returns:
-      The ``detection.json`` dict.
-    """
-    from jdup import models
-
-    if not cfg.model or not cfg.data or not cfg.out:
-        raise JdupError("detect needs model, data and out")
-    if cfg.method in ("upgp", "ensemble"):
-        upgp_config(cfg)  # bad `upgp:` options fail before the model is loaded
-    t0 = time.perf_counter()
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    model = models.from_pretrained(cfg.model, dtype=dtype)
-    tokenizer = models.load_tokenizer(cfg.model)
-    return _detect_and_write(cfg, model, tokenizer, t0)
-
-
-def detect_dev(
-    model, model_path: str, data: str, out: str, options: dict | None = None
-) -> tuple[np.ndarray, dict]:
-    """Detection for unlearning: scores ``dev-detect = dev-clean ‖ dev-poison``, calibrated on ``dev-clean``.
-
-    Args:
-      model: the (already loaded) suspect model.
-      model_path: where its tokenizer lives (a folder or ``builtin:`` name).
-      data: DUP data folder.
-      out: output folder (same files as :func:`run_detect`).
-      options: extra :class:`DetectConfig` fields (``seed`` is accepted as an alias of ``split_seed``).
-
-    Returns:
-      ``(flags [n_dev_clean + n_dev_poison] bool, detection.json dict)``.
-    """
-    from jdup import config as config_lib
-    from jdup import models
-
-    opts = dict(options or {})
-    if "seed" in opts:
-        seed = opts.pop("seed")
-        opts.setdefault("split_seed", seed)
-    opts.update(model=os.fspath(model_path), data=os.fspath(data), out=os.fspath(out), score_set="dev-detect")
-    cfg = config_lib.build(DetectConfig, opts, source="unlearn.detect")
-    t0 = time.perf_counter()
-    tokenizer = models.load_tokenizer(cfg.model)
-    result = _detect_and_write(cfg, model, tokenizer, t0)
-    flags = np.load(os.path.join(os.path.abspath(cfg.out), "flags.npy"))
-    return flags, result
-
-
-def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float) -> dict:
-    from jdup import config as config_lib
-
-    num_labels = int(model.config.num_labels)
-    calib = data_lib.read_split(cfg.data, cfg.calib_set, num_labels=num_labels)
-    scored = _read_scored(cfg, num_labels)
-    t_load = time.perf_counter() - t0
-    res = detect(model, tokenizer, calib, scored, cfg)
-
-    out = os.path.abspath(cfg.out)
-    os.makedirs(out, exist_ok=True)
-    _atomic_bytes(os.path.join(out, "scores.npy"), lambda f: np.save(f, res.scores.astype(np.float32)))
-    _atomic_bytes(os.path.join(out, "flags.npy"), lambda f: np.save(f, res.flags.astype(bool)))
-    _atomic_bytes(
-        os.path.join(out, "components.npz"),
-        lambda f: np.savez(
-            f,
-            scores=res.scores,
-            flags=res.flags,
-            md=res.md,
-            ss=res.ss,
-            z_md=res.z_md,
-            z_ss=res.z_ss,
-            md_layers=res.md_layers,
-            preds=res.preds,
-            val_scores=res.val_scores,
-            poison=scored.poison,
-            labels=scored.labels,
-            calib_index=res.calib_index,
-            val_index=res.val_index,
-            **{k: v for k, v in res.extra.items() if isinstance(v, np.ndarray)},
-        ),
-    )
-    y = np.asarray(scored.poison).astype(bool)
-    plots = []
-    if cfg.plots and y.any() and (~y).any():
-        from jdup import plots as plots_lib
-
-        where = os.path.join(*os.path.normpath(os.path.abspath(cfg.data)).split(os.sep)[-2:])
-        title = f"{cfg.method.upper()}: {where}/{cfg.score_set}"
-        extra = {"MD only": res.z_md, "SS only": res.z_ss} if cfg.method == "dup" else None
-        if cfg.method == "ensemble":
-            extra = {"DUP": res.extra["dup_scores"], "UPGP": res.extra["upgp_scores"]}
-        plots_lib.roc_plot(y, res.scores, os.path.join(out, "roc.png"), title=title, extra=extra)
-        plots_lib.score_histogram(res.scores, y, res.threshold, os.path.join(out, "hist.png"), title=title)
-        plots = ["roc.png", "hist.png"]
-    result = {
-        **res.metrics,
-        "threshold": res.threshold,
-        "layers": res.layers,
-        "method": cfg.method,
-        "alpha": cfg.alpha if cfg.method in ("dup", "ensemble") else None,
-        **({"upgp": res.extra["upgp_info"]} if "upgp_info" in res.extra else {}),
-        "ch": res.ch.tolist(),
-        "seconds": time.perf_counter() - t0,
-        "seconds_load": t_load,
-        "timings": res.timings,
-        "n_calibration": int(len(res.calib_index)),
-        "n_validation": int(len(res.val_index)),
-        "scored_file": getattr(scored, "source", cfg.score_set),
-        "files": ["scores.npy", "flags.npy", "components.npz", *plots],
-        "config": config_lib.to_dict(cfg),
-    }
-    result = _json_safe(result)
-    _atomic_bytes(
-        os.path.join(out, "detection.json"), lambda f: f.write((json.dumps(result, indent=2) + "\n").encode())
-    )
-    nan = float("nan")
-    log.info(
-        "detect: AUROC %.4f (MD %.4f, SS %.4f), FRR %.4f, FAR %.4f, %d/%d flagged, %.1fs",
-        result.get("auroc") or nan,
-        result.get("auroc_md") or nan,
-        result.get("auroc_ss") or nan,
-        result.get("frr") or nan,
-        result.get("far") or nan,
-        result["n_flagged"],
-        result["n_scored"],
-        result["seconds"],
-    )
-    return result
-
-
-__all__ = ["DetectConfig", "DetectionResult", "detect", "detect_dev", "run_detect", "split_calibration"]
+__all__ = ["METHODS", "DetectConfig", "DetectionResult", "detect", "split_calibration", "upgp_config"]

@@ -39,6 +39,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jdup.models.common import Output
+from jdup.predict import MODEL_INPUTS
 
 Array = jax.Array
 POOLINGS = ("cls", "last_token", "mean", "mean_unmasked")
@@ -231,8 +232,6 @@ _FN_CACHE: OrderedDict = OrderedDict()
 _FN_CACHE_SIZE = 16
 
 
-MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
 
 def run_pass(
     fn: Callable,
@@ -267,7 +266,7 @@ def run_pass(
             out[k][index[valid]] = v[valid]
 
     for batch in tqdm(batch_iter, desc=desc, total=total, disable=not progress, leave=False):
-        inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         queue.append((batch["index"], batch["valid"], fn(state, inputs, aux)))
         if len(queue) > in_flight:
             drain_one()

@@ -12,7 +12,10 @@ import pytest
 from _fixtures_victim import SST2
 
 from jdup import cli, data, detect, models
+from jdup import config as config_lib
 from jdup.errors import JdupError
+from jdup.sensitivity import UPGPConfig
+from jdup.stages import detect as detect_stage
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,7 +76,7 @@ def test_cli_routes_method_and_writes_the_dup_outputs(folder, tmp_path, method, 
 
 
 def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
-    from jdup import metrics, upgp
+    from jdup import metrics, scores
 
     root, n, _ = folder
     model, tok = models.from_pretrained(root / "model"), models.load_tokenizer(root / "model")
@@ -85,13 +88,13 @@ def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
         max_length=32,
         buckets=(16, 32),
         progress=False,
-        upgp={"max_steps": 4, "eval_every": 2, "n_perturbations": 1, "first_order": False},
+        upgp=UPGPConfig(max_steps=4, eval_every=2, n_perturbations=1, first_order=False),
     )
     res = detect.detect(model, tok, calib, scored, cfg)
     x = res.extra
     n_v = len(res.val_index)
     assert n_v == len(calib) // 2 and x["upgp_val_scores"].shape == (n_v,)
-    ens = upgp.ensemble_scores(
+    ens = scores.ensemble_scores(
         [np.r_[x["dup_val_scores"], x["dup_scores"]], np.r_[x["upgp_val_scores"], x["upgp_scores"]]],
         rank=True,
     )
@@ -117,7 +120,7 @@ def test_unlearning_detection_accepts_the_methods(folder, tmp_path):
         "method": "upgp",
     }
     opts["upgp"] = {"max_steps": 4, "eval_every": 2, "n_perturbations": 1, "first_order": False}
-    flags, info = detect.detect_dev(
+    flags, info = detect_stage.detect_dev(
         models.from_pretrained(root / "model"), str(root / "model"), str(root / "data"), str(tmp_path), opts
     )
     assert flags.shape == (n_dev,) and info["n_scored"] == n_dev and info["method"] == "upgp"
@@ -132,8 +135,8 @@ def test_bad_method_and_upgp_options_raise_clear_errors(folder, tmp_path, capsys
     assert "method" in err and "ensemble" in err and len(err.strip().splitlines()) == 1
     assert _cli(root, tmp_path / "bad2", "upgp", "upgp.no_such_option=1") == 2
     assert "no_such_option" in capsys.readouterr().err
-    with pytest.raises(JdupError, match="max_length"):
-        detect.upgp_config(detect.DetectConfig(method="upgp", upgp={"max_length": 64}))
+    with pytest.raises(JdupError, match="max_length"):  # carried from the detect config, not an upgp option
+        config_lib.build(detect.DetectConfig, {"method": "upgp", "upgp": {"max_length": 64}})
     with pytest.raises(JdupError, match="unknown detection method"):
         detect.detect(None, None, None, None, detect.DetectConfig(method="nope"))  # type: ignore[arg-type]
     assert not (tmp_path / "bad2").exists()  # options are checked before the model is loaded
@@ -154,9 +157,12 @@ def test_jdup_run_checks_detection_options_before_any_stage(
     from pathlib import Path
 
     from jdup import attacks, train
+    from jdup.stages import train as train_stage
 
     ran = []
-    for mod, fn in ((attacks, "run_poison"), (train, "run_train"), (detect, "run_detect")):
+    stages = [(attacks, "run_poison"), (train, "run_train"), (detect, "run_detect")]
+    stages += [(train_stage, "run_train"), (detect_stage, "run_detect")]
+    for mod, fn in stages:
         monkeypatch.setattr(mod, fn, lambda cfg, _fn=fn: ran.append(_fn) or {})
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     rc = cli.main(["--log-level", "warning", "run", str(tiny), f"out={tmp_path / 'o'}", *override])

@@ -107,7 +107,6 @@ def test_detection_pipeline_and_vmapped_first_order_matches_a_loop(tiny):
         lora_rank=4,
         batch_size=16,
         first_order_batch=8,
-        progress=False,
     )
     det = upgp.detect_upgp(tiny, scored, normal, cfg)
     assert det.scores.shape == det.flags.shape == det.sensitivity.shape == (24,)
@@ -311,7 +310,7 @@ def test_minilm_badnets_sensitivity_detection_beats_chance(badnets_victim):  # n
     normal = D.encode(tok, D.read_split(data_dir, "dev-clean", num_labels=2), 40, config=victim.config)
     scored = D.encode(tok, D.read_split(data_dir, "test-detect", num_labels=2), 40, config=victim.config)
     cfg = upgp.UPGPDetectConfig(
-        n_perturbations=1, max_steps=60, eval_every=10, first_order=False, progress=False
+        n_perturbations=1, max_steps=60, eval_every=10, first_order=False
     )
     det = upgp.detect_upgp(victim, scored, normal, cfg)
     print("MiniLM badnets UPGP detection:", det.info)
