@@ -96,6 +96,9 @@ class TrainConfig:
     log_every: int = 10
     # Show tqdm progress bars.
     progress: bool = True
+    # Replace an existing `out` that is not a `jdup train` output, and discard a checkpoint left by a run with other
+    # settings (default: both refused with a message).
+    overwrite: bool = False
 
     def validate(self) -> None:
         """Value constraints, checked by ``jdup.config.build`` before any work (paths are checked by the stage)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -110,9 +111,10 @@ def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_
     full_out, full = full_run
     out = tmp_path / "resumed"
     first = ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=4, max_steps=13))
-    assert first == {"stopped": True, "step": 13, "total_steps": 40, "checkpoint": str(out / "ckpt")}
+    ckpt = Path(f"{out}.partial") / "ckpt"  # an unfinished run lives in <out>.partial until it completes
+    assert first == {"stopped": True, "step": 13, "total_steps": 40, "checkpoint": str(ckpt)}
     assert not (out / "metrics.json").exists() and not (out / "model").exists()
-    with Checkpointer(out / "ckpt") as ck:
+    with Checkpointer(ckpt) as ck:
         assert ck.latest_step() == 13 and 12 in ck.all_steps()
     second = ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=0))  # may change on resume
     assert second["steps"] == 40

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jdup import atomic
+from jdup import atomic, manifest
+from jdup import config as config_lib
 from jdup import data as D
 from jdup.errors import JdupError
 from jdup.train import (
@@ -61,34 +62,12 @@ def _atomic_json(path: str, obj: Any) -> None:
     atomic.write(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
-def _check_config(cfg: TrainConfig) -> None:
-    def bad(field, msg):
-        raise JdupError(f"{field}: {msg}", f"config:{field}")
-
-    if not cfg.data:
-        bad("data", "set the DUP-layout data folder")
-    if cfg.epochs < 1:
-        bad("epochs", f"must be >= 1, got {cfg.epochs}")
-    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        bad("batch_size", "batch sizes must be >= 1")
-    if not cfg.lr > 0:
-        bad("lr", f"must be > 0, got {cfg.lr}")
-    if not 0 <= cfg.warmup <= 1:
-        bad("warmup", f"is a fraction of all steps in [0, 1], got {cfg.warmup}")
-    if cfg.warmup_epochs is not None and not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        bad("warmup_epochs", f"must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}")
-    if cfg.num_labels < 2:
-        bad("num_labels", f"must be >= 2, got {cfg.num_labels}")
-    if cfg.select not in ("dev_acc", "dev_mean"):
-        bad("select", f"must be dev_acc or dev_mean, got {cfg.select!r}")
-    if cfg.dtype not in DTYPES:
-        bad("dtype", f"must be one of {list(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.eval_every < 1:
-        bad("eval_every", f"must be >= 1, got {cfg.eval_every}")
-
-
 def run_train(cfg: TrainConfig) -> dict:
-    """Train a (backdoored) victim on a DUP-layout folder; resumes from ``<out>/ckpt`` when present.
+    """Train a (backdoored) victim on a DUP-layout folder; resumes from the checkpoint an interrupted run left.
+
+    The output is built in ``<out>.partial`` (checkpoints in ``<out>.partial/ckpt``) and renamed over ``out`` once
+    ``model/``, ``metrics.json`` and ``manifest.json`` are written: a failed or killed run leaves the previous
+    output (or none), and rerunning the same command resumes from the checkpoint.
 
     Returns:
       The metrics dict written to ``<out>/metrics.json``: ``cacc``, ``asr``, ``dev_acc``, ``dev_asr`` (of the
@@ -96,13 +75,21 @@ def run_train(cfg: TrainConfig) -> dict:
       ``target``, ``model_dir``, ``history``. When ``max_steps`` stops the run early, returns
       ``{"stopped": True, "step": ..., "checkpoint": ...}`` and writes neither ``model/`` nor ``metrics.json``.
     """
+    config_lib.validate(cfg)
+    if not cfg.data:
+        raise JdupError("data: set the DUP-layout data folder", "config:data")
+    output = manifest.StageOutput("train", cfg, {"model": cfg.model, "data": cfg.data}, resume=not cfg.overwrite,
+                                  keep="ckpt")
+    with output:
+        return _run_train(cfg, output)
+
+
+def _run_train(cfg: TrainConfig, output: manifest.StageOutput) -> dict:
     from jdup import models
     from jdup.checkpoint import Checkpointer, fingerprint
 
-    _check_config(cfg)
     t_start = time.perf_counter()
-    out = os.path.abspath(cfg.out)
-    os.makedirs(out, exist_ok=True)
+    out = output.path  # the staging folder; output.out is where the finished output goes
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
 
     # ---- data -----------------------------------------------------------------------------------------------
@@ -135,6 +122,7 @@ def run_train(cfg: TrainConfig) -> dict:
     # ---- resume ---------------------------------------------------------------------------------------------
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
     settings["rows"] = {k: len(v) for k, v in splits.items()}
+    settings["inputs"] = {k: v["fingerprint"] for k, v in output.manifest()["inputs"].items()}
     fp = fingerprint(settings)
     ck = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=2)
     meta: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_epoch": -1,
@@ -148,11 +136,16 @@ def run_train(cfg: TrainConfig) -> dict:
         if saved.get("fingerprint") != fp:
             ck.close()
             raise JdupError("the checkpoint was written with different settings (model, data or hyper-parameters); "
-                            "delete it or choose another out folder", ck.directory)
+                            "pass --overwrite (overwrite=true) to discard it and start again, or choose another "
+                            "out folder", ck.directory)
         meta.update(saved)
         log.info("resuming from step %d (epoch %d, batch %d)", meta["step"], meta["epoch"], meta["batch"])
 
-    metrics_log = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")
+    # metrics.jsonl holds this run only: a new run starts it empty, a resumed one keeps the lines up to its
+    # checkpoint's step (the replayed steps are logged again)
+    jsonl = os.path.join(out, "metrics.jsonl")
+    _truncate_log(jsonl, int(meta["step"]))
+    metrics_log = open(jsonl, "a", encoding="utf-8")
 
     def log_line(obj):
         metrics_log.write(json.dumps(obj) + "\n")
@@ -212,8 +205,8 @@ def run_train(cfg: TrainConfig) -> dict:
 
     # ---- outputs --------------------------------------------------------------------------------------------
     final = nnx.merge(graphdef, jax.device_put(best), *rest)
-    model_dir = os.path.join(out, "model")
-    models.save_pretrained(final, model_dir, tokenizer_src=cfg.model)
+    model_dir = os.path.join(output.out, "model")
+    models.save_pretrained(final, os.path.join(out, "model"), tokenizer_src=cfg.model)
     bm = dict(meta["best_metrics"])
     result = {
         "cacc": bm.get("cacc"), "asr": bm.get("asr"), "dev_acc": bm.get("dev_acc"), "dev_asr": bm.get("dev_asr"),
@@ -227,7 +220,25 @@ def run_train(cfg: TrainConfig) -> dict:
     _atomic_json(os.path.join(out, "metrics.json"), result)
     if not cfg.keep_checkpoints:
         shutil.rmtree(ck.directory, ignore_errors=True)
+    output.commit(result)
     return result
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Keeps the lines of ``metrics.jsonl`` up to ``step`` (all of them gone for a fresh run, ``step == 0``)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    if step > 0:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut by the kill
+                    continue
+                if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    atomic.write_text(path, "".join(kept))
 
 
 __all__ = ["TrainConfig", "run_train"]
