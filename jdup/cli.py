@@ -109,6 +109,10 @@ def _print_result(result: Any) -> None:
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (a section named after the command is used)")
+OverwriteOpt = typer.Option(
+    False, "--overwrite", help="replace an existing --out that is not an output of this command, and discard a "
+    "checkpoint left by a run with other settings"
+)
 
 
 @app.command(context_settings=EXTRA)
@@ -121,10 +125,11 @@ def poison(
     target: int = typer.Option(None, help="target label of the backdoor"),
     out: str = typer.Option(None, help="output folder (DUP/OpenBackdoor layout)"),
     seed: int = typer.Option(None, help="random seed"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Write a poisoned dataset folder in the DUP authors' layout."""
-    _run_stage("poison", config, dict(source=clean, attack=attack, rate=rate, target=target, out=out, seed=seed),
-               ctx.args)
+    _run_stage("poison", config, dict(source=clean, attack=attack, rate=rate, target=target, out=out, seed=seed,
+                                      overwrite=overwrite or None), ctx.args)
 
 
 @app.command(context_settings=EXTRA)
@@ -134,9 +139,10 @@ def train(
     model: str = typer.Option(None, help="HF folder, hub id, or builtin:minilm"),
     data: str = typer.Option(None, help="poisoned data folder (DUP layout)"),
     out: str = typer.Option(None, help="output folder: model/ (HF format) and metrics.json"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Train a (backdoored) victim classifier on dirty/<rate>/train-poison.csv."""
-    _run_stage("train", config, dict(model=model, data=data, out=out), ctx.args)
+    _run_stage("train", config, dict(model=model, data=data, out=out, overwrite=overwrite or None), ctx.args)
 
 
 @app.command(context_settings=EXTRA)
@@ -181,7 +187,7 @@ def run(
     ctx: typer.Context,
     config: str = typer.Argument(..., help="run config (see configs/demo.yaml)"),
     overwrite: bool = typer.Option(
-        None, "--overwrite", help="allow replacing existing folders that are not outputs of the same stage"
+        False, "--overwrite", help="allow replacing existing folders that are not outputs of the same stage"
     ),
 ) -> None:
     """Run the whole pipeline: poison -> train -> detect -> unlearn -> report."""
@@ -190,7 +196,7 @@ def run(
     try:
         data = config_lib.apply_overrides(config_lib.load_yaml(config), ctx.args)
         report = pipeline.run_pipeline(data, source=config, origins=config_lib.override_origins(ctx.args),
-                                       overwrite=overwrite)
+                                       overwrite=overwrite or None)
     except KeyboardInterrupt:
         raise Interrupted(f"jdup run {config} was interrupted; run it again to resume (finished stages are "
                           "reused)") from None
