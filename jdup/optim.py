@@ -1,4 +1,9 @@
-"""Null-space gradient projection as an optax transform (the "P" of UPGP), and basis estimators.
+"""jdup's optimizers: the one AdamW factory, its two-stream variant, the warm-up schedule, and null-space
+gradient projection as an optax transform (the "P" of UPGP).
+
+:func:`adamw_chain` is the only optimizer factory (victim training, unlearning, sweeps), :func:`two_stream_chain`
+its UPGP variant (projected forget stream + free retain stream), :func:`linear_warmup_decay` the only schedule.
+The basis estimators are in :mod:`jdup.subspace` (re-exported here).
 
 The transform maps an update ``u`` to ``u - beta * U (U^T u)`` where ``U`` has orthonormal columns spanning the
 directions that must not move (clean-sample gradients, or clean layer inputs). ``U`` lives in the transform's
@@ -20,10 +25,11 @@ Three ways of attaching a basis to the update pytree (``mode``):
 
 Optimizer order (spec §5.5): with Adam the per-coordinate scaling rotates a projected gradient back out of the
 complement, so the projection must act on the **final** update: ``clip -> scale_by_adam -> project ->
-scale_by_learning_rate`` (:func:`projected_adamw`). Decoupled weight decay moves parameters along ``-theta``,
+scale_by_learning_rate`` (:func:`adamw_chain`). Decoupled weight decay moves parameters along ``-theta``,
 which is not in the complement, so it is either off or added *before* the projection (then it is projected too).
 
-This module imports only jax, optax and numpy, so another JAX codebase can take it without Flax.
+This module imports only jax, optax, numpy and :mod:`jdup.subspace`, so another JAX codebase can take it without
+Flax.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ __all__ = [
     "project_null_space",
     "set_basis",
     "get_basis",
+    "adamw_chain",
+    "two_stream_chain",
+    "TwoStreams",
+    "linear_warmup_decay",
+    "warmup_steps",
+    "schedule_value",
     "projected_adamw",
     "gradient_basis",
     "representation_basis",
@@ -226,7 +238,7 @@ def project_null_space(
 
     ``init`` allocates zero bases of width ``max_rank`` (so the transform is the identity until a basis is set
     with :func:`set_basis`), unless ``bases`` is given. Place it *after* any adaptive scaling (``scale_by_adam``)
-    and before ``scale_by_learning_rate``; see :func:`projected_adamw`.
+    and before ``scale_by_learning_rate``; see :func:`adamw_chain`.
 
     Args:
       max_rank: fixed number of basis columns (estimators zero-pad to it, so refreshing never changes a shape).
@@ -359,6 +371,152 @@ def get_basis(opt_state: Any) -> NullSpaceState:
     return found[0]
 
 
+# ----------------------------------------------------------------------------------------- schedule, factories
+
+
+def linear_warmup_decay(peak: Any, total_steps: Any, warmup_steps: Any) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
+
+    Identical to Hugging Face ``get_linear_schedule_with_warmup``: the value at optimizer step ``t`` (0-based, as
+    optax counts) is ``peak * t / warmup`` while ``t < warmup``, else
+    ``peak * max(0, (total - t) / (total - warmup))``; so the first update uses learning rate 0.
+
+    Args:
+      peak: the peak learning rate: a Python float or a (traced) float32 array -- the same float32 value gives
+        the same schedule either way, so a vmapped sweep can carry one ``peak`` per cell.
+      total_steps: optimizer steps of the run (Python int).
+      warmup_steps: warm-up steps (Python int).
+
+    Returns:
+      ``count -> float32`` learning rate.
+    """
+    total = int(total_steps)
+    warm = int(warmup_steps)
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        up = t / max(warm, 1)
+        down = jnp.maximum(0.0, (total - t) / max(total - warm, 1))
+        return peak * jnp.where(t < warm, up, down)
+
+    return schedule
+
+
+def warmup_steps(total_steps: int, warmup_frac: float) -> int:
+    """``int(warmup_frac * total_steps)``: the warm-up length every jdup optimizer uses."""
+    return int(warmup_frac * total_steps)
+
+
+def schedule_value(peak: float, total_steps: int, warmup_steps: int, t: int) -> float:
+    """:func:`linear_warmup_decay` at step ``t`` in plain Python (for logging, no device work)."""
+    if t < warmup_steps:
+        return peak * t / max(warmup_steps, 1)
+    return peak * max(0.0, (total_steps - t) / max(total_steps - warmup_steps, 1))
+
+
+def adamw_chain(
+    learning_rate: float | jax.Array | optax.Schedule,
+    *,
+    weight_decay: float = 0.0,
+    clip: float | None = 1.0,
+    projection: optax.GradientTransformation | None = None,
+    mask: Any | Callable[[Any], Any] | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """jdup's one optimizer: ``clip -> scale_by_adam -> [decay] -> [projection] -> -lr``.
+
+    Without a projection this is exactly torch ``AdamW`` (decoupled decay ``lr * wd * theta``) after
+    ``clip_grad_norm_`` -- the optimizer of victim training, of DUP unlearning and of every sweep cell.
+
+    Why this order with a projection (spec §5.5): Adam divides each coordinate by its own running RMS, which
+    rotates a vector; a gradient projected *before* Adam therefore leaves the complement again (measured
+    ``max|U^T u|/|u|`` ~ 0.1), while projecting the *final* Adam direction keeps every step exactly orthogonal to
+    the protected basis. Clipping goes first because it only rescales the raw gradient and the projection never
+    increases a norm. Weight decay, if any, is added before the projection so the decay term is projected too
+    (decoupled decay after it would move parameters along ``-theta``, out of the complement; jdup's unlearning
+    passes ``weight_decay=0`` when projecting). Retain-loss updates belong in a separate, unprojected stream
+    (:func:`two_stream_chain`).
+
+    Args:
+      learning_rate: a float, a (traced) float32 array, or an optax schedule (e.g. :func:`linear_warmup_decay`,
+        whose ``peak`` may itself be traced).
+      weight_decay: decoupled weight decay coefficient (``0`` = none).
+      clip: global-norm clip of the raw gradient; ``None`` or ``0`` disables it.
+      projection: a :func:`project_null_space` transform (or any transform) acting on the final Adam direction.
+      mask: weight-decay mask: a pytree of bools or a callable ``params -> pytree of bools`` (``None``: all).
+      b1, b2, eps: Adam parameters (torch defaults).
+
+    Returns:
+      An ``optax.GradientTransformation`` (an ``optax.chain``).
+    """
+    parts = []
+    if clip:
+        parts.append(optax.clip_by_global_norm(clip))
+    parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay, mask))
+    if projection is not None:
+        parts.append(projection)
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+class TwoStreams(NamedTuple):
+    """Two optimizer streams whose updates are added (UPGP spec §5.6).
+
+    ``forget`` gets the forgetting gradient (``clip -> scale_by_adam -> projection -> -lr*lambda_asr``),
+    ``retain`` the clean-CE gradient (``clip -> scale_by_adam -> -lr*lambda_acc``, never projected), each with its
+    own clip and Adam moments. A single projected stream would project the retain gradient too, and that gradient
+    lies almost entirely in the protected (clean) subspace, so the retain term would be switched off.
+
+    ``update`` takes the pair ``(forget_grads, retain_grads)``; the state is ``(forget_state, retain_state)``
+    (:func:`set_basis` / :func:`get_basis` find the projection state inside it).
+    """
+
+    forget: optax.GradientTransformation
+    retain: optax.GradientTransformation
+
+    def init(self, params):
+        return (self.forget.init(params), self.retain.init(params))
+
+    def update(self, grads, state, params=None):
+        g_forget, g_retain = grads
+        u_f, s_f = self.forget.update(g_forget, state[0], params)
+        u_r, s_r = self.retain.update(g_retain, state[1], params)
+        return jax.tree.map(jnp.add, u_f, u_r), (s_f, s_r)
+
+
+def two_stream_chain(
+    forget_lr: float | jax.Array | optax.Schedule,
+    retain_lr: float | jax.Array | optax.Schedule,
+    *,
+    clip: float | None = 1.0,
+    projection: optax.GradientTransformation | None = None,
+    retain_projection: optax.GradientTransformation | None = None,
+) -> TwoStreams:
+    """:class:`TwoStreams` of two :func:`adamw_chain` without weight decay (the decay direction ``-theta`` is not
+    in the protected complement).
+
+    The loss weights belong in the stream learning rates (``lr * lambda``), not on the gradients: Adam is
+    invariant to a gradient scale, so a weight on the gradient would do nothing.
+
+    Args:
+      forget_lr, retain_lr: learning rate (or schedule) of each stream.
+      clip: global-norm clip of each stream's raw gradient.
+      projection: the clean-subspace projection of the forget stream.
+      retain_projection: NOT the clean-subspace projection: only *structural* constraints of a projection
+        variant that every update must respect (InfLoRA's frozen down-projections and head bias, the
+        representation variant's down-projections kept in the clean complement); ``None`` for a free retain
+        stream.
+    """
+    return TwoStreams(
+        adamw_chain(forget_lr, clip=clip, projection=projection),
+        adamw_chain(retain_lr, clip=clip, projection=retain_projection),
+    )
+
+
 def projected_adamw(
     learning_rate: float | optax.Schedule,
     projection: optax.GradientTransformation | None,
@@ -369,251 +527,19 @@ def projected_adamw(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-    """The recommended projected optimizer: ``clip -> scale_by_adam -> [decay] -> project -> -lr``.
-
-    Why this order (spec §5.5): Adam divides each coordinate by its own running RMS, which rotates a vector; a
-    gradient projected *before* Adam therefore leaves the complement again (measured ``max|U^T u|/|u|`` ~ 0.1),
-    while projecting the *final* Adam direction keeps every step exactly orthogonal to the protected basis.
-    Clipping goes first because it only rescales the raw gradient and the projection never increases a norm.
-    Weight decay, if any, is added before the projection so the decay term is projected too (decoupled decay
-    after it would move parameters along ``-theta``, out of the complement). Retain-loss updates belong in a
-    separate, unprojected stream (their gradients lie almost entirely in ``span(U)``).
-
-    Args:
-      learning_rate: float or optax schedule.
-      projection: a :func:`project_null_space` transform, or ``None`` for plain (clipped) Adam.
-      clip: global-norm clip of the raw gradient; ``None`` or ``0`` disables it.
-      b1, b2, eps: Adam parameters.
-      weight_decay: decay coefficient, applied inside the projected stream (``0`` recommended).
-
-    Returns:
-      An ``optax.GradientTransformation`` (an ``optax.chain``).
-    """
-    parts = []
-    if clip:
-        parts.append(optax.clip_by_global_norm(clip))
-    parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))
-    if projection is not None:
-        parts.append(projection)
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    """:func:`adamw_chain` with the projection as a positional argument (the earlier name)."""
+    return adamw_chain(
+        learning_rate, weight_decay=weight_decay, clip=clip, projection=projection, b1=b1, b2=b2, eps=eps
+    )
 
 
-# ------------------------------------------------------------------------------------------------- estimators
-
-
-def energy_rank(singular_values: jax.Array, energy_eps: float) -> jax.Array:
-    """GPM energy rule: the smallest ``j`` with ``sum_{i<=j} s_i^2 >= eps * sum_i s_i^2`` (``0`` if all zero).
-
-    Args:
-      singular_values: ``[m]`` non-negative, sorted in decreasing order.
-      energy_eps: fraction of energy to keep, in ``(0, 1]``.
-
-    Returns:
-      ``[]`` int32 rank.
-    """
-    e = jnp.square(singular_values.astype(jnp.float32))
-    total = jnp.sum(e)
-    cum = jnp.cumsum(e)
-    # Tiny relative slack so that eps=1 keeps every non-zero direction despite float rounding.
-    k = jnp.sum(cum < energy_eps * total * (1.0 - 1e-6)) + 1
-    nonzero = jnp.sum(e > total * 1e-12)
-    return jnp.where(total > 0, jnp.minimum(k, nonzero), 0).astype(jnp.int32)
-
-
-def _orth_basis(mat: jax.Array, energy_eps: float, width: int, max_keep: int) -> tuple[jax.Array, jax.Array]:
-    """Left singular vectors of ``mat [m, n]`` that carry ``energy_eps`` of its energy, zero-padded to ``width``."""
-    u, s, _ = jnp.linalg.svd(mat.astype(jnp.float32), full_matrices=False)
-    k = jnp.minimum(energy_rank(s, energy_eps), max_keep)
-    keep = jnp.arange(u.shape[1]) < k
-    u = u * keep[None, :]
-    if u.shape[1] < width:
-        u = jnp.pad(u, ((0, 0), (0, width - u.shape[1])))
-    return u[:, :width], k
-
-
-def gradient_basis(
-    grads_stack: Any,
-    energy_eps: float = 0.99,
-    *,
-    per_block: bool = True,
-    max_rank: int | None = None,
-    normalize: bool = True,
-) -> tuple[Any, Any]:
-    """Gradient-space basis (spec §5.2 G2): orthonormal basis of ``k`` clean gradients, energy threshold ``eps``.
-
-    Each of the ``k`` gradients (mini-batch gradients of the retain loss on normal samples) is flattened, unit-
-    normalised (per block when ``per_block``), stacked as columns ``G [n, k]``, and ``U`` = the leading left
-    singular vectors of ``G`` keeping ``energy_eps`` of ``sum sigma^2``, zero-padded to ``max_rank`` columns.
-
-    Args:
-      grads_stack: pytree of gradients with a leading sample axis ``k`` on every leaf.
-      energy_eps: energy fraction to keep (spec default 0.99 for gradients).
-      per_block: one basis per leaf (``"block"`` mode) or one over all leaves concatenated (``"global"`` mode).
-      max_rank: padded width (default ``k``). Must match the transform's ``max_rank``.
-      normalize: unit-normalise each gradient column before the SVD.
-
-    Returns:
-      ``(bases, ranks)``: bases in the layout of :attr:`NullSpaceState.bases` for the matching mode (a pytree of
-      ``[leaf.size, max_rank]`` float32, or one ``[P, max_rank]``), and the kept ranks (pytree of / one int32).
-    """
-    leaves = jax.tree.leaves(grads_stack)
-    if not leaves:
-        raise ValueError("grads_stack has no leaves")
-    k = int(leaves[0].shape[0])
-    width = k if max_rank is None else int(max_rank)
-
-    def columns(x):
-        g = jnp.asarray(x, jnp.float32).reshape(k, -1).T  # [n, k]
-        if normalize:
-            g = g / jnp.maximum(jnp.linalg.norm(g, axis=0, keepdims=True), 1e-30)
-        return g
-
-    if per_block:
-        pairs = jax.tree.map(lambda x: _orth_basis(columns(x), energy_eps, width, width), grads_stack)
-        treedef = jax.tree.structure(grads_stack)
-        flat = treedef.flatten_up_to(pairs)
-        return (
-            jax.tree.unflatten(treedef, [p[0] for p in flat]),
-            jax.tree.unflatten(treedef, [p[1] for p in flat]),
-        )
-    g = jnp.concatenate([jnp.asarray(x, jnp.float32).reshape(k, -1) for x in leaves], axis=1).T  # [P, k]
-    if normalize:
-        g = g / jnp.maximum(jnp.linalg.norm(g, axis=0, keepdims=True), 1e-30)
-    return _orth_basis(g, energy_eps, width, width)
-
-
-def representation_basis(
-    activations: jax.Array,
-    energy_eps: float = 0.97,
-    *,
-    weights: jax.Array | None = None,
-    max_rank: int | None = None,
-    min_free: int = 0,
-) -> tuple[jax.Array, jax.Array]:
-    """Representation-space (GPM) basis of a layer's clean inputs.
-
-    ``U`` = leading eigenvectors of the uncentred token covariance ``C = X^T diag(w) X`` keeping ``energy_eps`` of
-    its trace (the same directions as the left singular vectors of ``X^T``, since ``sigma^2 = lambda``).
-
-    Args:
-      activations: ``[N, d]`` clean token inputs of the layer (or ``[..., d]``; leading axes are flattened).
-      energy_eps: energy fraction (spec: 0.97 for encoders, 0.95 for Llama-class models).
-      weights: optional ``[N]`` (or matching leading shape) 0/1 mask, e.g. the attention mask, so padding is
-        excluded.
-      max_rank: padded width (default ``d``).
-      min_free: cap the rank at ``d - min_free`` so that some directions always stay trainable.
-
-    Returns:
-      ``(U [d, max_rank] float32, rank [] int32)``.
-    """
-    x = jnp.asarray(activations, jnp.float32)
-    d = x.shape[-1]
-    x = x.reshape(-1, d)
-    if weights is not None:
-        x = x * jnp.asarray(weights, jnp.float32).reshape(-1, 1)
-    # Covariance and eigh in float32 at HIGHEST precision (spec §7: keep reductions in f32).
-    cov = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
-    return covariance_basis(cov, energy_eps, max_rank=max_rank, min_free=min_free)
-
-
-def covariance_basis(
-    cov: jax.Array, energy_eps: float = 0.97, *, max_rank: int | None = None, min_free: int = 0
-) -> tuple[jax.Array, jax.Array]:
-    """:func:`representation_basis` from an accumulated uncentred covariance ``sum x x^T [d, d]``.
-
-    Args:
-      cov: ``[d, d]`` symmetric positive semi-definite matrix.
-      energy_eps: energy fraction of the trace to keep.
-      max_rank: padded width (default ``d``).
-      min_free: cap the rank at ``d - min_free``.
-
-    Returns:
-      ``(U [d, max_rank] float32, rank [] int32)``.
-    """
-    cov = jnp.asarray(cov, jnp.float32)
-    d = cov.shape[0]
-    lam, vec = jnp.linalg.eigh(0.5 * (cov + cov.T))
-    lam, vec = lam[::-1], vec[:, ::-1]
-    width = d if max_rank is None else int(max_rank)
-    k = jnp.minimum(energy_rank(jnp.sqrt(jnp.maximum(lam, 0.0)), energy_eps), max(d - min_free, 0))
-    k = jnp.minimum(k, width)
-    vec = vec * (jnp.arange(d) < k)[None, :]
-    if d < width:
-        vec = jnp.pad(vec, ((0, 0), (0, width - d)))
-    return vec[:, :width], k.astype(jnp.int32)
-
-
-def inflora_init(
-    basis: jax.Array,
-    forget_inputs: jax.Array,
-    rank: int,
-    *,
-    weights: jax.Array | None = None,
-    key: jax.Array | None = None,
-) -> jax.Array:
-    """InfLoRA-style fixed LoRA down-projection inside the complement of the clean input subspace (spec §6.3 b).
-
-    ``A`` = the top-``rank`` left singular directions of ``(I - U U^T) X_b^T`` (where the flagged inputs differ
-    from clean ones), with orthonormal columns and ``U^T A = 0`` to float32 rounding. If the projected forget
-    inputs span fewer than ``rank`` directions, the rest is filled with random complement directions. Freeze
-    ``A`` and train only the up-projection ``B``: then ``U^T (A B) = 0`` for every ``B`` -- clean inputs in
-    ``span(U)`` keep their pre-activations exactly, whatever the optimizer.
-
-    Args:
-      basis: ``[d, k]`` orthonormal/zero-column clean-input basis (from :func:`representation_basis`).
-      forget_inputs: ``[N, d]`` (or ``[..., d]``) token inputs of the flagged set at this module.
-      rank: LoRA rank ``r`` (must be ``<= d - rank(U)``).
-      weights: optional 0/1 mask over the leading axes of ``forget_inputs`` (padding).
-      key: PRNG key for the random fill (default ``jax.random.key(0)``).
-
-    Returns:
-      ``A [d, rank]`` float32 with orthonormal columns orthogonal to ``span(U)``.
-    """
-    d = basis.shape[0]
-    x = jnp.asarray(forget_inputs, jnp.float32).reshape(-1, d)
-    if weights is not None:
-        x = x * jnp.asarray(weights, jnp.float32).reshape(-1, 1)
-    cov = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
-    return inflora_from_covariance(basis, cov, rank, key=key)
-
-
-def inflora_from_covariance(
-    basis: jax.Array, forget_cov: jax.Array, rank: int, *, key: jax.Array | None = None
-) -> jax.Array:
-    """:func:`inflora_init` from the uncentred forget-input covariance ``X_b^T X_b [d, d]`` (streaming use).
-
-    Args:
-      basis: ``[d, k]`` clean-input basis.
-      forget_cov: ``[d, d]`` sum of ``x x^T`` over the flagged tokens at this module.
-      rank: LoRA rank ``r``.
-      key: PRNG key for the random complement fill.
-
-    Returns:
-      ``A [d, rank]`` float32, orthonormal columns, ``U^T A = 0``.
-    """
-    u = jnp.asarray(basis, jnp.float32)
-    d = u.shape[0]
-
-    def perp(m):  # (I - U U^T) m, for m [d, c]
-        return m - u @ jnp.matmul(u.T, m, precision=jax.lax.Precision.HIGHEST)
-
-    cov = jnp.asarray(forget_cov, jnp.float32)
-    cov = perp(perp(cov).T)  # P C P
-    # Ridge on the complement only: every complement direction gets a positive eigenvalue, span(U) stays at 0,
-    # so the top-r eigenvectors lie in the complement even when the forget inputs are low-rank.
-    key = jax.random.key(0) if key is None else key
-    noise = perp(jax.random.normal(key, (d, d), jnp.float32))
-    ridge = 1e-4 * (jnp.trace(cov) / d + 1e-6)
-    cov = cov + ridge * jnp.matmul(noise, noise.T, precision=jax.lax.Precision.HIGHEST) / d
-    _, vec = jnp.linalg.eigh(cov)
-    a = perp(vec[:, ::-1][:, :rank])
-    q, _ = jnp.linalg.qr(a)
-    return perp(q)
-
-
-def rank_cap(d: int, lora_rank: int, min_free: int = 16) -> int:
-    """Spec §5.3 cap ``k <= d - max(min_free, 4 r)`` so some directions always remain trainable."""
-    return max(d - max(min_free, 4 * lora_rank), 0)
+# The basis estimators live in jdup.subspace; re-exported here for existing callers.
+from jdup.subspace import (  # noqa: E402
+    covariance_basis,
+    energy_rank,
+    gradient_basis,
+    inflora_from_covariance,
+    inflora_init,
+    rank_cap,
+    representation_basis,
+)

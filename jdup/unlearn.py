@@ -49,7 +49,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jdup import atomic, losses
+from jdup import atomic, losses, optim
 from jdup import data as D
 from jdup import lora as lora_lib
 from jdup.errors import JdupError
@@ -312,18 +312,16 @@ def make_optimizer(
     Returns:
       The ``optax.GradientTransformation`` (cached per argument tuple, so jitted steps can reuse it).
     """
-    from jdup.train import linear_warmup_decay
-
-    schedule = linear_warmup_decay(lr, total_steps, int(warmup_frac * total_steps))
-    parts = []
-    if clip_norm:
-        parts.append(optax.clip_by_global_norm(clip_norm))
-    parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-    parts.append(projection if projection is not None else optax.identity())
-    if weight_decay and projection is None:
-        parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(optax.scale_by_learning_rate(schedule))
-    return optax.chain(*parts)
+    schedule = optim.linear_warmup_decay(lr, total_steps, optim.warmup_steps(total_steps, warmup_frac))
+    return optim.adamw_chain(
+        schedule,
+        weight_decay=0.0 if projection is not None else weight_decay,
+        clip=clip_norm,
+        projection=projection,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+    )
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, settings: LossSettings) -> Callable:
@@ -353,28 +351,7 @@ def _train_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key
     return trainable, opt_state, metrics
 
 
-class TwoStreams(NamedTuple):
-    """Two optimizer streams whose updates are added (UPGP spec §5.6): ``forget`` gets the forgetting gradient
-    (``clip → scale_by_adam → projection → −lr·λ_asr``), ``retain`` the clean-CE gradient (``clip →
-    scale_by_adam → −lr·λ_acc``, never projected), each with its own clip and Adam moments.
-
-    A single projected stream would project the retain gradient too, and that gradient lies almost entirely in
-    the protected (clean) subspace, so the retain term would be switched off. ``update`` takes the pair
-    ``(forget_grads, retain_grads)``; the state is ``(forget_state, retain_state)`` (``jdup.optim.set_basis`` /
-    ``get_basis`` find the projection state inside it).
-    """
-
-    forget: optax.GradientTransformation
-    retain: optax.GradientTransformation
-
-    def init(self, params):
-        return (self.forget.init(params), self.retain.init(params))
-
-    def update(self, grads, state, params=None):
-        g_forget, g_retain = grads
-        u_f, s_f = self.forget.update(g_forget, state[0], params)
-        u_r, s_r = self.retain.update(g_retain, state[1], params)
-        return jax.tree.map(jnp.add, u_f, u_r), (s_f, s_r)
+TwoStreams = optim.TwoStreams
 
 
 def make_two_stream_optimizer(
@@ -399,18 +376,14 @@ def make_two_stream_optimizer(
     head bias, the representation variant's down-projections kept in the clean complement); ``None`` for the
     gradient variant, whose retain stream is entirely free.
     """
-    forget = make_optimizer(
-        lr * lambda_asr, total_steps, warmup_frac=warmup_frac, clip_norm=clip_norm, projection=projection
+    warm = optim.warmup_steps(total_steps, warmup_frac)
+    return optim.two_stream_chain(
+        optim.linear_warmup_decay(lr * lambda_asr, total_steps, warm),
+        optim.linear_warmup_decay(lr * lambda_acc, total_steps, warm),
+        clip=clip_norm,
+        projection=projection,
+        retain_projection=retain_projection,
     )
-    retain = make_optimizer(
-        lr * lambda_acc,
-        total_steps,
-        warmup_frac=warmup_frac,
-        weight_decay=0.0,
-        clip_norm=clip_norm,
-        projection=retain_projection,
-    )
-    return TwoStreams(forget, retain)
 
 
 def _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key):
@@ -761,9 +734,7 @@ def unlearn(
                 else getattr(on_step, "retain_projection", None)
             ),
         )
-    from jdup.train import linear_warmup_decay
-
-    schedule = linear_warmup_decay(cfg.lr, total, int(cfg.warmup_frac * total))
+    schedule = optim.linear_warmup_decay(cfg.lr, total, optim.warmup_steps(total, cfg.warmup_frac))
     step_fn = make_train_step(student.graphdef, tx, settings)
     eval_every = cfg.eval_every_steps or per_epoch
     plan = BatchPlan.from_config(forget, retain, cfg)
