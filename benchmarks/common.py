@@ -138,18 +138,22 @@ def _best_rate(fn: Callable[[], Any], flops: float, reps: int, inner: int) -> fl
     return flops / best
 
 
-def matmul_peak(backend: str, dtype: str = "float32", n: int = 2048, reps: int = 5, inner: int = 3) -> dict:
+def matmul_peak(
+    backend: str, dtype: str = "float32", n: int = 2048, reps: int = 5, inner: int = 3, tf32: bool = False
+) -> dict:
     """Best observed square-matmul throughput of ``backend`` on this machine (FLOP/s).
 
     Args:
-      backend: ``"numpy"``, ``"torch"`` or ``"jax"`` (default device of each: CPU here).
-      dtype: ``"float32"`` (CPU) or ``"bfloat16"`` (GPU).
+      backend: ``"numpy"``, ``"torch"`` or ``"jax"`` (default device of each: the GPU when there is one).
+      dtype: ``"float32"`` or ``"bfloat16"``.
       n: matrix size (``n × n @ n × n``, ``2n³`` FLOP).
       reps: timed repetitions (the best is kept).
       inner: matmuls per repetition.
+      tf32: float32 inputs with TensorFloat-32 allowed (jax ``Precision.DEFAULT``, torch ``allow_tf32``); the
+        default measures true float32 (jax ``Precision.HIGHEST``, torch's default ``allow_tf32=False``).
 
     Returns:
-      ``{"backend", "dtype", "n", "flops_per_s", "device"}``.
+      ``{"backend", "dtype", "n", "flops_per_s", "device", "tf32"}``.
     """
     flops = 2.0 * n**3
     if backend == "numpy":
@@ -171,19 +175,25 @@ def matmul_peak(backend: str, dtype: str = "float32", n: int = 2048, reps: int =
                 torch.cuda.synchronize()
             return c
 
-        rate = _best_rate(f, flops, reps, inner)
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        try:
+            rate = _best_rate(f, flops, reps, inner)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
     elif backend == "jax":
         import jax
         import jax.numpy as jnp
 
         a = jax.random.normal(jax.random.key(0), (n, n), getattr(jnp, dtype))
         b = a.T.copy()
-        mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
+        prec = jax.lax.Precision.DEFAULT if tf32 else jax.lax.Precision.HIGHEST
+        mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=prec))
         rate = _best_rate(lambda: mm(a, b).block_until_ready(), flops, reps, inner)
         dev = str(jax.devices()[0].platform)
     else:
         raise ValueError(backend)
-    return {"backend": backend, "dtype": dtype, "n": n, "flops_per_s": rate, "device": dev}
+    return {"backend": backend, "dtype": dtype, "n": n, "flops_per_s": rate, "device": dev, "tf32": bool(tf32)}
 
 
 def gflops(peak: dict | None) -> float | None:
