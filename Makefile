@@ -1,4 +1,6 @@
 # jdup: `make demo` runs the main job, `make test` the test suite. Both set up .venv on first use.
+# `make test-fast`: the fast lane (tests not marked slow; tests/fast_lane.py marks the end-to-end ones).
+# `make bench-accel`: the accelerator benchmark set (GPU/TPU host; uses .venv if present, else $(PY)).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -10,7 +12,11 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test test-fast bench bench-cli bench-accel bench-accel-dry lint clean
+
+# benchmarks on a host without .venv (an accelerator machine with jax/torch preinstalled, jdup installed with
+# `pip install --no-deps -e .`) run with $(PY)
+BENCH_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -27,8 +33,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p tests.fast_lane -m "not slow" --durations=25 tests
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_cpu_set.py
+
+bench-cli: $(STAMP)
+	$(BIN)/python benchmarks/run_cpu_set.py --only cli --keep-others
+
+bench-accel:
+	$(BENCH_PY) benchmarks/run_accel_set.py
+
+bench-accel-dry:
+	$(BENCH_PY) benchmarks/run_accel_set.py --dry-run
 
 lint: $(STAMP)
 	$(BIN)/ruff check jdup tests benchmarks
