@@ -9,7 +9,7 @@ from _fixtures_decoder import assert_states_close, padded_batch, torch_state
 from flax import nnx
 
 from jdup.errors import JdupError
-from jdup.models import bart, from_pretrained, hf, save_pretrained
+from jdup.models import bart, bart_params, from_pretrained, hf, save_pretrained
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -44,7 +44,7 @@ def _hf_bart(**kw):
 @pytest.fixture(scope="module")
 def pair():
     tm = _hf_bart()
-    cfg = bart.config_from_hf(tm.config.to_dict(), None)
+    cfg = bart_params.config_from_hf(tm.config.to_dict(), None)
     return tm, hf.load_state_from_tensors("bart", cfg, torch_state(tm), "torch-bart")
 
 
@@ -150,7 +150,7 @@ def test_dropout_and_errors():
     b = _fwd(m, jnp.asarray(ids), jnp.asarray(mask)).logits
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-6
     with pytest.raises(JdupError, match="pre-LayerNorm"):
-        bart.config_from_hf({"model_type": "bart", "normalize_before": True}, 2)
+        bart_params.config_from_hf({"model_type": "bart", "normalize_before": True}, 2)
 
 
 def test_full_size_param_count():
@@ -158,7 +158,7 @@ def test_full_size_param_count():
     abstract = nnx.eval_shape(lambda: bart.build(cfg, rngs=nnx.Rngs(0)))
     n = sum(int(np.prod(x.shape)) for x in jax_leaves(nnx.state(abstract, nnx.Param)))
     hf_cfg = transformers.BartConfig(
-        **{k: v for k, v in bart.config_to_hf(cfg).items() if k != "architectures"}
+        **{k: v for k, v in bart_params.config_to_hf(cfg).items() if k != "architectures"}
     )
     with torch.device("meta"):
         tm = transformers.BartForSequenceClassification(hf_cfg)

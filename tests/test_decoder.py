@@ -13,7 +13,7 @@ from _fixtures_decoder import assert_states_close, padded_batch, torch_state
 from flax import nnx
 
 from jdup.errors import JdupError
-from jdup.models import decoder, from_pretrained, hf, registry, save_pretrained, tiny_model
+from jdup.models import decoder, decoder_params, from_pretrained, hf, registry, save_pretrained, tiny_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -78,7 +78,7 @@ def pairs():
     out = {}
     for name, make in (("llama", _hf_llama), ("qwen2", _hf_qwen2)):
         tm = make()
-        cfg = decoder.config_from_hf(tm.config.to_dict(), None)
+        cfg = decoder_params.config_from_hf(tm.config.to_dict(), None)
         out[name] = (tm, hf.load_state_from_tensors(name, cfg, torch_state(tm), f"torch-{name}"))
     return out
 
@@ -223,13 +223,13 @@ def test_causal_lm_checkpoint_gets_new_head(tmp_path):
 
 def test_config_errors():
     with pytest.raises(JdupError, match="rope type"):
-        decoder.config_from_hf(
+        decoder_params.config_from_hf(
             {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
              "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 2}},
             2,
         )  # fmt: skip
     with pytest.raises(JdupError, match="sliding"):
-        decoder.config_from_hf(
+        decoder_params.config_from_hf(
             {"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
              "num_hidden_layers": 1, "num_attention_heads": 2, "use_sliding_window": True},
             2,
@@ -279,10 +279,10 @@ def test_decoder_detection_and_lora_unlearning_end_to_end(synthetic_dup, tmp_pat
     ``run_unlearn``: DUP detection on last-token features, LoRA on q/k/v/o, export, reload."""
     from jdup import lora
     from jdup import unlearn as U
-    from jdup.models import gguf as jg
+    from jdup.models import tokenizer_from_gguf
 
     try:
-        tok = jg.tokenizer_from_gguf("builtin:smollm2")
+        tok = tokenizer_from_gguf("builtin:smollm2")
     except JdupError as e:
         pytest.skip(str(e))
     cfg = decoder.DecoderConfig.tiny(

@@ -14,6 +14,7 @@ import pytest
 from _fixtures_decoder import torch_state
 
 from jdup.errors import JdupError
+from jdup.models import from_gguf, hub
 from jdup.models import gguf as jg
 
 torch = pytest.importorskip("torch")
@@ -30,10 +31,10 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        path = jg.smollm2_path()
+        path = hub.smollm2_path()
     except JdupError as e:
         pytest.skip(str(e))
-    jm = jg.from_gguf(path, num_labels=2)
+    jm = from_gguf(path, num_labels=2)
     tok = jg.tokenizer_from_gguf(path)
     ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -156,5 +157,5 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def test_builtin_names():
-    assert jg.is_gguf("builtin:smollm2") and jg.is_gguf("/x/model.Q4_1.gguf")
-    assert not jg.is_gguf("smollm2-finetuned-folder") and not jg.is_gguf("builtin:minilm")
+    assert hub.is_gguf("builtin:smollm2") and hub.is_gguf("/x/model.Q4_1.gguf")
+    assert not hub.is_gguf("smollm2-finetuned-folder") and not hub.is_gguf("builtin:minilm")

@@ -54,6 +54,21 @@ def test_full_size_llama_fsdp_layout():
     assert sharding.per_device_bytes(state, FakeMesh(), fsdp=False) > total / 4 * 0.99
 
 
+def test_from_pretrained_onto_a_mesh_spec(tmp_path):
+    """``from_pretrained(..., mesh=...)`` places every parameter on the mesh and loads the same values."""
+    import jax
+
+    from jdup.models import from_pretrained, save_pretrained, tiny_model
+
+    model = tiny_model("llama", seed=1)
+    src = save_pretrained(model, tmp_path / "m")
+    loaded = from_pretrained(src, mesh="1x1")
+    q = loaded.model.layers[0].self_attn.q_proj.kernel[...]
+    assert isinstance(q.sharding, jax.sharding.NamedSharding) and q.sharding.mesh.axis_names == ("data", "model")
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_shard_batch_rejects_ragged_batch():
     mesh = sharding.make_mesh(1, 1)
     out = sharding.shard_batch({"ids": np.zeros((3, 4), np.int32)}, mesh)
@@ -119,6 +134,18 @@ def _main() -> None:
     np.testing.assert_allclose(np.asarray(a.logits), np.asarray(b.logits), atol=1e-5)
     for sa, sb in zip(a.hidden_states, b.hidden_states, strict=True):
         np.testing.assert_allclose(np.asarray(sa), np.asarray(sb), atol=1e-5)
+
+    # loading a checkpoint straight into the sharded layout (from_pretrained(..., mesh=...)) gives the same model
+    import tempfile
+
+    from jdup.models import from_pretrained, save_pretrained
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = from_pretrained(save_pretrained(single, os.path.join(tmp, "m")), mesh=mesh)
+    assert loaded.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec == P("data", "model")
+    assert loaded.model.embed_tokens.embedding[...].sharding.spec == P("model", "data")
+    ol = fwd(loaded, batch["ids"], batch["mask"])
+    np.testing.assert_allclose(np.asarray(ol.logits), np.asarray(a.logits), atol=1e-5)
 
     # a train step (AdamW) on the full model: same losses and same updated parameters
     @nnx.jit

@@ -1,45 +1,54 @@
-"""Transformer classifiers in Flax NNX and their Hugging Face interop.
+"""Transformer classifiers in Flax NNX and their Hugging Face / GGUF interop.
 
-Families register themselves in :mod:`jdup.models.registry` when imported. The encoder family (BERT, MiniLM,
-RoBERTa) is imported here; the other families (``decoder``, ``bart``) are imported lazily by
-:func:`import_families`, which the loader calls before looking up a ``model_type``.
+Layout (dependencies point down this list; nothing inside the package imports this face):
+
+* :mod:`~jdup.models.hf` -- the one loader (:func:`from_pretrained`, :func:`from_checkpoint`) and exporter
+  (:func:`save_pretrained`); it imports every family's ``*_params`` module, so all families are registered.
+* :mod:`~jdup.models.hub` -- names: built-ins, local paths, Hub ids, GGUF files; :func:`load_tokenizer`.
+* readers returning ``(hf_config, tensors)``: :mod:`~jdup.models.readers` (safetensors, ``pytorch_model.bin``)
+  and :mod:`~jdup.models.gguf` (llama.cpp files, dequantised with numpy).
+* families: ``encoder`` (BERT, MiniLM, RoBERTa), ``decoder`` (Llama, Qwen2), ``bart``; each a modeling module
+  and a ``*_params`` module (Hugging Face config conversion, weight table, :mod:`~jdup.models.registry` entry).
+* :mod:`~jdup.models.layers` (building blocks of all families), :mod:`~jdup.models.common` (the ``Output``
+  contract), :mod:`~jdup.models.sharding` (mesh rules; ``from_pretrained(..., mesh=...)`` uses them).
 """
 
 from __future__ import annotations
 
-import importlib
-
 import jax.numpy as jnp
 from flax import nnx
 
-from jdup.models import encoder, registry
+from jdup.models import registry
+from jdup.models.bart import BartConfig
 from jdup.models.common import Output
+from jdup.models.decoder import DecoderConfig
 from jdup.models.encoder import EncoderConfig
+from jdup.models.gguf import read_gguf
 from jdup.models.hf import (
     LoadReport,
+    export_tensors,
+    from_checkpoint,
+    from_gguf,
     from_pretrained,
+    gguf_to_hf,
     load_state_from_tensors,
-    load_tokenizer,
-    resolve_builtin,
     save_pretrained,
 )
-
-#: Family modules besides ``encoder``; each registers its Arch when imported.
-FAMILY_MODULES = ("decoder", "bart")
+from jdup.models.hub import (
+    is_gguf,
+    load_tokenizer,
+    resolve_builtin,
+    resolve_path,
+    smollm2_path,
+    tokenizer_from_gguf,
+)
 
 
 def import_families() -> list[str]:
-    """Import every family module that exists (so it registers); return the registered arch names.
+    """The registered arch names (every family registers when :mod:`jdup.models.hf` is imported, i.e. now).
 
-    A family module that is not there yet is skipped; an error inside an existing one propagates.
+    Kept for callers written when families were imported lazily.
     """
-    for name in FAMILY_MODULES:
-        full = f"{__name__}.{name}"
-        try:
-            importlib.import_module(full)
-        except ModuleNotFoundError as e:
-            if e.name != full:
-                raise
     return registry.names()
 
 
@@ -55,7 +64,7 @@ def tiny_model(
     """A randomly initialised tiny classifier for tests (2 layers, width 32).
 
     Args:
-      arch: ``"bert"`` or ``"roberta"`` (or another registered family that provides ``tiny_config``).
+      arch: a registered family name (``"bert"``, ``"roberta"``, ``"llama"``, ``"qwen2"``, ``"bart"``).
       num_labels: classes of the head.
       seed: initialisation seed.
       dtype: compute dtype.
@@ -65,26 +74,34 @@ def tiny_model(
     Returns:
       The NNX model (``model.config`` holds its config).
     """
-    if arch in ("bert", "roberta"):
-        cfg = EncoderConfig.tiny(arch, num_labels=num_labels, **config_overrides)
-        return encoder.build(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
-    import_families()
-    family = importlib.import_module(registry.get(arch).build.__module__)
-    if not hasattr(family, "tiny_config"):
+    family = registry.get(arch)
+    if family.tiny_config is None:
         raise ValueError(f"family {arch!r} has no tiny_config(arch, num_labels, **overrides)")
     cfg = family.tiny_config(arch, num_labels=num_labels, **config_overrides)
-    return registry.get(arch).build(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    return family.build(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
 
 
 __all__ = [
+    "BartConfig",
+    "DecoderConfig",
     "EncoderConfig",
     "LoadReport",
     "Output",
+    "export_tensors",
+    "from_checkpoint",
+    "from_gguf",
     "from_pretrained",
+    "gguf_to_hf",
     "import_families",
+    "is_gguf",
     "load_state_from_tensors",
     "load_tokenizer",
+    "read_gguf",
+    "registry",
     "resolve_builtin",
+    "resolve_path",
     "save_pretrained",
+    "smollm2_path",
     "tiny_model",
+    "tokenizer_from_gguf",
 ]

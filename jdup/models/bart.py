@@ -18,6 +18,10 @@ cross-attention ignores padded encoder positions. LayerNorm statistics and softm
 ``Output.hidden_states`` are the decoder states (embedding output, then each layer), ``encoder_hidden_states``
 the encoder ones. :func:`pooled_features` turns them into DUP's per-layer features (encoder layers then decoder
 layers, mean over positions; unmasked = the official code, masked = the default).
+
+The building blocks (dropout, LayerNorm, linear layers, the heads-major attention core, the classification head)
+come from :mod:`jdup.models.layers`; the Hugging Face config conversion and weight table are in
+:mod:`jdup.models.bart_params`.
 """
 
 from __future__ import annotations
@@ -31,19 +35,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdup.errors import JdupError
-from jdup.models import registry
+from jdup.models import layers as L
 from jdup.models.common import Output
-from jdup.models.registry import TRANSPOSE, Arch, KeyRule
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
+_ACTIVATIONS = L.ACTIVATIONS
 _POS_OFFSET = 2  # BART's learned positions start at row 2
 
 
@@ -123,50 +118,19 @@ def tiny_config(arch: str = "bart", num_labels: int = 2, **overrides) -> BartCon
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# building blocks
-
-
-def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
-    if deterministic or rate == 0.0:
-        return x
-    if rngs is None:
-        raise ValueError("deterministic=False needs rngs=nnx.Rngs(dropout=...) at call time")
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+# modules
 
 
 def _linear(d_in: int, d_out: int, cfg: BartConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(cfg.init_std),
-        rngs=rngs,
-    )
+    return L.linear(d_in, d_out, std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-class LayerNorm(nnx.Module):
-    """LayerNorm with float32 statistics and arithmetic; output in the compute dtype."""
-
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.eps = eps
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(
-            self.dtype
-        )
+def _norm(cfg: BartConfig, dtype, param_dtype, rngs: nnx.Rngs) -> L.LayerNorm:
+    return L.LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
-    """Multi-head attention (self or cross); ``mask`` is ``[batch, query, key]`` bool."""
+    """Multi-head attention (self or cross); ``bias`` is additive float32, broadcastable to ``[B, H, T, S]``."""
 
     def __init__(self, cfg: BartConfig, heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.heads = heads
@@ -177,78 +141,59 @@ class Attention(nnx.Module):
         self.v_proj = _linear(d, d, cfg, dtype, param_dtype, rngs)
         self.out_proj = _linear(d, d, cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, kv, mask, *, deterministic: bool, rngs) -> jax.Array:
-        b, t, d = x.shape
-        s = kv.shape[1]
+    def __call__(self, x, kv, bias, *, deterministic: bool, rngs) -> jax.Array:
         h = self.heads
-        hd = d // h
         # heads-major [B, H, T, d] operands (faster batched matmuls on XLA:CPU, benchmarks/bench_attention.py)
-        q = self.q_proj(x).reshape(b, t, h, hd).transpose(0, 2, 1, 3)
-        k = self.k_proj(kv).reshape(b, s, h, hd).transpose(0, 2, 1, 3)
-        v = self.v_proj(kv).reshape(b, s, h, hd).transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32) * (hd**-0.5)
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = _dropout(jax.nn.softmax(scores, axis=-1).astype(x.dtype), self.rate, deterministic, rngs)
-        ctx = jnp.einsum("bhts,bhsd->bhtd", probs, v).transpose(0, 2, 1, 3)
-        return self.out_proj(ctx.reshape(b, t, d))
+        q = L.split_heads(self.q_proj(x), h)
+        k = L.split_heads(self.k_proj(kv), h)
+        v = L.split_heads(self.v_proj(kv), h)
+        ctx = L.attend(q, k, v, bias, rate=self.rate, deterministic=deterministic, rngs=rngs)
+        return self.out_proj(L.merge_heads(ctx))
+
+
+def _ffn(layer, x, deterministic: bool, rngs) -> jax.Array:
+    """``final_layer_norm(x + dropout(fc2(dropout(act(fc1(x))))))``, the feed-forward block of both layer kinds."""
+    c = layer.cfg
+    f = L.dropout(_ACTIVATIONS[c.activation_function](layer.fc1(x)), c.activation_dropout, deterministic, rngs)
+    return layer.final_layer_norm(x + L.dropout(layer.fc2(f), c.dropout, deterministic, rngs))
 
 
 class EncoderLayer(nnx.Module):
     def __init__(self, cfg: BartConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
-        norm = lambda: LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.self_attn = Attention(
             cfg, cfg.encoder_attention_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.self_attn_layer_norm = norm()
+        self.self_attn_layer_norm = _norm(cfg, dtype, param_dtype, rngs)
         self.fc1 = _linear(cfg.d_model, cfg.encoder_ffn_dim, cfg, dtype, param_dtype, rngs)
         self.fc2 = _linear(cfg.encoder_ffn_dim, cfg.d_model, cfg, dtype, param_dtype, rngs)
-        self.final_layer_norm = norm()
+        self.final_layer_norm = _norm(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, mask, *, deterministic: bool, rngs) -> jax.Array:
-        c = self.cfg
-        a = self.self_attn(x, x, mask, deterministic=deterministic, rngs=rngs)
-        x = self.self_attn_layer_norm(x + _dropout(a, c.dropout, deterministic, rngs))
-        f = _dropout(
-            _ACTIVATIONS[c.activation_function](self.fc1(x)), c.activation_dropout, deterministic, rngs
-        )
-        return self.final_layer_norm(x + _dropout(self.fc2(f), c.dropout, deterministic, rngs))
+    def __call__(self, x, bias, *, deterministic: bool, rngs) -> jax.Array:
+        a = self.self_attn(x, x, bias, deterministic=deterministic, rngs=rngs)
+        x = self.self_attn_layer_norm(x + L.dropout(a, self.cfg.dropout, deterministic, rngs))
+        return _ffn(self, x, deterministic, rngs)
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: BartConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
-        norm = lambda: LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         heads = cfg.decoder_attention_heads
         self.self_attn = Attention(cfg, heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn_layer_norm = norm()
+        self.self_attn_layer_norm = _norm(cfg, dtype, param_dtype, rngs)
         self.encoder_attn = Attention(cfg, heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.encoder_attn_layer_norm = norm()
+        self.encoder_attn_layer_norm = _norm(cfg, dtype, param_dtype, rngs)
         self.fc1 = _linear(cfg.d_model, cfg.decoder_ffn_dim, cfg, dtype, param_dtype, rngs)
         self.fc2 = _linear(cfg.decoder_ffn_dim, cfg.d_model, cfg, dtype, param_dtype, rngs)
-        self.final_layer_norm = norm()
+        self.final_layer_norm = _norm(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, enc, self_mask, cross_mask, *, deterministic: bool, rngs) -> jax.Array:
-        c = self.cfg
-        a = self.self_attn(x, x, self_mask, deterministic=deterministic, rngs=rngs)
-        x = self.self_attn_layer_norm(x + _dropout(a, c.dropout, deterministic, rngs))
-        a = self.encoder_attn(x, enc, cross_mask, deterministic=deterministic, rngs=rngs)
-        x = self.encoder_attn_layer_norm(x + _dropout(a, c.dropout, deterministic, rngs))
-        f = _dropout(
-            _ACTIVATIONS[c.activation_function](self.fc1(x)), c.activation_dropout, deterministic, rngs
-        )
-        return self.final_layer_norm(x + _dropout(self.fc2(f), c.dropout, deterministic, rngs))
-
-
-def _positions(cfg: BartConfig, *, dtype, param_dtype, rngs) -> nnx.Embed:
-    return nnx.Embed(
-        cfg.max_position_embeddings + _POS_OFFSET,
-        cfg.d_model,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        embedding_init=nnx.initializers.normal(cfg.init_std),
-        rngs=rngs,
-    )
+    def __call__(self, x, enc, self_bias, cross_bias, *, deterministic: bool, rngs) -> jax.Array:
+        p = self.cfg.dropout
+        a = self.self_attn(x, x, self_bias, deterministic=deterministic, rngs=rngs)
+        x = self.self_attn_layer_norm(x + L.dropout(a, p, deterministic, rngs))
+        a = self.encoder_attn(x, enc, cross_bias, deterministic=deterministic, rngs=rngs)
+        x = self.encoder_attn_layer_norm(x + L.dropout(a, p, deterministic, rngs))
+        return _ffn(self, x, deterministic, rngs)
 
 
 class BartStack(nnx.Module):
@@ -257,28 +202,34 @@ class BartStack(nnx.Module):
     def __init__(self, cfg: BartConfig, decoder: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.is_decoder = decoder
-        self.embed_positions = _positions(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layernorm_embedding = LayerNorm(
-            cfg.d_model, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
+        self.embed_positions = L.embed(
+            cfg.max_position_embeddings + _POS_OFFSET,
+            cfg.d_model,
+            std=cfg.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
+        self.layernorm_embedding = _norm(cfg, dtype, param_dtype, rngs)
         layer = DecoderLayer if decoder else EncoderLayer
         n = cfg.decoder_layers if decoder else cfg.encoder_layers
         self.layers = nnx.List(
             [layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(n)]
         )
 
-    def __call__(self, tok_emb, masks, enc=None, *, deterministic: bool, rngs) -> list[jax.Array]:
+    def __call__(self, tok_emb, biases, enc=None, *, deterministic: bool, rngs) -> list[jax.Array]:
+        """``biases``: ``(self_bias,)`` for the encoder, ``(causal_bias, cross_bias)`` for the decoder."""
         t = tok_emb.shape[1]
         h = tok_emb + self.embed_positions(jnp.arange(t) + _POS_OFFSET)[None].astype(tok_emb.dtype)
-        h = _dropout(self.layernorm_embedding(h), self.cfg.dropout, deterministic, rngs)
+        h = L.dropout(self.layernorm_embedding(h), self.cfg.dropout, deterministic, rngs)
         states = [h]
         for layer in self.layers:
             if self.is_decoder:
-                call = lambda m, x, e, ms, r: m(x, e, *ms, deterministic=deterministic, rngs=r)
-                args = (layer, h, enc, masks, rngs)
+                call = lambda m, x, e, bs, r: m(x, e, *bs, deterministic=deterministic, rngs=r)
+                args = (layer, h, enc, biases, rngs)
             else:
-                call = lambda m, x, e, ms, r: m(x, ms[0], deterministic=deterministic, rngs=r)
-                args = (layer, h, h, masks, rngs)
+                call = lambda m, x, e, bs, r: m(x, bs[0], deterministic=deterministic, rngs=r)
+                args = (layer, h, h, biases, rngs)
             h = nnx.remat(call)(*args) if self.cfg.remat else call(*args)
             states.append(h)
         return states
@@ -288,13 +239,8 @@ class BartModel(nnx.Module):
     def __init__(self, cfg: BartConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.shared = nnx.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=nnx.initializers.normal(cfg.init_std),
-            rngs=rngs,
+        self.shared = L.embed(
+            cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.encoder = BartStack(cfg, False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.decoder = BartStack(cfg, True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -303,11 +249,10 @@ class BartModel(nnx.Module):
         cfg = self.cfg
         scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         emb = lambda ids: (self.shared(ids) * scale).astype(self.dtype)
-        keys = attention_mask.astype(bool)[:, None, :]  # [batch, 1, key]
-        b, t = input_ids.shape
+        keys = L.padding_bias(attention_mask)  # [batch, 1, 1, key]: padded encoder positions
+        causal = L.mask_bias(L.causal_mask(input_ids.shape[1])[None])  # [1, 1, query, key]
         enc = self.encoder(emb(input_ids), (keys,), deterministic=deterministic, rngs=rngs)
         dec_ids = shift_tokens_right(input_ids, cfg.decoder_start_token_id)
-        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
         dec = self.decoder(emb(dec_ids), (causal, keys), enc[-1], deterministic=deterministic, rngs=rngs)
         return enc, dec
 
@@ -316,17 +261,6 @@ def shift_tokens_right(input_ids: jax.Array, start_id: int) -> jax.Array:
     """``[start, x_0, ..., x_{T-2}]``: the decoder inputs BART builds from ``input_ids``."""
     start = jnp.full((input_ids.shape[0], 1), start_id, input_ids.dtype)
     return jnp.concatenate([start, input_ids[:, :-1]], axis=1)
-
-
-class ClassificationHead(nnx.Module):
-    def __init__(self, cfg: BartConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.rate = cfg.classifier_dropout
-        self.dense = _linear(cfg.d_model, cfg.d_model, cfg, dtype, param_dtype, rngs)
-        self.out_proj = _linear(cfg.d_model, cfg.num_labels, cfg, dtype, param_dtype, rngs)
-
-    def __call__(self, x, *, deterministic: bool, rngs):
-        x = jnp.tanh(self.dense(_dropout(x, self.rate, deterministic, rngs)))
-        return self.out_proj(_dropout(x, self.rate, deterministic, rngs))
 
 
 def last_index_of(input_ids: jax.Array, token_id: int) -> jax.Array:
@@ -348,7 +282,15 @@ class BartForSequenceClassification(nnx.Module):
             raise JdupError("d_model must be a multiple of the attention head counts")
         self.config = cfg
         self.model = BartModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.classification_head = ClassificationHead(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.classification_head = L.ClassificationHead(
+            cfg.d_model,
+            cfg.num_labels,
+            cfg.classifier_dropout,
+            std=cfg.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(
         self,
@@ -409,136 +351,3 @@ def pooled_features(out: Output, attention_mask: jax.Array, *, masked: bool = Tr
 def build(cfg: BartConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     """Construct the classifier with random (transformers-style) initialisation."""
     return BartForSequenceClassification(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hugging Face config and weight tables
-
-_HF_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "encoder_layers",
-    "decoder_layers",
-    "encoder_attention_heads",
-    "decoder_attention_heads",
-    "encoder_ffn_dim",
-    "decoder_ffn_dim",
-    "activation_function",
-    "dropout",
-    "attention_dropout",
-    "activation_dropout",
-    "classifier_dropout",
-    "max_position_embeddings",
-    "init_std",
-    "scale_embedding",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "decoder_start_token_id",
-)
-
-
-def config_from_hf(hf: dict, num_labels: int | None) -> BartConfig:
-    """``config.json`` of a BART model -> :class:`BartConfig`.
-
-    Raises:
-      JdupError: mBART-style pre-norm (``normalize_before``/``add_final_layer_norm``) or another activation.
-    """
-    if hf.get("normalize_before") or hf.get("add_final_layer_norm"):
-        raise JdupError(
-            "pre-LayerNorm BART variants (mBART: normalize_before/add_final_layer_norm) are not supported"
-        )
-    if hf.get("activation_function", "gelu") not in _ACTIVATIONS:
-        raise JdupError(f"activation_function {hf['activation_function']!r} is not supported", "config.json")
-    kw = {f: hf[f] for f in _HF_FIELDS if hf.get(f) is not None}
-    for f in ("dropout", "attention_dropout", "activation_dropout", "classifier_dropout"):
-        if f in kw:
-            kw[f] = float(kw[f])
-    id2label = hf.get("id2label")
-    names = None
-    if isinstance(id2label, dict) and id2label:
-        names = tuple(id2label[k] for k in sorted(id2label, key=int))
-    if num_labels is None:
-        num_labels = len(names) if names else int(hf.get("num_labels", 3))
-    if names is not None and len(names) != num_labels:
-        names = None
-    return BartConfig(num_labels=num_labels, id2label=names, **kw)
-
-
-def config_to_hf(cfg: BartConfig) -> dict:
-    """:class:`BartConfig` -> ``config.json`` for ``BartForSequenceClassification``."""
-    names = cfg.id2label or tuple(f"LABEL_{i}" for i in range(cfg.num_labels))
-    out: dict[str, Any] = {f: getattr(cfg, f) for f in _HF_FIELDS}
-    out.update(
-        architectures=["BartForSequenceClassification"],
-        model_type="bart",
-        is_encoder_decoder=True,
-        normalize_before=False,
-        add_final_layer_norm=False,
-        tie_word_embeddings=True,
-        forced_eos_token_id=cfg.eos_token_id,
-        num_hidden_layers=cfg.encoder_layers,
-        id2label={str(i): n for i, n in enumerate(names)},
-        label2id={n: i for i, n in enumerate(names)},
-        dtype="float32",
-        use_cache=False,
-    )
-    return out
-
-
-def key_rules(cfg: BartConfig) -> list[KeyRule]:
-    """HF ``model.*`` / ``classification_head`` names <-> jdup paths (Linear weights transposed)."""
-    del cfg
-    rules = [
-        KeyRule("model.shared.weight", "model.shared.embedding"),
-        KeyRule("classification_head.dense.weight", "classification_head.dense.kernel", TRANSPOSE),
-        KeyRule("classification_head.dense.bias", "classification_head.dense.bias"),
-        KeyRule("classification_head.out_proj.weight", "classification_head.out_proj.kernel", TRANSPOSE),
-        KeyRule("classification_head.out_proj.bias", "classification_head.out_proj.bias"),
-    ]
-
-    def ln(p):
-        return [KeyRule(p + ".weight", p + ".scale"), KeyRule(p + ".bias", p + ".bias")]
-
-    def dense(p):
-        return [KeyRule(p + ".weight", p + ".kernel", TRANSPOSE), KeyRule(p + ".bias", p + ".bias")]
-
-    for stack in ("encoder", "decoder"):
-        s = f"model.{stack}."
-        rules.append(KeyRule(s + "embed_positions.weight", s + "embed_positions.embedding"))
-        rules += ln(s + "layernorm_embedding")
-        p = s + "layers.{i}."
-        attns = ("self_attn", "encoder_attn") if stack == "decoder" else ("self_attn",)
-        for a in attns:
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                rules += dense(p + f"{a}.{proj}")
-            rules += ln(p + f"{a}_layer_norm")
-        rules += dense(p + "fc1") + dense(p + "fc2") + ln(p + "final_layer_norm")
-    return rules
-
-
-registry.register(
-    Arch(
-        name="bart",
-        hf_model_types=("bart",),
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        build=build,
-        key_rules=key_rules,
-        head_rules=(
-            "classification_head.dense.kernel",
-            "classification_head.dense.bias",
-            "classification_head.out_proj.kernel",
-            "classification_head.out_proj.bias",
-        ),  # fmt: skip
-        # tied copies of model.shared, the LM head of BartForConditionalGeneration, fairseq leftovers
-        ignore_hf=(
-            r"^model\.(encoder|decoder)\.embed_tokens\.weight$",
-            r"^lm_head\.",
-            r"^final_logits_bias$",
-            r"\.version$",
-        ),
-        hf_prefixes=("model.",),
-        feature_pooling="mean",
-    )
-)

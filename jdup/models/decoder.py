@@ -22,6 +22,10 @@ parameters only.
 after the final RMSNorm** (the raw output of the last layer is not returned). DUP's LLM features take the last real
 token of entries ``1..L``. ``DecoderConfig(final_norm_state=False)`` returns the raw last-layer output as the last
 entry instead (all entries then share one scale); the official code's post-norm entry is the default.
+
+The building blocks (dropout, RMSNorm, linear layers, the heads-major attention core) come from
+:mod:`jdup.models.layers`; the Hugging Face config conversion and weight table are in
+:mod:`jdup.models.decoder_params`.
 """
 
 from __future__ import annotations
@@ -36,11 +40,10 @@ import numpy as np
 from flax import nnx
 
 from jdup.errors import JdupError
-from jdup.models import registry
+from jdup.models import layers as L
 from jdup.models.common import Output
-from jdup.models.registry import TRANSPOSE, Arch, KeyRule
 
-_ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +99,8 @@ class DecoderConfig:
             )
         if self.head_dim % 2:
             raise JdupError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.rope_type not in _ROPE_TYPES:
-            raise JdupError(f"rope type {self.rope_type!r} is not supported; supported: {list(_ROPE_TYPES)}")
+        if self.rope_type not in ROPE_TYPES:
+            raise JdupError(f"rope type {self.rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
         if self.pool_from not in ("mask", "pad_id"):
             raise JdupError(f"pool_from must be 'mask' or 'pad_id', got {self.pool_from!r}")
 
@@ -197,50 +200,14 @@ class DecoderConfig:
         return cls(**{**presets[name], "num_labels": num_labels, **kw})
 
 
-def tiny_config(arch: str = "llama", num_labels: int = 2, **overrides) -> DecoderConfig:
-    """``DecoderConfig.tiny`` (the hook ``jdup.models.tiny_model`` calls)."""
-    return DecoderConfig.tiny(arch, num_labels=num_labels, **overrides)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# building blocks
-
-
-def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
-    """Inverted dropout; a no-op when ``deterministic`` or ``rate == 0``."""
-    if deterministic or rate == 0.0:
-        return x
-    if rngs is None:
-        raise ValueError("deterministic=False needs rngs=nnx.Rngs(dropout=...) at call time")
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+# modules
 
 
 def _linear(d_in: int, d_out: int, bias: bool, cfg, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(cfg.initializer_range),
-        rngs=rngs,
+    return L.linear(
+        d_in, d_out, std=cfg.initializer_range, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
-
-
-class RMSNorm(nnx.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)`` with float32 statistics; output in the compute dtype."""
-
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.eps = eps
-        self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
-        return self.weight[...].astype(self.dtype) * y
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
@@ -291,24 +258,19 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg.hidden_size, kv * d, cfg.qkv_bias, cfg, dtype, param_dtype, rngs)
         self.o_proj = _linear(h * d, cfg.hidden_size, cfg.o_bias, cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, cos, sin, mask, *, deterministic: bool, rngs) -> jax.Array:
+    def __call__(self, x, cos, sin, bias, *, deterministic: bool, rngs) -> jax.Array:
+        """``x [B, T, D]``; ``bias`` an additive float32 ``[B, 1, 1, T, T]`` mask. Returns ``[B, T, D]``."""
         cfg = self.cfg
         b, t, _ = x.shape
         kv, g, d = cfg.num_key_value_heads, cfg.num_kv_groups, cfg.head_dim
-        q = _apply_rope(self.q_proj(x).reshape(b, t, kv * g, d), cos, sin).reshape(b, t, kv, g, d)
-        k = _apply_rope(self.k_proj(x).reshape(b, t, kv, d), cos, sin)
-        v = self.v_proj(x).reshape(b, t, kv, d)
         # query head h = kv_head * g + group, as transformers' repeat_kv. Heads-major operands ([B, kv, ..., T, d]):
         # XLA:CPU runs batched matmuls with leading batch dims much faster (benchmarks/bench_attention.py).
-        q = q.transpose(0, 2, 3, 1, 4)  # [B, kv, g, T, d]
-        k = k.transpose(0, 2, 1, 3)  # [B, kv, S, d]
-        v = v.transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k).astype(jnp.float32) * (d**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        probs = _dropout(probs, cfg.attention_dropout, deterministic, rngs)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g * d)
-        return self.o_proj(out)
+        q = _apply_rope(self.q_proj(x).reshape(b, t, kv * g, d), cos, sin)
+        q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, kv, g, T, d]
+        k = _apply_rope(self.k_proj(x).reshape(b, t, kv, d), cos, sin).transpose(0, 2, 1, 3)  # [B, kv, S, d]
+        v = L.split_heads(self.v_proj(x), kv)
+        ctx = L.attend(q, k, v, bias, rate=cfg.attention_dropout, deterministic=deterministic, rngs=rngs)
+        return self.o_proj(L.merge_heads(ctx))
 
 
 class MLP(nnx.Module):
@@ -330,17 +292,13 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
-        )
-        self.post_attention_layernorm = RMSNorm(
+        self.input_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.post_attention_layernorm = L.RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
 
-    def __call__(self, x, cos, sin, mask, *, deterministic: bool, rngs) -> jax.Array:
-        x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, mask, deterministic=deterministic, rngs=rngs
-        )
+    def __call__(self, x, cos, sin, bias, *, deterministic: bool, rngs) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, deterministic=deterministic, rngs=rngs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -351,12 +309,8 @@ class DecoderModel(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg))  # static (hashable), not a parameter
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=nnx.initializers.normal(cfg.initializer_range),
+        self.embed_tokens = L.embed(
+            cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype,
             rngs=rngs,
         )
         self.layers = nnx.List(
@@ -365,7 +319,7 @@ class DecoderModel(nnx.Module):
                 for _ in range(cfg.num_hidden_layers)
             ]
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(
         self, input_ids, attention_mask, position_ids=None, *, deterministic: bool = True, rngs=None
@@ -381,17 +335,17 @@ class DecoderModel(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
         cos, sin = rope_cos_sin(position_ids, np.asarray(self.inv_freq, np.float32), self.dtype)
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None] & attention_mask.astype(bool)[:, None, :]  # [batch, query, key]
+        mask = L.causal_mask(t)[None] & attention_mask.astype(bool)[:, None, :]  # [batch, query, key]
+        bias = L.mask_bias(mask)[:, None]  # [batch, 1 (kv heads), 1 (groups), query, key]
         h = self.embed_tokens(input_ids).astype(self.dtype)
         states = [h]
         for layer in self.layers:
             if self.cfg.remat:
                 h = nnx.remat(
-                    lambda m, x, c, s, msk, r: m(x, c, s, msk, deterministic=deterministic, rngs=r)
-                )(layer, h, cos, sin, mask, rngs)
+                    lambda m, x, c, s, bb, r: m(x, c, s, bb, deterministic=deterministic, rngs=r)
+                )(layer, h, cos, sin, bias, rngs)
             else:
-                h = layer(h, cos, sin, mask, deterministic=deterministic, rngs=rngs)
+                h = layer(h, cos, sin, bias, deterministic=deterministic, rngs=rngs)
             states.append(h)
         normed = self.norm(h)
         if self.cfg.final_norm_state:
@@ -478,173 +432,3 @@ def count_params(cfg: DecoderConfig) -> int:
     """Parameter count of the classifier for ``cfg``, from an abstract (``nnx.eval_shape``) build: no memory."""
     abstract = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hugging Face config and weight tables
-
-
-def _first(x):
-    if isinstance(x, list | tuple):
-        return x[0] if x else None
-    return x
-
-
-def config_from_hf(hf: dict, num_labels: int | None) -> DecoderConfig:
-    """``config.json`` of a Llama/Qwen2 model (transformers 4 or 5 layout) -> :class:`DecoderConfig`.
-
-    Raises:
-      JdupError: an option this port does not implement (sliding-window attention, other RoPE types,
-        non-SiLU activations).
-    """
-    mt = hf.get("model_type")
-    arch = "qwen2" if mt == "qwen2" else "llama"
-    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise JdupError(f"hidden_act {hf.get('hidden_act')!r} is not supported (only silu)", "config.json")
-    if arch == "qwen2" and hf.get("use_sliding_window"):
-        raise JdupError("Qwen2 sliding-window attention (use_sliding_window) is not supported", "config.json")
-    # RoPE: transformers 5 `rope_parameters` (incl. rope_theta) or transformers 4 `rope_theta` + `rope_scaling`
-    rope = dict(hf.get("rope_parameters") or {})
-    if not rope:
-        rope = dict(hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if rope_type not in _ROPE_TYPES:
-        raise JdupError(
-            f"rope type {rope_type!r} is not supported; supported: {list(_ROPE_TYPES)}", "config.json"
-        )
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    heads = hf["num_attention_heads"]
-    kw: dict[str, Any] = dict(
-        arch=arch,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        rope_type=rope_type,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "qwen2")),
-        initializer_range=hf.get("initializer_range", 0.02),
-        attention_dropout=float(hf.get("attention_dropout", 0.0) or 0.0),
-        bos_token_id=_first(hf.get("bos_token_id")),
-        eos_token_id=_first(hf.get("eos_token_id")),
-    )
-    if rope_type in ("linear", "llama3"):
-        kw["rope_factor"] = float(rope["factor"])
-    if rope_type == "llama3":
-        kw["rope_low_freq_factor"] = float(rope["low_freq_factor"])
-        kw["rope_high_freq_factor"] = float(rope["high_freq_factor"])
-        kw["rope_original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
-    if arch == "qwen2":
-        kw.update(qkv_bias=True, o_bias=False, mlp_bias=False)
-    else:
-        ab = bool(hf.get("attention_bias", False))
-        kw.update(qkv_bias=ab, o_bias=ab, mlp_bias=bool(hf.get("mlp_bias", False)))
-    pad = hf.get("pad_token_id")
-    kw["pad_token_id"] = pad if pad is not None else kw["eos_token_id"]  # DUP: pad = eos
-    id2label = hf.get("id2label")
-    names = None
-    if isinstance(id2label, dict) and id2label:
-        names = tuple(id2label[k] for k in sorted(id2label, key=int))
-    if num_labels is None:
-        num_labels = len(names) if names else int(hf.get("num_labels", 2))
-    if names is not None and len(names) != num_labels:
-        names = None
-    return DecoderConfig(num_labels=num_labels, id2label=names, **kw)
-
-
-def config_to_hf(cfg: DecoderConfig) -> dict:
-    """:class:`DecoderConfig` -> ``config.json`` for ``LlamaForSequenceClassification`` / ``Qwen2...``."""
-    names = cfg.id2label or tuple(f"LABEL_{i}" for i in range(cfg.num_labels))
-    rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type in ("linear", "llama3"):
-        rope["factor"] = cfg.rope_factor
-    if cfg.rope_type == "llama3":
-        rope.update(
-            low_freq_factor=cfg.rope_low_freq_factor,
-            high_freq_factor=cfg.rope_high_freq_factor,
-            original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
-        )
-    out: dict[str, Any] = {
-        "architectures": [
-            "Qwen2ForSequenceClassification" if cfg.arch == "qwen2" else "LlamaForSequenceClassification"
-        ],
-        "model_type": cfg.arch,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": rope,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "initializer_range": cfg.initializer_range,
-        "attention_dropout": cfg.attention_dropout,
-        "pad_token_id": cfg.pad_token_id,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "id2label": {str(i): n for i, n in enumerate(names)},
-        "label2id": {n: i for i, n in enumerate(names)},
-        "dtype": "float32",
-        "use_cache": False,
-    }
-    if cfg.arch == "llama":
-        if cfg.qkv_bias != cfg.o_bias:
-            raise JdupError(
-                "a Llama config.json cannot express qkv_bias != o_bias (attention_bias is shared)"
-            )
-        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    else:
-        out.update(use_sliding_window=False)
-    return out
-
-
-def key_rules(cfg: DecoderConfig) -> list[KeyRule]:
-    """HF ``model.*`` / ``score`` names <-> jdup paths (Linear weights transposed to ``(in, out)`` kernels)."""
-    p = "model.layers.{i}."
-    rules = [
-        KeyRule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
-        KeyRule("model.norm.weight", "model.norm.weight"),
-        KeyRule(p + "input_layernorm.weight", p + "input_layernorm.weight"),
-        KeyRule(p + "post_attention_layernorm.weight", p + "post_attention_layernorm.weight"),
-        KeyRule("score.weight", "score.kernel", TRANSPOSE),
-    ]
-    for name, bias in (
-        ("self_attn.q_proj", cfg.qkv_bias),
-        ("self_attn.k_proj", cfg.qkv_bias),
-        ("self_attn.v_proj", cfg.qkv_bias),
-        ("self_attn.o_proj", cfg.o_bias),
-        ("mlp.gate_proj", cfg.mlp_bias),
-        ("mlp.up_proj", cfg.mlp_bias),
-        ("mlp.down_proj", cfg.mlp_bias),
-    ):
-        rules.append(KeyRule(p + name + ".weight", p + name + ".kernel", TRANSPOSE))
-        if bias:
-            rules.append(KeyRule(p + name + ".bias", p + name + ".bias"))
-    return rules
-
-
-for _name in ("llama", "qwen2"):
-    registry.register(
-        Arch(
-            name=_name,
-            hf_model_types=(_name,),
-            config_from_hf=config_from_hf,
-            config_to_hf=config_to_hf,
-            build=build,
-            key_rules=key_rules,
-            head_rules=("score.kernel",),
-            # causal-LM checkpoints carry an LM head (tied or not) that a classifier does not use
-            ignore_hf=(r"^lm_head\.", r"rotary_emb\.inv_freq$"),
-            hf_prefixes=("model.",),
-            feature_pooling="last_token",
-        )
-    )

@@ -10,34 +10,26 @@ The module tree mirrors Hugging Face closely enough that the weight table is one
 Layers are post-LN (``LayerNorm(x + sublayer(x))``), as in the original BERT. Compute runs in ``dtype``
 (float32 or bfloat16) while parameters are stored in ``param_dtype``; attention softmax and LayerNorm statistics are
 always float32. Dropout is active only with ``deterministic=False`` and an ``nnx.Rngs`` (``dropout`` stream) passed
-at call time: the modules own parameters only.
+at call time: the modules own parameters only. The building blocks (dropout, LayerNorm, linear layers, the
+heads-major attention core) come from :mod:`jdup.models.layers`; the Hugging Face config conversion and weight
+table are in :mod:`jdup.models.encoder_params`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdup import dropout as _dropout_lib
 from jdup.errors import JdupError
-from jdup.models import registry
+from jdup.models import layers as L
 from jdup.models.common import Output
-from jdup.models.registry import TRANSPOSE, Arch, KeyRule
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
+#: the activations ``hidden_act`` may name (one shared table; looked up here when a layer is built)
+_ACTIVATIONS = L.ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,53 +126,27 @@ class EncoderConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# building blocks
-
-
-def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
-    """Inverted dropout; a no-op when ``deterministic`` or ``rate == 0``."""
-    if deterministic or rate == 0.0:
-        return x
-    if rngs is None:
-        raise ValueError("deterministic=False needs rngs=nnx.Rngs(dropout=...) at call time")
-    return _dropout_lib.dropout(x, rate, rngs.dropout())
+# modules
 
 
 def _linear(d_in: int, d_out: int, cfg: EncoderConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-        kernel_init=nnx.initializers.normal(cfg.initializer_range),
-    )
+    return L.linear(d_in, d_out, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-class _LayerNorm(nnx.Module):
-    """LayerNorm with float32 statistics and arithmetic whatever the compute dtype; output in ``dtype``."""
-
-    def __init__(self, dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.norm = nnx.LayerNorm(
-            dim, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm(x.astype(jnp.float32)).astype(self.dtype)
+def _norm(cfg: EncoderConfig, dtype, param_dtype, rngs: nnx.Rngs) -> L.LayerNorm:
+    return L.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Embeddings(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
-        init = nnx.initializers.normal(cfg.initializer_range)
-        emb = lambda n: nnx.Embed(
-            n, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, embedding_init=init, rngs=rngs
+        emb = lambda n: L.embed(
+            n, cfg.hidden_size, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.word_embeddings = emb(cfg.vocab_size)
         self.position_embeddings = emb(cfg.max_position_embeddings)
         self.token_type_embeddings = emb(cfg.type_vocab_size)
-        self.LayerNorm = _LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, param_dtype, rngs)
+        self.LayerNorm = _norm(cfg, dtype, param_dtype, rngs)
 
     def position_ids(self, input_ids: jax.Array) -> jax.Array:
         """BERT: ``0..seq-1``. RoBERTa: ``pad+1+cumsum`` over non-pad ids, pad positions get ``pad`` (as
@@ -200,7 +166,7 @@ class Embeddings(nnx.Module):
             + self.token_type_embeddings(token_type_ids)
         )
         h = self.LayerNorm(h)
-        return _dropout(h, self.cfg.hidden_dropout_prob, deterministic, rngs)
+        return L.dropout(h, self.cfg.hidden_dropout_prob, deterministic, rngs)
 
 
 class SelfAttention(nnx.Module):
@@ -221,20 +187,16 @@ class SelfAttention(nnx.Module):
     ) -> jax.Array:
         """Self-attention over ``h [B, S, D]``; ``queries [B, Q, D]`` (default ``h``) are the rows whose outputs
         are computed (keys and values always come from every position of ``h``). Returns ``[B, Q, D]``."""
-        b, s, _ = h.shape
-        hq = h if queries is None else queries
-        nq = hq.shape[1]
-        nh, hd = self.cfg.num_attention_heads, self.cfg.head_dim
+        nh = self.cfg.num_attention_heads
         # heads-major [B, H, T, d] operands: XLA:CPU runs these batched matmuls about 1.5x faster than the
         # same einsums on [B, T, H, d] (benchmarks/bench_attention.py)
-        q = self.query(hq).reshape(b, nq, nh, hd).transpose(0, 2, 1, 3)
-        k = self.key(h).reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
-        v = self.value(h).reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-        probs = jax.nn.softmax(scores + bias, axis=-1)
-        probs = _dropout(probs, self.cfg.attention_probs_dropout_prob, deterministic, rngs).astype(v.dtype)
-        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, nq, nh * hd)
-        return self.dense(ctx)
+        q = L.split_heads(self.query(h if queries is None else queries), nh)
+        k = L.split_heads(self.key(h), nh)
+        v = L.split_heads(self.value(h), nh)
+        ctx = L.attend(
+            q, k, v, bias, rate=self.cfg.attention_probs_dropout_prob, deterministic=deterministic, rngs=rngs
+        )
+        return self.dense(L.merge_heads(ctx))
 
 
 class Layer(nnx.Module):
@@ -244,10 +206,10 @@ class Layer(nnx.Module):
         self.cfg = cfg
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.attention = SelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attention_norm = _LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, param_dtype, rngs)
+        self.attention_norm = _norm(cfg, dtype, param_dtype, rngs)
         self.intermediate = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, dtype, param_dtype, rngs)
         self.output = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, dtype, param_dtype, rngs)
-        self.output_norm = _LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, param_dtype, rngs)
+        self.output_norm = _norm(cfg, dtype, param_dtype, rngs)
 
     def __call__(
         self, h: jax.Array, bias: jax.Array, *, deterministic: bool, rngs, cls_only: bool = False
@@ -257,9 +219,9 @@ class Layer(nnx.Module):
         p = self.cfg.hidden_dropout_prob
         x = h[:, :1] if cls_only else h
         a = self.attention(h, bias, deterministic=deterministic, rngs=rngs, queries=x if cls_only else None)
-        h = self.attention_norm(x + _dropout(a, p, deterministic, rngs))
+        h = self.attention_norm(x + L.dropout(a, p, deterministic, rngs))
         f = self.output(self.act(self.intermediate(h)))
-        return self.output_norm(h + _dropout(f, p, deterministic, rngs))
+        return self.output_norm(h + L.dropout(f, p, deterministic, rngs))
 
 
 class Encoder(nnx.Module):
@@ -294,10 +256,8 @@ def _layer_fn(deterministic: bool, cls_only: bool):
     return f
 
 
-def attention_bias(attention_mask: jax.Array) -> jax.Array:
-    """``[batch, seq]`` 1/0 mask -> additive float32 ``[batch, 1, 1, seq]`` bias (0 or the float32 minimum)."""
-    m = attention_mask.astype(bool)[:, None, None, :]
-    return jnp.where(m, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+#: ``[batch, seq]`` 1/0 mask -> additive float32 ``[batch, 1, 1, seq]`` bias
+attention_bias = L.padding_bias
 
 
 class _EncoderClassifier(nnx.Module):
@@ -371,7 +331,7 @@ class BertForSequenceClassification(_EncoderClassifier):
 
     def _head(self, cls, *, deterministic, rngs):
         pooled = jnp.tanh(self.pooler.dense(cls))
-        return self.classifier(_dropout(pooled, self.config.head_dropout, deterministic, rngs))
+        return self.classifier(L.dropout(pooled, self.config.head_dropout, deterministic, rngs))
 
 
 class _Pooler(nnx.Module):
@@ -379,23 +339,20 @@ class _Pooler(nnx.Module):
         self.dense = _linear(cfg.hidden_size, cfg.hidden_size, cfg, dtype, param_dtype, rngs)
 
 
-class RobertaClassificationHead(nnx.Module):
-    def __init__(self, cfg: EncoderConfig, dtype, param_dtype, rngs: nnx.Rngs):
-        self.rate = cfg.head_dropout
-        self.dense = _linear(cfg.hidden_size, cfg.hidden_size, cfg, dtype, param_dtype, rngs)
-        self.out_proj = _linear(cfg.hidden_size, cfg.num_labels, cfg, dtype, param_dtype, rngs)
-
-    def __call__(self, x, *, deterministic: bool, rngs):
-        x = jnp.tanh(self.dense(_dropout(x, self.rate, deterministic, rngs)))
-        return self.out_proj(_dropout(x, self.rate, deterministic, rngs))
-
-
 class RobertaForSequenceClassification(_EncoderClassifier):
     """RoBERTa / XLM-R classifier: ``classifier.out_proj(tanh(classifier.dense(h[<s>])))`` (no pooler)."""
 
     def __init__(self, cfg: EncoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.classifier = RobertaClassificationHead(cfg, dtype, param_dtype, rngs)
+        self.classifier = L.ClassificationHead(
+            cfg.hidden_size,
+            cfg.num_labels,
+            cfg.head_dropout,
+            std=cfg.initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def _head(self, cls, *, deterministic, rngs):
         return self.classifier(cls, deterministic=deterministic, rngs=rngs)
@@ -407,173 +364,3 @@ def build(
     """Construct the classifier for ``cfg.arch`` with random (transformers-style) initialisation."""
     cls = RobertaForSequenceClassification if cfg.arch == "roberta" else BertForSequenceClassification
     return cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hugging Face config and weight tables
-
-_HF_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "classifier_dropout",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "layer_norm_eps",
-    "initializer_range",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-)
-
-
-def _config_from_hf(arch: str):
-    def config_from_hf(hf: dict, num_labels: int | None) -> EncoderConfig:
-        pet = hf.get("position_embedding_type", "absolute")
-        if pet not in (None, "absolute"):
-            raise JdupError(
-                f"position_embedding_type {pet!r} is not supported (only 'absolute')", "config.json"
-            )
-        if hf.get("hidden_act", "gelu") not in _ACTIVATIONS:
-            raise JdupError(
-                f"hidden_act {hf['hidden_act']!r} is not supported; supported: {sorted(_ACTIVATIONS)}",
-                "config.json",
-            )
-        defaults = EncoderConfig.roberta_base() if arch == "roberta" else EncoderConfig()
-        kw = {
-            f: hf[f]
-            for f in _HF_FIELDS
-            if f in hf and (hf[f] is not None or f in ("classifier_dropout", "bos_token_id", "eos_token_id"))
-        }
-        if kw.get("pad_token_id") is None:
-            kw["pad_token_id"] = defaults.pad_token_id
-        id2label = hf.get("id2label")
-        names = None
-        if isinstance(id2label, dict) and id2label:
-            names = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
-        n_ckpt = len(names) if names else int(hf.get("num_labels", 2))
-        n = n_ckpt if num_labels is None else int(num_labels)
-        if names is not None and (len(names) != n or names == tuple(f"LABEL_{i}" for i in range(n))):
-            names = None  # default names, or the caller asked for another label count
-        return dataclasses.replace(
-            defaults,
-            arch=arch,
-            num_labels=n,
-            id2label=names,
-            hf_model_type=None if hf.get("model_type") == arch else hf.get("model_type"),
-            **kw,
-        )
-
-    return config_from_hf
-
-
-def _config_to_hf(cfg: EncoderConfig) -> dict:
-    names = cfg.id2label or tuple(f"LABEL_{i}" for i in range(cfg.num_labels))
-    out = {
-        "architectures": [
-            "RobertaForSequenceClassification" if cfg.arch == "roberta" else "BertForSequenceClassification"
-        ],
-        "model_type": cfg.hf_model_type or cfg.arch,
-        **{
-            f: getattr(cfg, f) for f in _HF_FIELDS if getattr(cfg, f) is not None or f == "classifier_dropout"
-        },
-        "position_embedding_type": "absolute",
-        "num_labels": cfg.num_labels,
-        "id2label": {str(i): name for i, name in enumerate(names)},
-        "label2id": {name: i for i, name in enumerate(names)},
-        "dtype": "float32",
-    }
-    return out
-
-
-def _backbone_rules(p: str) -> list[KeyRule]:
-    """Rules for embeddings + layers; ``p`` is the HF prefix ("bert." / "roberta.")."""
-    T = TRANSPOSE
-    rules = []
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        rules.append(KeyRule(f"{p}embeddings.{name}.weight", f"embeddings.{name}.embedding"))
-    rules += _ln(f"{p}embeddings.LayerNorm", "embeddings.LayerNorm")
-    L, J = f"{p}encoder.layer.{{i}}.", "encoder.layers.{i}."
-    for hf_name, jd in (
-        ("attention.self.query", "attention.query"),
-        ("attention.self.key", "attention.key"),
-        ("attention.self.value", "attention.value"),
-        ("attention.output.dense", "attention.dense"),
-        ("intermediate.dense", "intermediate"),
-        ("output.dense", "output"),
-    ):
-        rules += [
-            KeyRule(L + hf_name + ".weight", J + jd + ".kernel", T),
-            KeyRule(L + hf_name + ".bias", J + jd + ".bias"),
-        ]
-    rules += _ln(L + "attention.output.LayerNorm", J + "attention_norm")
-    rules += _ln(L + "output.LayerNorm", J + "output_norm")
-    return rules
-
-
-def _ln(hf: str, jd: str) -> list[KeyRule]:
-    return [KeyRule(hf + ".weight", jd + ".norm.scale"), KeyRule(hf + ".bias", jd + ".norm.bias")]
-
-
-def _dense(hf: str, jd: str) -> list[KeyRule]:
-    return [KeyRule(hf + ".weight", jd + ".kernel", TRANSPOSE), KeyRule(hf + ".bias", jd + ".bias")]
-
-
-def bert_key_rules(cfg: EncoderConfig) -> list[KeyRule]:
-    return (
-        _backbone_rules("bert.")
-        + _dense("bert.pooler.dense", "pooler.dense")
-        + _dense("classifier", "classifier")
-    )
-
-
-def roberta_key_rules(cfg: EncoderConfig) -> list[KeyRule]:
-    return (
-        _backbone_rules("roberta.")
-        + _dense("classifier.dense", "classifier.dense")
-        + _dense("classifier.out_proj", "classifier.out_proj")
-    )
-
-
-_IGNORE_COMMON = (r"(^|\.)embeddings\.position_ids$", r"(^|\.)embeddings\.token_type_ids$")
-
-BERT = registry.register(
-    Arch(
-        name="bert",
-        hf_model_types=("bert",),
-        config_from_hf=_config_from_hf("bert"),
-        config_to_hf=_config_to_hf,
-        build=build,
-        key_rules=bert_key_rules,
-        # the pooler is part of a pretrained BertModel, but like transformers we initialise it when a save lacks it
-        head_rules=("classifier.kernel", "classifier.bias", "pooler.dense.kernel", "pooler.dense.bias"),
-        ignore_hf=_IGNORE_COMMON + (r"^cls\.",),  # pre-training heads (MLM / NSP) of BertForPreTraining saves
-        hf_prefixes=("bert.",),
-        feature_pooling="cls",
-    )
-)
-
-ROBERTA = registry.register(
-    Arch(
-        name="roberta",
-        hf_model_types=("roberta", "xlm-roberta"),
-        config_from_hf=_config_from_hf("roberta"),
-        config_to_hf=_config_to_hf,
-        build=build,
-        key_rules=roberta_key_rules,
-        head_rules=(
-            "classifier.dense.kernel",
-            "classifier.dense.bias",
-            "classifier.out_proj.kernel",
-            "classifier.out_proj.bias",
-        ),
-        ignore_hf=_IGNORE_COMMON + (r"^lm_head\.", r"^(roberta\.)?pooler\."),  # MLM head; unused pooler
-        hf_prefixes=("roberta.",),
-        feature_pooling="cls",
-    )
-)

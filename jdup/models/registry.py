@@ -1,8 +1,8 @@
 """Architecture registry: how a Hugging Face ``config.json`` ``model_type`` maps to a jdup model family.
 
-Each family module (``encoder.py``, ``decoder.py``, ``bart.py``) calls :func:`register` at import time with an
-:class:`Arch`. ``jdup.models.hf`` (the loader and exporter) uses only this table, so a new family slots in
-without touching the loader.
+Each family's ``*_params.py`` (``encoder_params``, ``decoder_params``, ``bart_params``) calls :func:`register` at
+import time with an :class:`Arch`; ``jdup.models.hf`` imports them all, so the table is complete whenever the loader
+is. The loader and exporter use only this table, so a new family slots in without touching them.
 
 Weight mapping is a table of :class:`KeyRule` s. Both names are ``str.format`` templates whose only fields are
 integers such as ``{i}`` (layer index), so the same table maps Hugging Face -> jdup on load and jdup -> Hugging
@@ -55,6 +55,8 @@ class Arch:
       ignore_hf: regexes of Hugging Face keys to skip silently (buffers such as ``position_ids``).
       hf_prefixes: prefixes a bare backbone checkpoint may lack (e.g. ``"bert."`` for a ``BertModel`` save).
       feature_pooling: default pooling for DUP features (``"cls"``, ``"last_token"``, ``"mean"``).
+      tiny_config: ``(arch, num_labels=2, **overrides) -> Config`` of a 2-layer test model
+        (:func:`jdup.models.tiny_model`); None when the family has none.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Arch:
     ignore_hf: tuple[str, ...] = ()
     hf_prefixes: tuple[str, ...] = ()
     feature_pooling: str = "cls"
+    tiny_config: Callable[..., Any] | None = None
 
 
 _ARCHS: dict[str, Arch] = {}
