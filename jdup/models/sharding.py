@@ -18,6 +18,10 @@ through the forward and backward pass, so the same code runs on 1 device, 8 simu
 :func:`initialize_distributed` first on every host (TPU pods need no arguments), then build the mesh over
 ``jax.devices()`` (all hosts' devices) and feed each host's part of the batch
 (``jax.make_array_from_process_local_data``).
+
+Where the library uses it: :func:`jdup.models.from_pretrained` (``mesh=`` a mesh or a spec such as ``"2x4"``, see
+:func:`mesh_from_spec`) puts each checkpoint tensor straight into its shard under these rules, so a stage can load
+the 3B decoders over a ``model`` axis without ever holding a full copy on one device.
 """
 
 from __future__ import annotations
