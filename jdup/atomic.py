@@ -17,6 +17,7 @@ Leftovers of dead runs (``<out>.tmp-<pid>``, ``<out>.old-<pid>``, a ``.partial``
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -24,8 +25,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from jdup.errors import JdupError
@@ -50,6 +53,30 @@ def fix_mode(path: str | os.PathLike) -> None:
     """Gives a file written by a library that creates private files (mode 0600, e.g. safetensors) the usual
     mode of new files (0666 minus the umask, so 0644 by default)."""
     os.chmod(path, 0o666 & ~_UMASK)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Holds back Ctrl-C (SIGINT) until the block is done, then raises it: a checkpoint being saved is finished
+    before the interrupt lands (no half-written step, no library thread dying at exit). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            if old is signal.default_int_handler:
+                raise KeyboardInterrupt
+            if callable(old):
+                old(signal.SIGINT, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jdup import atomic
 from jdup.errors import JdupError
 
 
@@ -68,6 +69,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self._async = async_save
         self.directory = os.path.abspath(os.fspath(directory))
         os.makedirs(self.directory, exist_ok=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -92,7 +94,10 @@ class Checkpointer:
         meta["_shapes"] = [[list(np.shape(v)), str(np.asarray(v).dtype) if not isinstance(v, jax.Array)
                             else str(v.dtype)] for v in flat.values()]
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(flat), meta=self._ocp.args.JsonSave(meta))
-        self._mngr.save(int(step), args=args, force=True)
+        with atomic.deferred_interrupt():  # Ctrl-C lands after the step is fully on disk
+            self._mngr.save(int(step), args=args, force=True)
+            if not self._async:
+                self._mngr.wait_until_finished()
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Load checkpoint ``step`` (default: the latest) into the structure of ``template``.

@@ -98,6 +98,21 @@ def fingerprint(path_or_name: str | os.PathLike | None) -> dict:
     return out
 
 
+def stage_inputs(stage: str, cfg: Any) -> dict[str, Any]:
+    """What a stage reads (``{name: path or name}``): what its manifest fingerprints and what its output must
+    never replace. The pipeline and the stages both use this, so their manifests agree."""
+    if stage == "poison":
+        return {"source": cfg.source}
+    inputs = {"model": cfg.model, "data": cfg.data}
+    if stage == "detect":
+        s = cfg.score_set
+        if s.endswith(".csv") or os.sep in s:
+            inputs["score_set"] = s if os.path.isabs(s) or os.path.isfile(s) else os.path.join(cfg.data, s)
+    if stage == "unlearn" and getattr(cfg, "detection", None):
+        inputs["detection"] = cfg.detection
+    return inputs
+
+
 def result_config(config: Mapping) -> dict:
     """The part of a resolved config that decides the result (drops :data:`NOT_RESULT` fields)."""
     return {k: v for k, v in config.items() if k not in NOT_RESULT}
@@ -281,7 +296,8 @@ class StageOutput:
     Args:
       stage: ``poison`` | ``train`` | ``detect`` | ``unlearn``.
       cfg: the stage's config dataclass (``out`` and ``overwrite`` are read from it).
-      inputs: ``{name: path or name}`` the stage reads (fingerprinted into the manifest).
+      inputs: ``{name: path or name}`` the stage reads (fingerprinted into the manifest); default
+        :func:`stage_inputs`.
       resume: keep a resumable ``<out>.partial`` of an earlier, dead run (see :class:`jdup.atomic.StagedDir`).
       keep: entry of the staging folder that makes it worth keeping after a failure (e.g. ``"ckpt"``).
 
@@ -292,11 +308,11 @@ class StageOutput:
             so.commit(result)          # manifest.json last, then the folder replaces cfg.out
     """
 
-    def __init__(self, stage: str, cfg: Any, inputs: Mapping[str, Any], *, resume: bool = False,
+    def __init__(self, stage: str, cfg: Any, inputs: Mapping[str, Any] | None = None, *, resume: bool = False,
                  keep: str | None = None):
         self.stage = stage
         self.cfg = cfg
-        self.inputs = dict(inputs)
+        self.inputs = dict(stage_inputs(stage, cfg) if inputs is None else inputs)
         self.out = check_output(stage, cfg.out, self.inputs,
                                 overwrite=bool(getattr(cfg, "overwrite", False)))
         self.staged = atomic.StagedDir(self.out, resume=resume, keep=keep)

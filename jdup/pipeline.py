@@ -42,7 +42,7 @@ log = logging.getLogger("jdup")
 STAGES: dict[str, tuple[str, str, str]] = {
     "poison": ("jdup.stages.poison", "PoisonConfig", "run_poison"),
     "train": ("jdup.stages.train", "TrainConfig", "run_train"),
-    "detect": ("jdup.detect", "DetectConfig", "run_detect"),
+    "detect": ("jdup.stages.detect", "DetectConfig", "run_detect"),
     "unlearn": ("jdup.unlearn", "UnlearnConfig", "run_unlearn"),
     "sweep": ("jdup.sweep", "SweepConfig", "run_sweep"),
 }
@@ -90,18 +90,10 @@ def build_stage_config(stage: str, values: Mapping, *, source: str, prefix: str 
 
 
 def stage_inputs(stage: str, cfg: Any) -> dict[str, Any]:
-    """What a stage reads (``{name: path or name}``): the folders its output must never replace, and what its
-    manifest fingerprints."""
-    if stage == "poison":
-        return {"source": cfg.source}
-    inputs = {"model": cfg.model, "data": cfg.data}
-    if stage == "detect":
-        s = cfg.score_set
-        if s.endswith(".csv") or os.sep in s:
-            inputs["score_set"] = s if os.path.isabs(s) or os.path.isfile(s) else os.path.join(cfg.data, s)
-    if stage == "unlearn" and cfg.detection:
-        inputs["detection"] = cfg.detection
-    return inputs
+    """What a stage reads (:func:`jdup.manifest.stage_inputs`)."""
+    from jdup import manifest
+
+    return manifest.stage_inputs(stage, cfg)
 
 
 def _fields(stage: str) -> set[str]:
@@ -260,7 +252,9 @@ def run_pipeline(cfg: Mapping, *, source: str = "config", origins: Mapping[str, 
         if isinstance(results[stage], Mapping) and results[stage].get("stopped"):
             raise JdupError(f"{stage} stopped at step {results[stage].get('step')} (max_steps) before finishing; "
                             "rerun to continue from its checkpoint", stage_out)
-        if manifest.read(stage_out) is None and os.path.isdir(stage_out):  # stages that do not write one yet
+        got = manifest.read(stage_out)
+        if os.path.isdir(stage_out) and (got is None or got.get("key") != expected["key"]):
+            # a stage function that writes no manifest of its own (a plugged-in or legacy one)
             manifest.write(stage_out, expected, seconds=results[stage].get("seconds"))
     stage_seconds = sum(float(r.get("seconds") or 0.0) for r in results.values() if isinstance(r, Mapping))
     report = {"out": out, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds, "reused": reused,

@@ -114,7 +114,7 @@ class TrainConfig:
         check_range(self, "weight_decay", 0)
         check_range(self, "clip", 0, allow_none=True)
         check_range(self, "max_length", 1)
-        check(self, "buckets", all(isinstance(b, int) and b >= 1 for b in self.buckets), "lengths must be >= 1")
+        check(self, "buckets", all(isinstance(b, int) and b >= 1 for b in self.buckets), "must all be >= 1")
         check_range(self, "eval_every", 1)
         check_one_of(self, "select", ("dev_acc", "dev_mean"))
         check_range(self, "ckpt_every_steps", 0)

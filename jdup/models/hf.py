@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jdup import atomic
 from jdup.errors import JdupError
 from jdup.models import (  # noqa: F401  (the *_params imports register the families)
     bart_params,
@@ -467,21 +468,14 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, tokenizer_src: A
     arch = registry.get(model.config.arch)
     hf_cfg = arch.config_to_hf(model.config)
     tensors = export_tensors(model)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = Path(atomic.temp_dir(dest))
     try:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         save_file(tensors, os.fspath(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic.fix_mode(tmp / "model.safetensors")  # safetensors creates it 0600; every other file is 0644
         if tokenizer_src is not None:
             hub.save_tokenizer(tokenizer_src, tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
