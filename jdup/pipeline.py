@@ -156,7 +156,7 @@ def plan(cfg: Mapping, *, source: str = "config", origins: Mapping[str, str] | N
     sections = {stage: _section(cfg, stage, source, origins) for stage in ORDER}
     if not any(v is not None for v in sections.values()):
         raise JdupError(f"nothing to run: the config enables none of the stages {list(ORDER)}", source)
-    chained: dict[str, Any] = {"seed": seed}
+    chained: dict[str, Any] = {"seed": seed, "overwrite": True if cfg.get("overwrite") else None}
     built: dict[str, Any] = {}
     for stage in ORDER:
         section = sections[stage]
@@ -218,14 +218,15 @@ def run_pipeline(cfg: Mapping, *, source: str = "config", origins: Mapping[str, 
     """
     from jdup import manifest
 
+    if overwrite is not None:
+        cfg = {**cfg, "overwrite": overwrite}
     p = plan(cfg, source=source, origins=origins)
-    out, resume = p["out"], p["resume"]
-    overwrite = p["overwrite"] if overwrite is None else overwrite
+    out, resume, overwrite = p["out"], p["resume"], p["overwrite"]
     if os.path.lexists(out) and not os.path.isdir(out):
         raise JdupError("exists and is a file, not a folder: choose a folder for the run's `out`", out)
     for stage, stage_cfg in p["stages"].items():
-        manifest.check_output(stage, stage_cfg.out, stage_inputs(stage, stage_cfg), overwrite=overwrite,
-                              same_stage=False)
+        manifest.check_output(stage, stage_cfg.out, stage_inputs(stage, stage_cfg),
+                              overwrite=overwrite or bool(getattr(stage_cfg, "overwrite", False)))
     os.makedirs(out, exist_ok=True)
     atomic.clean_temp_files(out)
     t0 = time.perf_counter()
