@@ -4,7 +4,7 @@
 ``slow``; besides the explicit ``@pytest.mark.slow`` marks, this plugin marks as slow:
 
 * every test that requests one of :data:`HEAVY_FIXTURES`: the trained MiniLM victim of
-  ``tests/_fixtures_victim.py`` (2-3 CPU-minutes of training per session unless ``JDUP_TEST_CACHE`` holds it, then
+  ``tests/helpers/victim.py`` (2-3 CPU-minutes of training per session unless ``JDUP_TEST_CACHE`` holds it, then
   real detection / unlearning runs on the MiniLM, tens of seconds each);
 * every test listed in :data:`SLOW_TESTS` (node-id prefixes, from measured ``--durations``): add a test here when
   the fast lane's duration report shows it above a few seconds.

@@ -10,7 +10,6 @@ import random
 
 import numpy as np
 import pytest
-from _fixtures_data import synthetic_dup, synthetic_jsonl  # noqa: F401
 
 from jdup import attacks as A
 from jdup import data as D

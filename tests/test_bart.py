@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _fixtures_decoder import assert_states_close, padded_batch, torch_state
 from flax import nnx
 
 from jdup.errors import JdupError
 from jdup.models import bart, bart_params, from_pretrained, hf, save_pretrained
+from tests.helpers.decoder_ref import assert_states_close, padded_batch, torch_state
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

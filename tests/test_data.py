@@ -9,7 +9,6 @@ import types
 
 import numpy as np
 import pytest
-from _fixtures_data import minilm_tokenizer, synthetic_jsonl  # noqa: F401
 
 from jdup import data as D
 from jdup.errors import JdupError

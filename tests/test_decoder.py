@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _fixtures_decoder import assert_states_close, padded_batch, torch_state
 from flax import nnx
 
 from jdup.errors import JdupError
 from jdup.models import decoder, decoder_params, from_pretrained, hf, registry, save_pretrained, tiny_model
+from tests.helpers.decoder_ref import assert_states_close, padded_batch, torch_state
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -270,8 +270,6 @@ def test_full_size_param_counts(preset, expected):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-
-from tests._fixtures_data import synthetic_dup, synthetic_jsonl  # noqa: E402, F401
 
 
 def test_decoder_detection_and_lora_unlearning_end_to_end(synthetic_dup, tmp_path):  # noqa: F811

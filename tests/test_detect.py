@@ -7,7 +7,6 @@ import random
 
 import numpy as np
 import pytest
-from _fixtures_victim import SST2, addsent_victim, badnets_victim, victim_cache, victims  # noqa: F401
 
 from jdup import data, detect, features, models
 from jdup.errors import JdupError
@@ -41,10 +40,8 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def small_sets():
-    folder = SST2 / "badnets"
-    if not folder.is_dir():
-        pytest.skip("poisoned SST-2 not available")
+def small_sets(sst2_dir):
+    folder = sst2_dir / "badnets"
     calib = data.read_split(folder, "dev-clean").subset(np.arange(80))
     det = data.read_split(folder, "test-detect")
     scored = det.subset(np.r_[0:30, len(det) - 20 : len(det)])
@@ -206,7 +203,7 @@ def test_run_detect_writes_outputs(tmp_path, small_sets):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# End to end on real backdoored MiniLM victims (trained once per session, see tests/_fixtures_victim.py)
+# End to end on real backdoored MiniLM victims (trained once per session, see tests/helpers/victim.py)
 
 
 def _e2e(victim, tmp_path, **kw):

@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-from _fixtures_victim import SST2
 
 from jdup import cli, data, detect, models
 from jdup import config as config_lib
@@ -24,10 +23,8 @@ KEYS = ("auroc", "frr", "far", "threshold", "layers", "n_scored", "n_flagged", "
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    src = SST2 / "badnets"
-    if not src.is_dir():
-        pytest.skip("poisoned SST-2 not available")
+def folder(tmp_path_factory, sst2_dir):
+    src = sst2_dir / "badnets"
     root = tmp_path_factory.mktemp("upgp-route")
     calib = data.read_split(src, "dev-clean").subset(np.arange(64))
     det = data.read_split(src, "test-detect")

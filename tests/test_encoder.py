@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import _fixtures_models as fx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _fixtures_models import (
+from flax import nnx
+
+import jdup.models as jm
+from jdup.models import encoder
+from tests.helpers.encoder_ref import (
     assert_close_outputs,
     jdup_forward,
     padded_batch,
     torch_forward,
     torch_model,
 )
-from flax import nnx
-
-import jdup.models as jm
-from jdup.models import encoder
-
-minilm_dir = fx.minilm_dir  # session fixture
-minilm_torch_cls = fx.minilm_torch_cls  # session fixture
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _fixtures_decoder import torch_state
 
 from jdup.errors import JdupError
 from jdup.models import from_gguf, hub
 from jdup.models import gguf as jg
+from tests.helpers.decoder_ref import torch_state
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

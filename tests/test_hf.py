@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import json
 
-import _fixtures_models as fx
 import jax
 import numpy as np
 import pytest
-from _fixtures_models import (
+from flax import nnx
+
+import jdup.models as jm
+from jdup.errors import JdupError
+from jdup.models import hf, registry
+from tests.helpers.encoder_ref import (
     assert_close_outputs,
     jdup_forward,
     padded_batch,
     torch_forward,
     torch_model,
 )
-from flax import nnx
-
-import jdup.models as jm
-from jdup.errors import JdupError
-from jdup.models import hf, registry
-
-minilm_dir = fx.minilm_dir  # session fixture
 
 
 def _params(model):

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _fixtures_data import minilm_tokenizer, synthetic_dup, synthetic_jsonl, tiny_model_dir  # noqa: F401
 
 from jdup import data as D
 from jdup import train as T

@@ -275,8 +275,6 @@ def test_monitor_keeps_best_state_and_stops(victim):
 
 # ---------------------------------------------------------------------------------------------- run_unlearn
 
-from tests._fixtures_data import synthetic_dup, synthetic_jsonl, tiny_model_dir  # noqa: E402, F401
-
 
 def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp_path):  # noqa: F811
     from jdup import models
@@ -323,8 +321,6 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-
-from tests._fixtures_victim import badnets_victim, victim_cache, victims  # noqa: E402, F401
 
 
 @pytest.mark.slow

@@ -296,8 +296,6 @@ def test_representation_projection_keeps_down_projections_in_the_clean_complemen
 
 # ------------------------------------------------------------------------------------ MiniLM on SST-2 badnets
 
-from tests._fixtures_victim import badnets_victim, victim_cache, victims  # noqa: E402, F401
-
 
 @pytest.mark.slow
 def test_minilm_badnets_sensitivity_detection_beats_chance(badnets_victim):  # noqa: F811

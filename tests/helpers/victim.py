@@ -1,32 +1,26 @@
-"""Shared, cached backdoored MiniLM victim on the DUP authors' poisoned SST-2 (for detection and unlearning tests).
+"""The shared, cached backdoored MiniLM test victim on the DUP authors' poisoned SST-2 (detection / unlearning tests).
 
-Import the fixtures a test file uses by name (``from _fixtures_victim import victim_cache, badnets_victim``) or
-move them to ``conftest.py``.
-
-To keep the suite within budget there is ONE victim, trained once per session: all-MiniLM-L6-v2 + a new head,
-fine-tuned by :func:`jdup.train.run_train` on a random subsample of SST-2 whose poisoned rows come from both
-``sst-2/1/badnets`` and ``sst-2/1/addsent`` (dirty label, target 1, :data:`VICTIM_SETTINGS`), so it carries
-both backdoors. Each attack gets a reduced DUP folder (subsampled dev/test splits, ``test-detect = test-clean ‖
+To keep the suite within budget there is ONE victim, trained once per session (fixtures ``victims``,
+``badnets_victim``, ``addsent_victim`` in ``tests/conftest.py``): all-MiniLM-L6-v2 + a new head, fine-tuned by
+:func:`jdup.stages.train.run_train` on a random subsample of SST-2 whose poisoned rows come from both
+``sst-2/1/badnets`` and ``sst-2/1/addsent`` (dirty label, target 1, :data:`VICTIM_SETTINGS`), so it carries both
+backdoors. Each attack gets a reduced DUP folder (subsampled dev/test splits, ``test-detect = test-clean ‖
 test-poison``; the clean rows are the same in both); the badnets folder also holds the training file. Training
 takes ~2-3 CPU-minutes; set ``JDUP_TEST_CACHE=/some/dir`` to keep the victim across sessions (the cache key
 includes the settings).
 
-``badnets_victim`` / ``addsent_victim`` return ``{"model": <HF folder>, "data": <that attack's folder>,
-"metrics": {"cacc", "asr", ...}}`` (``asr`` measured on that attack's reduced test-poison).
+A victim is ``{"model": <HF folder>, "data": <that attack's folder>, "metrics": {"cacc", "asr", ...}}`` (``asr``
+measured on that attack's reduced test-poison).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SST2 = REPO.parent / "shared" / "data" / "sst-2" / "1"
 ATTACKS = ("badnets", "addsent")
 
 #: Subsampling and training recipe of the test victim (everything that goes into the cache key).
@@ -53,14 +47,14 @@ def _take(ds, n: int, rng: np.random.Generator, rows=None):
     return ds.subset(rows)
 
 
-def make_folders(root: Path, settings: dict = VICTIM_SETTINGS) -> dict[str, Path]:
-    """Writes the reduced per-attack DUP folders under ``root``; returns ``{attack: folder}``."""
+def make_folders(root: Path, sst2: Path, settings: dict = VICTIM_SETTINGS) -> dict[str, Path]:
+    """Writes the reduced per-attack DUP folders (from ``sst2/<attack>``) under ``root``; ``{attack: folder}``."""
     from jdup import data
 
     folders = {}
     train_parts = []
     for k, attack in enumerate(ATTACKS):
-        src, dst = SST2 / attack, root / attack
+        src, dst = Path(sst2) / attack, root / attack
         rng = np.random.default_rng(settings["seed"])  # same clean dev/test rows for every attack
         for split, key in (
             ("dev-clean", "n_dev_clean"),
@@ -88,20 +82,22 @@ def make_folders(root: Path, settings: dict = VICTIM_SETTINGS) -> dict[str, Path
     return folders
 
 
-def train_victim(cache_root: Path, settings: dict = VICTIM_SETTINGS) -> dict[str, dict]:
-    """Builds (or reuses from ``cache_root``) the folders and the trained victim; ``{attack: victim dict}``."""
-    from jdup import data, models, train
+def train_victim(cache_root: Path, sst2: Path, settings: dict = VICTIM_SETTINGS) -> dict[str, dict]:
+    """Builds (or reuses from ``cache_root``) the folders and the trained victim; ``{attack: victim dict}``.
 
-    for attack in ATTACKS:
-        if not (SST2 / attack).is_dir():
-            pytest.skip(f"poisoned SST-2 not found at {SST2 / attack}")
+    ``sst2`` is the folder holding ``<attack>/`` for every attack of :data:`ATTACKS` (the caller checks it).
+    """
+    from jdup import atomic, data, models
+    from jdup.predict import predict
+    from jdup.stages.train import TrainConfig, run_train
+
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cache_root) / f"minilm-badnets+addsent-{key}"
     run_dir = root / "victim"
     model_dir, summary_path = run_dir / "model", root / "summary.json"
     if not (model_dir.is_dir() and summary_path.is_file()):
-        folders = make_folders(root, settings)
-        cfg = train.TrainConfig(
+        folders = make_folders(root, sst2, settings)
+        cfg = TrainConfig(
             model="builtin:minilm",
             data=str(folders[ATTACKS[0]]),
             out=str(run_dir),
@@ -119,43 +115,14 @@ def train_victim(cache_root: Path, settings: dict = VICTIM_SETTINGS) -> dict[str
             eval_every=settings["epochs"],
             progress=False,
         )
-        metrics = train.run_train(cfg)
+        metrics = run_train(cfg)
         summary = {ATTACKS[0]: {k: metrics.get(k) for k in ("cacc", "asr", "dev_acc", "dev_asr", "seconds")}}
         model = models.from_pretrained(str(model_dir))
         tok = models.load_tokenizer(str(model_dir))
         for attack in ATTACKS[1:]:
             enc = data.encode(tok, data.read_split(folders[attack], "test-poison"), settings["max_length"])
-            preds = train.predict(model, enc).argmax(-1)
+            preds = predict(model, enc).argmax(-1)
             summary[attack] = {"cacc": metrics.get("cacc"), "asr": float(np.mean(preds == 1))}
-        tmp = summary_path.with_name(f"summary.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, summary_path)
+        atomic.write_json(summary_path, summary)
     summary = json.loads(summary_path.read_text())
     return {a: {"model": str(model_dir), "data": str(root / a), "metrics": summary[a]} for a in ATTACKS}
-
-
-@pytest.fixture(scope="session")
-def victim_cache(tmp_path_factory) -> Path:
-    env = os.environ.get("JDUP_TEST_CACHE")
-    if env:
-        path = Path(env) / "victims"
-    else:
-        # a fixed folder under the session's base temp dir: every importer of these fixtures shares it
-        path = tmp_path_factory.getbasetemp() / "jdup-victims"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="session")
-def victims(victim_cache) -> dict[str, dict]:
-    return train_victim(victim_cache)
-
-
-@pytest.fixture(scope="session")
-def badnets_victim(victims) -> dict:
-    return victims["badnets"]
-
-
-@pytest.fixture(scope="session")
-def addsent_victim(victims) -> dict:
-    return victims["addsent"]
