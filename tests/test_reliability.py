@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import pytest
-from _fixtures_data import synthetic_dup, synthetic_jsonl, tiny_model_dir  # noqa: F401
 
 from jdup import cli, pipeline
 
