@@ -284,19 +284,22 @@ class StagedDir:
       dest: the final output folder.
       resume: keep what an earlier, dead run left in ``<dest>.partial`` (its checkpoint) instead of starting
         from an empty folder.
-      keep: name of the entry inside the staging folder that makes it worth keeping after a failure or an
-        interrupt (e.g. ``"ckpt"``: a resumable checkpoint); without it a failed run's staging folder is removed.
+      keep: name(s) of the entries inside the staging folder that make it worth keeping after a failure or an
+        interrupt (e.g. ``"ckpt"``: a resumable checkpoint); without them a failed run's staging folder is removed.
 
     Use as a context manager; call :meth:`commit` once every file is written (the stage's manifest last).
     Leaving the block without :meth:`commit` (an error, Ctrl-C, a run stopped at ``max_steps``) leaves ``dest``
     untouched and keeps the staging folder only when it holds ``keep``.
     """
 
-    def __init__(self, dest: str | os.PathLike, *, resume: bool = False, keep: str | None = None):
+    def __init__(self, dest: str | os.PathLike, *, resume: bool = False, keep: str | tuple[str, ...] | None = None):
         self.dest = os.path.abspath(os.fspath(dest))
         self.path = partial_dir(self.dest)
         self.resume = resume
-        self.keep = keep
+        self.keep = (keep,) if isinstance(keep, str) else tuple(keep or ())
+
+    def _keepable(self) -> bool:
+        return any(os.path.exists(os.path.join(self.path, k)) for k in self.keep)
         self.committed = False
         self.resumed = False
 
@@ -310,8 +313,7 @@ class StagedDir:
             if owner is not None and owner[0] == here and owner[1] != os.getpid() and _alive(owner[1]):
                 raise JdupError(f"another jdup process (pid {owner[1]}) is writing this output right now; wait for "
                                 "it to finish or stop it", self.dest)
-            keepable = self.keep is not None and os.path.exists(os.path.join(self.path, self.keep))
-            if self.resume and keepable:
+            if self.resume and self._keepable():
                 self.resumed = True
                 log.info("resuming from the unfinished output of an earlier run: %s", self.path)
                 clean_temp_files(self.path)
@@ -334,7 +336,7 @@ class StagedDir:
         """Without :meth:`commit`: keep the staging folder only if it holds ``keep``, else remove it."""
         if self.committed or not os.path.isdir(self.path):
             return
-        if self.keep is not None and os.path.exists(os.path.join(self.path, self.keep)):
+        if self._keepable():
             _remove(os.path.join(self.path, OWNER))
             return
         shutil.rmtree(self.path, ignore_errors=True)

@@ -309,7 +309,7 @@ class StageOutput:
     """
 
     def __init__(self, stage: str, cfg: Any, inputs: Mapping[str, Any] | None = None, *, resume: bool = False,
-                 keep: str | None = None):
+                 keep: str | tuple[str, ...] | None = None):
         self.stage = stage
         self.cfg = cfg
         self.inputs = dict(stage_inputs(stage, cfg) if inputs is None else inputs)
