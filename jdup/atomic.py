@@ -297,11 +297,11 @@ class StagedDir:
         self.path = partial_dir(self.dest)
         self.resume = resume
         self.keep = (keep,) if isinstance(keep, str) else tuple(keep or ())
+        self.committed = False
+        self.resumed = False
 
     def _keepable(self) -> bool:
         return any(os.path.exists(os.path.join(self.path, k)) for k in self.keep)
-        self.committed = False
-        self.resumed = False
 
     def open(self) -> StagedDir:
         clean_leftovers(self.dest)
