@@ -166,20 +166,15 @@ def test_normalised_ratios_and_peaks_block():
     assert C.normalised_from_peaks(rec, 1.0, 3.0)["mfu_ratio"] == pytest.approx(1.5)
 
 
-def test_reference_end_to_end_run(tiny_folder, rows, tmp_path, capsys):
-    """``python -m benchmarks.torch_baseline run``: detect on dev-detect, unlearn the flagged rows, evaluate."""
-    pytest.importorskip("peft")
-    import json
-
-    from benchmarks.torch_baseline.__main__ import main
+@pytest.fixture(scope="module")
+def tiny_data(rows, tmp_path_factory):
+    """A small DUP-layout folder (dev-clean/-poison, test-clean/-poison, test-detect) from the test rows."""
+    import csv
 
     dev, scored = rows
-    data = tmp_path / "data"
-    data.mkdir()
+    data = tmp_path_factory.mktemp("tiny_data")
 
     def write(name, rs):
-        import csv
-
         with (data / name).open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["", "0", "1", "2"])
@@ -189,24 +184,50 @@ def test_reference_end_to_end_run(tiny_folder, rows, tmp_path, capsys):
     write("dev-poison.csv", scored[20:28])
     write("test-clean.csv", scored[:8])
     write("test-poison.csv", scored[28:36])
-    rc = main(
-        [
-            "run",
-            "--model",
-            str(tiny_folder),
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "m"),
-            "--epochs",
-            "1",
-        ]
-    )
+    write("test-detect.csv", scored[:8] + scored[28:36])
+    return data
+
+
+def test_reference_end_to_end_run(tiny_folder, tiny_data, tmp_path, capsys):
+    """``python -m benchmarks.torch_baseline run``: detect on dev-detect, unlearn the flagged rows, evaluate."""
+    pytest.importorskip("peft")
+    import json
+
+    from benchmarks.torch_baseline.__main__ import main
+
+    argv = ["run", "--model", str(tiny_folder), "--data", str(tiny_data), "--out", str(tmp_path / "m")]
+    rc = main(argv + ["--epochs", "1"])
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and (tmp_path / "m" / "config.json").exists()
     assert 0 <= got["n_flagged"] <= 32 and got["steps"] == (got["n_flagged"] + 31) // 32
     assert {"load", "detect", "unlearn", "eval_before", "eval_after", "save"} <= set(got["times"])
     assert 0.0 <= got["cacc_after"] <= 1.0 and 0.0 <= got["asr_before"] <= 1.0
+
+
+@pytest.mark.slow
+def test_bench_cli_runs_both_sides(tiny_folder, tiny_data, tmp_path):
+    """bench_cli.py end to end on a tiny model: fresh jdup CLI processes and reference processes all succeed,
+    the first jdup call fills the fresh compilation cache, and the record carries both peaks and the targets."""
+    pytest.importorskip("peft")
+    import json
+
+    from benchmarks import bench_cli
+
+    out = tmp_path / "cli.jsonl"
+    recs = bench_cli.main([
+        "--model", str(tiny_folder), "--data", str(tiny_data), "--reps", "1", "--inprocess-reps", "0",
+        "--epochs", "1", "--workdir", str(tmp_path / "work"), "--out", str(out), "--jax-cache-env",
+    ])  # fmt: skip
+    assert [r["bench"] for r in recs] == ["cli_detect", "cli_unlearn"]
+    for r in recs:
+        calls = r["jdup"]["calls"] + r["torch"]["calls"]
+        assert all(c["rc"] == 0 for c in calls), [c.get("stderr_tail") for c in calls]
+        assert r["summary"]["all_calls_ok"] and r["summary"]["jdup_first_s"] > 0
+        assert r["peaks"]["jax_gflops"] > 0 and r["peaks"]["torch_gflops"] > 0
+        assert r["normalised"]["first"]["speedup_raw"] > 0
+        assert r["jdup"]["calls"][0]["cache_entries"] >= 0
+    assert recs[1]["targets"]["unlearn_speedup"]["target"] == 2.0
+    assert len(out.read_text().splitlines()) == 2 and json.loads(out.read_text().splitlines()[0])["machine"]
 
 
 @pytest.fixture(scope="module")
