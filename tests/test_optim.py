@@ -109,7 +109,7 @@ def test_mask_leaves_unprotected_leaves_untouched():
 
 def _hetero_grads(key, steps, n):
     scales = jnp.logspace(-3, 1, n)  # very different coordinate scales: Adam rescales them unevenly
-    return jax.random.normal(key, (steps, n)) * scales + 0.3 * scales
+    return jax.random.normal(key, (steps, n)) * scales[None] + 0.3 * scales[None]
 
 
 def test_projected_adam_keeps_orthogonality_but_projecting_before_adam_does_not():
