@@ -1,39 +1,46 @@
-"""Tests of jdup.sweep: grid expansion, grouping, the results store, and end-to-end sweeps on a tiny random BERT.
+"""Tests of jdup.sweep: grid expansion, stage configs, grouping, the results store, and end-to-end sweeps.
 
-The end-to-end tests run in subprocesses with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (8 simulated
-CPU devices, set before jax is imported) and share a persistent compilation cache, so each program compiles once
-per session. They check that
-
-* a 2x2x2 sweep (seed x lr x alpha) finishes, with each vmapped group sharded over a 4-device ``sweep`` mesh;
-* its vmapped results equal the same cells run one by one (``vectorize: false``) to 1e-5;
-* a sweep killed half-way (``os._exit`` right after the 3rd result line) resumes without redoing finished cells;
-* a failing cell is recorded with its traceback and does not stop the others (also inside a vmapped group); the
-  survivors, rerun alone on a 2-D ``sweep x data`` mesh, give the same numbers.
+* A sweep cell IS a ``jdup unlearn`` run: a vmapped group of two cells (different seeds and learning rates) gives
+  the same CACC/ASR/RA, flags, inferred target, step log and stop-rule history as :func:`jdup.unlearn.run_unlearn`
+  with the same settings (``test_sweep_cells_equal_jdup_unlearn``), on a tiny random BERT saved to disk and a
+  synthetic BadNets DUP folder.
+* The end-to-end tests run in subprocesses with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (8 simulated
+  CPU devices, set before jax is imported) and share a persistent compilation cache. They check that a 2x2x2
+  sweep (seed x lr x alpha) finishes with each vmapped group sharded over a 4-device ``sweep`` mesh, that its
+  vmapped results equal the same cells run one by one (``vectorize: false``: the library loop itself) to 1e-5,
+  that a sweep killed by the test (SIGKILL once result lines appear) resumes without redoing finished cells, and
+  that a failing cell is recorded with its traceback without stopping the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
 from jdup import sweep as S
 from jdup.errors import JdupError
+from jdup.sweep import vmapped as V
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {
     "name": "tiny",
     "fixed": {
-        "data": {"source": "synthetic", "synthetic_rows": 24, "synthetic_length": 12},
+        "data": {"source": "synthetic", "synthetic_rows": 24, "synthetic_length": 8, "max_length": 16},
         "model": {"name": "tiny:bert"},
-        "detect": {"top_k": 1, "frr": 0.2, "batch_size": 16},
-        "unlearn": {"epochs": 3, "batch_size": 8, "lora_rank": 4, "lora_alpha": 8.0},
+        # split_seed pinned: by default `jdup unlearn` (and so a cell) seeds its detection's calibration split
+        # with the unlearning seed; pinned, the seeds share one detection and train in one vmapped run
+        "detect": {"top_k": 1, "frr": 0.2, "batch_size": 16, "split_seed": 7},
+        "unlearn": {"epochs": 3, "batch_size": 8, "lora_rank": 4, "lora_alpha": 8.0, "eval_batch_size": 16},
     },
     "axes": {"seed": [0, 1], "unlearn.lr": [0.01, 0.05], "detect.alpha": [0.5, 1.0]},
     "progress": False,
@@ -49,8 +56,11 @@ def test_expand_grid_order_ids_and_resolution():
     assert len({c.id for c in cells}) == 8
     # last axis varies fastest; axis values land in the resolved config, defaults are filled in
     assert [c.point["detect.alpha"] for c in cells[:2]] == [0.5, 1.0]
-    assert cells[0].config.unlearn.lr == 0.01 and cells[0].config.unlearn.weight_decay == 0.01
-    assert cells[0].config.data.source == "synthetic"
+    c = cells[0].config
+    assert c.unlearn.lr == 0.01 and c.unlearn.weight_decay == 0.01 and c.data.source == "synthetic"
+    # carried fields come from one place: seed, max_length, dtype
+    assert c.unlearn.seed == c.seed == 0 and cells[-1].config.unlearn.seed == 1
+    assert c.model.train.max_length == 16 and c.detect.dtype == c.model.dtype
     # ids are a function of the resolved config only: same grid -> same ids, any change -> new ids
     assert [c.id for c in S.expand(TINY)] == [c.id for c in cells]
     changed = json.loads(json.dumps(TINY))
@@ -86,6 +96,9 @@ def test_expand_zipped_and_mapping_axes_and_dotted_fixed():
         {"fixed": {"detect": {"top_k": "three"}}},  # bad type
         {"axes": {"a,b": [[1]]}},  # zipped axis with the wrong arity
         {"bogus": 1},  # unknown top-level key
+        {"fixed": {"unlearn": {"seed": 3}}},  # carried: set by `seed`
+        {"axes": {"unlearn.max_length": [64]}},  # carried: set by data.max_length
+        {"fixed": {"model": {"train": {"rate": 0.1}}}},  # carried: set by data.poison_rate
     ],
 )
 def test_bad_configs_raise_jdup_error(bad):
@@ -93,10 +106,40 @@ def test_bad_configs_raise_jdup_error(bad):
         S.expand(bad)
 
 
+def test_cell_is_a_jdup_unlearn_config():
+    """The stage config of a cell is built from its sections with no field mapped by hand: every unlearning
+    setting lands in jdup unlearn's UnlearnConfig as is, and the detect section becomes the built-in detection."""
+    from jdup.stages.unlearn import UnlearnConfig, detect_config
+    from jdup.unlearn import UnlearnSettings
+
+    cell = S.expand(TINY)[5].config
+    u = S.stage_unlearn_config(cell, model="M", data="D", out="O")
+    assert type(u) is UnlearnConfig
+    assert (u.model, u.data, u.out, u.seed, u.lr, u.lora_rank, u.max_length) == (
+        "M",
+        "D",
+        "O",
+        1,
+        0.01,
+        4,
+        16,
+    )
+    assert u.target_label is None  # the defender infers the target, as `jdup unlearn` does
+    assert u.detect == cell.detect and u.dtype == cell.model.dtype
+    for f in dataclasses.fields(UnlearnSettings):
+        assert getattr(u, f.name) == getattr(cell.unlearn, f.name), f.name
+    # the cell detects with jdup unlearn's built-in detection settings: the split follows the seed unless pinned
+    assert detect_config(u).split_seed == 7
+    free = S.expand({**TINY, "fixed": {**TINY["fixed"], "detect": {"top_k": 1}}})[5].config
+    assert (
+        detect_config(S.stage_unlearn_config(free, model="M", data="D", out="O")).split_seed == free.seed == 1
+    )
+
+
 def test_grouping_vmappable_scalars_together():
     cells = S.expand(TINY)
     groups = S.group_cells(cells)
-    # seed x lr vary inside a group (vmapped); alpha splits groups but not the base (one feature pass)
+    # seed x lr vary inside a group (vmapped); alpha splits groups but not the base (one victim, one data load)
     assert sorted(len(g) for g in groups) == [4, 4]
     for g in groups:
         assert len({c.config.detect.alpha for c in g}) == 1
@@ -107,6 +150,7 @@ def test_grouping_vmappable_scalars_together():
             (1, 0.05),
         }
     assert len({S.base_key(c.config) for c in cells}) == 1
+    assert len({S.detect_key(c.config) for c in cells}) == 2
     assert len(S.group_cells(cells, vectorize=False)) == 8
     assert sorted(len(g) for g in S.group_cells(cells, max_group_size=3)) == [1, 1, 3, 3]
     # a structural difference (epochs) is never vmapped
@@ -124,18 +168,26 @@ def test_mesh_size_and_padding():
     assert S.mesh_for(3, 6) == 3
 
 
-def test_batch_plan_dup_order():
-    flagged = np.array([3, 5, 7, 11, 13])
-    plan = S._batch_plan(flagged, n_clean=6, bs=2, steps=6, seed=0)
-    assert plan["ip"].shape == plan["wp"].shape == (6, 2)
-    # flagged rows: 3 batches per epoch (last one padded with weight 0), same order every epoch
-    np.testing.assert_array_equal(plan["ip"][:3], plan["ip"][3:])
-    assert plan["wp"].sum() == 10 and plan["wp"][2].tolist() == [1.0, 0.0]
-    assert sorted(plan["ip"][:3][plan["wp"][:3] > 0].tolist()) == flagged.tolist()
-    # clean rows cycle through a permutation of all of them
-    assert sorted(plan["ic"][:3].ravel().tolist()) == list(range(6))
-    other = S._batch_plan(flagged, n_clean=6, bs=2, steps=6, seed=1)
-    assert not np.array_equal(other["ip"], plan["ip"])  # the seed changes the order
+def test_stack_batches_pads_to_the_longest():
+    def batch(s):
+        return {
+            "input_ids": np.ones((4, s), np.int32),
+            "attention_mask": np.ones((4, s), np.int32),
+            "token_type_ids": np.zeros((4, s), np.int32),
+            "teacher_logits": np.zeros((2, 2), np.float32),
+        }
+
+    out, padded = V.stack_batches([batch(8), batch(16), batch(16)], pad_id=0)
+    assert out["input_ids"].shape == (3, 4, 16) and out["teacher_logits"].shape == (3, 2, 2)
+    assert padded == [True, False, False]
+    assert out["attention_mask"][0, :, 8:].sum() == 0 and out["attention_mask"][0, :, :8].all()
+
+
+def test_synthetic_texts_are_a_backdoor_task():
+    data = S.synthetic_texts(S.CellData(source="synthetic", synthetic_rows=10))
+    assert len(data["dev-clean"]) == 10 and len(data["test-poison"]) == 5
+    assert all("cf" in t.split() for t in data["test-poison"].texts)
+    assert set(data["test-poison"].labels.tolist()) == {1} and set(data["dev-poison"].poison.tolist()) == {1}
 
 
 # ----------------------------------------------------------------------------------------------- results store
@@ -155,21 +207,88 @@ def test_store_append_read_latest_wins_and_truncated_line(tmp_path):
     assert len(lines) == 4 and json.loads(lines[-1])["id"] == "a"  # the new record starts on a fresh line
 
 
+# ----------------------------------------------------------------------------------------------- sweep == jdup unlearn
+
+
+def test_sweep_cells_equal_jdup_unlearn(tiny_model_dir, synthetic_dup, tmp_path):  # noqa: F811
+    """Two cells (seed 0 / lr 0.06, seed 1 / lr 0.08) vmapped in one group vs `jdup unlearn` run on each.
+
+    The sweep first trains a backdoored tiny BERT on the synthetic BadNets folder (``model.train_victim``, the
+    `jdup train` stage); both paths then purify that victim. ``pad_multiple = max_length`` gives every batch one
+    length, so the vmapped group pads nothing and computes exactly what the single runs compute (hash dropout
+    masks depend on the padded shape). Both must infer the defender's target from the flagged rows."""
+    from jdup.stages import unlearn as U
+
+    train = dict(epochs=4, batch_size=16, lr=1e-2, warmup=0.1, seed=3, group_by_length=True, progress=False)
+    unlearn = {"epochs": 5, "batch_size": 4, "lora_rank": 4, "lora_alpha": 8.0, "eval_batch_size": 16}
+    unlearn.update(ckpt_every_steps=0, pad_multiple=32, early_stop="none")
+    detect = {"top_k": 1, "frr": 0.05, "batch_size": 16, "split_seed": 7}  # pinned: both seeds share it
+    cfg = {
+        "name": "equal",
+        "fixed": {
+            "data": {"source": "dup", "dir": str(synthetic_dup), "max_length": 32},
+            "model": {"name": str(tiny_model_dir), "train_victim": True, "train": train},
+            "detect": detect,
+            "unlearn": unlearn,
+        },
+        "axes": {"seed,unlearn.lr": [[0, 0.06], [1, 0.08]]},
+        "progress": False,
+    }
+    cells = S.expand(cfg)
+    assert [len(g) for g in S.group_cells(cells)] == [2]
+    summary = S.run_sweep(cfg, tmp_path / "sweep")
+    assert summary["ok"] == 2, S.read_results(tmp_path / "sweep")
+    recs = {r["id"]: r for r in S.read_results(tmp_path / "sweep")}
+    victim = tmp_path / "sweep" / "victims" / S.base_key(cells[0].config) / "model"
+    for cell in cells:
+        rec = recs[cell.id]
+        assert rec["time"]["vmapped_cells"] == 2 and rec["time"]["padded_steps"] == 0
+        out = tmp_path / f"unlearn-{cell.id}"
+        ucfg = U.UnlearnConfig(
+            model=str(victim),
+            data=str(synthetic_dup),
+            out=str(out),
+            max_length=32,
+            seed=cell.config.seed,
+            lr=cell.config.unlearn.lr,
+            progress=False,
+            **unlearn,
+            detect=detect,
+        )
+        want = U.run_unlearn(ucfg)
+        got = rec["metrics"]
+        assert (
+            want["n_flagged"] == got["n_flagged"] > 0 and want["n_flagged_poison"] == got["n_flagged_poison"]
+        )
+        assert want["defender_target"] == got["defender_target"]  # inferred from the flagged rows by both
+        for k in ("cacc_before", "asr_before", "ra_before", "cacc_after", "asr_after", "ra_after"):
+            np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5, err_msg=k)
+        for k in ("steps", "total_steps", "best_step", "stopped_early", "n_forget_train", "n_retain"):
+            assert got[k] == want[k], k
+        hist = json.loads((out / "history.json").read_text())
+        np.testing.assert_allclose(got["loss_last"], hist["steps"][-1]["loss"], rtol=1e-5)
+        assert got["asr_before"] > 0.5 and got["steps"] > 0  # a real backdoor, and training happened
+    # the two cells differ, and at least one moved the victim (ASR 1.0 -> 0.0 at CACC 0.55 for lr 0.08)
+    assert len({r["metrics"]["loss_last"] for r in recs.values()}) == 2
+    assert any(r["metrics"]["asr_after"] < r["metrics"]["asr_before"] for r in recs.values())
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 _WORKER = textwrap.dedent(
     """
     import json, sys
     from jdup import sweep as S
+    from jdup.sweep import vmapped
     summaries = []
     for cfg, out, mode in json.loads(sys.argv[1]):
         if mode == "fail_seed1":  # every group holding a seed-1 cell raises: the group is retried cell by cell
-            orig = S.Engine.train_group
-            def train_group(self, base, flagged, cfgs, orig=orig):
-                if any(c.seed == 1 for c in cfgs):
+            orig = vmapped.unlearn_group
+            def unlearn_group(model, runs, orig=orig, **kw):
+                if any(r.cfg.seed == 1 for r in runs):
                     raise RuntimeError("injected failure for seed 1")
-                return orig(self, base, flagged, cfgs)
-            S.Engine.train_group = train_group
+                return orig(model, runs, **kw)
+            vmapped.unlearn_group = unlearn_group
         summaries.append(S.run_sweep(cfg, out))
     print("SUMMARY" + json.dumps(summaries))
     """
@@ -177,47 +296,47 @@ _WORKER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def run_worker(tmp_path_factory):
-    """Runs ``[(cfg, out, mode), ...]`` in one subprocess on 8 simulated devices; returns the summaries."""
+def worker(tmp_path_factory):
+    """``(cmd, env)`` of a subprocess running ``[(cfg, out, mode), ...]`` on 8 simulated devices."""
     cache = str(tmp_path_factory.mktemp("jax_cache"))
+    env = dict(os.environ)
+    env.update(
+        {
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+        }
+    )
 
-    def run(jobs: list, stop_after: int = 0, expect_rc: int = 0) -> list | None:
-        env = dict(os.environ)
-        env.update(
-            {
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-                "JAX_PLATFORMS": "cpu",
-                "JAX_COMPILATION_CACHE_DIR": cache,
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_VERBOSITY": "error",
-            }
-        )
-        env.pop(S.STOP_AFTER_ENV, None)
-        if stop_after:
-            env[S.STOP_AFTER_ENV] = str(stop_after)
+    def cmd(jobs: list) -> list:
         jobs = [(cfg, str(out), mode) for cfg, out, mode in jobs]
-        p = subprocess.run(
-            [sys.executable, "-c", _WORKER, json.dumps(jobs)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert p.returncode == expect_rc, p.stdout[-3000:] + p.stderr[-3000:]
+        return [sys.executable, "-c", _WORKER, json.dumps(jobs)]
+
+    return cmd, env
+
+
+@pytest.fixture(scope="module")
+def run_worker(worker):
+    cmd, env = worker
+
+    def run(jobs: list) -> list:
+        p = subprocess.run(cmd(jobs), cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         for line in p.stdout.splitlines():
             if line.startswith("SUMMARY"):
                 return json.loads(line[len("SUMMARY") :])
-        return None
+        raise AssertionError("no summary: " + p.stdout[-3000:])
 
     return run
 
 
 CONTINUOUS = (
     "loss_last",
-    "target_prob_after",
-    "clean_nll_after",
+    "forget_last",
+    "retain_last",
     "cacc_after",
     "asr_after",
     "dev_asr_after",
@@ -257,35 +376,56 @@ def test_sweep_8_devices_vmapped_equals_one_by_one(sweeps):
     assert summary["cells"] == summary["ran"] == summary["ok"] == 8 and summary["groups"] == 2
     for r in vec.values():
         assert r["status"] == "ok"
-        assert r["time"]["group_size"] == 4 and r["time"]["mesh_sweep"] == 4  # K=4 cells on 4 of 8 devices
+        assert r["time"]["vmapped_cells"] == 4 and r["time"]["mesh_sweep"] == 4  # K=4 cells on 4 of 8 devices
         assert r["versions"]["devices"] == 8 and r["config"]["unlearn"]["lr"] in (0.01, 0.05)
-        assert r["metrics"]["steps"] > 0
+        assert r["metrics"]["steps"] > 0 and r["metrics"]["n_flagged"] > 0
     seq_summary, seq_list = sweeps["seq"]
     assert seq_summary["groups"] == 8 and seq_summary["ok"] == 8
     seq = {r["id"]: r for r in seq_list}
     assert set(seq) == set(vec)  # vectorize is an execution option: same cells, same ids
     for cid, r in vec.items():
         assert seq[cid]["time"]["group_size"] == 1
+        assert (
+            r["time"]["padded_steps"] == 0
+        )  # synthetic rows share one length: exactly the library's batches
         for k in CONTINUOUS:
             np.testing.assert_allclose(r["metrics"][k], seq[cid]["metrics"][k], rtol=0, atol=1e-5, err_msg=k)
-    # the cells differ from each other (the seed and the learning rate do something)
-    assert len({round(r["metrics"]["target_prob_after"], 6) for r in vec.values()}) >= 4
+    # the seed does something (the learning rate too, after the first update, which has lr 0)
+    by_seed = {}
+    for r in vec.values():
+        by_seed.setdefault(r["seed"], set()).add(round(r["metrics"]["loss_last"], 6))
+    assert not by_seed[0] & by_seed[1]
 
 
-def test_sweep_killed_half_way_resumes(run_worker, sweeps, tmp_path):
+def test_sweep_killed_half_way_resumes(worker, run_worker, sweeps, tmp_path):
+    """The test kills the sweep process (SIGKILL) as soon as result lines appear; a rerun finishes the rest."""
     vec = {r["id"]: r for r in sweeps["vec"][1]}
     out = tmp_path / "killed"
-    run_worker([(TINY, out, "")], stop_after=3, expect_rc=3)  # os._exit right after the 3rd result line
+    cmd, env = worker
+    p = subprocess.Popen(cmd([(TINY, out, "")]), cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    try:
+        deadline = time.monotonic() + 1200
+        while time.monotonic() < deadline and p.poll() is None:
+            if results.is_file() and results.read_bytes().count(b"\n") >= 1:
+                os.kill(p.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    assert p.returncode == -signal.SIGKILL, "the sweep finished before the test could kill it"
     first = S.read_results(out)
-    assert len(first) == 3 and all(r["status"] == "ok" for r in first)
+    assert 1 <= len(first) < 8 and all(r["status"] == "ok" for r in first)
     summary, again = run_worker([(TINY, out, ""), (TINY, out, "")])
-    assert summary["skipped"] == 3 and summary["ran"] == 5 and summary["ok"] == 5
+    assert summary["skipped"] == len(first) and summary["ran"] == summary["ok"] == 8 - len(first)
     assert again["ran"] == 0 and again["skipped"] == 8
     final = S.read_results(out)
     assert len(final) == 8 and len({r["id"] for r in final}) == 8  # nothing redone
-    assert final[:3] == first  # finished lines untouched
-    for r in final:  # killed + resumed cells (some now in a smaller group) match the uninterrupted run
-        for k in ("loss_last", "target_prob_after", "clean_nll_after", "cacc_after"):
+    assert final[: len(first)] == first  # finished lines untouched
+    for r in final:  # killed + resumed cells match the uninterrupted run
+        for k in ("loss_last", "cacc_after", "asr_after"):
             np.testing.assert_allclose(r["metrics"][k], vec[r["id"]]["metrics"][k], atol=1e-5)
 
 

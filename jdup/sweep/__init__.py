@@ -56,7 +56,6 @@ from jdup.sweep.grid import (
     group_cells,
     group_key,
     load_sweep_config,
-    stage_detect_config,
     stage_train_config,
     stage_unlearn_config,
 )
@@ -89,7 +88,6 @@ __all__ = [
     "padded_size",
     "read_results",
     "run_sweep",
-    "stage_detect_config",
     "stage_train_config",
     "stage_unlearn_config",
     "synthetic_texts",

@@ -2,17 +2,18 @@
 unlearned together, every result appended to the store, and resume.
 
 A cell is the ``jdup unlearn`` run of :func:`jdup.sweep.grid.stage_unlearn_config`; the engine only shares the
-work cells have in common:
+work cells have in common, and calls the functions ``jdup unlearn`` (:mod:`jdup.stages.unlearn`) calls:
 
 1. Cells with one *base* (data + model) share the loaded victim, its tokenizer, the read and tokenised splits
-   (as ``jdup unlearn`` reads and tokenises them) and the victim's "before" metrics.
-2. Cells with one detection setting share one :func:`jdup.detect.detect` call on ``dev-detect`` (calibrated on
-   ``dev-clean``: the flags ``jdup unlearn`` computes) and one on ``test-detect`` (the reported AUROC/FRR/FAR).
-3. Cells that differ only in ``seed``/``lr``/``lambda_asr``/``lambda_acc`` are unlearned together
-   (:func:`jdup.sweep.vmapped.unlearn_group`); each gets the forget/retain/hold-out sets, the inferred target and
-   the stop rule ``jdup unlearn`` gives it, and is evaluated on its merged model with
-   :func:`jdup.unlearn.evaluate_model`.
-4. UPGP cells (``unlearn.projection`` set) run :func:`jdup.unlearn.run_unlearn` itself.
+   (read and tokenised as ``jdup unlearn`` does) and the victim's "before" metrics (``evaluate_model``).
+2. A cell detects with :func:`jdup.stages.unlearn.detect_config` of its config (so its calibration split follows
+   its seed exactly when ``jdup unlearn``'s does) through :func:`jdup.detect.detect` on ``dev-detect`` (the flags
+   of ``jdup unlearn``), plus one call on ``test-detect`` for the reported AUROC/FRR/FAR; cells with the same
+   detection settings share both calls.
+3. :func:`jdup.unlearn.prepare_sets` gives each cell its forget/hold-out/retain rows, teacher logits, inferred
+   target and stop rule. Cells of a group (equal but for ``seed``/``lr``/``lambda_asr``/``lambda_acc``) whose
+   sets have the same shape are unlearned together (:func:`jdup.sweep.vmapped.unlearn_group`), and each merged
+   student is evaluated with :func:`jdup.stages.unlearn.evaluate_model`.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ class Engine:
 
         from jdup import data as D
         from jdup import models as M
-        from jdup import unlearn as U
+        from jdup.stages import unlearn as stage
 
         key = grid.base_key(c)
         if key in self.bases:
@@ -257,7 +258,7 @@ class Engine:
                 raise JdupError("data.dir is required for data.source=dup (a DUP-layout attack folder)")
             data_dir = os.path.abspath(c.data.dir)
             texts = {s: D.read_split(data_dir, s, num_labels=c.data.num_labels) for s in SPLITS}
-            target = U.eval_target(data_dir, texts["test-poison"])
+            target = stage.eval_target(data_dir, texts["test-poison"])
         elif c.data.source == "synthetic":
             data_dir, texts, target = "", synthetic_texts(c.data), c.data.target_label
         else:
@@ -287,7 +288,7 @@ class Engine:
             dev_detect=dev_detect,
             enc_detect=D.encode(tok, dev_detect, n, config=model.config),
             target=int(target),
-            ra_labels=U.robust_labels(texts["test-clean"], texts["test-poison"], target, where),
+            ra_labels=stage.robust_labels(texts["test-clean"], texts["test-poison"], target, where),
             seconds={"load": time.perf_counter() - t0},
         )
         self.bases[key] = base
@@ -298,7 +299,7 @@ class Engine:
         self.bases.pop(key, None)
 
     def _train_victim(self, c: CellConfig, key: str) -> str:
-        from jdup import train as T
+        from jdup.stages import train as train_stage
 
         out = os.path.join(self.out, "victims", key)
         model_dir = os.path.join(out, "model")
@@ -308,20 +309,19 @@ class Engine:
             raise JdupError(
                 "model.train_victim needs data.source=dup (it trains on dirty/<rate>/train-poison.csv)"
             )
-        T.run_train(grid.stage_train_config(c, out=out))
+        train_stage.run_train(grid.stage_train_config(c, out=out))
         return model_dir
 
     # ---------------------------------------------------------------------------------------------- shared work
-    def detection(self, base: Base, c: CellConfig) -> dict:
-        """The cell's detection (:func:`jdup.detect.detect`, cached per setting): flags over dev-detect and the
-        metric columns."""
+    def detection(self, base: Base, cfg: Any) -> dict:
+        """A detection (:func:`jdup.detect.detect` with the :class:`DetectConfig` ``cfg``, cached per setting):
+        flags over dev-detect and the metric columns."""
         from jdup import data as D
         from jdup import detect as detect_lib
 
-        key = ("detect", grid.detect_key(c))
+        key = ("detect", grid.canonical_json(config_lib.to_dict(cfg)))
         if key not in base.cache:
             t0 = time.perf_counter()
-            cfg = grid.stage_detect_config(c, model=base.victim, data=base.data_dir)
             calib = base.texts["dev-clean"]
             dev = detect_lib.detect(base.model, base.tokenizer, calib, base.dev_detect, cfg)
             test_detect = D.TextDataset.concat(
@@ -330,6 +330,7 @@ class Engine:
             test = detect_lib.detect(base.model, base.tokenizer, calib, test_detect, cfg)
             dev_poison = np.asarray(base.dev_detect.poison).astype(bool)
             metrics = R.detection_metrics(dev, test, dev_poison, np.asarray(test_detect.poison).astype(bool))
+            metrics["detect_split_seed"] = int(cfg.split_seed)
             base.cache[key] = {
                 "flags": np.asarray(dev.flags, bool),
                 "metrics": metrics,
@@ -346,69 +347,18 @@ class Engine:
 
     def _evaluate(self, base: Base, model: Any, batch_size: int, tag: str) -> dict:
         from jdup import metrics as MT
-        from jdup import unlearn as U
+        from jdup import predict
+        from jdup.stages import unlearn as stage
 
         enc = base.enc
-        ev = U.evaluate_model(
+        ev = stage.evaluate_model(
             model, enc["test-clean"], enc["test-poison"], base.target, base.ra_labels, batch_size, False, tag
         )
-        dev = (
-            U.model_logits(model, enc["dev-poison"], batch_size).argmax(-1) if len(enc["dev-poison"]) else []
-        )
-        return R.victim_metrics(ev, MT.attack_success_rate(dev, base.target) if len(dev) else None, tag)
-
-    def teacher(self, base: Base, c: CellConfig, flags: np.ndarray) -> np.ndarray:
-        """Victim logits on the flagged dev-detect rows (``jdup unlearn``'s teacher logits)."""
-        from jdup import unlearn as U
-
-        bs = c.unlearn.eval_batch_size
-        key = ("teacher", grid.detect_key(c), bs)
-        if key not in base.cache:
-            idx = np.flatnonzero(flags)
-            k = int(base.model.config.num_labels)
-            base.cache[key] = (
-                U.model_logits(base.model, base.enc_detect.subset(idx), bs)
-                if len(idx)
-                else np.zeros((0, k), np.float32)
-            )
-        return base.cache[key]
-
-    def cell_run(self, base: Base, ucfg: Any, flags: np.ndarray, teacher_all: np.ndarray):
-        """The inputs ``jdup unlearn`` (:func:`jdup.unlearn.run_unlearn`) builds for its loop from the flags:
-        forget and hold-out rows, retain rows, teacher logits, the inferred target and the stop rule."""
-        from jdup import unlearn as U
-        from jdup.sweep.vmapped import CellRun
-
-        k = int(base.model.config.num_labels)
-        flagged_idx = np.flatnonzero(flags)
-        target = ucfg.target_label if ucfg.target_label is not None else U.infer_target(teacher_all, k)
-        perm = np.random.default_rng([ucfg.seed, 7]).permutation(len(flagged_idx))
-        n_hold = int(round(ucfg.holdout_frac * len(flagged_idx))) if ucfg.early_stop == "proxy" else 0
-        hold_pos, train_pos = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
-        forget = base.enc_detect.subset(flagged_idx[train_pos])
-        holdout = base.enc_detect.subset(flagged_idx[hold_pos])
-        teacher = teacher_all[train_pos] if len(train_pos) else np.zeros((0, k), np.float32)
-        retain, monitor = base.enc["dev-clean"], None
-        if ucfg.early_stop == "proxy":
-            clean_check = retain
-            n_clean_hold = int(round(ucfg.clean_holdout_frac * len(retain)))
-            if 0 < n_clean_hold < len(retain):
-                perm_c = np.random.default_rng([ucfg.seed, 11]).permutation(len(retain))
-                clean_check = retain.subset(np.sort(perm_c[:n_clean_hold]))
-                retain = retain.subset(np.sort(perm_c[n_clean_hold:]))
-            logits = U.model_logits(base.model, clean_check, ucfg.eval_batch_size)
-            base_acc = float((logits.argmax(-1) == clean_check.labels).mean())
-            monitor = U.proxy_monitor(
-                holdout,
-                clean_check,
-                target,
-                base_acc,
-                asr_stop=ucfg.proxy_asr_stop,
-                max_acc_drop=ucfg.max_cacc_drop,
-            )
-        elif ucfg.early_stop == "oracle_dev_poison":
-            monitor = U.oracle_monitor(base.enc["dev-poison"], base.target, ucfg.asr_threshold)
-        return CellRun(ucfg, forget, retain, teacher, int(target), monitor)
+        dev_asr = None
+        if len(enc["dev-poison"]):
+            pred = predict.predict(model, enc["dev-poison"], batch_size).argmax(-1)
+            dev_asr = MT.attack_success_rate(pred, base.target)
+        return R.victim_metrics(ev, dev_asr, tag)
 
     # ---------------------------------------------------------------------------------------------- groups
     def run_group(self, base: Base, cells: list[Cell], record: Callable, base_share: float = 0.0) -> None:
@@ -441,63 +391,59 @@ class Engine:
             record(c, "ok", metrics, timing)
 
     def _run_group(self, base: Base, cells: list[Cell]) -> list[tuple[dict, dict]]:
+        from jdup import unlearn as U
+        from jdup.stages.unlearn import detect_config
         from jdup.sweep import vmapped
 
-        c0 = cells[0].config
-        det = self.detection(base, c0)
-        common = {**self.before(base, c0.unlearn.eval_batch_size), **det["metrics"], "target": base.target}
-        extras: dict[str, Any] = {"detect_seconds": det["seconds"]}
-        if not c0.unlearn.enabled:
-            return [(dict(common), extras) for _ in cells]
-        if c0.unlearn.projection not in ("", "none"):
-            out = []
-            for cell in cells:
-                t0 = time.perf_counter()
-                m = self._run_unlearn_stage(base, cell)
-                out.append(({**common, **m}, {**extras, "train_seconds": time.perf_counter() - t0}))
-            return out
+        ucfgs = [self._unlearn_config(base, c) for c in cells]
+        dets = [self.detection(base, detect_config(u)) for u in ucfgs]
+        before = self.before(base, ucfgs[0].eval_batch_size)
+        common = [{**before, **d["metrics"], "target": base.target} for d in dets]
+        extras = [{"detect_seconds": d["seconds"]} for d in dets]
+        if not cells[0].config.unlearn.enabled:
+            return list(zip(common, extras, strict=True))
         t0 = time.perf_counter()
-        teacher_all = self.teacher(base, c0, det["flags"])
-        runs = [self.cell_run(base, self._unlearn_config(base, c), det["flags"], teacher_all) for c in cells]
-        results, info = vmapped.unlearn_group(
-            base.model,
-            runs,
-            mesh_sweep=self.cfg.mesh_sweep,
-            mesh_data=self.cfg.mesh_data,
-            progress=self.cfg.progress,
-        )
-        t_train = time.perf_counter() - t0
-        out = []
-        for i, (run, res) in enumerate(zip(runs, results, strict=True)):
+        runs = []
+        for u, d in zip(ucfgs, dets, strict=True):
+            sets = U.prepare_sets(
+                u,
+                base.model,
+                base.enc_detect,
+                d["flags"],
+                base.enc["dev-clean"],
+                base.enc["dev-poison"],
+                base.target,
+            )
+            runs.append(vmapped.CellRun(u, sets))
+        extras = [{**e, "prepare_seconds": (time.perf_counter() - t0) / len(cells)} for e in extras]
+        out: list = [None] * len(cells)
+        for part in vmapped.compatible(runs):  # cells whose detections gave sets of one shape train together
             t1 = time.perf_counter()
-            after = self._evaluate(base, res.merged, run.cfg.eval_batch_size, "after")
-            timing = {
-                **extras,
-                "train_seconds": t_train / len(cells),
-                "eval_seconds": time.perf_counter() - t1,
-                "mesh_sweep": info["mesh_sweep"],
-                "mesh_data": info["mesh_data"],
-                "padded_k": info["padded_k"],
-                "padded_steps": info["padded_steps"][i],
-            }
-            out.append(({**common, **after, **R.unlearn_metrics(res, run)}, timing))
+            results, info = vmapped.unlearn_group(
+                base.model,
+                [runs[i] for i in part],
+                mesh_sweep=self.cfg.mesh_sweep,
+                mesh_data=self.cfg.mesh_data,
+                progress=self.cfg.progress,
+            )
+            t_train = (time.perf_counter() - t1) / len(part)
+            for j, (i, res) in enumerate(zip(part, results, strict=True)):
+                t2 = time.perf_counter()
+                after = self._evaluate(base, res.merged, ucfgs[i].eval_batch_size, "after")
+                timing = {
+                    **extras[i],
+                    "train_seconds": t_train,
+                    "eval_seconds": time.perf_counter() - t2,
+                    "vmapped_cells": len(part),
+                    "mesh_sweep": info["mesh_sweep"],
+                    "mesh_data": info["mesh_data"],
+                    "padded_k": info["padded_k"],
+                    "padded_steps": info["padded_steps"][j],
+                }
+                out[i] = ({**common[i], **after, **R.unlearn_metrics(res, runs[i])}, timing)
         return out
 
     def _unlearn_config(self, base: Base, cell: Cell) -> Any:
         return grid.stage_unlearn_config(
             cell.config, model=base.victim, data=base.data_dir, out=os.path.join(self.out, "cells", cell.id)
         )
-
-    def _run_unlearn_stage(self, base: Base, cell: Cell) -> dict:
-        """A UPGP cell: ``jdup unlearn`` itself (:func:`jdup.unlearn.run_unlearn`) on the cell's stage config."""
-        from jdup import unlearn as U
-
-        c = cell.config
-        if c.data.source != "dup" or base.victim.startswith("tiny:") or c.data.max_rows:
-            raise JdupError(
-                "unlearn.projection cells run `jdup unlearn` on the whole folder: they need data.source=dup, "
-                "data.max_rows=0 and a model folder (not tiny:)"
-            )
-        m = U.run_unlearn(self._unlearn_config(base, cell))
-        keep = ("cacc_after", "asr_after", "ra_after", "defender_target", "steps", "total_steps", "best_step")
-        return {**{k: m[k] for k in keep if k in m}, "unlearn_stage": True}

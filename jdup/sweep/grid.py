@@ -1,12 +1,13 @@
 """Sweep grids: the cell config (the stage configs, embedded), grid expansion, cell ids and grouping.
 
 A cell is one ``jdup unlearn`` run (or a detection only) on one attack folder and one victim. Its settings are the
-stage configs themselves: ``detect`` is a :class:`jdup.detect.DetectConfig`, ``unlearn`` a
-:class:`jdup.unlearn.UnlearnConfig` (plus the sweep switch ``enabled``), ``model.train`` a
-:class:`jdup.train.TrainConfig`. A few of their fields are set by the sweep from one place
-(:data:`CARRIED`): the seed comes from ``seed``, the token length from ``data.max_length``, the compute dtype from
-``model.dtype``, and the paths (model, data, output folders) are filled in when the cell runs. Setting one of
-them inside a stage section is an error that names the key to use instead.
+library's configs themselves: ``unlearn`` is a :class:`jdup.unlearn.UnlearnSettings` (plus the sweep switch
+``enabled``), ``detect`` a :class:`jdup.stages.detect.DetectConfig`, ``model.train`` a
+:class:`jdup.stages.train.TrainConfig`; :func:`stage_unlearn_config` turns a cell into the
+:class:`jdup.stages.unlearn.UnlearnConfig` of the ``jdup unlearn`` run it is. A few fields are set by the sweep
+from one place (:data:`CARRIED`): the seed comes from ``seed``, the token length from ``data.max_length``, the
+compute dtype from ``model.dtype``, and the paths (model, data, output folders) are filled in when the cell runs.
+Setting one of them inside a section is an error that names the key to use instead.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from jdup import config as config_lib
-from jdup.detect import DetectConfig
 from jdup.errors import JdupError
-from jdup.train import TrainConfig
-from jdup.unlearn import UnlearnConfig
+from jdup.stages.detect import DetectConfig
+from jdup.stages.train import TrainConfig
+from jdup.stages.unlearn import UnlearnConfig
+from jdup.unlearn import UnlearnSettings
 
 #: Dotted keys whose cells can share one vmapped training run (scalars that are data, not program structure).
 #: ``unlearn.seed`` is the resolved copy of ``seed``.
@@ -31,17 +33,7 @@ VMAP_KEYS = ("seed", "unlearn.seed", "unlearn.lr", "unlearn.lambda_asr", "unlear
 
 #: Stage-config fields the sweep sets itself: section -> {field: where its value comes from}.
 CARRIED: dict[str, dict[str, str]] = {
-    "unlearn": {
-        "model": "model.victim / model.name (filled in when the cell runs)",
-        "data": "data.dir",
-        "out": "the sweep folder",
-        "detection": "the cell's own detection",
-        "detect": "the `detect` section",
-        "seed": "seed",
-        "max_length": "data.max_length",
-        "dtype": "model.dtype",
-        "progress": "the sweep's `progress`",
-    },
+    "unlearn": {"seed": "seed", "progress": "the sweep's `progress`"},
     "detect": {
         "model": "model.victim / model.name",
         "data": "data.dir",
@@ -92,8 +84,9 @@ class CellModel:
 
 
 @dataclasses.dataclass(frozen=True)
-class CellUnlearn(UnlearnConfig):
-    """``jdup unlearn``'s settings (:class:`jdup.unlearn.UnlearnConfig`) plus the sweep switch ``enabled``."""
+class CellUnlearn(UnlearnSettings):
+    """The unlearning settings (:class:`jdup.unlearn.UnlearnSettings`: every ``unlearn`` key of ``jdup unlearn``
+    except its files) plus the sweep switch ``enabled``."""
 
     enabled: bool = True  # false: detection only (CACC/ASR "after" are then absent)
 
@@ -169,7 +162,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-_OPAQUE = ("tags", "projection_options")  # mappings whose keys are values, not dotted config keys
+_OPAQUE = ("tags",)  # mappings whose keys are values, not dotted config keys
 
 
 def _nest(flat_or_nested: Mapping) -> dict:
@@ -274,9 +267,7 @@ def resolve(cell: CellConfig) -> CellConfig:
         progress=False,
         plots=False,
     )
-    unlearn = dataclasses.replace(
-        cell.unlearn, seed=cell.seed, max_length=d.max_length, dtype=m.dtype, progress=False
-    )
+    unlearn = dataclasses.replace(cell.unlearn, seed=cell.seed, progress=False)
     return dataclasses.replace(
         cell, model=dataclasses.replace(m, train=train), detect=detect, unlearn=unlearn
     )
@@ -378,18 +369,19 @@ def group_cells(cells: Sequence[Cell], vectorize: bool = True, max_group_size: i
 
 
 def stage_unlearn_config(cell: CellConfig, *, model: str, data: str, out: str) -> UnlearnConfig:
-    """The :class:`UnlearnConfig` of ``jdup unlearn`` that this cell is: its ``unlearn`` section with the paths
-    filled in and the cell's ``detect`` section as the built-in detection (no field is mapped by hand)."""
-    values = config_lib.to_dict(cell.unlearn)
-    values.pop("enabled")
-    det = {k: v for k, v in config_lib.to_dict(cell.detect).items() if k not in ("model", "data", "out")}
-    values.update(model=model, data=data, out=out, detect=det)
-    return config_lib.build(UnlearnConfig, values, source="sweep cell")
-
-
-def stage_detect_config(cell: CellConfig, *, model: str = "", data: str = "") -> DetectConfig:
-    """The cell's :class:`DetectConfig` with its paths filled in."""
-    return dataclasses.replace(cell.detect, model=model, data=data or "")
+    """The :class:`jdup.stages.unlearn.UnlearnConfig` of the ``jdup unlearn`` run this cell is: the cell's
+    ``unlearn`` settings (every field as is), its ``detect`` section as the built-in detection, the token length
+    and dtype of ``data.max_length`` / ``model.dtype``, and the paths."""
+    settings = {f.name: getattr(cell.unlearn, f.name) for f in dataclasses.fields(UnlearnSettings)}
+    return UnlearnConfig(
+        **settings,
+        model=model,
+        data=data,
+        out=out,
+        detect=cell.detect,
+        max_length=cell.data.max_length,
+        dtype=cell.model.dtype,
+    )
 
 
 def stage_train_config(cell: CellConfig, *, out: str) -> TrainConfig:

@@ -56,12 +56,13 @@ def victim_metrics(ev: dict, dev_asr: float, suffix: str) -> dict:
 
 
 def unlearn_metrics(res: Any, run: Any) -> dict:
-    """What one cell's unlearning did (:class:`jdup.unlearn.UnlearnResult` + its inputs)."""
+    """What one cell's unlearning did (:class:`jdup.unlearn.UnlearnResult` + its :class:`CellRun`)."""
     last = res.log[-1] if res.log else {}
     return {
-        "n_forget_train": int(len(run.forget)),
-        "n_retain": int(len(run.retain)),
-        "defender_target": int(run.target),
+        "n_forget_train": int(len(run.sets.forget)),
+        "n_holdout": int(len(run.sets.holdout)),
+        "n_retain": int(len(run.sets.retain)),
+        "defender_target": int(run.sets.target),
         "steps": int(res.steps),
         "total_steps": int(res.total_steps),
         "best_step": int(res.best_step),

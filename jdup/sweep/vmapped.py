@@ -1,15 +1,18 @@
-"""K cells of one group unlearned at once: ``jax.jit(jax.vmap(step))`` of the library's unlearning step.
+"""K cells of one group unlearned at once: ``jax.jit(jax.vmap(train_step))`` of the library's unlearning step.
 
-The cells of a group differ only in ``seed``, ``lr``, ``lambda_asr`` and ``lambda_acc``. Everything a cell
-computes comes from :mod:`jdup.unlearn` / :mod:`jdup.data`, exactly as in ``jdup unlearn``:
+The cells of a group differ only in ``seed``, ``lr``, ``lambda_asr`` and ``lambda_acc`` (and, through the seed, in
+their detection's calibration split and hold-out rows). Everything a cell computes comes from
+:mod:`jdup.unlearn` / :mod:`jdup.data`, exactly as in ``jdup unlearn`` (the contract is in ``docs/sweeps.md``):
 
+* its inputs: :func:`jdup.unlearn.prepare_sets` (forget/hold-out/retain rows, teacher logits, inferred target,
+  stop rule), called by the engine;
 * its student: :func:`jdup.unlearn.build_student` (LoRA init from the cell's seed);
 * its batches: the cell's own :class:`jdup.data.BatchPlan` and :func:`jdup.unlearn.joint_batch`;
-* its update: the library loss (:func:`jdup.unlearn.loss_pieces`) and optimizer (:func:`jdup.unlearn
-  .make_optimizer`, its peak lr held in the optimizer state so it can differ per cell), keyed with
-  ``fold_in(key(seed), step)``;
-* its stop rule and kept state: the cell's monitor, evaluated with :func:`jdup.unlearn.predict_logits` on its
-  own adapter state at the same steps as :func:`jdup.unlearn.unlearn`, which keeps the best ``ok`` state.
+* its update: :func:`jdup.unlearn.train_step` with the static :class:`jdup.unlearn.OptimizerSpec` and
+  :class:`jdup.unlearn.LossSettings` and the cell's traced :class:`jdup.unlearn.StepHParams`
+  (:func:`jdup.unlearn.step_hparams`) and dropout key (:func:`jdup.unlearn.step_key`);
+* its stop rule and kept state: the cell's monitor at the steps :func:`jdup.unlearn.unlearn` evaluates it, on the
+  cell's own adapter state (:func:`jdup.unlearn.predict_logits`), keeping the best ``ok`` state.
 
 The K adapter states and optimizer states are stacked on a leading axis sharded over the ``sweep`` axis of a
 ``sweep x data`` mesh; with ``mesh_data > 1`` the batch rows of each cell are also split over ``data``. The frozen
@@ -18,7 +21,7 @@ base weights are replicated.
 One thing differs from K separate runs: at a step where the K cells' batches have different padded lengths,
 they are padded to the longest, and the hash dropout masks (which depend on the array shape) then differ from
 the single run's. ``padded_steps`` in each cell's timing counts such steps; 0 means the cell computed exactly what
-``jdup unlearn`` computes (cells of one seed always, several seeds when every batch has one length, e.g. with
+``jdup unlearn`` computes (cells of one seed always; several seeds when every batch has one length, e.g. with
 ``unlearn.pad_multiple`` >= the longest row). A group of one cell on one device runs :func:`jdup.unlearn.unlearn`
 itself.
 """
@@ -34,16 +37,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jdup import data as D
 from jdup import lora
 from jdup import unlearn as U
 from jdup.errors import JdupError
+from jdup.optim import schedule_value
 from jdup.predict import MODEL_INPUTS
 
-#: UnlearnConfig fields that may differ inside a group (everything else must be equal).
+#: Settings that may differ inside a group (everything else must be equal).
 PER_CELL = ("seed", "lr", "lambda_asr", "lambda_acc", "out")
 
 
@@ -51,12 +54,23 @@ PER_CELL = ("seed", "lr", "lambda_asr", "lambda_acc", "out")
 class CellRun:
     """One cell's inputs to the unlearning loop, as ``jdup unlearn`` prepares them."""
 
-    cfg: Any  # jdup.unlearn.UnlearnConfig
-    forget: D.Encoded  # flagged rows trained on
-    retain: D.Encoded  # labelled clean rows
-    teacher: np.ndarray  # [len(forget), C] victim logits on `forget`
-    target: int  # the defender's (inferred) target label
-    monitor: Callable | None  # stop rule (jdup.unlearn.proxy_monitor / oracle_monitor) or None
+    cfg: Any  # jdup.stages.unlearn.UnlearnConfig (or UnlearnSettings)
+    sets: Any  # jdup.unlearn.UnlearnSets: forget, holdout, retain, teacher, target, monitor
+
+
+def compatible(runs: list[CellRun]) -> list[list[int]]:
+    """Splits runs into sets that can share one vmapped loop: equal steps per epoch, defender target, retain
+    size and stop-rule kind (cells with different seeds may flag different rows)."""
+    parts: dict[tuple, list[int]] = {}
+    for i, r in enumerate(runs):
+        key = (
+            D.forget_batches_per_epoch(len(r.sets.forget), r.cfg.batch_size),
+            int(r.sets.target),
+            len(r.sets.retain),
+            r.sets.monitor is None,
+        )
+        parts.setdefault(key, []).append(i)
+    return list(parts.values())
 
 
 def mesh_for(k: int, n_devices: int, requested: int = 0) -> int:
@@ -91,52 +105,17 @@ def to_host(x: Any) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _optimizer(total: int, warmup_frac: float, weight_decay: float, clip_norm: float):
-    """``lr -> optimizer``: the library optimizer (:func:`jdup.unlearn.make_optimizer`) with its peak lr held in
-    the optimizer state (``optax.inject_hyperparams``), so K cells with K learning rates share one program.
-    ``tx(lr=x).init`` starts a cell; ``update`` reads the lr from the state, so any ``tx(lr=...)`` updates it."""
-
-    def factory(lr):
-        return U.make_optimizer.__wrapped__(
-            lr, total, warmup_frac=warmup_frac, weight_decay=weight_decay, clip_norm=clip_norm
-        )
-
-    inject = optax.inject_hyperparams(factory)
-    return inject, inject(lr=0.0)
-
-
-def _library_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key, hp):
-    """One optimizer step of :func:`jdup.unlearn.unlearn` with the loss weights as data (``hp``).
-
-    The loss is the library's (:func:`jdup.unlearn.loss_pieces`), the objective ``λ_asr·forget + λ_acc·retain``
-    and the update ``tx.update`` + ``optax.apply_updates``, as in ``jdup.unlearn``'s jitted step; a Python-float
-    weight there and a float32 weight here give the same float32 operations.
-    """
-
-    def objective(tr):
-        forget, retain = U.loss_pieces(graphdef, tr, frozen, batch, key, settings)
-        return hp["lambda_asr"] * forget + hp["lambda_acc"] * retain, (forget, retain)
-
-    (loss, (forget, retain)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "forget": forget, "retain": retain, "grad_norm": optax.tree.norm(grads)}
-    return trainable, opt_state, metrics
-
-
-@functools.lru_cache(maxsize=16)
-def vmapped_step(graphdef, tx, settings) -> Callable:
-    """``jit(vmap(step))`` over K cells: ``(trainable[K], frozen, opt_state[K], batch[K], seed[K], t, hp[K])``.
-
-    Each cell's dropout key is ``fold_in(key(seed), t)``, the key ``jdup.unlearn.unlearn`` uses at step ``t``.
-    """
+def vmapped_step(graphdef, spec, settings) -> Callable:
+    """``jit(vmap(jdup.unlearn.train_step))`` over K cells: ``(trainable[K], frozen, opt_state[K], batch[K],
+    seed[K], t, hp[K]) -> (trainable[K], opt_state[K], metrics[K])``; cell ``i``'s dropout key is
+    ``step_key(seed[i], t)``, the key :func:`jdup.unlearn.unlearn` uses at step ``t``."""
 
     def one(trainable, frozen, opt_state, batch, seed, t, hp):
-        key = jax.random.fold_in(jax.random.key(seed), t)
-        return _library_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key, hp)
+        return U.train_step(
+            graphdef, spec, settings, trainable, frozen, opt_state, batch, U.step_key(seed, t), hp
+        )
 
-    vm = jax.vmap(one, in_axes=(0, None, 0, 0, 0, None, 0))
-    return jax.jit(vm, donate_argnums=(0, 2))
+    return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0, 0, None, 0)), donate_argnums=(0, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,13 +160,10 @@ def _check_group(runs: list[CellRun]) -> None:
     for r in runs[1:]:
         if dataclasses.replace(r.cfg, **zero) != ref:
             raise JdupError("cells of a vmapped group may differ only in seed, lr, lambda_asr and lambda_acc")
-        if (len(r.forget), len(r.retain), r.target, r.monitor is None) != (
-            len(runs[0].forget),
-            len(runs[0].retain),
-            runs[0].target,
-            runs[0].monitor is None,
-        ):
-            raise JdupError("cells of a vmapped group must share the flagged rows and the target")
+    if len(compatible(runs)) != 1:
+        raise JdupError(
+            "cells of a vmapped group must share steps per epoch, target, retain size and stop rule"
+        )
 
 
 def unlearn_group(
@@ -201,18 +177,23 @@ def unlearn_group(
     """Unlearns every cell of a group; returns one :class:`jdup.unlearn.UnlearnResult` per cell and run info
     (``mesh_sweep``, ``mesh_data``, ``padded_k``, ``padded_steps`` per cell)."""
     _check_group(runs)
-    if len(runs) == 1 and mesh_data <= 1 and jax.process_count() == 1:
-        r = runs[0]
-        res = U.unlearn(
-            model,
-            r.forget,
-            r.retain,
-            r.cfg,
-            teacher_logits=r.teacher,
-            target_label=r.target,
-            monitor=r.monitor,
-        )
-        return [res], {"mesh_sweep": 1, "mesh_data": 1, "padded_k": 1, "padded_steps": [0]}
+    projected = runs[0].cfg.projection not in ("", "none", None)
+    if projected or (len(runs) == 1 and mesh_data <= 1 and jax.process_count() == 1):
+        # UPGP cells (their projection basis is built per student) and single cells: the library loop itself
+        results = [
+            U.unlearn(
+                model,
+                r.sets.forget,
+                r.sets.retain,
+                r.cfg,
+                teacher_logits=r.sets.teacher,
+                target_label=r.sets.target,
+                monitor=r.sets.monitor,
+            )
+            for r in runs
+        ]
+        info = {"mesh_sweep": 1, "mesh_data": 1, "padded_k": 1, "padded_steps": [0] * len(runs)}
+        return results, info
     return _unlearn_vmapped(model, runs, mesh_sweep, mesh_data, progress)
 
 
@@ -221,11 +202,12 @@ def _unlearn_vmapped(model, runs: list[CellRun], mesh_sweep: int, mesh_data: int
     from jax.sharding import PartitionSpec as P
     from tqdm.auto import tqdm
 
-    cfg0, k_real = runs[0].cfg, len(runs)
+    cfg0, sets0, k_real = runs[0].cfg, runs[0].sets, len(runs)
     students = [U.build_student(model, r.cfg) for r in runs]
-    total = D.forget_batches_per_epoch(len(runs[0].forget), cfg0.batch_size) * cfg0.epochs
+    per_epoch = D.forget_batches_per_epoch(len(sets0.forget), cfg0.batch_size)
+    total = per_epoch * cfg0.epochs
     info: dict = {"mesh_sweep": 1, "mesh_data": 1, "padded_k": k_real, "padded_steps": [0] * k_real}
-    if total == 0 or len(runs[0].retain) == 0:
+    if total == 0 or len(sets0.retain) == 0:
         return [U.UnlearnResult(s, lora.merge(s.model), 0, 0, 0, [], [], False) for s in students], info
 
     devices = jax.devices()
@@ -235,7 +217,7 @@ def _unlearn_vmapped(model, runs: list[CellRun], mesh_sweep: int, mesh_data: int
             f"mesh_data={n_data} must divide the device count ({len(devices)}) and "
             f"unlearn.batch_size ({cfg0.batch_size})"
         )
-    n_sweep = mesh_for(k_real, len(devices) // n_data, 0 if mesh_sweep is None else mesh_sweep)
+    n_sweep = mesh_for(k_real, len(devices) // n_data, mesh_sweep or 0)
     if jax.process_count() > 1:
         n_sweep = len(devices) // n_data  # every host must hold a slice of the global arrays
     k = padded_size(k_real, n_sweep)
@@ -243,7 +225,6 @@ def _unlearn_vmapped(model, runs: list[CellRun], mesh_sweep: int, mesh_data: int
     cells = list(range(k_real)) + [k_real - 1] * (k - k_real)  # padding cells repeat the last one
     mesh = Mesh(np.asarray(devices[: n_sweep * n_data]).reshape(n_sweep, n_data), ("sweep", "data"))
     per_cell, rows = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P("sweep", "data"))
-    replicated = NamedSharding(mesh, P())
 
     def put(batch: dict) -> dict:
         return {
@@ -258,25 +239,26 @@ def _unlearn_vmapped(model, runs: list[CellRun], mesh_sweep: int, mesh_data: int
             jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees), per_cell
         )
 
-    make_tx, tx = _optimizer(total, float(cfg0.warmup_frac), float(cfg0.weight_decay), float(cfg0.clip_norm))
-    settings = U.LossSettings.from_config(cfg0, runs[0].target)._replace(lambda_asr=1.0, lambda_acc=1.0)
-    graphdef, frozen = students[0].graphdef, jax.device_put(students[0].frozen, replicated)
-    step_fn = vmapped_step(graphdef, tx, settings)
+    spec = U.OptimizerSpec.from_config(cfg0, total)
+    settings = U.LossSettings.from_config(cfg0, sets0.target)
+    graphdef = students[0].graphdef
+    frozen = jax.device_put(students[0].frozen, NamedSharding(mesh, P()))
+    step_fn = vmapped_step(graphdef, spec, settings)
     trainable = stack([students[i].trainable for i in cells])
-    opt_state = stack([make_tx(lr=runs[i].cfg.lr).init(students[i].trainable) for i in cells])
-    hp = {  # the loss weights; each cell's peak lr lives in its optimizer state
-        name: jax.device_put(np.asarray([getattr(runs[i].cfg, name) for i in cells], np.float32), per_cell)
-        for name in ("lambda_asr", "lambda_acc")
-    }
+    opt_state = stack([spec.init(students[i].trainable) for i in cells])
+    hp = U.step_hparams(
+        *(np.asarray([getattr(runs[i].cfg, n) for i in cells]) for n in ("lr", "lambda_asr", "lambda_acc"))
+    )
+    hp = jax.device_put(hp, per_cell)
     seeds = jax.device_put(np.asarray([runs[i].cfg.seed for i in cells], np.int32), per_cell)
-    plans = [D.BatchPlan.from_config(r.forget, r.retain, r.cfg) for r in runs]
-    pad_id = int(runs[0].forget.pad_id)
+    plans = [D.BatchPlan.from_config(r.sets.forget, r.sets.retain, r.cfg) for r in runs]
+    pad_id = int(sets0.forget.pad_id)
 
     def cell_state(tr, i: int):
         return jax.tree.map(lambda x: jnp.asarray(to_host(x)[i]), tr)
 
-    monitors = [r.monitor for r in runs]
-    eval_every = cfg0.eval_every_steps or D.forget_batches_per_epoch(len(runs[0].forget), cfg0.batch_size)
+    monitors = [r.sets.monitor for r in runs]
+    eval_every = cfg0.eval_every_steps or per_epoch
     history: list[list[dict]] = [[] for _ in runs]
     best = [{"score": np.inf, "step": 0, "state": None} for _ in runs]
     stopped, stop_step = [False] * k_real, [total] * k_real
@@ -302,7 +284,7 @@ def _unlearn_vmapped(model, runs: list[CellRun], mesh_sweep: int, mesh_data: int
     try:
         while step < total and not all(stopped):
             parts = [
-                U.joint_batch(p.forget_batch(step), r.teacher, p.clean_batch(step), r.cfg.fused_step)
+                U.joint_batch(p.forget_batch(step), r.sets.teacher, p.clean_batch(step), r.cfg.fused_step)
                 for p, r in zip(plans, runs, strict=True)
             ]
             batch, padded = stack_batches([parts[i] for i in cells], pad_id)
@@ -314,11 +296,9 @@ def _unlearn_vmapped(model, runs: list[CellRun], mesh_sweep: int, mesh_data: int
             bar.update(1)
             if monitors[0] is not None and (step % eval_every == 0 or step == total):
                 for i in range(k_real):
-                    if (
-                        not stopped[i]
-                        and evaluate(i, step, cell_state(trainable, i)).get("stop")
-                        and step < total
-                    ):
+                    if stopped[i]:
+                        continue
+                    if evaluate(i, step, cell_state(trainable, i)).get("stop") and step < total:
                         stopped[i], stop_step[i] = True, step
     finally:
         bar.close()
@@ -334,20 +314,24 @@ def _unlearn_vmapped(model, runs: list[CellRun], mesh_sweep: int, mesh_data: int
         else:
             final, best_step = cell_state(trainable, i), stop_step[i]
         nnx.update(s.model, final)
+        lr = runs[i].cfg.lr
         log_i = [
-            {"step": t + 1, **{key: float(v[i]) for key, v in m.items()}}
+            {
+                "step": t + 1,
+                "lr": schedule_value(lr, total, spec.warmup_steps, t),
+                **{n: float(v[i]) for n, v in m.items()},
+            }
             for t, m in enumerate(logs_host[: stop_step[i]])
         ]
-        results.append(
-            U.UnlearnResult(
-                U.Student(s.model, s.graphdef, final, s.frozen),
-                lora.merge(s.model),
-                stop_step[i],
-                total,
-                best_step,
-                history[i],
-                log_i,
-                stopped[i],
-            )
+        result = U.UnlearnResult(
+            U.Student(s.model, s.graphdef, final, s.frozen),
+            lora.merge(s.model),
+            stop_step[i],
+            total,
+            best_step,
+            history[i],
+            log_i,
+            stopped[i],
         )
+        results.append(result)
     return results, info
