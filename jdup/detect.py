@@ -43,7 +43,7 @@ from jdup import features as feat_lib
 from jdup import metrics as metrics_lib
 from jdup import scores as S
 from jdup import sensitivity
-from jdup.errors import JdupError
+from jdup.errors import Invalid, JdupError, check_one_of, check_range
 from jdup.predict import predict
 from jdup.sensitivity import UPGPConfig
 
@@ -94,7 +94,7 @@ class DetectConfig:
     pooling: str = "auto"  # auto (cls / last_token / mean per arch) or cls, last_token, mean, mean_unmasked
     faithful_bart: bool = False  # BART: DUP's unmasked mean over padded positions (default: masked mean)
     batch_size: int = 32  # rows per forward pass
-    max_length: int = 512  # truncation length (DUP: 512; also the detection step of `jdup unlearn`); padded to buckets
+    max_length: int = 512  # truncation (DUP: 512; also in `jdup unlearn`'s detection); padded to buckets
     buckets: tuple[int, ...] = data_lib.INFERENCE_BUCKETS  # padded lengths: 8, 16, ..., 128, 160, ..., 512
     chunk_rows: int = 8192  # scored rows tokenised + scored at a time (bounds host memory; 0 = all at once)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the model (DUP: float32)
@@ -104,6 +104,19 @@ class DetectConfig:
     # --- misc
     plots: bool = True  # write roc.png and hist.png (run_detect)
     progress: bool = True  # tqdm progress bars over batches
+
+    def validate(self) -> None:
+        """Value constraints (run by ``jdup.config.build`` and by :func:`detect`; layer specs are checked against
+        the model when detection runs)."""
+        check_one_of(self, "method", METHODS)
+        check_range(self, "alpha", 0, 1)
+        check_range(self, "frr", 0, 1, lo_open=True, hi_open=True)
+        check_range(self, "shrinkage", 0, 1)
+        check_range(self, "calib_fraction", 0, 1, lo_open=True, hi_open=True)
+        check_range(self, "batch_size", 1)
+        check_range(self, "max_length", 1)
+        check_range(self, "chunk_rows", 0)
+        check_range(self, "purification_percentile", 0, 100)
 
 
 METHODS = ("dup", "dan", "upgp", "ensemble")
@@ -217,12 +230,13 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     cfg = cfg or DetectConfig()
     if cfg.method not in METHODS:
         raise JdupError(f"unknown detection method {cfg.method!r}; use one of {list(METHODS)}")
+    for prefix, c in (("", cfg), ("upgp.", cfg.upgp)):
+        try:
+            c.validate()
+        except Invalid as e:
+            raise JdupError(f"{prefix}{e}") from None
     if cfg.method in ("upgp", "ensemble"):
         return _detect_sensitivity(model, tokenizer, calib, scored, cfg)
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise JdupError(f"alpha must lie in [0, 1], got {cfg.alpha}")
-    if not 0.0 < cfg.frr < 1.0:
-        raise JdupError(f"frr must lie in (0, 1), got {cfg.frr}")
     if len(scored) == 0:
         raise JdupError("nothing to score (empty dataset)", getattr(scored, "source", None))
     timings: dict[str, float] = {}

@@ -154,7 +154,7 @@ def shrunk_covariance(
     w = jnp.ones(x.shape[:1], x.dtype) if weights is None else weights.astype(x.dtype)
     n = jnp.sum(w)
     mean = _matmul(w, x) / n
-    xc = (x - (mean if center is None else center)) * w[:, None]
+    xc = (x - jnp.broadcast_to(mean if center is None else center, x.shape)) * w[:, None]
     s = _matmul(xc.T, xc) / n
     mu = jnp.trace(s) / d
     cov = (1.0 - shrinkage) * s + shrinkage * mu * jnp.eye(d, dtype=x.dtype)
@@ -233,7 +233,7 @@ def shrunk_gaussian(
 
 def mahalanobis_sq(g: Gaussian, x: Array) -> Array:
     """Squared Mahalanobis distance ``δᵀΣ⁻¹δ = ‖L⁻¹δ‖²`` of each row of ``x [B, D]`` (one Gaussian)."""
-    y = solve_triangular(g.chol, (x - g.mean).T, lower=True)
+    y = solve_triangular(g.chol, (x - jnp.broadcast_to(g.mean, x.shape)).T, lower=True)
     return jnp.sum(y * y, axis=0)
 
 
@@ -281,7 +281,7 @@ def calinski_harabasz(
     sums = jnp.einsum("nc,nld->cld", onehot, features, precision=HIGHEST)  # [C, L, D]
     means = sums / jnp.maximum(counts, 1.0)[:, None, None]
     overall = jnp.einsum("n,nld->ld", w, features, precision=HIGHEST) / n  # [L, D]
-    tr_b = jnp.einsum("c,cl->l", counts, jnp.sum((means - overall) ** 2, axis=-1))
+    tr_b = jnp.einsum("c,cl->l", counts, jnp.sum((means - overall[None]) ** 2, axis=-1))
     resid = features - means[labels]  # [N, L, D]
     tr_w = jnp.einsum("n,nl->l", w, jnp.sum(resid * resid, axis=-1))
     k = jnp.sum(counts > 0).astype(dtype)
@@ -465,7 +465,7 @@ def fit_zscore(x: Array, axis: int = 0, min_std: float = 1e-6, mask: Array | Non
 
 def zscore(stats: ZStats, x: Array) -> Array:
     """``(x − mean) / std`` (broadcast along the last axes)."""
-    return (x - stats.mean) / stats.std
+    return (x - jnp.broadcast_to(stats.mean, x.shape)) / jnp.broadcast_to(stats.std, x.shape)
 
 
 def fuse(z_md: Array, z_ss: Array, alpha: float = 0.9) -> Array:
@@ -538,7 +538,7 @@ def dan(
         if mask is not None:
             onehot = onehot * mask.astype(x.dtype)[:, None]
         counts = onehot.sum(0)
-        means = jnp.einsum("nc,knd->kcd", onehot, x, precision=HIGHEST) / jnp.maximum(counts, 1.0)[:, None]
+        means = jnp.einsum("nc,knd->kcd", onehot, x, precision=HIGHEST) / jnp.maximum(counts, 1.0)[None, :, None]
         g = shrunk_gaussian(x, shrinkage, center=means[:, labels, :], weights=mask, fit_dtype=fit_dtype)
         k = sel.shape[0]
         ident = ZStats(jnp.zeros((k,), x.dtype), jnp.ones((k,), x.dtype))
@@ -615,22 +615,46 @@ def robust_z(
 
 
 def flag_low_tail(
-    z: np.ndarray, labels: np.ndarray, threshold: float, min_frac: float = 0.005, max_frac: float = 0.5
+    z: np.ndarray,
+    labels: np.ndarray,
+    threshold: float,
+    min_frac: float = 0.005,
+    max_frac: float = 0.5,
+    fit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Flag the low-z tail of the suspected target class (spec §4.3-4.4).
 
-    The target class is the one with the largest fraction of rows below ``-threshold``; its rows below it are
-    flagged; the count is then clipped to ``[min_frac, max_frac]`` of all rows by taking the lowest z in that
-    class.
+    A working backdoor makes the victim predict the row's given (target) label and the perturbation barely moves
+    that fit: a poisoned row sits just below its class's clean sensitivity, at ``s >= 0``. Rows the victim gets
+    wrong fall on the other side: the label flip *lowers* their loss (``s < 0``), the extreme low tail of ``z`` of
+    whichever class has them (on the SST-2 BadNets MiniLM victim all non-target rows below ``-2.5`` were
+    misclassified, and the former rule, the largest fraction of rows below ``-threshold``, chose that class: FAR
+    1.0). So with ``fit`` (the victim predicts the given label) only fitted rows count, for the class and the flags.
+
+    The target class is the one whose (fitted) rows lie furthest below the clean median on average, the largest
+    ``mean(max(0, -z))``: it sees a shifted bulk (the DUP sets are about half poison in the target class, mostly at
+    ``-2.5 < z < 0``) as well as a heavy tail. Its rows below ``-threshold`` are flagged, their count clipped to
+    ``[min_frac, max_frac]`` of all rows (the lowest z first).
+
+    Args:
+      z: ``[N]`` robust z-scores (:func:`robust_z`; low = suspicious).
+      labels: ``[N]`` given labels.
+      threshold: flag rows with ``z < -threshold``.
+      min_frac, max_frac: bounds on the flagged fraction of ``N``.
+      fit: optional ``[N]`` bool, the victim predicts the row's given label (default: every row counts).
 
     Returns:
       ``(flags [N] bool, target_class)``.
     """
+    z = np.asarray(z, np.float64)
+    labels = np.asarray(labels)
     n = len(z)
+    ok = np.ones(n, bool) if fit is None else np.asarray(fit, bool)
     classes = np.unique(labels)
-    frac = [float(np.mean(z[labels == c] < -threshold)) for c in classes]
-    target = int(classes[int(np.argmax(frac))])
-    in_c = np.flatnonzero(labels == target)
+    below = np.maximum(0.0, -z)
+    depth = [below[(labels == c) & ok].mean() if np.any((labels == c) & ok) else -1.0 for c in classes]
+    target = int(classes[int(np.argmax(depth))])
+    in_c = np.flatnonzero((labels == target) & ok)
     order = in_c[np.argsort(z[in_c], kind="stable")]
     count = int(np.sum(z[in_c] < -threshold))
     count = int(np.clip(count, int(np.ceil(min_frac * n)), int(np.floor(max_frac * n))))

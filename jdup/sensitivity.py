@@ -40,7 +40,7 @@ from flax import nnx
 from jdup import data as D
 from jdup import lora as lora_lib
 from jdup import losses, metrics
-from jdup.errors import JdupError
+from jdup.errors import Invalid, JdupError, check_one_of, check_range
 from jdup.predict import MODEL_INPUTS, predict_states
 from jdup.scores import flag_low_tail, robust_z
 
@@ -83,9 +83,25 @@ class UPGPConfig:
         None  # adapter init, data order, label draws (None: the detect config's split_seed, or 0)
     )
 
-    def __post_init__(self):
-        if self.score not in ("loss", "prob"):
-            raise ValueError(f"score must be loss or prob, got {self.score!r}")
+    def validate(self) -> None:
+        """Value constraints (run by ``jdup.config.build`` and by :func:`detect_upgp`)."""
+        check_range(self, "lora_rank", 1)
+        check_range(self, "lr", 0, lo_open=True)
+        for key in (
+            "batch_size",
+            "max_steps",
+            "eval_every",
+            "eval_rows",
+            "n_perturbations",
+            "first_order_batch",
+        ):
+            check_range(self, key, 1)
+        check_range(self, "stop_margin", 0, 1)
+        check_range(self, "calib_frac", 0, 1, hi_open=True)
+        check_one_of(self, "score", ("loss", "prob"))
+        check_range(self, "z_threshold", 0)
+        check_range(self, "min_flag_frac", 0, 1)
+        check_range(self, "max_flag_frac", self.min_flag_frac, 1)
 
 
 class UPGPDetection(NamedTuple):
@@ -94,14 +110,15 @@ class UPGPDetection(NamedTuple):
     Attributes:
       scores: ``[N]`` suspicion, higher = more likely poisoned (``-z`` of the zeroth-order sensitivity).
       flags: ``[N]`` bool, flagged rows.
-      threshold: flag rule on ``scores``: ``scores > threshold`` within ``target_class`` (then clipped to
-        ``[min_flag_frac, max_flag_frac]`` of ``N``).
+      threshold: flag rule on ``scores``: ``scores > threshold`` among the rows of ``target_class`` that the
+        victim fits (then clipped to ``[min_flag_frac, max_flag_frac]`` of ``N``; :func:`jdup.scores.flag_low_tail`).
       target_class: the suspected backdoor target label.
       auroc: AUROC of ``scores`` when ground-truth poison flags are known, else ``None``.
       sensitivity: ``[N]`` raw zeroth-order sensitivity ``s`` (low = suspicious).
       z: ``[N]`` per-class robust z of ``s``.
       first_order: ``[N]`` gradient cosine (low = suspicious), or ``None``.
       info: perturbation statistics, timings and the AUROCs of every score variant.
+      fit: ``[N]`` bool, the victim predicts the row's given label (only such rows are flagged).
     """
 
     scores: np.ndarray
@@ -113,6 +130,7 @@ class UPGPDetection(NamedTuple):
     z: np.ndarray
     first_order: np.ndarray | None
     info: dict
+    fit: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,7 +278,8 @@ def sensitivity_scores(
 
     Returns:
       ``(s [N], info)`` with ``s = l(theta') - l(theta0)`` (or the probability drop for ``score="prob"``);
-      ``info["calib_scores"]``/``info["calib_labels"]`` hold the held-out normal rows' scores and labels.
+      ``info["calib_scores"]``/``info["calib_labels"]`` hold the held-out normal rows' scores and labels,
+      ``info["fit"]`` marks the scored rows the victim predicts as their given label.
     """
     n_p = max(1, int(cfg.n_perturbations))
     seed = _seed(cfg)
@@ -290,7 +309,11 @@ def sensitivity_scores(
         infos.append(info)
     total /= len(parts)
     n = len(scored)
-    return total[:n], {"perturbations": infos, "calib_scores": total[n:], "calib_labels": labels[n:]}
+    fit = (
+        base.argmax(-1) == labels
+    )  # the victim predicts the given label (poisoned rows it obeys: the target)
+    info = {"perturbations": infos, "calib_scores": total[n:], "calib_labels": labels[n:], "fit": fit[:n]}
+    return total[:n], info
 
 
 def _concat_encoded(a: D.Encoded, b: D.Encoded) -> D.Encoded:
@@ -421,12 +444,17 @@ def detect_upgp(
     Returns:
       :class:`UPGPDetection`.
     """
+    try:
+        cfg.validate()
+    except Invalid as e:
+        raise JdupError(f"upgp: {e}") from None
     t0 = time.perf_counter()
     s, info = sensitivity_scores(model, scored, normal, cfg, eval_batch_size=eval_batch_size)
     t1 = time.perf_counter()
     labels = np.asarray(scored.labels)
     z = robust_z(s, labels, info["calib_scores"], info["calib_labels"])
-    flags, target = flag_low_tail(z, labels, cfg.z_threshold, cfg.min_flag_frac, cfg.max_flag_frac)
+    fit = info.pop("fit")
+    flags, target = flag_low_tail(z, labels, cfg.z_threshold, cfg.min_flag_frac, cfg.max_flag_frac, fit=fit)
     fo = (
         first_order_scores(model, scored, normal, cfg, eval_batch_size=eval_batch_size)
         if cfg.first_order
@@ -463,6 +491,7 @@ def detect_upgp(
         z=z,
         first_order=fo,
         info=info,
+        fit=fit,
     )
 
 

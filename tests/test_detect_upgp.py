@@ -1,6 +1,6 @@
 """`jdup detect --method upgp|ensemble`: routing through the CLI / library / unlearning, outputs and errors.
 
-Tiny random BERT (fast); the detection quality of UPGP on a real victim is checked in test_upgp.py.
+Tiny random models (fast), and the UPGP class choice on the shared MiniLM BadNets victim.
 """
 
 from __future__ import annotations
@@ -154,11 +154,12 @@ def test_jdup_run_checks_detection_options_before_any_stage(
     from pathlib import Path
 
     from jdup import attacks, train
+    from jdup.stages import poison as poison_stage
     from jdup.stages import train as train_stage
 
     ran = []
-    stages = [(attacks, "run_poison"), (train, "run_train"), (detect, "run_detect")]
-    stages += [(train_stage, "run_train"), (detect_stage, "run_detect")]
+    stages = [(attacks, "run_poison"), (train, "run_train"), (detect, "run_detect")]  # the old homes, until switched
+    stages += [(poison_stage, "run_poison"), (train_stage, "run_train"), (detect_stage, "run_detect")]
     for mod, fn in stages:
         monkeypatch.setattr(mod, fn, lambda cfg, _fn=fn: ran.append(_fn) or {})
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -166,3 +167,100 @@ def test_jdup_run_checks_detection_options_before_any_stage(
     assert rc == 2 and not ran
     err = capsys.readouterr().err
     assert must_contain in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------- UPGP decision rules
+
+
+def test_robust_z_and_low_tail_flags_pick_the_target_class():
+    from jdup import scores
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 100 + [1] * 100)
+    s = rng.normal(5.0, 1.0, 200)
+    s[150:180] = rng.normal(0.0, 0.1, 30)  # insensitive rows in class 1
+    ref = rng.normal(5.0, 1.0, 60)
+    ref_labels = np.array([0, 1] * 30)
+    z = scores.robust_z(s, labels, ref, ref_labels)
+    flags, target = scores.flag_low_tail(z, labels, 2.5, 0.0, 0.5)
+    assert target == 1 and flags[150:180].all() and flags.sum() <= 33
+    capped, _ = scores.flag_low_tail(z, labels, 2.5, 0.0, 0.1)
+    assert capped.sum() == 20 and capped[150:180].sum() == 20
+    floor, _ = scores.flag_low_tail(np.zeros(200), labels, 2.5, 0.05, 0.5)
+    assert floor.sum() == 10
+
+
+def test_low_tail_class_ignores_rows_the_victim_gets_wrong():
+    """Issue 14 item 3 (the BadNets case, FAR 1.0): misclassified rows of the non-target class have s < 0 (the
+    label flip lowers their loss), a far heavier low tail than the poisoned rows, which sit just below the clean
+    median of the target class. The class comes from the rows the victim fits, and only those are flagged."""
+    from jdup import scores
+
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 100 + [1] * 200)
+    z = rng.normal(0.0, 1.0, 300)
+    z[:25] = rng.normal(-12.0, 3.0, 25)  # class 0: misclassified rows, extreme low tail
+    z[200:300] = rng.normal(-1.5, 0.8, 100)  # class 1: poisoned rows, shifted bulk, some below -2.5
+    z[190:200] = rng.normal(-6.0, 1.0, 10)  # class 1: a few misclassified rows too
+    fit = np.ones(300, bool)
+    fit[:25] = fit[190:200] = False
+    _, old_choice = scores.flag_low_tail(z, labels, 2.5)  # every row counts: the misfit tail wins
+    assert old_choice == 0
+    flags, target = scores.flag_low_tail(z, labels, 2.5, 0.0, 0.5, fit=fit)
+    assert target == 1
+    assert flags.any() and not flags[~fit].any() and (labels[flags] == 1).all()
+    assert flags[200:].sum() >= 0.8 * flags.sum()
+    # a row is flagged only when fitted, in the target class, below -threshold (no floor here)
+    np.testing.assert_array_equal(flags, fit & (labels == 1) & (z < -2.5))
+
+
+@pytest.mark.slow
+def test_upgp_flags_the_target_class_of_the_badnets_victim(badnets_victim):
+    """On the shared MiniLM SST-2 BadNets victim (target label 1) UPGP must suspect class 1 (it chose 0 before)."""
+    model = models.from_pretrained(badnets_victim["model"])
+    tok = models.load_tokenizer(badnets_victim["model"])
+    calib = data.read_split(badnets_victim["data"], "dev-clean", num_labels=2)
+    scored = data.read_split(badnets_victim["data"], "test-detect", num_labels=2)
+    cfg = detect.DetectConfig(
+        method="upgp", max_length=48, progress=False, upgp=UPGPConfig(n_perturbations=1, first_order=False)
+    )
+    res = detect.detect(model, tok, calib, scored, cfg)
+    y = scored.poison.astype(bool)
+    assert res.metrics["target_class"] == 1 and res.metrics["auroc"] > 0.7
+    assert res.flags.any() and (scored.labels[res.flags] == 1).all()
+    assert res.flags[y].sum() > res.flags[~y].sum()  # mostly poison among the flags
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [("bert", ("query", "value")), ("llama", ("q_proj", "v_proj")), ("qwen2", ("q_proj", "v_proj")),
+     ("bart", ("q_proj", "v_proj"))],
+)
+def test_sensitivity_adapts_each_architectures_attention(arch, expected, tiny_enc):
+    """Issue 14 item 3: the default targets were BERT's names (a raw ValueError on Llama, Qwen2 and BART)."""
+    from jdup import sensitivity
+
+    model = models.tiny_model(arch, 2, seed=0)
+    assert sensitivity.lora_targets(model) == expected
+    normal, scored = tiny_enc
+    cfg = UPGPConfig(max_steps=2, eval_every=1, n_perturbations=1, first_order=arch == "llama", lora_rank=2)
+    det = sensitivity.detect_upgp(model, scored, normal, cfg, eval_batch_size=8)
+    assert det.scores.shape == (len(scored),) and np.isfinite(det.scores).all()
+    with pytest.raises(JdupError, match="lora_targets.*leave it empty"):
+        sensitivity.detect_upgp(model, scored, normal, UPGPConfig(lora_targets=("nope",), max_steps=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_enc():
+    """``(normal, scored)`` token rows inside every tiny model's vocabulary (128 ids), one padded length."""
+
+    def rows(n, seed, length=12):
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(5, 100, size=(n, length)).astype(np.int32)
+        lengths = rng.integers(4, length + 1, size=n).astype(np.int32)
+        mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+        labels = (ids[:, 1] >= 50).astype(np.int32)
+        ids = np.where(mask == 1, ids, 0)
+        return data.Encoded(ids, mask, np.zeros_like(ids), lengths, labels, np.zeros(n, np.int8), (length,), 0)
+
+    return rows(48, 1), rows(12, 2)

@@ -33,10 +33,7 @@ def _read_scored(cfg: DetectConfig, num_labels: int | None):
     if s.endswith(".csv") or os.sep in s or os.path.isfile(s):
         path = s if os.path.isabs(s) or os.path.isfile(s) else os.path.join(cfg.data, s)
         return data_lib.read_dup_csv(path, num_labels)
-    if s == "dev-detect":
-        parts = [data_lib.read_split(cfg.data, n, num_labels=num_labels) for n in ("dev-clean", "dev-poison")]
-        return data_lib.TextDataset.concat(parts, source=os.path.join(cfg.data, "dev-detect"))
-    return data_lib.read_split(cfg.data, s, num_labels=num_labels)
+    return data_lib.read_split(cfg.data, s, num_labels=num_labels)  # dev-detect = dev-clean ‖ dev-poison
 
 
 def _atomic_bytes(path: str, write) -> None:
@@ -97,7 +94,9 @@ def detect_dev(
     Returns:
       ``(flags [n_dev_clean + n_dev_poison] bool, detection.json dict)``.
     """
-    where = dict(model=os.fspath(model_path), data=os.fspath(data), out=os.fspath(out), score_set="dev-detect")
+    where = dict(
+        model=os.fspath(model_path), data=os.fspath(data), out=os.fspath(out), score_set="dev-detect"
+    )
     if isinstance(options, DetectConfig):
         cfg = dataclasses.replace(options, **where)
     else:
