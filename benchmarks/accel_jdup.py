@@ -96,7 +96,8 @@ def section_peaks(ctx: dict) -> dict:
     }
 
 
-def _forward_rows(ctx, arch_name, cfg, batch: dict, flops: float) -> dict:
+def _forward_rows(ctx, arch_name, cfg, batch: dict, flops: float, model=None) -> dict:
+    """bf16 and fp32 forward timings of ``model`` (default: a new random one of ``cfg``, freed afterwards)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -105,7 +106,7 @@ def _forward_rows(ctx, arch_name, cfg, batch: dict, flops: float) -> dict:
     out = {}
     inputs = tuple(jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
     t0 = time.perf_counter()
-    model = _build(arch_name, cfg, jnp.float32)
+    model = _build(arch_name, cfg, jnp.float32) if model is None else model
     gdef32, state32 = nnx.split(model)
     jax.block_until_ready(state32)
     init_s = time.perf_counter() - t0
@@ -133,7 +134,8 @@ def _forward_rows(ctx, arch_name, cfg, batch: dict, flops: float) -> dict:
 
 def section_encoder_forward(ctx: dict) -> dict:
     s: A.Sizes = ctx["sizes"]
-    enc, _ = _configs(s)
+    model, _, _ = _encoder_model(ctx)  # the weights the torch side loads
+    enc = model.config
     batch = A.token_batch(s.enc_batch, s.enc_len, enc.vocab_size, seed=11)
     flops = C.encoder_forward_flops(
         batch["lengths"].tolist(),
@@ -142,7 +144,7 @@ def section_encoder_forward(ctx: dict) -> dict:
         enc.intermediate_size,
         enc.num_labels,
     )
-    return _forward_rows(ctx, enc.arch, enc, batch, flops) | {"config": s.encoder}
+    return _forward_rows(ctx, enc.arch, enc, batch, flops, model) | {"config": s.encoder}
 
 
 def section_decoder_forward(ctx: dict) -> dict:
@@ -175,6 +177,39 @@ def _encoder_model(ctx: dict):
     M.save_pretrained(model, folder, tok)
     ctx["encoder"] = (M.from_pretrained(folder), tok, folder)  # as a user would load it
     return ctx["encoder"]
+
+
+def _unlearn_settings(stage: bool = False, **kw):
+    """The library's unlearning settings (``jdup.unlearn.UnlearnSettings``; ``UnlearnConfig`` before the
+    restructure), given only the fields it has; ``stage=True``: the ``jdup unlearn`` stage config
+    (``jdup.stages.unlearn.UnlearnConfig``, what the sweep engine hands its vmapped groups) when it exists."""
+    import dataclasses
+    import importlib
+
+    from jdup import unlearn as U
+
+    cls = getattr(U, "UnlearnSettings", None) or U.UnlearnConfig
+    if stage:
+        try:
+            cls = importlib.import_module("jdup.stages.unlearn").UnlearnConfig
+        except (ImportError, AttributeError):
+            pass
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in kw.items() if k in names})
+
+
+def _cell_run(cfg, forget, retain, teacher, target: int):
+    """A :class:`jdup.sweep.vmapped.CellRun` (``(cfg, UnlearnSets)``; older: the sets' fields inline)."""
+    import dataclasses
+
+    from jdup import unlearn as U
+    from jdup.sweep import vmapped
+
+    if "sets" in {f.name for f in dataclasses.fields(vmapped.CellRun)}:
+        sets = U.UnlearnSets(forget=forget, holdout=forget.subset([]), retain=retain, teacher=teacher,
+                             target=target, monitor=None)  # fmt: skip
+        return vmapped.CellRun(cfg, sets)
+    return vmapped.CellRun(cfg, forget, retain, teacher, target, None)
 
 
 def _dataset(rows):
@@ -229,8 +264,8 @@ def section_unlearn(ctx: dict) -> dict:
                       config=model.config)  # fmt: skip
     retain = D.encode(tok, _dataset(A.synthetic_rows(s.unlearn_rows, 32, vocab, s.max_length)), s.max_length,
                       config=model.config)  # fmt: skip
-    cfg = U.UnlearnConfig(epochs=s.unlearn_steps, batch_size=s.unlearn_rows, early_stop="none",
-                          ckpt_every_steps=0, progress=False, max_length=s.max_length)  # fmt: skip
+    cfg = _unlearn_settings(epochs=s.unlearn_steps, batch_size=s.unlearn_rows, early_stop="none",
+                            ckpt_every_steps=0, progress=False, max_length=s.max_length)  # fmt: skip
     marks: list[float] = []
     with jax.default_matmul_precision(PRECISION["float32"]):
         t0 = time.perf_counter()
@@ -268,8 +303,9 @@ def section_sweep(ctx: dict) -> dict:
     with jax.default_matmul_precision(PRECISION["float32"]):
         for k in s.sweep_ks:
             runs = [
-                vmapped.CellRun(
-                    U.UnlearnConfig(
+                _cell_run(
+                    _unlearn_settings(
+                        True,
                         epochs=s.sweep_steps,
                         batch_size=s.sweep_batch,
                         early_stop="none",
@@ -282,7 +318,6 @@ def section_sweep(ctx: dict) -> dict:
                     retain,
                     teacher,
                     1,
-                    None,
                 )  # fmt: skip
                 for i in range(k)
             ]

@@ -68,7 +68,7 @@ def _time_forward(model, inputs: dict, reps: int, iters: int) -> dict:
     return {"batch_s": C.summarize(times), "first_call_s": first}
 
 
-def _forward_rows(ctx: dict, model, batch: dict, keys: tuple[str, ...]) -> dict:
+def _forward_rows(ctx: dict, model, batch: dict, keys: tuple[str, ...], flops: float) -> dict:
     import torch
 
     s: A.Sizes = ctx["sizes"]
@@ -79,7 +79,15 @@ def _forward_rows(ctx: dict, model, batch: dict, keys: tuple[str, ...]) -> dict:
         if dtype == "bfloat16":
             model = model.to(torch.bfloat16)
         out[dtype] = _time_forward(model, inputs, s.fwd_reps, s.fwd_iters) | _precision()
-    return {"rows": out, "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    return {
+        "rows": out,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "batch": int(batch["input_ids"].shape[0]),
+        "padded_len": int(batch["input_ids"].shape[1]),
+        "tokens_real": int(batch["lengths"].sum()),
+        "tokens_padded": int(batch["input_ids"].size),
+        "flops_real": flops,
+    }
 
 
 def section_encoder_forward(ctx: dict) -> dict:
@@ -89,7 +97,10 @@ def section_encoder_forward(ctx: dict) -> dict:
     folder = ctx["work"] / "encoder"
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(_device()).eval()
     batch = A.token_batch(s.enc_batch, s.enc_len, model.config.vocab_size, seed=11)
-    return _forward_rows(ctx, model, batch, ("input_ids", "attention_mask", "token_type_ids"))
+    e = A.encoder_cfg_dict(model.config.to_dict())
+    flops = C.encoder_forward_flops(batch["lengths"].tolist(), e["hidden"], e["layers"], e["intermediate"],
+                                    e["num_labels"])  # fmt: skip
+    return _forward_rows(ctx, model, batch, ("input_ids", "attention_mask", "token_type_ids"), flops)
 
 
 def section_decoder_forward(ctx: dict) -> dict:
@@ -106,7 +117,8 @@ def section_decoder_forward(ctx: dict) -> dict:
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else A.CLS
     batch = A.token_batch(s.dec_batch, s.dec_len, cfg.vocab_size, seed=12, pad_id=cfg.pad_token_id or 0, bos=bos,
                           eos=None)  # fmt: skip
-    out = _forward_rows(ctx, model, batch, ("input_ids", "attention_mask"))
+    flops = A.decoder_forward_flops(batch["lengths"].tolist(), cfg.to_dict())
+    out = _forward_rows(ctx, model, batch, ("input_ids", "attention_mask"), flops)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -201,8 +213,14 @@ def run(sections: list[str], sizes: A.Sizes, work: Path, results: Path, deadline
         "sections": {},
     }
     ctx = {"sizes": sizes, "work": work}
+    host_only = dev == "cpu" and sizes is not A.DRY  # e.g. a TPU host: torch has no accelerator there
     for name in sections:
         if name not in SECTIONS:
+            continue
+        if host_only and name != "peaks":
+            rec["sections"][name] = {
+                "skipped": "torch has no CUDA device on this host (TPU?): no reference rows"
+            }
             continue
         if time.time() > deadline:
             rec["sections"][name] = {"skipped": "time budget of the set used up"}

@@ -193,7 +193,14 @@ def matmul_peak(
         dev = str(jax.devices()[0].platform)
     else:
         raise ValueError(backend)
-    return {"backend": backend, "dtype": dtype, "n": n, "flops_per_s": rate, "device": dev, "tf32": bool(tf32)}
+    return {
+        "backend": backend,
+        "dtype": dtype,
+        "n": n,
+        "flops_per_s": rate,
+        "device": dev,
+        "tf32": bool(tf32),
+    }
 
 
 def gflops(peak: dict | None) -> float | None:

@@ -157,17 +157,22 @@ def _all_rows(j: dict, t: dict, peaks: dict, sizes: A.Sizes) -> list[dict]:
     rows: list[dict] = [{"bench": "accel_peaks"}]
     for name in ("encoder_forward", "decoder_forward"):
         jsec, tsec = js.get(name) or {}, ts.get(name) or {}
-        flops = jsec.get("flops_real")
+
+        def stat(key, jsec=jsec, tsec=tsec):  # the batch is the same on both sides: either one says it
+            return jsec.get(key) if jsec.get(key) is not None else tsec.get(key)
+
+        flops = stat("flops_real")
         for dtype in ("bfloat16", "float32"):
             jr, tr = (jsec.get("rows") or {}).get(dtype), (tsec.get("rows") or {}).get(dtype)
             tj, tt = _side(jr), _side(tr)
             own = "bfloat16" if dtype == "bfloat16" else "float32"
             pj, pt = peaks[f"jax_{own}_gflops"], peaks[f"torch_{own}_gflops"]
-            tokens = jsec.get("tokens_real")
+            tokens = stat("tokens_real")
             rows.append({
                 "bench": f"accel_{name}", "dtype": dtype,
-                "model": jsec.get("config"), "batch": jsec.get("batch"), "padded_len": jsec.get("padded_len"),
-                "tokens_real": tokens, "tokens_padded": jsec.get("tokens_padded"), "flops_real": flops,
+                "model": jsec.get("config") or name.split("_")[0], "batch": stat("batch"),
+                "padded_len": stat("padded_len"), "tokens_real": tokens, "tokens_padded": stat("tokens_padded"),
+                "flops_real": flops,
                 "jdup": {"batch_s": tj, "first_call_s": (jr or {}).get("first_call_s"),
                          "tokens_per_s": C.ratio(tokens, tj), "mfu_chip_bf16": _mfu(flops, tj, chip),
                          "mfu_own_peak": _mfu(flops, tj, pj),
