@@ -98,7 +98,7 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
-        return self.weight[...].astype(self.dtype) * y
+        return jnp.broadcast_to(self.weight[...].astype(self.dtype), y.shape) * y  # explicit: rank promotion off
 
 
 # ---------------------------------------------------------------------------------------------------------------
