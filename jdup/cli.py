@@ -158,13 +158,14 @@ def detect(
         "of dup and upgp)",
     ),
     score_set: str = typer.Option(None, "--score-set", help="file to score (default test-detect)"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Detect poisoned inputs (calibrated on clean dev data) and write scores, metrics and plots.
 
     Every method writes detection.json, scores.npy, flags.npy, components.npz, roc.png and hist.png.
     """
-    _run_stage("detect", config, dict(model=model, data=data, out=out, method=method, score_set=score_set),
-               ctx.args)
+    _run_stage("detect", config, dict(model=model, data=data, out=out, method=method, score_set=score_set,
+                                      overwrite=overwrite or None), ctx.args)
 
 
 @app.command(context_settings=EXTRA)

@@ -104,6 +104,7 @@ class DetectConfig:
     # --- misc
     plots: bool = True  # write roc.png and hist.png (run_detect)
     progress: bool = True  # tqdm progress bars over batches
+    overwrite: bool = False  # replace an existing `out` that is not a `jdup detect` output (run_detect)
 
     def validate(self) -> None:
         """Value constraints (run by ``jdup.config.build`` and by :func:`detect`; layer specs are checked against

@@ -279,6 +279,53 @@ def test_4_a_failing_rerun_leaves_the_previous_output_intact(tmp_path, synthetic
     assert leftovers(tmp_path) == []
 
 
+@pytest.fixture(scope="module")
+def detected(tmp_path_factory, tiny_model_dir, synthetic_dup):
+    """A finished `jdup detect` output (with plots) of the tiny BERT on the synthetic poisoned folder."""
+    out = tmp_path_factory.mktemp("detect") / "det"
+    args = ("detect", "--model", tiny_model_dir, "--data", synthetic_dup, *DETECT)
+    assert jdup(*args, "--out", out, "plots=true") == 0
+    assert (out / "roc.png").is_file() and (out / "manifest.json").is_file()
+    return out, args
+
+
+def test_4_a_failing_redetect_leaves_the_previous_detection_intact(detected, tmp_path, monkeypatch, capsys):
+    src, args = detected
+    out = tmp_path / "det"
+    shutil.copytree(src, out)
+    before = tree(out)
+
+    def disk_full(*a, **k):  # fails after scores.npy / flags.npy / components.npz are written
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "hist.png"))
+
+    monkeypatch.setattr(stage_module("detect").plots_lib, "score_histogram", disk_full)
+    assert jdup(*args, "--out", out, "plots=true", "frr=0.2") == 2
+    one_error_line(capsys, "no space left on the device")
+    assert tree(out) == before  # old detection.json, old flags/scores: consistent
+    assert leftovers(tmp_path) == []
+
+
+def test_4_a_killed_redetect_leaves_the_previous_detection_intact(detected, tmp_path, caplog):
+    src, args = detected
+    out = tmp_path / "det"
+    shutil.copytree(src, out)
+    before = tree(out)
+    cmd = [sys.executable, "-m", "jdup", *map(str, args), "--out", str(out), "plots=true", "frr=0.2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = Path(f"{out}.partial")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not partial.exists():
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert tree(out) == before
+    assert jdup(*args, "--out", out, "plots=false") == 0  # the dead run's .partial is removed, not reused
+    assert leftovers(tmp_path) == []
+    assert not (out / "roc.png").exists() and not (out / "hist.png").exists()  # no stale plots
+    assert json.loads((out / "detection.json").read_text())["files"] == ["scores.npy", "flags.npy",
+                                                                           "components.npz"]
+
+
 def test_4_another_live_process_writing_the_same_out_is_refused(tmp_path, synthetic_jsonl, capsys):  # noqa: F811
     out = tmp_path / "data"
     partial = tmp_path / "data.partial"
@@ -389,10 +436,6 @@ def test_6_a_bad_value_in_the_file_names_the_file(tmp_path, monkeypatch, capsys)
 
 def test_6_detect_frr_out_of_range_fails_before_anything_runs(tmp_path, monkeypatch, capsys):
     ran = _record_stages(monkeypatch)
-    from jdup import detect
-
-    if not hasattr(detect.DetectConfig, "validate"):
-        pytest.xfail("DetectConfig.validate() not added yet")
     assert jdup("run", CONFIGS / "tiny.yaml", f"out={tmp_path / 'o'}", "detect.frr=2.0") == 2
     one_error_line(capsys, "command line: detect.frr: must lie in (0, 1), got 2.0")
     assert ran == []
@@ -452,6 +495,17 @@ def test_8_a_run_config_with_no_stage_is_an_error(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 9. small ones
+
+
+def test_9_detection_json_always_has_auroc_and_far(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
+    """Scoring only clean rows: AUROC and FAR are undefined, written as null (not left out)."""
+    out = tmp_path / "det"
+    assert jdup("detect", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out, *DETECT,
+                "--score-set", "test-clean") == 0
+    det = json.loads((out / "detection.json").read_text())
+    for key in ("auroc", "auroc_md", "auroc_ss", "far"):
+        assert key in det and det[key] is None, (key, det.get(key))
+    assert isinstance(det["frr"], float)
 
 
 def test_9_train_leaves_no_empty_out_on_an_early_error(tmp_path, tiny_model_dir, capsys):  # noqa: F811

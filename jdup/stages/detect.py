@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jdup import atomic, models
+from jdup import atomic, manifest, models
 from jdup import config as config_lib
 from jdup import data as data_lib
 from jdup import plots as plots_lib
@@ -68,11 +68,18 @@ def run_detect(cfg: DetectConfig) -> dict:
     """
     if not cfg.model or not cfg.data or not cfg.out:
         raise JdupError("detect needs model, data and out")
-    t0 = time.perf_counter()
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    model = models.from_pretrained(cfg.model, dtype=dtype)
-    tokenizer = models.load_tokenizer(cfg.model)
-    return _detect_and_write(cfg, model, tokenizer, t0)
+    config_lib.validate(cfg)
+    # --out is checked before the model loads; the files are written into <out>.partial, which replaces --out
+    # (manifest.json last) only when complete: a failed or killed run leaves the previous output, never a mix
+    output = manifest.StageOutput("detect", cfg)
+    with output:
+        t0 = time.perf_counter()
+        dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+        model = models.from_pretrained(cfg.model, dtype=dtype)
+        tokenizer = models.load_tokenizer(cfg.model)
+        result = _detect_and_write(cfg, model, tokenizer, t0, folder=output.path)
+        output.commit(result)
+    return result
 
 
 def detect_dev(
@@ -107,19 +114,27 @@ def detect_dev(
         cfg = config_lib.build(DetectConfig, {**opts, **where}, source="unlearn.detect")
     t0 = time.perf_counter()
     tokenizer = models.load_tokenizer(cfg.model)
+    folder = os.path.abspath(cfg.out)
     result = _detect_and_write(cfg, model, tokenizer, t0)
-    flags = np.load(os.path.join(os.path.abspath(cfg.out), "flags.npy"))
+    manifest.write(folder, dev_manifest(cfg))  # last: the folder is complete (unlearning may reuse it)
+    flags = np.load(os.path.join(folder, "flags.npy"))
     return flags, result
 
 
-def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float) -> dict:
+def dev_manifest(cfg: DetectConfig) -> dict:
+    """The manifest of a ``dev-detect`` detection folder written with ``cfg`` (see :func:`detect_dev`): unlearning
+    reuses a folder only when its stored manifest has the same key."""
+    return manifest.make("detect", cfg, manifest.stage_inputs("detect", cfg))
+
+
+def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float, folder: str | None = None) -> dict:
     num_labels = int(model.config.num_labels)
     calib = data_lib.read_split(cfg.data, cfg.calib_set, num_labels=num_labels)
     scored = _read_scored(cfg, num_labels)
     t_load = time.perf_counter() - t0
     res = detect(model, tokenizer, calib, scored, cfg)
 
-    out = os.path.abspath(cfg.out)
+    out = os.path.abspath(folder or cfg.out)
     os.makedirs(out, exist_ok=True)
     _atomic_bytes(os.path.join(out, "scores.npy"), lambda f: np.save(f, res.scores.astype(np.float32)))
     _atomic_bytes(os.path.join(out, "flags.npy"), lambda f: np.save(f, res.flags.astype(bool)))
@@ -155,6 +170,7 @@ def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float) -> dict:
         plots_lib.score_histogram(res.scores, y, res.threshold, os.path.join(out, "hist.png"), title=title)
         plots = ["roc.png", "hist.png"]
     result = {
+        **dict.fromkeys(("auroc", "auroc_md", "auroc_ss", "frr", "far")),  # null when undefined (one class only)
         **res.metrics,
         "threshold": res.threshold,
         "layers": res.layers,
