@@ -54,6 +54,9 @@ LayerSpec = str | tuple[int, ...]
 class DetectConfig:
     """Configuration of ``jdup detect`` (defaults = the DUP class defaults, spec §4.1 / Appendix A)."""
 
+    #: Alternative key names jdup.config.build accepts (``unlearn.detect.seed`` in YAML files).
+    __config_aliases__ = {"seed": "split_seed"}  # noqa: RUF012
+
     # --- inputs / outputs (run_detect only)
     model: str = ""  # suspect classifier: HF folder, hub id or builtin:minilm
     data: str = ""  # data folder holding the calibration split (dev-clean.csv) and the scored split
