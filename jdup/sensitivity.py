@@ -39,7 +39,7 @@ from flax import nnx
 
 from jdup import data as D
 from jdup import lora as lora_lib
-from jdup import losses, metrics
+from jdup import losses, metrics, optim
 from jdup.errors import Invalid, JdupError, check_one_of, check_range
 from jdup.predict import MODEL_INPUTS, predict_states
 from jdup.scores import flag_low_tail, robust_z
@@ -237,7 +237,7 @@ def learn_perturbation(
     )
     flipped = dataclasses.replace(normal, labels=flipped_labels(normal.labels, k, seed))
     ev = normal.subset(np.arange(min(cfg.eval_rows, len(normal))))
-    tx = optax.adam(cfg.lr)
+    tx = optim.adamw_chain(cfg.lr, clip=None)  # plain Adam
     opt_state = tx.init(trainable0)
     step = _ce_step(graphdef, tx)
     stop_acc = 1.0 / k + cfg.stop_margin

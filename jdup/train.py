@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from jdup import data as D
+from jdup import optim
 from jdup.errors import check, check_one_of, check_range
 from jdup.metrics import accuracy, attack_success_rate
 from jdup.predict import MODEL_INPUTS, predict, predict_states
@@ -128,47 +129,24 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def linear_warmup_decay(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
-
-    Identical to Hugging Face ``get_linear_schedule_with_warmup``: the value at optimizer step ``t`` (0-based, as
-    optax counts) is ``lr * t / warmup`` while ``t < warmup``, else ``lr * max(0, (total - t) / (total - warmup))``;
-    so the first update uses learning rate 0.
-    """
-    total = int(total_steps)
-    warm = int(warmup_steps)
-
-    def schedule(count):
-        t = jnp.asarray(count, jnp.float32)
-        up = t / max(warm, 1)
-        down = jnp.maximum(0.0, (total - t) / max(total - warm, 1))
-        return lr * jnp.where(t < warm, up, down)
-
-    return schedule
-
-
-def _schedule_value(lr: float, total_steps: int, warmup_steps: int, t: int) -> float:
-    """:func:`linear_warmup_decay` at step ``t`` in plain Python (for logging, no device work)."""
-    if t < warmup_steps:
-        return lr * t / max(warmup_steps, 1)
-    return lr * max(0.0, (total_steps - t) / max(total_steps - warmup_steps, 1))
+#: The one warm-up/decay schedule (Hugging Face ``get_linear_schedule_with_warmup``) lives in :mod:`jdup.optim`.
+linear_warmup_decay = optim.linear_warmup_decay
+_schedule_value = optim.schedule_value
 
 
 def make_optimizer(
     lr: float, total_steps: int, warmup_steps: int, *, weight_decay: float = 0.0, clip: float | None = 1.0,
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 ) -> optax.GradientTransformation:
-    """``clip_by_global_norm(clip)`` then AdamW (torch defaults) on :func:`linear_warmup_decay`.
+    """Victim training's optimizer: :func:`jdup.optim.adamw_chain` (global-norm clip, then AdamW with torch
+    defaults) on :func:`jdup.optim.linear_warmup_decay`.
 
     Weight decay applies to parameters with 2+ dimensions only (kernels, embeddings), as the usual Hugging Face
     grouping that exempts biases and LayerNorm weights.
     """
-    parts = []
-    if clip:
-        parts.append(optax.clip_by_global_norm(clip))
-    parts.append(optax.adamw(linear_warmup_decay(lr, total_steps, warmup_steps), b1=b1, b2=b2, eps=eps,
-                             weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
-    return optax.chain(*parts)
+    return optim.adamw_chain(
+        optim.linear_warmup_decay(lr, total_steps, warmup_steps), weight_decay=weight_decay, clip=clip,
+        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+    )
 
 
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jdup import data as D
+from jdup import optim
 from jdup import train as T
 from jdup.checkpoint import Checkpointer
 from jdup.errors import JdupError
@@ -50,7 +51,7 @@ def test_linear_warmup_decay_matches_hf():
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-12)
     assert ours[0] == 0.0 and ours[30] == pytest.approx(2e-5) and ours[50] == 0.0
     assert float(T.linear_warmup_decay(1.0, 10, 0)(0)) == 1.0
-    assert T._schedule_value(2e-5, 50, 30, 40) == pytest.approx(float(s(40)))
+    assert optim.schedule_value(2e-5, 50, 30, 40) == pytest.approx(float(s(40)))
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jdup import atomic, manifest
+from jdup import atomic, manifest, optim
 from jdup import config as config_lib
 from jdup import data as D
 from jdup.errors import JdupError
@@ -29,7 +29,6 @@ from jdup.train import (
     EVAL_SPLITS,
     LoopPosition,
     TrainConfig,
-    _schedule_value,
     cached_train_step,
     evaluate_states,
     train_steps,
@@ -175,7 +174,7 @@ def _run_train(cfg: TrainConfig, output: manifest.StageOutput) -> dict:
                 acc = float(sum(s["correct"] for s in host) / max(sum(s["count"] for s in host), 1))
                 log_line({"step": step, "epoch": epoch + (b_idx + 1) / spe, "loss": loss, "train_acc": acc,
                           "grad_norm": float(host[-1]["grad_norm"]),
-                          "lr": _schedule_value(cfg.lr, total, warm, step - 1)})
+                          "lr": optim.schedule_value(cfg.lr, total, warm, step - 1)})
                 bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
                 pending = []
             if epoch_end and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
