@@ -155,7 +155,7 @@ def stack_batches(batches: list[dict], pad_id: int) -> tuple[dict, list[bool]]:
 
 
 def _check_group(runs: list[CellRun]) -> None:
-    zero = dict.fromkeys(PER_CELL, 0)
+    zero = {k: 0 for k in PER_CELL if hasattr(runs[0].cfg, k)}
     ref = dataclasses.replace(runs[0].cfg, **zero)
     for r in runs[1:]:
         if dataclasses.replace(r.cfg, **zero) != ref:
