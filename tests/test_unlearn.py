@@ -15,6 +15,7 @@ from jdup import lora
 from jdup import unlearn as U
 from jdup.errors import JdupError
 from jdup.models import tiny_model
+from jdup.stages import unlearn as S
 
 TINY = dict(
     lora_rank=4,
@@ -120,7 +121,7 @@ def test_projection_slot_sits_after_adam_and_disables_decay():
 
 
 def test_step_changes_only_adapters_and_head(victim):
-    cfg = U.UnlearnConfig(**TINY)
+    cfg = S.UnlearnConfig(**TINY)
     st = U.build_student(victim, cfg)
     settings = U.LossSettings.from_config(cfg, 1)
     tx = U.make_optimizer(1e-2, 10, warmup_frac=0.0)
@@ -146,7 +147,7 @@ def test_step_changes_only_adapters_and_head(victim):
 
 
 def test_loss_pieces_are_consistent_with_losses(victim):
-    cfg = U.UnlearnConfig(**TINY)
+    cfg = S.UnlearnConfig(**TINY)
     st = U.build_student(victim, cfg)
     settings = U.LossSettings.from_config(cfg, 1)
     forget, retain = _encoded(5, 3), _encoded(6, 4)
@@ -165,7 +166,7 @@ def test_loss_pieces_are_consistent_with_losses(victim):
 
 
 def test_fused_and_two_forward_batches_agree(victim):
-    cfg = U.UnlearnConfig(**TINY)
+    cfg = S.UnlearnConfig(**TINY)
     st = U.build_student(victim, cfg)
     settings = U.LossSettings.from_config(cfg, 1)
     forget, retain = _encoded(6, 9), _encoded(6, 10)
@@ -235,7 +236,7 @@ def test_batch_plan_length_grouped_covers_every_row_and_pads_less():
 
 
 def test_unlearn_resumes_after_a_kill(victim, tmp_path):
-    cfg = U.UnlearnConfig(**{**TINY, "ckpt_every_steps": 2, "epochs": 3})
+    cfg = S.UnlearnConfig(**{**TINY, "ckpt_every_steps": 2, "epochs": 3})
     forget, retain = _encoded(10, 5, trigger=9), _encoded(12, 6)
     ref = U.unlearn(victim, forget, retain, cfg)
 
@@ -260,7 +261,7 @@ def test_unlearn_resumes_after_a_kill(victim, tmp_path):
 
 
 def test_monitor_keeps_best_state_and_stops(victim):
-    cfg = U.UnlearnConfig(**{**TINY, "epochs": 4, "eval_every_steps": 1})
+    cfg = S.UnlearnConfig(**{**TINY, "epochs": 4, "eval_every_steps": 1})
     forget, retain = _encoded(8, 7), _encoded(8, 8)
     scores = iter([0.9, 0.5, 0.2, 0.7, 0.05, 0.6, 0.6, 0.6, 0.6])
 
@@ -280,7 +281,7 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     from jdup import models
 
     out = tmp_path / "purify"
-    cfg = U.UnlearnConfig(
+    cfg = S.UnlearnConfig(
         model=str(tiny_model_dir),
         data=str(synthetic_dup),
         out=str(out),
@@ -288,7 +289,7 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
         **{**TINY, "early_stop": "proxy", "ckpt_every_steps": 3},
         detect={"progress": False, "plots": False, "max_length": 32},
     )
-    m = U.run_unlearn(cfg)
+    m = S.run_unlearn(cfg)
     for k in (
         "cacc_before",
         "asr_before",
@@ -314,10 +315,10 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     assert abs(acc - m["cacc_after"]) < 1e-9
     # a given detection folder is reused as is
     cfg2 = dataclasses.replace(cfg, out=str(tmp_path / "again"), detection=str(out / "detection"), epochs=0)
-    m2 = U.run_unlearn(cfg2)
+    m2 = S.run_unlearn(cfg2)
     assert m2["n_flagged"] == m["n_flagged"] and m2["cacc_after"] == m2["cacc_before"]
     with pytest.raises(JdupError):
-        U.run_unlearn(dataclasses.replace(cfg2, forget_loss="nope"))
+        S.run_unlearn(dataclasses.replace(cfg2, forget_loss="nope"))
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -333,7 +334,7 @@ def test_unlearn_removes_badnets_backdoor_from_minilm(badnets_victim, tmp_path):
     ASR 0.91 -> 0.08 at CACC 0.82 -> 0.76. The 300 dev-clean rows (60 held out for the accuracy check) are
     noisy, hence the 5-point bound. The faithful loss is measured on the full data in the README.
     """
-    cfg = U.UnlearnConfig(
+    cfg = S.UnlearnConfig(
         model=badnets_victim["model"],
         data=badnets_victim["data"],
         out=str(tmp_path / "p"),
@@ -345,7 +346,7 @@ def test_unlearn_removes_badnets_backdoor_from_minilm(badnets_victim, tmp_path):
         ckpt_every_steps=0,
         detect={"progress": False, "plots": False, "max_length": 48},
     )
-    m = U.run_unlearn(cfg)
+    m = S.run_unlearn(cfg)
     print(
         "badnets e2e:",
         {

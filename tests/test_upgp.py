@@ -79,7 +79,7 @@ def tiny():
 
 
 def _unlearn_cfg(**kw):
-    from jdup import unlearn as U
+    from jdup.stages import unlearn as S
 
     base = dict(
         lora_rank=4,
@@ -95,7 +95,7 @@ def _unlearn_cfg(**kw):
         lr=1e-2,
     )
     base.update(kw)
-    return U.UnlearnConfig(**base)
+    return S.UnlearnConfig(**base)
 
 
 def test_detection_pipeline_and_vmapped_first_order_matches_a_loop(tiny):

@@ -1,0 +1,330 @@
+"""The ``jdup unlearn`` stage: purify a backdoored classifier, with files in and out.
+
+``jdup unlearn --model M --data DIR --out OUT [--detection DET]``:
+
+1. Load the backdoored victim (the *teacher*, frozen) and the DUP data folder (dev-clean, dev-poison, test-clean,
+   test-poison).
+2. Detect on ``dev-detect = dev-clean ‖ dev-poison`` (calibrated on dev-clean) with :mod:`jdup.stages.detect`
+   (:func:`detect_config` gives its settings), or reuse ``--detection``. The flagged rows (true and false
+   positives) are the forget set; dev-clean with its labels is the retain set (:func:`jdup.unlearn.prepare_sets`).
+3. Unlearn in memory (:func:`jdup.unlearn.unlearn`: LoRA student, ``λ_asr·forget + λ_acc·CE``, AdamW, optional
+   UPGP projection, early stopping).
+4. Merge the adapters (exact), evaluate CACC / ASR / RA before and after on test-clean / test-poison, write
+   ``OUT/model/`` (Hugging Face format), ``OUT/metrics.json``, ``OUT/history.json`` and
+   ``OUT/detection/flags.npy``; each file atomically (:mod:`jdup.atomic`). Orbax checkpoints under ``OUT/ckpt``
+   let a killed run resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jdup import atomic, models
+from jdup import config as config_lib
+from jdup import data as D
+from jdup import lora as lora_lib
+from jdup import metrics as metrics_lib
+from jdup.detect import DetectConfig
+from jdup.errors import JdupError, check_one_of, check_range
+from jdup.stages import detect as detect_stage
+from jdup.unlearn import UnlearnSettings, model_logits, prepare_sets, unlearn
+
+log = logging.getLogger("jdup.unlearn")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class UnlearnConfig(UnlearnSettings):
+    """Settings of ``jdup unlearn``: the algorithm's (:class:`jdup.unlearn.UnlearnSettings`) plus files."""
+
+    # --- inputs / outputs
+    model: str = ""  # backdoored classifier: HF folder, hub id or builtin:...
+    data: str = ""  # DUP-layout folder with dev-clean/dev-poison/test-clean/test-poison.csv
+    out: str = ""  # output folder: model/ (purified, HF format), metrics.json, detection/, ckpt/
+    detection: str | None = (
+        None  # reuse a detection folder (flags over dev-clean ‖ dev-poison) instead of detecting
+    )
+    detect: DetectConfig = dataclasses.field(
+        default_factory=DetectConfig
+    )  # the built-in detection's settings
+    #                          (split_seed, progress and max_length follow this config's seed/progress/max_length
+    #                          unless set: detect_config)
+    max_length: int = 128  # tokens per text (truncation); batches are padded to length buckets
+    dtype: str = "float32"  # compute dtype of the model: float32 | bfloat16
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.detect, Mapping):  # Python callers may pass the detection settings as a mapping
+            opts = dict(self.detect)
+            if "seed" in opts:  # documented alias of split_seed
+                opts.setdefault("split_seed", opts.pop("seed"))
+            object.__setattr__(self, "detect", config_lib.build(DetectConfig, opts, source="unlearn.detect"))
+
+    def validate(self) -> None:
+        """Value constraints (run by ``jdup.config.build`` and by :func:`run_unlearn`)."""
+        super().validate()
+        check_one_of(self, "dtype", tuple(DTYPES))
+        check_range(self, "max_length", 1)
+
+
+def detect_config(cfg: UnlearnConfig) -> DetectConfig:
+    """The settings of ``jdup unlearn``'s built-in detection: ``cfg.detect`` whose ``split_seed``, ``max_length``
+    (when left at the :class:`DetectConfig` defaults) and ``progress`` follow ``cfg``'s ``seed``, ``max_length``
+    and ``progress``."""
+    d, default = cfg.detect, DetectConfig()
+    changes: dict = {}
+    if d.split_seed == default.split_seed:
+        changes["split_seed"] = int(cfg.seed)
+    if d.max_length == default.max_length:
+        changes["max_length"] = int(cfg.max_length)
+    if not cfg.progress:
+        changes["progress"] = False
+    return dataclasses.replace(d, **changes)
+
+
+def _check_config(cfg: UnlearnConfig) -> None:
+    if not cfg.model:
+        raise JdupError("unlearn needs `model` (the backdoored classifier)")
+    if not cfg.data:
+        raise JdupError("unlearn needs `data` (a DUP-layout folder)")
+    if not cfg.out:
+        raise JdupError("unlearn needs `out` (the output folder)")
+    config_lib.validate(cfg, source="unlearn")
+
+
+def eval_target(data_dir: str, test_poison: D.TextDataset) -> int:
+    """The attack's target label for evaluation: ``poison_config.json`` if present, else the majority label of
+    test-poison (every test-poison row is labelled with the target)."""
+    meta = os.path.join(data_dir, "poison_config.json")
+    if os.path.isfile(meta):
+        try:
+            with open(meta) as f:
+                return int(json.load(f)["target"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if len(test_poison) == 0:
+        raise JdupError("test-poison is empty, cannot infer the target label", data_dir)
+    return int(np.bincount(test_poison.labels).argmax())
+
+
+def robust_labels(
+    test_clean: D.TextDataset, test_poison: D.TextDataset, target: int, where: str
+) -> np.ndarray | None:
+    """True labels of the test-poison rows: row i is the poisoned copy of the i-th non-target test-clean row
+    (spec §5.1). ``None`` (RA not computed) when the counts do not line up."""
+    true = test_clean.labels[test_clean.labels != target]
+    if len(true) != len(test_poison):
+        log.warning(
+            "%s: %d non-target test-clean rows but %d test-poison rows; RA not computed",
+            where,
+            len(true),
+            len(test_poison),
+        )
+        return None
+    return true
+
+
+def evaluate_model(
+    model: nnx.Module,
+    tc: D.Encoded,
+    tp: D.Encoded,
+    target: int,
+    ra_labels,
+    batch_size: int,
+    progress: bool,
+    tag: str,
+) -> dict:
+    """CACC (test-clean), ASR (test-poison → target) and RA (test-poison vs true labels)."""
+    pc = model_logits(model, tc, batch_size, progress, f"eval {tag}: test-clean").argmax(-1)
+    pp = model_logits(model, tp, batch_size, progress, f"eval {tag}: test-poison").argmax(-1)
+    return {
+        "cacc": metrics_lib.accuracy(pc, tc.labels),
+        "asr": metrics_lib.attack_success_rate(pp, target),
+        "ra": metrics_lib.accuracy(pp, ra_labels) if ra_labels is not None else None,
+    }
+
+
+def _load_flags(folder: str, n: int) -> np.ndarray:
+    """Flags over dev-clean ‖ dev-poison from a detection folder (``flags.npy`` or ``detection.json``'s
+    ``flags``)."""
+    path = os.path.join(folder, "flags.npy")
+    if os.path.isfile(path):
+        try:
+            flags = np.load(path).astype(bool).reshape(-1)
+        except (OSError, ValueError) as e:
+            raise JdupError(f"cannot read flags: {e}", path) from e
+    else:
+        path = os.path.join(folder, "detection.json")
+        if not os.path.isfile(path):
+            raise JdupError("detection folder has neither flags.npy nor detection.json", folder)
+        with open(path, encoding="utf-8") as f:
+            det = json.load(f)
+        if "flags" not in det:
+            raise JdupError("detection.json has no `flags` list", path)
+        flags = np.asarray(det["flags"], bool).reshape(-1)
+    if len(flags) != n:
+        raise JdupError(
+            f"{len(flags)} flags, but dev-clean ‖ dev-poison has {n} rows (a detection of another "
+            "set? unlearning needs flags over dev-clean followed by dev-poison)",
+            path,
+        )
+    return flags
+
+
+def run_detection(cfg: UnlearnConfig, model: nnx.Module, out_dir: str) -> np.ndarray:
+    """Detect on dev-clean ‖ dev-poison (calibrated on dev-clean) with :func:`jdup.stages.detect.detect_dev` and
+    :func:`detect_config`; the detection stage writes its files into ``out_dir``."""
+    flags, _ = detect_stage.detect_dev(model, cfg.model, cfg.data, out_dir, detect_config(cfg))
+    return np.asarray(flags, bool)
+
+
+def run_unlearn(cfg: UnlearnConfig) -> dict:
+    """``jdup unlearn``: detect, unlearn, merge, evaluate, export. See the module docstring.
+
+    Writes (atomically) ``OUT/model/`` (purified classifier, Hugging Face format, with the victim's tokenizer),
+    ``OUT/metrics.json``, ``OUT/history.json`` (per-step log and stop-rule evaluations) and, when detecting,
+    ``OUT/detection/flags.npy``.
+
+    Returns:
+      The metrics dict: ``cacc_before``, ``asr_before``, ``ra_before``, ``cacc_after``, ``asr_after``, ``ra_after``,
+      ``n_flagged``, ``n_flagged_poison``, ``seconds`` and run details.
+    """
+    _check_config(cfg)
+    t0 = time.perf_counter()
+    out = os.path.abspath(os.fspath(cfg.out))
+    os.makedirs(out, exist_ok=True)
+
+    victim = models.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
+    tok = models.load_tokenizer(cfg.model)
+    k = victim.config.num_labels
+    splits = {
+        n: D.read_split(cfg.data, n, num_labels=k)
+        for n in ("dev-clean", "dev-poison", "test-clean", "test-poison")
+    }
+    enc = {n: D.encode(tok, ds, cfg.max_length, config=victim.config) for n, ds in splits.items()}
+    target = eval_target(cfg.data, splits["test-poison"])
+    ra_labels = robust_labels(splits["test-clean"], splits["test-poison"], target, cfg.data)
+
+    # 1. detection over dev-detect = dev-clean ‖ dev-poison
+    n_detect = len(splits["dev-clean"]) + len(splits["dev-poison"])
+    t_det = time.perf_counter()
+    flags_path = os.path.join(out, "detection", "flags.npy")
+    if cfg.detection:
+        flags = _load_flags(os.fspath(cfg.detection), n_detect)
+    elif cfg.resume and os.path.isfile(flags_path):
+        flags = _load_flags(os.path.dirname(flags_path), n_detect)
+    else:
+        flags = run_detection(cfg, victim, os.path.join(out, "detection"))
+        if len(flags) != n_detect:
+            raise JdupError(f"detection returned {len(flags)} flags for {n_detect} rows")
+        os.makedirs(os.path.dirname(flags_path), exist_ok=True)
+        atomic.write_npy(flags_path, flags)
+    det_seconds = time.perf_counter() - t_det
+    is_poison = np.concatenate(
+        [np.zeros(len(splits["dev-clean"]), bool), np.ones(len(splits["dev-poison"]), bool)]
+    )
+    dev_detect = D.TextDataset.concat([splits["dev-clean"], splits["dev-poison"]], "dev-detect")
+    enc_detect = D.encode(tok, dev_detect, cfg.max_length, config=victim.config)
+
+    # 2. forget set (training part + held-out part for the proxy rule), retain set, teacher, monitor
+    sets = prepare_sets(cfg, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target)
+
+    # 3. before
+    before = evaluate_model(
+        victim,
+        enc["test-clean"],
+        enc["test-poison"],
+        target,
+        ra_labels,
+        cfg.eval_batch_size,
+        cfg.progress,
+        "before",
+    )
+
+    # 4. unlearn (the UPGP projection, if any, is built by unlearn() on its student)
+    t_un = time.perf_counter()
+    res = unlearn(
+        victim,
+        sets.forget,
+        sets.retain,
+        cfg,
+        teacher_logits=sets.teacher,
+        target_label=sets.target,
+        monitor=sets.monitor,
+        ckpt_dir=os.path.join(out, "ckpt"),
+    )
+    un_seconds = time.perf_counter() - t_un
+
+    # 5. after
+    after = evaluate_model(
+        res.merged,
+        enc["test-clean"],
+        enc["test-poison"],
+        target,
+        ra_labels,
+        cfg.eval_batch_size,
+        cfg.progress,
+        "after",
+    )
+    models.save_pretrained(res.merged, os.path.join(out, "model"), tokenizer_src=tok)
+
+    fl = flags.astype(bool)
+    metrics = {
+        "cacc_before": before["cacc"],
+        "asr_before": before["asr"],
+        "ra_before": before["ra"],
+        "cacc_after": after["cacc"],
+        "asr_after": after["asr"],
+        "ra_after": after["ra"],
+        "n_flagged": int(fl.sum()),
+        "n_flagged_poison": int((fl & is_poison).sum()),
+        "n_flagged_clean": int((fl & ~is_poison).sum()),
+        "n_dev_detect": int(n_detect),
+        "n_forget_train": int(len(sets.forget)),
+        "n_holdout": int(len(sets.holdout)),
+        "n_retain": int(len(sets.retain)),
+        "target": int(target),
+        "defender_target": int(sets.target),
+        "steps": res.steps,
+        "total_steps": res.total_steps,
+        "best_step": res.best_step,
+        "stopped_early": res.stopped_early,
+        "early_stop": cfg.early_stop,
+        "forget_loss": cfg.forget_loss,
+        "lambda_asr": cfg.lambda_asr,
+        "lambda_acc": cfg.lambda_acc,
+        "projection": cfg.projection,
+        "trainable_params": lora_lib.count_params(res.student.trainable),
+        "detect_seconds": det_seconds,
+        "unlearn_seconds": un_seconds,
+        "seconds": time.perf_counter() - t0,
+    }
+    atomic.write_json(
+        os.path.join(out, "history.json"), {"evals": res.history, "steps": res.log}, default=float
+    )
+    atomic.write_json(os.path.join(out, "metrics.json"), metrics, default=float)
+    shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
+    log.info("unlearn: %s", metrics)
+    return metrics
+
+
+__all__ = [
+    "UnlearnConfig",
+    "detect_config",
+    "run_unlearn",
+    "run_detection",
+    "evaluate_model",
+    "eval_target",
+    "robust_labels",
+]

@@ -1,0 +1,106 @@
+"""DUP purification in memory: LoRA unlearning of the samples a detector flagged (spec §3).
+
+* :mod:`~jdup.unlearn.config`: :class:`UnlearnSettings`, every knob of the algorithm (no paths);
+* :mod:`~jdup.unlearn.student`: :func:`build_student` (victim + LoRA + trainable head copy, split);
+* :mod:`~jdup.unlearn.loss`: :class:`LossSettings`, :func:`loss_pieces` (the forget and retain terms separately),
+  :func:`joint_batch`;
+* :mod:`~jdup.unlearn.step`: :func:`train_step` (pure; the sweep vmaps it), :data:`jit_train_step`,
+  :class:`OptimizerSpec` (static) and :class:`StepHParams` (traced learning rate and loss weights);
+* :mod:`~jdup.unlearn.monitors`: the stop rules and :func:`prepare_sets` (forget/holdout/retain from the flags);
+* :mod:`~jdup.unlearn.loop`: :func:`unlearn`, :class:`StepInfo`, :class:`UnlearnResult`.
+
+Files (model, data folder, detection, metrics, the exported model) belong to the ``jdup unlearn`` stage,
+:mod:`jdup.stages.unlearn` (``UnlearnConfig``, ``run_unlearn``); this package reads and writes none, except the
+optional orbax checkpoint folder :func:`unlearn` is given.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from jdup.data.batching import (
+    BatchPlan,
+    clean_batch_at,
+    forget_batch_at,
+    forget_batches_per_epoch,
+    with_pad_multiple,
+)
+from jdup.unlearn.config import EARLY_STOP, UnlearnSettings
+from jdup.unlearn.loop import StepInfo, UnlearnResult, model_logits, predict_logits, unlearn
+from jdup.unlearn.loss import LossSettings, joint_batch, loss_pieces, objective, student_logits
+from jdup.unlearn.monitors import (
+    Monitor,
+    UnlearnSets,
+    infer_target,
+    oracle_monitor,
+    prepare_sets,
+    proxy_monitor,
+)
+from jdup.unlearn.step import (
+    OptimizerSpec,
+    StepHParams,
+    TwoStreams,
+    jit_train_step,
+    make_optimizer,
+    make_train_step,
+    make_two_stream_optimizer,
+    step_hparams,
+    step_key,
+    train_step,
+)
+from jdup.unlearn.student import Student, build_student
+
+__all__ = [
+    "EARLY_STOP",
+    "UnlearnSettings",
+    "Student",
+    "build_student",
+    "LossSettings",
+    "student_logits",
+    "loss_pieces",
+    "objective",
+    "joint_batch",
+    "StepHParams",
+    "step_hparams",
+    "OptimizerSpec",
+    "train_step",
+    "jit_train_step",
+    "step_key",
+    "TwoStreams",
+    "make_optimizer",
+    "make_two_stream_optimizer",
+    "make_train_step",
+    "Monitor",
+    "proxy_monitor",
+    "oracle_monitor",
+    "infer_target",
+    "UnlearnSets",
+    "prepare_sets",
+    "StepInfo",
+    "UnlearnResult",
+    "unlearn",
+    "predict_logits",
+    "model_logits",
+    "BatchPlan",
+    "clean_batch_at",
+    "forget_batch_at",
+    "forget_batches_per_epoch",
+    "with_pad_multiple",
+]
+
+# Transitional: the stage's names under their old home, resolved on first use (not imported here, so this
+# package does not depend on jdup.stages). Import them from jdup.stages.unlearn; the lead removes this shim.
+_STAGE_NAMES = (
+    "UnlearnConfig",
+    "run_unlearn",
+    "evaluate_model",
+    "eval_target",
+    "robust_labels",
+    "run_detection",
+)
+
+
+def __getattr__(name: str):
+    if name in _STAGE_NAMES:
+        return getattr(importlib.import_module("jdup.stages.unlearn"), name)
+    raise AttributeError(f"module 'jdup.unlearn' has no attribute {name!r}")

@@ -1,0 +1,145 @@
+"""The unlearning objective: student logits, the forgetting and retain terms, and the joint batch they run on.
+
+``L = λ_asr · forget(student, teacher)[flagged batch] + λ_acc · CE(student, y)[clean batch]`` where the faithful
+``forget`` is ``−KL(p_T ‖ p_S)`` (:mod:`jdup.losses`; bounded variants selectable). :class:`LossSettings` holds only
+what shapes the traced computation (static); the weights ``λ`` are traced arrays (:class:`StepHParams` in
+:mod:`jdup.unlearn.step`), so K cells of a sweep with different weights share one compiled step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jdup import lora as lora_lib
+from jdup import losses
+from jdup.predict import MODEL_INPUTS
+
+
+class LossSettings(NamedTuple):
+    """Hashable loss settings baked into a jitted step (Python scalars only; no loss weights, they are traced)."""
+
+    forget_loss: str = "kl"
+    temperature: float = 1.0
+    kl_cap: float = 2.0
+    suppress_eps: float = 1e-4
+    target_label: int = 1
+    lora_dropout: bool = True
+    model_dropout: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Any, target_label: int) -> LossSettings:
+        """From an :class:`~jdup.unlearn.UnlearnSettings` and the (defender's) target label."""
+        return cls(
+            cfg.forget_loss,
+            cfg.temperature,
+            cfg.kl_cap,
+            cfg.suppress_eps,
+            int(target_label),
+            cfg.lora_dropout > 0,
+            cfg.model_dropout,
+        )
+
+
+def student_logits(graphdef, trainable, frozen, batch: dict, key: jax.Array | None, settings: LossSettings):
+    """Logits of the student on ``batch`` (dropout on when ``key`` is given and the settings ask for it)."""
+    model = nnx.merge(graphdef, trainable, frozen)
+    if key is None:
+        return model(*(batch[k] for k in MODEL_INPUTS), deterministic=True).logits
+    k_lora, k_model = jax.random.split(key)
+    with lora_lib.lora_dropout(k_lora if settings.lora_dropout else None):
+        if settings.model_dropout:
+            out = model(
+                *(batch[k] for k in MODEL_INPUTS), deterministic=False, rngs=nnx.Rngs(dropout=k_model)
+            )
+        else:
+            out = model(*(batch[k] for k in MODEL_INPUTS), deterministic=True)
+    return out.logits
+
+
+def loss_pieces(graphdef, trainable, frozen, batch: dict, key: jax.Array | None, settings: LossSettings):
+    """The two loss terms on a joint batch, separately (both to be minimised).
+
+    Args:
+      graphdef, trainable, frozen: the student split (:func:`~jdup.unlearn.build_student`).
+      batch: a joint batch from :func:`joint_batch`: model inputs ``[2B, S]`` (flagged rows first) or, unfused,
+        ``forget_inputs``/``retain_inputs`` dicts of ``[B, S_f]``/``[B, S_r]`` inputs; plus ``teacher_logits
+        [B, K]``, ``labels [B]`` (clean rows), ``forget_mask [B]``, ``retain_mask [B]``.
+      key: dropout key, or ``None`` for a deterministic forward.
+      settings: :class:`LossSettings`.
+
+    Returns:
+      ``(forget, retain)`` scalars: ``forget`` is the forgetting term (e.g. ``−KL``), ``retain`` the clean CE. The
+      objective is ``λ_asr·forget + λ_acc·retain`` (:func:`objective`).
+    """
+    b = batch["teacher_logits"].shape[0]
+    if "retain_inputs" in batch:  # two forward passes, each at its own bucket length
+        kf, kr = (None, None) if key is None else jax.random.split(key)
+        forget_logits = student_logits(graphdef, trainable, frozen, batch["forget_inputs"], kf, settings)
+        retain_logits = student_logits(graphdef, trainable, frozen, batch["retain_inputs"], kr, settings)
+    else:  # one forward pass on [flagged; clean]
+        logits = student_logits(graphdef, trainable, frozen, batch, key, settings)
+        forget_logits, retain_logits = logits[:b], logits[b:]
+    forget = losses.forget_loss(
+        settings.forget_loss,
+        forget_logits,
+        batch["teacher_logits"],
+        batch["forget_mask"],
+        temperature=settings.temperature,
+        kl_cap=settings.kl_cap,
+        target_label=settings.target_label,
+        eps=settings.suppress_eps,
+    )
+    retain = losses.cross_entropy(retain_logits, batch["labels"], batch["retain_mask"])
+    return forget, retain
+
+
+def objective(forget, retain, lambda_asr, lambda_acc):
+    """``λ_asr·forget + λ_acc·retain`` (weights: Python floats or traced float32 arrays, same numbers)."""
+    return lambda_asr * forget + lambda_acc * retain
+
+
+def joint_batch(
+    forget_batch: dict, teacher_logits: np.ndarray, clean_batch: dict, fused: bool = True
+) -> dict:
+    """Concatenate a flagged batch and a clean batch into one model batch padded to the longer length.
+
+    With ``fused=False`` the two batches are kept apart (``forget_inputs``/``retain_inputs``, each at its own
+    bucket length) and :func:`loss_pieces` runs two forward passes: less padding when the lengths differ, at the
+    cost of compiling one step per pair of bucket lengths instead of one per bucket.
+
+    Args:
+      forget_batch: a :func:`jdup.data.batches` batch of flagged rows (``index`` selects ``teacher_logits``).
+      teacher_logits: ``[N_forget, K]`` teacher logits of all flagged rows.
+      clean_batch: a batch of labelled clean rows.
+      fused: one concatenated batch (default) or the two batches apart.
+
+    Returns:
+      dict of numpy arrays: model inputs ``[2B, S]``, ``teacher_logits [B, K]``, ``labels [B]``,
+      ``forget_mask [B]`` and ``retain_mask [B]`` (float32 row masks).
+    """
+    s = max(forget_batch["input_ids"].shape[1], clean_batch["input_ids"].shape[1])
+    out = {}
+    if not fused:
+        out["forget_inputs"] = {k: forget_batch[k] for k in MODEL_INPUTS}
+        out["retain_inputs"] = {k: clean_batch[k] for k in MODEL_INPUTS}
+    for k in MODEL_INPUTS if fused else ():
+        parts = []
+        for b in (forget_batch, clean_batch):
+            x = b[k]
+            if x.shape[1] < s:
+                fill = 0
+                if k == "input_ids":
+                    fill = int(x[0, -1]) if not b["attention_mask"][0, -1] else 0
+                x = np.pad(x, ((0, 0), (0, s - x.shape[1])), constant_values=fill)
+            parts.append(x)
+        out[k] = np.concatenate(parts, 0)
+    idx = np.where(forget_batch["valid"], forget_batch["index"], forget_batch["index"][0])
+    out["teacher_logits"] = np.asarray(teacher_logits[idx], np.float32)
+    out["labels"] = clean_batch["labels"].astype(np.int32)
+    out["forget_mask"] = forget_batch["valid"].astype(np.float32)
+    out["retain_mask"] = clean_batch["valid"].astype(np.float32)
+    return out

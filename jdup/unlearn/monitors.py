@@ -1,0 +1,160 @@
+"""Stop rules of the unlearning loop, and the preparation of the forget/holdout/retain sets from the flags.
+
+:func:`prepare_sets` is the in-memory part of ``jdup unlearn`` between the detection flags and :func:`unlearn`
+(teacher logits, the defender's target, the held-out flagged and clean rows, the monitor); the stage and the sweep
+both call it, so a sweep cell prepares exactly what ``jdup unlearn`` prepares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+from flax import nnx
+
+from jdup import data as D
+from jdup import predict as predict_lib
+
+Monitor = Callable[[Callable[[D.Encoded], np.ndarray]], dict]
+"""``monitor(logits_fn) -> {"score": float (lower is better), "ok": bool, "stop": bool, ...}``; ``logits_fn``
+gives the current student's deterministic logits on any :class:`jdup.data.Encoded`."""
+
+
+def proxy_monitor(
+    holdout: D.Encoded,
+    clean: D.Encoded,
+    target: int,
+    base_acc: float,
+    *,
+    asr_stop: float,
+    max_acc_drop: float,
+) -> Monitor:
+    """Defender-side stop rule: forgetting measured on held-out flagged rows, accuracy on labelled clean rows.
+
+    ``score`` = fraction of ``holdout`` predicted as ``target`` (a proxy for ASR: most flagged rows carry the
+    trigger); ``ok`` = clean accuracy ≥ ``base_acc − max_acc_drop``; ``stop`` = ``ok`` and score ≤ ``asr_stop``.
+    """
+
+    def monitor(logits_fn):
+        acc = float((logits_fn(clean).argmax(-1) == clean.labels).mean()) if len(clean) else 1.0
+        score = float((logits_fn(holdout).argmax(-1) == target).mean()) if len(holdout) else 0.0
+        ok = acc >= base_acc - max_acc_drop - 1e-9
+        return {
+            "score": score,
+            "proxy_asr": score,
+            "dev_acc": acc,
+            "ok": ok,
+            "stop": ok and score <= asr_stop,
+        }
+
+    return monitor
+
+
+def oracle_monitor(dev_poison: D.Encoded, target: int, asr_threshold: float) -> Monitor:
+    """The official rule (spec §3.6), an ORACLE: ASR on ground-truth dev-poison; stop once ≤ ``asr_threshold``."""
+
+    def monitor(logits_fn):
+        asr = float((logits_fn(dev_poison).argmax(-1) == target).mean()) if len(dev_poison) else 0.0
+        return {"score": asr, "dev_asr_oracle": asr, "ok": True, "stop": asr <= asr_threshold}
+
+    return monitor
+
+
+def infer_target(teacher_logits: np.ndarray, num_labels: int) -> int:
+    """The backdoor target a defender can infer: the majority teacher prediction on the flagged rows."""
+    if teacher_logits.size == 0:
+        return 0
+    return int(np.bincount(teacher_logits.argmax(-1), minlength=num_labels).argmax())
+
+
+class UnlearnSets(NamedTuple):
+    """What :func:`unlearn` trains on and monitors, prepared from the detection flags (:func:`prepare_sets`).
+
+    Attributes:
+      forget: flagged rows trained on.
+      holdout: flagged rows held out for the proxy rule (empty unless ``early_stop == "proxy"``).
+      retain: labelled clean rows of the CE term (dev-clean minus the clean holdout).
+      teacher: ``[len(forget), K]`` victim logits on ``forget``.
+      target: the defender's target label (``cfg.target_label`` or :func:`infer_target`).
+      monitor: the stop rule (``None`` for ``early_stop == "none"``).
+    """
+
+    forget: D.Encoded
+    holdout: D.Encoded
+    retain: D.Encoded
+    teacher: np.ndarray
+    target: int
+    monitor: Monitor | None
+
+
+def prepare_sets(
+    cfg: Any,
+    victim: nnx.Module,
+    dev_detect: D.Encoded,
+    flags: np.ndarray,
+    dev_clean: D.Encoded,
+    dev_poison: D.Encoded,
+    eval_target: int,
+) -> UnlearnSets:
+    """The forget set, its holdout, the retain set, the teacher logits, the defender's target and the monitor.
+
+    Args:
+      cfg: an :class:`~jdup.unlearn.UnlearnSettings` (seed, holdout fractions, stop rule, batch size, ...).
+      victim: the backdoored model (teacher).
+      dev_detect: tokenised ``dev-clean ‖ dev-poison`` (the rows the flags refer to).
+      flags: ``[len(dev_detect)]`` bool, the detection's flags.
+      dev_clean: tokenised dev-clean (labelled clean rows).
+      dev_poison: tokenised dev-poison (only for the ``oracle_dev_poison`` rule).
+      eval_target: the attack's true target (only for the ``oracle_dev_poison`` rule).
+
+    Flagged rows held out for the proxy rule: ``round(holdout_frac · n_flagged)`` drawn with
+    ``default_rng([seed, 7])``; clean rows held out of the CE set: ``round(clean_holdout_frac · n_clean)`` drawn
+    with ``default_rng([seed, 11])`` (none if that leaves no CE rows).
+    """
+    k = int(victim.config.num_labels)
+    flagged_idx = np.flatnonzero(np.asarray(flags, bool))
+    teacher_all = (
+        predict_lib.predict(
+            victim,
+            dev_detect.subset(flagged_idx),
+            cfg.eval_batch_size,
+            progress=cfg.progress,
+            desc="teacher logits",
+        )
+        if len(flagged_idx)
+        else np.zeros((0, k), np.float32)
+    )
+    target = cfg.target_label if cfg.target_label is not None else infer_target(teacher_all, k)
+    perm = np.random.default_rng([cfg.seed, 7]).permutation(len(flagged_idx))
+    n_hold = int(round(cfg.holdout_frac * len(flagged_idx))) if cfg.early_stop == "proxy" else 0
+    hold_pos, train_pos = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    forget = dev_detect.subset(flagged_idx[train_pos])
+    holdout = dev_detect.subset(flagged_idx[hold_pos])
+    teacher = teacher_all[train_pos] if len(train_pos) else np.zeros((0, k), np.float32)
+
+    monitor = None
+    retain = dev_clean
+    if cfg.early_stop == "proxy":
+        clean_check = retain
+        n_clean_hold = int(round(cfg.clean_holdout_frac * len(retain)))
+        if 0 < n_clean_hold < len(retain):
+            perm_c = np.random.default_rng([cfg.seed, 11]).permutation(len(retain))
+            clean_check = retain.subset(np.sort(perm_c[:n_clean_hold]))
+            retain = retain.subset(np.sort(perm_c[n_clean_hold:]))
+        base_acc = float(
+            (
+                predict_lib.predict(victim, clean_check, cfg.eval_batch_size).argmax(-1) == clean_check.labels
+            ).mean()
+        )
+        monitor = proxy_monitor(
+            holdout,
+            clean_check,
+            target,
+            base_acc,
+            asr_stop=cfg.proxy_asr_stop,
+            max_acc_drop=cfg.max_cacc_drop,
+        )
+    elif cfg.early_stop == "oracle_dev_poison":
+        monitor = oracle_monitor(dev_poison, eval_target, cfg.asr_threshold)
+    return UnlearnSets(forget, holdout, retain, teacher, int(target), monitor)

@@ -1,0 +1,255 @@
+"""One optimizer step of unlearning, written so that ``jax.vmap`` can run K settings at once.
+
+What is static (hashable, part of the compiled program): the student's ``graphdef``, the :class:`OptimizerSpec`
+(step counts, weight decay, clip, projection transforms) and the :class:`~jdup.unlearn.LossSettings`. What is
+traced (data, may carry a leading cell axis): the trainable state, the optimizer state, the batch, the dropout
+key and the :class:`StepHParams` (peak learning rate and loss weights). The optimizer state does not hold the
+learning rate, so it is initialised the same way for every cell (:meth:`OptimizerSpec.init`).
+
+Optimiser (:func:`jdup.optim.adamw_chain`): ``clip_by_global_norm → scale_by_adam → decoupled weight decay →
+−lr(t)``, linear warm-up then linear decay (first update lr 0); without a projection this is exactly torch AdamW.
+With a projection (UPGP) the two loss terms get separate streams (:func:`jdup.optim.two_stream_chain`): the
+forgetting gradient goes through ``clip → Adam → projection → −lr·λ_asr``, the clean CE through its own
+unprojected ``clip → Adam → −lr·λ_acc``, and the two updates are added (no weight decay).
+
+The contract the sweep relies on is written in ``/work/notes/contract-unlearn.md`` (and in ``docs/sweeps.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jdup import optim
+from jdup.unlearn.loss import LossSettings, loss_pieces, objective
+
+TwoStreams = optim.TwoStreams
+
+
+class StepHParams(NamedTuple):
+    """The traced numbers of a step (float32; ``[]`` for one run, ``[K]`` for K vmapped cells).
+
+    Build it with :func:`step_hparams` only: ``forget_lr``/``retain_lr`` are the products ``lr·λ`` taken in
+    float64 on the host, which is what keeps a vmapped cell's numbers equal to the single run's.
+    """
+
+    lr: Any  # peak learning rate (single stream)
+    lambda_asr: Any  # weight of the forgetting term
+    lambda_acc: Any  # weight of the clean CE term
+    forget_lr: Any  # lr · lambda_asr: peak learning rate of the projected forget stream (two streams)
+    retain_lr: Any  # lr · lambda_acc: peak learning rate of the free retain stream (two streams)
+
+
+def step_hparams(lr: Any, lambda_asr: Any = 1.0, lambda_acc: Any = 1.0) -> StepHParams:
+    """:class:`StepHParams` from Python floats or ``[K]`` NumPy arrays (one entry per cell)."""
+    lr64 = np.asarray(lr, np.float64)
+    a64 = np.asarray(lambda_asr, np.float64)
+    c64 = np.asarray(lambda_acc, np.float64)
+
+    def f32(x):
+        return np.asarray(x, np.float32)
+
+    return StepHParams(f32(lr64), f32(a64), f32(c64), f32(lr64 * a64), f32(lr64 * c64))
+
+
+class OptimizerSpec(NamedTuple):
+    """The static part of the unlearning optimizer; :meth:`build` adds the traced learning rates.
+
+    Attributes:
+      total_steps: optimizer steps ``T`` of the whole run.
+      warmup_steps: ``W = int(warmup_frac·T)``; ``lr(t) = lr·t/W`` for ``t < W``, then ``lr·max(0, (T−t)/(T−W))``.
+      weight_decay: decoupled weight decay on every trainable leaf (single stream only).
+      clip: global-norm clip of the raw gradient (0 disables).
+      projection: ``None`` (one AdamW stream) or the forget stream's projection (two streams).
+      retain_projection: structural constraints of the retain stream (two streams; see
+        :func:`jdup.optim.two_stream_chain`).
+    """
+
+    total_steps: int
+    warmup_steps: int
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    projection: optax.GradientTransformation | None = None
+    retain_projection: optax.GradientTransformation | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Any,
+        total_steps: int,
+        projection: optax.GradientTransformation | None = None,
+        retain_projection: optax.GradientTransformation | None = None,
+    ) -> OptimizerSpec:
+        """From an :class:`~jdup.unlearn.UnlearnSettings` (``warmup_frac``, ``weight_decay``, ``clip_norm``)."""
+        total = int(total_steps)
+        return cls(
+            total,
+            optim.warmup_steps(total, cfg.warmup_frac),
+            float(cfg.weight_decay),
+            float(cfg.clip_norm),
+            projection,
+            retain_projection,
+        )
+
+    def schedule(self, peak: Any) -> optax.Schedule:
+        """:func:`jdup.optim.linear_warmup_decay` of this run for ``peak`` (a float or a traced array)."""
+        return optim.linear_warmup_decay(peak, self.total_steps, self.warmup_steps)
+
+    def build(self, hp: StepHParams) -> optax.GradientTransformation | TwoStreams:
+        """The optimizer with ``hp``'s learning rates (traced values are fine: build it inside the step)."""
+        if self.projection is None:
+            return optim.adamw_chain(self.schedule(hp.lr), weight_decay=self.weight_decay, clip=self.clip)
+        return optim.two_stream_chain(
+            self.schedule(hp.forget_lr),
+            self.schedule(hp.retain_lr),
+            clip=self.clip,
+            projection=self.projection,
+            retain_projection=self.retain_projection,
+        )
+
+    def init(self, trainable: Any) -> Any:
+        """The initial optimizer state (independent of the learning rate and the loss weights)."""
+        return self.build(step_hparams(0.0)).init(trainable)
+
+
+def step_key(seed: Any, step: Any) -> jax.Array:
+    """The dropout key of step ``step`` (0-based) of a run with ``seed`` (either may be traced)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def train_step(graphdef, optimizer, settings: LossSettings, trainable, frozen, opt_state, batch, key, hp):
+    """One unlearning step ``-> (trainable, opt_state, metrics)``; pure, not jitted (vmap it, or use
+    :data:`jit_train_step`).
+
+    Args:
+      graphdef: the student's graph definition (static).
+      optimizer: an :class:`OptimizerSpec` (static; its learning rates come from ``hp``), or an already built
+        ``optax.GradientTransformation`` / :class:`~jdup.optim.TwoStreams` (used as is: ``hp.lr`` unused).
+      settings: :class:`~jdup.unlearn.LossSettings` (static).
+      trainable, frozen: the student's state (``frozen`` is never differentiated).
+      opt_state: the optimizer state (:meth:`OptimizerSpec.init`).
+      batch: a :func:`~jdup.unlearn.joint_batch`.
+      key: dropout key (:func:`step_key`) or ``None`` for a deterministic forward.
+      hp: :class:`StepHParams` (traced).
+
+    Returns:
+      The new trainable state, the new optimizer state and ``metrics``: ``loss``, ``forget``, ``retain`` and
+      ``grad_norm`` (of the weighted gradient, before clipping) as device scalars.
+    """
+    tx = optimizer.build(hp) if isinstance(optimizer, OptimizerSpec) else optimizer
+    if isinstance(tx, TwoStreams):  # static: projected forget stream + unprojected retain stream
+        return _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key, hp)
+
+    def weighted(trainable):
+        forget, retain = loss_pieces(graphdef, trainable, frozen, batch, key, settings)
+        return objective(forget, retain, hp.lambda_asr, hp.lambda_acc), (forget, retain)
+
+    (loss, (forget, retain)), grads = jax.value_and_grad(weighted, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss, "forget": forget, "retain": retain, "grad_norm": optax.tree.norm(grads)}
+    return trainable, opt_state, metrics
+
+
+def _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key, hp):
+    """One forward pass, two backward passes (one per loss term), two optimizer streams."""
+
+    def pieces(tr):
+        return loss_pieces(graphdef, tr, frozen, batch, key, settings)
+
+    (forget, retain), vjp = jax.vjp(pieces, trainable)
+    one, zero = jnp.ones_like(forget), jnp.zeros_like(forget)
+    (g_forget,) = vjp((one, zero))
+    (g_retain,) = vjp((zero, jnp.ones_like(retain)))
+    updates, opt_state = tx.update((g_forget, g_retain), opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    grads = jax.tree.map(lambda a, b: hp.lambda_asr * a + hp.lambda_acc * b, g_forget, g_retain)
+    loss = objective(forget, retain, hp.lambda_asr, hp.lambda_acc)
+    metrics = {"loss": loss, "forget": forget, "retain": retain, "grad_norm": optax.tree.norm(grads)}
+    return trainable, opt_state, metrics
+
+
+#: :func:`train_step` jitted with ``graphdef``, ``optimizer`` and ``settings`` static: runs with the same model
+#: structure, step counts and loss settings reuse the compiled step whatever their learning rate and weights.
+jit_train_step = jax.jit(train_step, static_argnums=(0, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Earlier API (a built optimizer with a Python-float learning rate), kept for existing callers
+
+
+@functools.lru_cache(maxsize=32)
+def make_optimizer(
+    lr: float,
+    total_steps: int,
+    *,
+    warmup_frac: float = 0.1,
+    weight_decay: float = 0.01,
+    clip_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    projection: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformation:
+    """DUP's optimiser with a fixed peak ``lr``: :func:`jdup.optim.adamw_chain` on the warm-up/decay schedule.
+
+    ``clip_by_global_norm(clip_norm) → scale_by_adam → [projection] → [add_decayed_weights] → −lr(t)``; weight
+    decay is switched off when a projection is given (the decay direction ``−θ`` is not in the protected
+    complement). Cached per argument tuple. New code: :class:`OptimizerSpec` (the lr is traced there).
+    """
+    schedule = optim.linear_warmup_decay(lr, total_steps, optim.warmup_steps(total_steps, warmup_frac))
+    return optim.adamw_chain(
+        schedule,
+        weight_decay=0.0 if projection is not None else weight_decay,
+        clip=clip_norm,
+        projection=projection,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+    )
+
+
+def make_two_stream_optimizer(
+    lr: float,
+    total_steps: int,
+    projection: optax.GradientTransformation,
+    *,
+    lambda_asr: float = 1.0,
+    lambda_acc: float = 1.0,
+    warmup_frac: float = 0.1,
+    clip_norm: float = 1.0,
+    retain_projection: optax.GradientTransformation | None = None,
+) -> TwoStreams:
+    """The optimiser of a projected run with fixed learning rates: :func:`jdup.optim.two_stream_chain` with
+    stream learning rates ``lr·λ_asr`` and ``lr·λ_acc`` (Adam is invariant to a gradient scale, so the loss
+    weights go into the learning rates). New code: :class:`OptimizerSpec` with a ``projection``."""
+    warm = optim.warmup_steps(total_steps, warmup_frac)
+    return optim.two_stream_chain(
+        optim.linear_warmup_decay(lr * lambda_asr, total_steps, warm),
+        optim.linear_warmup_decay(lr * lambda_acc, total_steps, warm),
+        clip=clip_norm,
+        projection=projection,
+        retain_projection=retain_projection,
+    )
+
+
+def make_train_step(
+    graphdef, tx: Any, settings: LossSettings, *, lambda_asr: float = 1.0, lambda_acc: float = 1.0
+) -> Callable:
+    """``step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, metrics)`` for a built ``tx``
+    (:func:`make_optimizer` / :func:`make_two_stream_optimizer`) with fixed loss weights: :data:`jit_train_step`
+    with ``hp`` bound (its learning rates unused: they are in ``tx``)."""
+    if isinstance(tx, OptimizerSpec):
+        raise TypeError("an OptimizerSpec takes its learning rate from hp: call jit_train_step(..., hp)")
+    hp = step_hparams(0.0, lambda_asr, lambda_acc)
+
+    def step(trainable, frozen, opt_state, batch, key):
+        return jit_train_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key, hp)
+
+    return step
