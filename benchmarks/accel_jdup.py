@@ -180,22 +180,7 @@ def _encoder_model(ctx: dict):
 
 
 def _unlearn_settings(stage: bool = False, **kw):
-    """The library's unlearning settings (``jdup.unlearn.UnlearnSettings``; ``UnlearnConfig`` before the
-    restructure), given only the fields it has; ``stage=True``: the ``jdup unlearn`` stage config
-    (``jdup.stages.unlearn.UnlearnConfig``, what the sweep engine hands its vmapped groups) when it exists."""
-    import dataclasses
-    import importlib
-
-    from jdup import unlearn as U
-
-    cls = getattr(U, "UnlearnSettings", None) or U.UnlearnConfig
-    if stage:
-        try:
-            cls = importlib.import_module("jdup.stages.unlearn").UnlearnConfig
-        except (ImportError, AttributeError):
-            pass
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in kw.items() if k in names})
+    return C.jdup_unlearn_settings(stage, **kw)
 
 
 def _cell_run(cfg, forget, retain, teacher, target: int):

@@ -157,7 +157,8 @@ def worker_jdup(args) -> dict:
             [r.text for r in rows], [r.label for r in rows], [r.poison for r in rows], "bench"
         )
 
-    cfg = U.UnlearnConfig(
+    max_length = 128  # `jdup unlearn`'s default truncation (UnlearnConfig.max_length)
+    cfg = C.jdup_unlearn_settings(
         lambda_asr=args.lambda_asr,
         lambda_acc=args.lambda_acc,
         epochs=args.epochs,
@@ -187,8 +188,8 @@ def worker_jdup(args) -> dict:
 
     def one_run():
         t0 = time.perf_counter()
-        forget = D.encode(tok, ds(forget_rows), max_length=cfg.max_length, config=model.config)
-        retain = D.encode(tok, ds(retain_rows), max_length=cfg.max_length, config=model.config)
+        forget = D.encode(tok, ds(forget_rows), max_length=max_length, config=model.config)
+        retain = D.encode(tok, ds(retain_rows), max_length=max_length, config=model.config)
         teacher = U.model_logits(model, forget, cfg.eval_batch_size)
         t1 = time.perf_counter()
         clock = Clock()
@@ -221,9 +222,9 @@ def worker_jdup(args) -> dict:
     flops, counts = _epoch_flops(folder, forget_rows, retain_rows, args.batch_size, steps)
     train = C.summarize([r["train_steps"] for r in runs])
     # padded tokens of the joint batches the steps processed (the same plan U.unlearn follows)
-    f_enc = D.encode(tok, ds(forget_rows), max_length=cfg.max_length, config=model.config)
-    r_enc = D.encode(tok, ds(retain_rows), max_length=cfg.max_length, config=model.config)
-    plan = U.BatchPlan.from_config(f_enc, r_enc, cfg)
+    f_enc = D.encode(tok, ds(forget_rows), max_length=max_length, config=model.config)
+    r_enc = D.encode(tok, ds(retain_rows), max_length=max_length, config=model.config)
+    plan = (getattr(D, "BatchPlan", None) or U.BatchPlan).from_config(f_enc, r_enc, cfg)
     padded, lengths = 0, []
     for s in range(steps):
         n = U.joint_batch(plan.forget_batch(s), np.zeros((len(f_enc), 2)), plan.clean_batch(s))["input_ids"]

@@ -304,6 +304,29 @@ def normalised_from_peaks(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# jdup API helpers (names that move while the library is restructured)
+
+
+def jdup_unlearn_settings(stage: bool = False, **kw):
+    """jdup's in-memory unlearning settings (``jdup.unlearn.UnlearnSettings``; ``jdup.unlearn.UnlearnConfig``
+    in older trees) with the given fields it has. ``stage=True``: the ``jdup unlearn`` stage config
+    (``jdup.stages.unlearn.UnlearnConfig``: the settings plus files and ``max_length``) when it exists."""
+    import dataclasses
+    import importlib
+
+    from jdup import unlearn as U
+
+    cls = getattr(U, "UnlearnSettings", None) or U.UnlearnConfig
+    if stage:
+        try:
+            cls = importlib.import_module("jdup.stages.unlearn").UnlearnConfig
+        except (ImportError, AttributeError):
+            pass
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in kw.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # FLOP counting
 
 

