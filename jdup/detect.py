@@ -43,7 +43,7 @@ from jdup import features as feat_lib
 from jdup import metrics as metrics_lib
 from jdup import scores as S
 from jdup import sensitivity
-from jdup.errors import Invalid, JdupError, check_one_of, check_range
+from jdup.errors import Invalid, JdupError, check, check_one_of, check_range
 from jdup.predict import predict
 from jdup.sensitivity import UPGPConfig
 
@@ -121,6 +121,8 @@ class DetectConfig:
         check_range(self, "max_length", 1)
         check_range(self, "chunk_rows", 0)
         check_range(self, "purification_percentile", 0, 100)
+        check_one_of(self, "pooling", ("auto", *feat_lib.POOLINGS))
+        check(self, "buckets", all(int(b) >= 1 for b in self.buckets), "every bucket length must be >= 1")
 
 
 METHODS = ("dup", "dan", "upgp", "ensemble")
