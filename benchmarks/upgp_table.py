@@ -8,7 +8,7 @@ public jdup API only:
    non-target rows; test-clean = ``--test`` non-target + ``--test`` target rows of test-clean, test-poison = the
    poisoned copies of those non-target rows, in the same order (the row pairing of the DUP layout, so robust
    accuracy is defined); test-detect = test-clean ‖ test-poison;
-2. trains a MiniLM victim with :func:`jdup.train.run_train` (cached under ``benchmarks/.cache/upgp_table/``);
+2. trains a MiniLM victim with :func:`jdup.stages.train.run_train` (cached under ``benchmarks/.cache/upgp_table/``);
 3. detection on test-detect, calibrated / perturbation learned on dev-clean, with :func:`jdup.detect.detect`
    (what ``jdup detect --method dup|dan|upgp|ensemble`` runs): DUP, DAN, UPGP zeroth-order sensitivity (first-order
    score off) and the ensemble (mean rank fraction of DUP and UPGP, UPGP learned on DUP's calibration half);
@@ -93,7 +93,7 @@ def make_folder(attack: str, root: Path, s: dict) -> Path:
 
 
 def train_victim(root: Path, folder: Path, s: dict) -> dict:
-    from jdup import train
+    from jdup.stages import train
 
     metrics_path = root / "victim" / "metrics.json"
     if metrics_path.is_file():
@@ -152,7 +152,8 @@ def detection(root: Path, folder: Path, s: dict, args) -> dict:
 
 
 def unlearning(root: Path, folder: Path, s: dict, args) -> dict:
-    from jdup import detect, models, unlearn
+    from jdup import models, unlearn
+    from jdup.stages import detect as detect_stage
 
     model_dir = str(root / "victim" / "model")
     det = args.forget_detector
@@ -160,7 +161,7 @@ def unlearning(root: Path, folder: Path, s: dict, args) -> dict:
     if not (dev_det / "flags.npy").is_file():
         victim = models.from_pretrained(model_dir)
         upgp_opts = {"max_steps": args.upgp_steps, "eval_every": 10, "first_order": False, "seed": s["seed"]}
-        detect.detect_dev(
+        detect_stage.detect_dev(
             victim,
             model_dir,
             str(folder),

@@ -32,6 +32,7 @@ import functools
 import importlib
 import random
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -108,6 +109,10 @@ class DetectConfig:
     plots: bool = True  # write roc.png and hist.png (run_detect)
     progress: bool = True  # tqdm progress bars over batches
     overwrite: bool = False  # replace an existing `out` that is not a `jdup detect` output (run_detect)
+
+    def __post_init__(self):
+        if isinstance(self.upgp, Mapping):  # Python callers may pass the UPGP options as a mapping
+            object.__setattr__(self, "upgp", UPGPConfig(**self.upgp))
 
     def validate(self) -> None:
         """Value constraints (run by ``jdup.config.build`` and by :func:`detect`; layer specs are checked against

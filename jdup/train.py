@@ -12,14 +12,14 @@ step compiles once per bucket. Dropout keys are ``fold_in(key(seed), step)`` and
 ``(seed, epoch)`` (:func:`train_steps`), so a loop resumed from a saved ``(step, epoch, batch)`` position replays
 exactly what an uninterrupted run does.
 
-The ``jdup train`` stage (files, checkpoints, ``metrics.jsonl``, model export) is :mod:`jdup.stages.train`.
+The ``jdup train`` stage (files, checkpoints, ``metrics.jsonl``, model export, ``run_train``) is
+:mod:`jdup.stages.train`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from collections.abc import Callable, Iterator
 
 import jax
@@ -268,14 +268,6 @@ def evaluate_states(
     logits = {k: predict_states(graphdef, states, encoded[k], batch_size, progress=progress, desc=f"eval {k}")
               for k in EVAL_SPLITS if k in encoded}
     return evaluate(logits, encoded, target)
-
-
-def __getattr__(name: str):
-    # Temporary: `jdup.train.run_train` until cli/pipeline/tests import it from jdup.stages.train (issue 12).
-    # A lazy lookup, so this in-memory module does not import the stage that imports it.
-    if name == "run_train":
-        return importlib.import_module("jdup.stages.train").run_train
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

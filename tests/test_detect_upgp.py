@@ -153,13 +153,11 @@ def test_jdup_run_checks_detection_options_before_any_stage(
 ):
     from pathlib import Path
 
-    from jdup import attacks, train
     from jdup.stages import poison as poison_stage
     from jdup.stages import train as train_stage
 
     ran = []
-    stages = [(attacks, "run_poison"), (train, "run_train"), (detect, "run_detect")]  # the old homes, until switched
-    stages += [(poison_stage, "run_poison"), (train_stage, "run_train"), (detect_stage, "run_detect")]
+    stages = [(poison_stage, "run_poison"), (train_stage, "run_train"), (detect_stage, "run_detect")]
     for mod, fn in stages:
         monkeypatch.setattr(mod, fn, lambda cfg, _fn=fn: ran.append(_fn) or {})
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
