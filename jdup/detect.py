@@ -33,7 +33,7 @@ import importlib
 import random
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +159,8 @@ class DetectionResult:
       calib_index, val_index: rows of the calibration dataset in each half.
       metrics: AUROCs, FRR/FAR, ... when the scored set has poison flags of both kinds (else only counts).
       timings: seconds per stage.
+      val_md_layers, val_ss: ``dup``/``dan``: the validation half's per-layer and spectral scores (with
+        ``md_layers``/``ss``, the input of :func:`decide` for other ``alpha``/``frr`` values without a new pass).
       extra: ``upgp``/``ensemble`` only: ``upgp_scores``, ``sensitivity`` (``[N]``), ``upgp_info`` (target
         class, perturbation statistics, UPGP's own AUROC variants); ``ensemble`` also ``dup_scores`` and the
         two detectors' scores of the validation half (``dup_val_scores``, ``upgp_val_scores``).
@@ -184,6 +186,9 @@ class DetectionResult:
     metrics: dict[str, Any]
     timings: dict[str, float]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # upgp/ensemble: per-method scores + info
+    # dup/dan: the validation half's [n_V, K] per-layer and [n_V] raw spectral scores (input of decide())
+    val_md_layers: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
+    val_ss: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,22 +322,10 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     # ---- host: normalisation, fusion, threshold
     t = time.perf_counter()
     per_layer = res["md_layers"].astype(np.float64)
-    if cfg.method == "dup":
-        md_all = per_layer.mean(1) if cfg.agg == "mean" else per_layer.max(1)
-        ss_all = res["ss"].astype(np.float64)
-    else:
-        lz = _zfit(per_layer[:n_v])
-        z_layers = (per_layer - lz[0]) / lz[1]
-        md_all = z_layers.max(1) if cfg.dan_agg == "max" else z_layers.mean(1)
-        ss_all = np.zeros_like(md_all)
-    zm, zs = _zfit(md_all[:n_v]), _zfit(ss_all[:n_v])
-    z_md = (md_all - zm[0]) / zm[1]
-    z_ss = (ss_all - zs[0]) / zs[1]
-    alpha = cfg.alpha if cfg.method == "dup" else 1.0
-    fused = alpha * z_md + (1.0 - alpha) * z_ss
-    val, sc = fused[:n_v], fused[n_v:]
-    tau = _threshold(val, sc, cfg)
-    flags = sc > tau
+    ss_raw = res["ss"].astype(np.float64) if cfg.method == "dup" else np.zeros(n_both)
+    dec = decide(per_layer, ss_raw, n_v, cfg)
+    md_all, ss_all, z_md, z_ss = dec.md, dec.ss, dec.z_md, dec.z_ss
+    val, sc, tau, flags = dec.val_scores, dec.scores, dec.threshold, dec.flags
     preds = res["logits"][n_v:].argmax(-1)
     timings["decide"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -356,7 +349,57 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
         val_index=v_idx,
         metrics=metrics,
         timings=timings,
+        val_md_layers=per_layer[:n_v],
+        val_ss=ss_raw[:n_v],
     )
+
+
+class Decision(NamedTuple):
+    """What :func:`decide` returns. ``md``/``ss``/``z_md``/``z_ss`` cover the validation rows then the scored rows;
+    ``scores``/``flags`` the scored rows, ``val_scores`` the validation rows."""
+
+    scores: np.ndarray
+    flags: np.ndarray
+    threshold: float
+    val_scores: np.ndarray
+    md: np.ndarray
+    ss: np.ndarray
+    z_md: np.ndarray
+    z_ss: np.ndarray
+
+
+def decide(md_layers: np.ndarray, ss: np.ndarray, n_val: int, cfg: DetectConfig) -> Decision:
+    """The host-side decision of ``dup``/``dan`` detection from the per-row scalars of the scoring pass.
+
+    DUP: per-layer Mahalanobis scores aggregated (``agg``), z-scores of it and of the spectral score fitted on the
+    validation rows, fused ``alpha·z_md + (1 − alpha)·z_ss``; DAN: per-layer scores standardised on the validation
+    rows and aggregated (``dan_agg``). Threshold: :func:`_threshold` (``frr`` on the validation rows, or
+    purification mode). Only ``method``, ``agg``, ``dan_agg``, ``alpha``, ``frr`` and the purification fields of
+    ``cfg`` matter, so one scoring pass can be re-decided for other values of these (e.g. a sweep over alpha/frr).
+
+    Args:
+      md_layers: ``[n_val + N, K]`` per-layer scores (:attr:`DetectionResult.val_md_layers` then ``md_layers``).
+      ss: ``[n_val + N]`` spectral scores (DUP; zeros for DAN).
+      n_val: number of leading validation rows.
+      cfg: the detection settings.
+    """
+    per_layer = np.asarray(md_layers, np.float64)
+    if cfg.method == "dup":
+        md_all = per_layer.mean(1) if cfg.agg == "mean" else per_layer.max(1)
+        ss_all = np.asarray(ss, np.float64)
+    else:
+        lz = _zfit(per_layer[:n_val])
+        z_layers = (per_layer - lz[0]) / lz[1]
+        md_all = z_layers.max(1) if cfg.dan_agg == "max" else z_layers.mean(1)
+        ss_all = np.zeros_like(md_all)
+    zm, zs = _zfit(md_all[:n_val]), _zfit(ss_all[:n_val])
+    z_md = (md_all - zm[0]) / zm[1]
+    z_ss = (ss_all - zs[0]) / zs[1]
+    alpha = cfg.alpha if cfg.method == "dup" else 1.0
+    fused = alpha * z_md + (1.0 - alpha) * z_ss
+    val, sc = fused[:n_val], fused[n_val:]
+    tau = _threshold(val, sc, cfg)
+    return Decision(sc, sc > tau, tau, val, md_all, ss_all, z_md, z_ss)
 
 
 def _threshold(val: np.ndarray, scored: np.ndarray, cfg: DetectConfig) -> float:
@@ -545,4 +588,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "DetectConfig", "DetectionResult", "detect", "split_calibration", "upgp_config"]
+__all__ = [
+    "METHODS",
+    "DetectConfig",
+    "DetectionResult",
+    "Decision",
+    "decide",
+    "detect",
+    "split_calibration",
+    "upgp_config",
+]

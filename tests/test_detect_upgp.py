@@ -262,3 +262,30 @@ def tiny_enc():
         return data.Encoded(ids, mask, np.zeros_like(ids), lengths, labels, np.zeros(n, np.int8), (length,), 0)
 
     return rows(48, 1), rows(12, 2)
+
+
+def test_decide_redecides_one_scoring_pass(folder):
+    """`detect.decide` on a result's validation + scored per-row scalars reproduces detect() for other alpha/frr,
+    so a sweep over them needs one scoring pass (the sweep's request)."""
+    import dataclasses
+
+    root, _, _ = folder
+    model, tok = models.from_pretrained(root / "model"), models.load_tokenizer(root / "model")
+    calib = data.read_split(root / "data", "dev-clean")
+    scored = data.read_split(root / "data", "test-detect")
+    base = detect.DetectConfig(batch_size=16, max_length=32, buckets=(16, 32), progress=False)
+    for method in ("dup", "dan"):
+        res = detect.detect(model, tok, calib, scored, dataclasses.replace(base, method=method))
+        layers = np.concatenate([res.val_md_layers, res.md_layers])
+        ss = np.concatenate([res.val_ss, res.ss])
+        for alpha, frr in ((0.9, 0.05), (0.5, 0.2)):
+            cfg = dataclasses.replace(base, method=method, alpha=alpha, frr=frr)
+            dec = detect.decide(layers, ss, len(res.val_index), cfg)
+            if (alpha, frr) == (0.9, 0.05):
+                np.testing.assert_array_equal(dec.scores, res.scores)
+                np.testing.assert_array_equal(dec.flags, res.flags)
+                assert dec.threshold == res.threshold
+            else:
+                again = detect.detect(model, tok, calib, scored, cfg)
+                np.testing.assert_allclose(dec.scores, again.scores, rtol=1e-12, atol=1e-12)
+                np.testing.assert_array_equal(dec.flags, again.flags)
