@@ -180,6 +180,11 @@ class ProjectionOptions:
     )
     probe_rows: int = 64  # clean rows of the fixed probe batch for per-step clean-loss logging
     log_every: int = 1  # compute the probe clean loss every this many steps
+    informative_refresh: bool = (
+        True  # gradient mode: re-estimate the basis as soon as the LoRA up-projections B
+    )
+    #                                   leave 0 (at B = 0 the clean gradient of every down-projection A is exactly
+    #                                   0, so the initial basis leaves A unprotected); false = only `refresh`
 
     def validate(self) -> None:
         """Value constraints (run by ``jdup.config.build`` and by :func:`build_projection`)."""
@@ -250,7 +255,30 @@ class ProjectionHook:
         self.prev_loss = base_loss
         self.mode = mode
         self.prepared = not self.new_a
-        self.refreshes = 0
+        self.refreshes = 0  # periodic refreshes (every `refresh` steps)
+        self.informative_step: int | None = None  # step of the re-estimate once B left 0 (gradient mode)
+        self.leaf_ranks: dict[
+            str, int
+        ] = {}  # current basis rank per protected leaf ("global" in global mode)
+        self.rank_history: list[tuple[int, dict[str, int]]] = []  # (step, leaf_ranks) at every estimation
+        self.b_was_zero = False  # gradient mode: the initial basis was estimated at B = 0
+
+    def set_ranks(self, step: int, ranks: dict[str, int]) -> None:
+        """Records (and logs at INFO) the basis rank of every protected leaf after an estimation at ``step``."""
+        self.leaf_ranks = dict(ranks)
+        self.rank_history.append((int(step), dict(ranks)))
+        log.info("projection %s basis ranks @%d: %s", self.kind, step, ranks)
+
+    def rank_summary(self) -> dict[str, float]:
+        """``basis_rank`` (mean over protected leaves) and, with adapters, ``basis_rank_a_min`` (the smallest rank
+        of a LoRA down-projection: 0 means some ``A`` is unprotected)."""
+        if not self.leaf_ranks:
+            return {}
+        out = {"basis_rank": float(np.mean(list(self.leaf_ranks.values())))}
+        a = [r for p, r in self.leaf_ranks.items() if p.endswith("lora_a")]
+        if a:
+            out["basis_rank_a_min"] = float(min(a))
+        return out
 
     def _rewrite_a(self, trainable) -> Any:
         leaves = jax.tree.leaves(trainable)
@@ -298,23 +326,54 @@ class ProjectionHook:
             rec["clean_loss"] = loss
             rec["clean_loss_change"] = loss - self.prev_loss
             self.prev_loss = loss
-        if self.kind == "gradient" and self.opts.refresh and info.step % self.opts.refresh == 0:
-            stack = clean_gradient_stack(
-                self.graphdef,
-                trainable,
-                self.frozen,
-                self.retain,
-                self.opts.k,
-                self.opts.basis_batch_size,
-                self.seed + info.step,
+        if self.kind == "gradient":
+            periodic = bool(self.opts.refresh) and info.step % self.opts.refresh == 0
+            # A's clean gradient is 0 while B = 0: re-estimate once B has left 0 (and no refresh happened yet in
+            # this run -- the count lives in the optimizer state, so a resumed run does not redo it).
+            informative = (
+                self.opts.informative_refresh
+                and self.b_was_zero
+                and int(ns.refreshes) == 0
+                and _any_lora_b_nonzero(trainable)
             )
-            bases, ranks = subspace.gradient_basis(
-                stack, self.opts.eps, per_block=self.opts.per_block, max_rank=self.opts.k
-            )
-            rec["opt_state"] = optim.set_basis(info.opt_state, bases)
-            rec["basis_rank"] = float(np.mean([int(r) for r in jax.tree.leaves(ranks)]))
-            self.refreshes += 1
+            if periodic or informative:
+                stack = clean_gradient_stack(
+                    self.graphdef,
+                    trainable,
+                    self.frozen,
+                    self.retain,
+                    self.opts.k,
+                    self.opts.basis_batch_size,
+                    self.seed + info.step,
+                )
+                bases, ranks = subspace.gradient_basis(
+                    stack, self.opts.eps, per_block=self.opts.per_block, max_rank=self.opts.k
+                )
+                rec["opt_state"] = optim.set_basis(info.opt_state, bases)
+                self.set_ranks(info.step, _rank_dict(trainable, ranks, self.opts.per_block))
+                if periodic:
+                    self.refreshes += 1
+                else:
+                    self.informative_step = info.step
+            rec.update(self.rank_summary())
         return rec
+
+
+def _rank_dict(trainable, ranks, per_block: bool) -> dict[str, int]:
+    """``{leaf path: rank}`` from :func:`jdup.subspace.gradient_basis` ranks (one ``"global"`` entry in global
+    mode)."""
+    if not per_block:
+        return {"global": int(ranks)}
+    leaves = jax.tree.leaves(ranks)
+    return {"/".join(map(str, p)): int(r) for p, r in zip(_leaf_paths(trainable), leaves, strict=True)}
+
+
+def _any_lora_b_nonzero(trainable) -> bool:
+    return any(
+        bool(np.any(np.asarray(x) != 0))
+        for p, x in zip(_leaf_paths(trainable), jax.tree.leaves(trainable), strict=True)
+        if p and p[-1] == "lora_b"
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -391,6 +450,7 @@ def build_projection(
         mode = "block" if opts.per_block else "global"
         tx = optim.project_null_space(opts.k, opts.beta, mode=mode, bases=bases)
         rank_info = float(np.mean([int(r) for r in jax.tree.leaves(ranks)]))
+        leaf_ranks = _rank_dict(trainable, ranks, opts.per_block)
     else:
         mode = "rows"
         covs = module_input_covariances(graphdef, (trainable, frozen), retain, max_rows=opts.repr_rows)
@@ -405,6 +465,7 @@ def build_projection(
         leaves = jax.tree.leaves(trainable)
         cache: dict[str, tuple] = {}
         bases_leaves, ranks = [], []
+        leaf_ranks = {}
         retain_leaves = []  # structural constraints only (A in the complement / frozen, frozen head bias)
         for path, x in zip(_leaf_paths(trainable), leaves, strict=True):
             module, pname = _module_of(path), path[-1]
@@ -418,6 +479,7 @@ def build_projection(
                     )
                 u, r = cache[cov_key]
                 ranks.append(int(r))
+                leaf_ranks["/".join(map(str, path))] = int(r)
                 if kind == "representation":
                     new_a[path] = ("perp", np.asarray(u))  # A <- (I - U U^T) A, applied to the current A
                     bases_leaves.append(u)
@@ -443,6 +505,7 @@ def build_projection(
                         covs[module], opts.repr_eps, min_free=min(min_free, x.shape[0] // 2)
                     )
                     ranks.append(int(r))
+                    leaf_ranks["/".join(map(str, path))] = int(r)
                     bases_leaves.append(u)
                     retain_leaves.append(None)  # the retain stream may move the head freely
                 else:
@@ -463,6 +526,8 @@ def build_projection(
     log.info("projection %s: mean basis rank %.1f, built in %.1fs", kind, rank_info, time.perf_counter() - t0)
     hook = ProjectionHook(kind, opts, graphdef, frozen, retain, seed, new_a, probe, base_loss, mode)
     hook.initial_rank = rank_info
+    hook.set_ranks(0, leaf_ranks)
+    hook.b_was_zero = kind == "gradient" and not _any_lora_b_nonzero(trainable)
     hook.module_bases = module_bases  # representation/inflora: clean-input basis U [d, d] per LoRA module
     # jdup.unlearn runs the retain (clean CE) update in a separate, unprojected stream (spec §5.6); it still has
     # to respect the variant's structure (representation: A stays in the clean complement; inflora: A and the

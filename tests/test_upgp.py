@@ -197,7 +197,9 @@ def test_retain_update_is_a_separate_unprojected_stream(tiny):
     assert cos(g_forget) > 1e-2  # the forgetting gradient does reach into the clean subspace ...
     assert cos(u_forget) <= 1e-5  # ... and its update is projected out of it
     assert cos(u_retain) > 0.5  # the retain update keeps its component in the clean subspace
-    for a, b, c in zip(jax.tree.leaves(u_both), jax.tree.leaves(u_forget), jax.tree.leaves(u_retain), strict=True):
+    for a, b, c in zip(
+        jax.tree.leaves(u_both), jax.tree.leaves(u_forget), jax.tree.leaves(u_retain), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) + np.asarray(c), rtol=1e-5, atol=1e-7)
     assert optim.get_basis(state) is not None  # the hook finds the projection state inside the pair
 
@@ -271,6 +273,56 @@ def test_inflora_keeps_down_projection_orthogonal_and_clean_preactivations(tiny)
     assert moved_b > 0.0  # B did train
 
 
+def test_gradient_basis_protects_lora_a_once_b_leaves_zero(tiny):
+    """Issue 14 item 3: at B = 0 the clean gradient of every LoRA A is exactly 0, so the initial gradient basis has
+    rank 0 on A; the hook re-estimates it at the first step after which B != 0, before A has moved."""
+    from jdup import projection
+    from jdup import unlearn as U
+
+    cfg = _unlearn_cfg(
+        epochs=2, warmup_frac=0.5
+    )  # 4 steps, 2 warm-up steps: lr 0 at step 1, B != 0 after step 2
+    clean, forget = _encoded(48, 7), _encoded(16, 8, poison_frac=1.0)
+
+    def run(informative: bool):
+        student = U.build_student(tiny, cfg)
+        opts = projection.ProjectionOptions(
+            k=4, refresh=0, basis_batch_size=8, probe_rows=16, informative_refresh=informative
+        )
+        tx, hook = projection.build_projection("gradient", opts, student, retain=clean, forget=forget, seed=0)
+        a_leaves = [p for p in hook.leaf_ranks if p.endswith("lora_a")]
+        assert len(a_leaves) == 6 and all(hook.leaf_ranks[p] == 0 for p in a_leaves)  # A unprotected at B = 0
+        assert all(r > 0 for p, r in hook.leaf_ranks.items() if p.endswith("lora_b"))
+        a0 = {
+            p: np.asarray(x)
+            for p, x in zip(
+                upgp._leaf_paths(student.trainable), jax.tree.leaves(student.trainable), strict=True
+            )
+            if p[-1] == "lora_a"
+        }
+        res = U.unlearn(tiny, forget, clean, cfg, projection=tx, on_step=hook, student=student)
+        return hook, res, a0, a_leaves
+
+    hook, res, a0, a_leaves = run(True)
+    assert hook.informative_step == 2 and hook.refreshes == 0
+    assert [s for s, _ in hook.rank_history] == [0, 2]
+    assert all(hook.leaf_ranks[p] > 0 for p in a_leaves)  # estimated where A's gradient is informative
+    rows = res.log
+    assert [r["basis_rank_a_min"] for r in rows] == [0.0] + [rows[1]["basis_rank_a_min"]] * 3
+    assert rows[1]["basis_rank_a_min"] > 0
+    assert all(r["sens_after"] <= 1e-5 for r in rows)
+    tr = res.student.trainable
+    moved = [
+        float(np.abs(np.asarray(x) - a0[p]).max())
+        for p, x in zip(upgp._leaf_paths(tr), jax.tree.leaves(tr), strict=True)
+        if p[-1] == "lora_a"
+    ]
+    assert min(moved) > 0  # A did train (inside the complement of its clean-gradient basis)
+
+    off, _, _, _ = run(False)  # the previous behaviour: A keeps a rank-0 basis for the whole run
+    assert off.informative_step is None and all(off.leaf_ranks[p] == 0 for p in a_leaves)
+
+
 def test_representation_projection_keeps_down_projections_in_the_clean_complement(tiny):
     """Through jdup.unlearn (the in-place fallback moves A into the complement after step 1, lr 0 there)."""
     from jdup import unlearn as U
@@ -307,9 +359,7 @@ def test_minilm_badnets_sensitivity_detection_beats_chance(badnets_victim):  # n
     data_dir = badnets_victim["data"]
     normal = D.encode(tok, D.read_split(data_dir, "dev-clean", num_labels=2), 40, config=victim.config)
     scored = D.encode(tok, D.read_split(data_dir, "test-detect", num_labels=2), 40, config=victim.config)
-    cfg = upgp.UPGPDetectConfig(
-        n_perturbations=1, max_steps=60, eval_every=10, first_order=False
-    )
+    cfg = upgp.UPGPDetectConfig(n_perturbations=1, max_steps=60, eval_every=10, first_order=False)
     det = upgp.detect_upgp(victim, scored, normal, cfg)
     print("MiniLM badnets UPGP detection:", det.info)
     assert det.auroc is not None and det.auroc > 0.6
