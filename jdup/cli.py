@@ -177,10 +177,11 @@ def unlearn(
     out: str = typer.Option(None, help="output folder: model/ (purified, HF format) and metrics.json"),
     detection: str = typer.Option(None, help="reuse a detection folder instead of detecting again"),
     projection: str = typer.Option(None, help="none | gradient | representation | inflora (UPGP)"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Purify a backdoored classifier: detect, unlearn with LoRA, merge, evaluate and export."""
-    _run_stage("unlearn", config,
-               dict(model=model, data=data, out=out, detection=detection, projection=projection), ctx.args)
+    _run_stage("unlearn", config, dict(model=model, data=data, out=out, detection=detection, projection=projection,
+                                       overwrite=overwrite or None), ctx.args)
 
 
 @app.command(context_settings=EXTRA)

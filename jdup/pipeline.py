@@ -43,7 +43,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "poison": ("jdup.stages.poison", "PoisonConfig", "run_poison"),
     "train": ("jdup.stages.train", "TrainConfig", "run_train"),
     "detect": ("jdup.stages.detect", "DetectConfig", "run_detect"),
-    "unlearn": ("jdup.unlearn", "UnlearnConfig", "run_unlearn"),
+    "unlearn": ("jdup.stages.unlearn", "UnlearnConfig", "run_unlearn"),
     "sweep": ("jdup.sweep", "SweepConfig", "run_sweep"),
 }
 

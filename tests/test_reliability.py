@@ -37,6 +37,8 @@ CONFIGS = REPO / "configs"
 #: One small, fast training setting (the tiny BERT compiles once per bucket: a single bucket).
 TRAIN = ("epochs=1", "batch_size=16", "max_length=32", "buckets=[32]", "progress=false", "eval_batch_size=64")
 DETECT = ("top_k=2", "max_length=32", "buckets=[32]", "plots=false", "progress=false")
+UNLEARN = ("epochs=1", "batch_size=16", "lora_rank=2", "lora_alpha=4", "max_length=32", "early_stop=none",
+           "ckpt_every_steps=0", "progress=false", "detect.top_k=2", "detect.buckets=[32]", "detect.plots=false")
 
 
 def jdup(*args) -> int:
@@ -108,6 +110,45 @@ def test_1_run_resume_reruns_exactly_the_stages_whose_settings_changed(tiny_run,
     assert jdup(*args, "detect.frr=0.3", "unlearn.lora_rank=2") == 0
     assert time.perf_counter() - t0 < 30
     assert json.loads((out / "report.json").read_text())["reused"] == ["poison", "train", "detect", "unlearn"]
+
+
+@pytest.fixture(scope="module")
+def unlearned(tmp_path_factory, tiny_model_dir, synthetic_dup):
+    """A finished `jdup unlearn` output (built-in detection) of the tiny BERT."""
+    out = tmp_path_factory.mktemp("unlearn") / "un"
+    args = ("unlearn", "--model", tiny_model_dir, "--data", synthetic_dup, *UNLEARN)
+    assert jdup(*args, "--out", out) == 0
+    assert (out / "detection" / "manifest.json").is_file()
+    return out, args
+
+
+def test_1_unlearn_reuses_its_detection_only_when_the_detection_settings_match(unlearned, tmp_path, monkeypatch):
+    src, args = unlearned
+    out = tmp_path / "un"
+    shutil.copytree(src, out)
+    unlearn_stage = stage_module("unlearn")
+    real = unlearn_stage.run_detection
+    monkeypatch.setattr(unlearn_stage, "run_detection", lambda *a, **k: pytest.fail("detected again"))
+    assert jdup(*args, "--out", out) == 0  # same settings: the finished detection is reused
+    assert json.loads((out / "metrics.json").read_text())["flags_from"] == str(out / "detection")
+    monkeypatch.setattr(unlearn_stage, "run_detection", real)
+    assert jdup(*args, "--out", out, "detect.frr=0.3") == 0  # changed: detected again, recorded everywhere
+    assert json.loads((out / "metrics.json").read_text())["flags_from"] == "detected"
+    assert json.loads((out / "detection" / "detection.json").read_text())["config"]["frr"] == 0.3
+    assert json.loads((out / "manifest.json").read_text())["config"]["detect"]["frr"] == 0.3
+
+
+def test_1_unlearn_refuses_a_detection_made_for_another_model(unlearned, tmp_path, synthetic_dup, capsys):  # noqa: F811
+    from jdup import models
+
+    src, _ = unlearned
+    other = tmp_path / "other-bert"
+    models.save_pretrained(models.tiny_model("bert", 2, seed=1), other, tokenizer_src="builtin:minilm")
+    rc = jdup("unlearn", "--model", other, "--data", synthetic_dup, "--out", tmp_path / "un", *UNLEARN,
+              "--detection", src / "detection")
+    assert rc == 2
+    one_error_line(capsys, f"{src / 'detection'}: this detection was made for another model", "without --detection")
+    assert not (tmp_path / "un").exists()
 
 
 def test_1_a_rerun_upstream_stage_reruns_everything_downstream(tmp_path, monkeypatch):
@@ -475,6 +516,22 @@ def test_7_train_metrics_jsonl_holds_one_run(tmp_path, tiny_model_dir, synthetic
 # 8. no silent no-ops
 
 
+def test_8_unlearning_with_nothing_flagged_stops_unless_allowed(tmp_path, tiny_model_dir, synthetic_dup,  # noqa: F811
+                                                                monkeypatch, capsys):
+    import numpy as np
+
+    unlearn_stage = stage_module("unlearn")
+    monkeypatch.setattr(unlearn_stage, "run_detection", lambda cfg, model, folder: np.zeros(
+        len(unlearn_stage.D.read_split(cfg.data, "dev-detect")), bool))
+    out = tmp_path / "un"
+    args = ("unlearn", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out, *UNLEARN)
+    assert jdup(*args) == 2
+    one_error_line(capsys, "detection flagged none of the", "allow_empty_forget=true")
+    assert not out.exists()
+    assert jdup(*args, "allow_empty_forget=true") == 0
+    assert json.loads((out / "metrics.json").read_text())["n_flagged"] == 0
+
+
 @pytest.mark.parametrize("section", ["[]", "3", "null", "yes please"])
 def test_8_run_sections_that_are_not_mappings_are_errors(section, tmp_path, monkeypatch, capsys):
     ran = _record_stages(monkeypatch)
@@ -511,6 +568,13 @@ def test_9_detection_json_always_has_auroc_and_far(tmp_path, tiny_model_dir, syn
 def test_9_train_leaves_no_empty_out_on_an_early_error(tmp_path, tiny_model_dir, capsys):  # noqa: F811
     out = tmp_path / "victim"
     assert jdup("train", "--model", tiny_model_dir, "--data", tmp_path / "nope", "--out", out, *TRAIN) == 2
+    one_error_line(capsys, "not found")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_9_unlearn_leaves_no_empty_out_on_an_early_error(tmp_path, tiny_model_dir, capsys):  # noqa: F811
+    out = tmp_path / "un"
+    assert jdup("unlearn", "--model", tiny_model_dir, "--data", tmp_path / "nope", "--out", out, *UNLEARN) == 2
     one_error_line(capsys, "not found")
     assert not out.exists() and leftovers(tmp_path) == []
 

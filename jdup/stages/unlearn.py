@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdup import atomic, models
+from jdup import atomic, manifest, models
 from jdup import config as config_lib
 from jdup import data as D
 from jdup import lora as lora_lib
@@ -62,6 +62,8 @@ class UnlearnConfig(UnlearnSettings):
     #                          unless set: detect_config)
     max_length: int = 128  # tokens per text (truncation); batches are padded to length buckets
     dtype: str = "float32"  # compute dtype of the model: float32 | bfloat16
+    allow_empty_forget: bool = False  # detection flagged no row: export the victim unchanged instead of stopping
+    overwrite: bool = False  # replace an `out` that is not a `jdup unlearn` output; do not resume a checkpoint
 
     def __post_init__(self):
         super().__post_init__()
@@ -201,9 +203,65 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
       ``n_flagged``, ``n_flagged_poison``, ``seconds`` and run details.
     """
     _check_config(cfg)
+    # --out is checked before any work; the output is built in <out>.partial (checkpoints in <out>.partial/ckpt,
+    # resumed by the next run) and replaces --out with manifest.json last, only when complete
+    output = manifest.StageOutput("unlearn", cfg, resume=cfg.resume and not cfg.overwrite, keep=("ckpt", "detection"))
+    with output:
+        return _run_unlearn(cfg, output)
+
+
+def _dev_detect_config(cfg: UnlearnConfig, folder: str) -> DetectConfig:
+    """The full settings of the built-in detection writing into ``folder`` (what its manifest records)."""
+    return dataclasses.replace(detect_config(cfg), model=os.fspath(cfg.model), data=os.fspath(cfg.data),
+                               out=os.fspath(folder), score_set="dev-detect")
+
+
+def _given_detection(cfg: UnlearnConfig, output: manifest.StageOutput, n: int) -> np.ndarray:
+    """Flags of ``--detection DIR``, accepted only when DIR's manifest was made for this model and data."""
+    folder = os.fspath(cfg.detection)
+    got = manifest.read(folder)
+    if got is None:
+        log.warning("%s has no manifest.json: cannot check that it was made for this model and data", folder)
+    else:
+        mine = output.manifest()["inputs"]
+        diffs = [name for name in ("model", "data")
+                 if got.get("inputs", {}).get(name, {}).get("fingerprint") != mine[name]["fingerprint"]]
+        if got.get("stage") != "detect" or got.get("config", {}).get("score_set") != "dev-detect":
+            diffs.append("scored set (needs a detection of dev-detect, as `jdup unlearn` writes it)")
+        if diffs:
+            raise JdupError(f"this detection was made for another {' and '.join(diffs)}; run without --detection "
+                            "to detect again, or pass the detection of this model and data", folder)
+    return _load_flags(folder, n)
+
+
+def _flags(cfg: UnlearnConfig, output: manifest.StageOutput, victim: nnx.Module, n: int) -> tuple[np.ndarray, str]:
+    """Flags over dev-clean ‖ dev-poison and where they came from: ``--detection``, a finished or interrupted
+    detection of this output whose manifest matches this run's detection settings, or a new detection."""
+    if cfg.detection:
+        return _given_detection(cfg, output, n), os.path.abspath(os.fspath(cfg.detection))
+    work = os.path.join(output.path, "detection")
+    expected = detect_stage.dev_manifest(_dev_detect_config(cfg, work))
+    if cfg.resume and not cfg.overwrite:
+        for folder in (work, os.path.join(output.out, "detection")):
+            if not os.path.isdir(folder):
+                continue
+            same, why = manifest.matches(folder, expected)
+            if same:
+                log.info("unlearn: reusing the detection in %s (same settings, model and data)", folder)
+                if folder != work:
+                    shutil.copytree(folder, work)
+                return _load_flags(work, n), folder
+            log.info("unlearn: detecting again, %s differs: %s", folder, why)
+    shutil.rmtree(work, ignore_errors=True)
+    flags = run_detection(cfg, victim, work)
+    if len(flags) != n:
+        raise JdupError(f"detection returned {len(flags)} flags for {n} rows")
+    return flags, "detected"
+
+
+def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> dict:
     t0 = time.perf_counter()
-    out = os.path.abspath(os.fspath(cfg.out))
-    os.makedirs(out, exist_ok=True)
+    out = output.path  # the staging folder; output.out is where the finished output goes
 
     victim = models.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
     tok = models.load_tokenizer(cfg.model)
@@ -219,17 +277,12 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     # 1. detection over dev-detect = dev-clean ‖ dev-poison
     n_detect = len(splits["dev-clean"]) + len(splits["dev-poison"])
     t_det = time.perf_counter()
-    flags_path = os.path.join(out, "detection", "flags.npy")
-    if cfg.detection:
-        flags = _load_flags(os.fspath(cfg.detection), n_detect)
-    elif cfg.resume and os.path.isfile(flags_path):
-        flags = _load_flags(os.path.dirname(flags_path), n_detect)
-    else:
-        flags = run_detection(cfg, victim, os.path.join(out, "detection"))
-        if len(flags) != n_detect:
-            raise JdupError(f"detection returned {len(flags)} flags for {n_detect} rows")
-        os.makedirs(os.path.dirname(flags_path), exist_ok=True)
-        atomic.write_npy(flags_path, flags)
+    flags, flags_from = _flags(cfg, output, victim, n_detect)
+    if not flags.any() and not cfg.allow_empty_forget:
+        raise JdupError(f"detection flagged none of the {n_detect} dev-clean ‖ dev-poison rows, so there is nothing "
+                        "to unlearn; lower the detection threshold (e.g. detect.frr=0.2) or set "
+                        "allow_empty_forget=true to export the model unchanged",
+                        flags_from if flags_from != "detected" else os.path.join(output.out, "detection"))
     det_seconds = time.perf_counter() - t_det
     is_poison = np.concatenate(
         [np.zeros(len(splits["dev-clean"]), bool), np.ones(len(splits["dev-poison"]), bool)]
@@ -288,6 +341,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         "asr_after": after["asr"],
         "ra_after": after["ra"],
         "n_flagged": int(fl.sum()),
+        "flags_from": flags_from,
         "n_flagged_poison": int((fl & is_poison).sum()),
         "n_flagged_clean": int((fl & ~is_poison).sum()),
         "n_dev_detect": int(n_detect),
@@ -315,6 +369,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     )
     atomic.write_json(os.path.join(out, "metrics.json"), metrics, default=float)
     shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
+    output.commit(metrics)
     log.info("unlearn: %s", metrics)
     return metrics
 
