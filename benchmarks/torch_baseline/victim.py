@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -119,8 +118,9 @@ def make_victim(
         np.mean(predict(model, tok, [r.text for r in test_clean]) == np.array([r.label for r in test_clean]))
     )
     asr = float(np.mean(predict(model, tok, [r.text for r in test_poison]) == 1))
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from jdup import atomic  # file handling only: the reference training itself uses no jdup code
+
+    tmp = Path(atomic.temp_dir(out))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     info = {
@@ -138,8 +138,7 @@ def make_victim(
         "torch": torch.__version__,
     }
     (tmp / "victim.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    atomic.replace_dir(tmp, out)
     return out
 
 
