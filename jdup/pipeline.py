@@ -169,7 +169,6 @@ def plan(cfg: Mapping, *, source: str = "config", origins: Mapping[str, str] | N
             if k in names and k not in values and v is not None:
                 values[k] = v
         stage_cfg = build_stage_config(stage, values, source=source, prefix=f"{stage}.", origins=origins)
-        _check_nested(stage, stage_cfg, source, origins)
         built[stage] = stage_cfg
         if stage == "poison":
             chained["data"] = os.path.abspath(os.fspath(stage_cfg.out))
@@ -177,23 +176,6 @@ def plan(cfg: Mapping, *, source: str = "config", origins: Mapping[str, str] | N
             chained["model"] = os.path.join(os.path.abspath(os.fspath(stage_cfg.out)), "model")
     return {"out": out, "resume": bool(cfg.get("resume", True)), "overwrite": bool(cfg.get("overwrite", False)),
             "stages": built}
-
-
-def _check_nested(stage: str, stage_cfg: Any, source: str, origins: Mapping[str, str]) -> None:
-    """Option dicts nested in a stage config (``unlearn.detect``, ``detect.upgp``) that are still plain dicts
-    (not yet typed dataclasses, which :func:`jdup.config.build` checks itself) are built here, before any work."""
-    detect_cls, _ = stage_classes("detect")
-    if stage == "unlearn" and isinstance(stage_cfg.detect, Mapping):
-        opts = dict(stage_cfg.detect)
-        if "seed" in opts and "seed" not in _fields("detect"):  # documented alias of split_seed
-            opts.setdefault("split_seed", opts.pop("seed"))
-        stage_cfg_detect = config_lib.build(detect_cls, opts, source=source, prefix="unlearn.detect.",
-                                            origins=origins)
-        _check_nested("detect", stage_cfg_detect, source, origins)
-    if stage == "detect" and isinstance(stage_cfg.upgp, Mapping) and stage_cfg.method in ("upgp", "ensemble"):
-        module = importlib.import_module(STAGES["detect"][0])
-        if hasattr(module, "upgp_config"):
-            module.upgp_config(stage_cfg)
 
 
 def _load_result(stage: str, folder: str) -> dict:

@@ -77,20 +77,12 @@ def test_parses_and_builds(path):
 
 
 def _check_nested(stage: str, values: dict, source: str) -> None:
-    """Option dicts inside a section are validated only when the stage runs: check them here."""
-    if stage != "unlearn":
-        return
-    from jdup import detect
-
-    opts = dict(values.get("detect") or {})
-    if "seed" in opts:  # documented alias of split_seed
-        opts["split_seed"] = opts.pop("seed")
-    config_lib.build(detect.DetectConfig, opts, source=f"{source} detect")
-    proj = values.get("projection_options") or {}
-    if proj:
-        from jdup import upgp
-
-        config_lib.build(upgp.ProjectionOptions, proj, source=f"{source} projection_options")
+    """Nested option sections (``unlearn.detect``, ``unlearn.projection_options``, ``detect.upgp``) are typed
+    dataclasses: building the stage config built and validated them."""
+    cfg = pipeline.build_stage_config(stage, values, source=source)
+    for name in ("detect", "projection_options", "upgp"):
+        if hasattr(cfg, name):
+            assert dataclasses.is_dataclass(getattr(cfg, name)), f"{source}: {stage}.{name} is not typed"
 
 
 @pytest.mark.parametrize("stage", STAGE_FILES)
