@@ -16,6 +16,7 @@ every failure. One section per numbered defect of the issue; each test name says
 
 from __future__ import annotations
 
+import csv
 import errno
 import importlib
 import json
@@ -563,6 +564,26 @@ def test_9_detection_json_always_has_auroc_and_far(tmp_path, tiny_model_dir, syn
     for key in ("auroc", "auroc_md", "auroc_ss", "far"):
         assert key in det and det[key] is None, (key, det.get(key))
     assert isinstance(det["frr"], float)
+
+
+def test_9_data_messages_say_what_is_wrong(tmp_path, tiny_model_dir, synthetic_dup, capsys, caplog):  # noqa: F811
+    out = tmp_path / "out"
+    a_file = synthetic_dup / "dev-clean.csv"
+    assert jdup("train", "--model", tiny_model_dir, "--data", a_file, "--out", out, *TRAIN) == 2
+    one_error_line(capsys, f"{a_file}: is a file, not a data folder")
+    assert jdup("detect", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out, *DETECT,
+                "--score-set", "dev-nope") == 2
+    one_error_line(capsys, "unknown split 'dev-nope'", "dev-detect")
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dup, data)
+    with open(data / "test-clean.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    rows[1][1] = ""  # one empty text cell
+    with open(data / "test-clean.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    assert jdup("detect", "--model", tiny_model_dir, "--data", data, "--out", out, *DETECT,
+                "--score-set", "test-clean") == 0
+    assert "1 of" in caplog.text and "empty text" in caplog.text
 
 
 def test_9_train_leaves_no_empty_out_on_an_early_error(tmp_path, tiny_model_dir, capsys):  # noqa: F811
