@@ -16,7 +16,7 @@ Algorithm (spec §2.11), with one forward pass per sample:
 
 ``method: upgp`` routes to UPGP sensitivity detection (:func:`jdup.sensitivity.detect_upgp`; options in the
 nested ``upgp:`` section, a :class:`jdup.sensitivity.UPGPConfig`) and ``method: ensemble`` runs DUP and UPGP and
-averages their rank fractions (:func:`jdup.scores.ensemble_scores` with ``rank=True``), thresholded on DUP's clean
+averages their rank fractions (:func:`jdup.fusion.ensemble_scores` with ``rank=True``), thresholded on DUP's clean
 validation half; see :func:`detect`.
 
 Everything here is in memory: :func:`detect` takes the model, tokenizer and datasets and returns a
@@ -41,9 +41,9 @@ import numpy as np
 
 from jdup import data as data_lib
 from jdup import features as feat_lib
+from jdup import fusion, sensitivity
 from jdup import metrics as metrics_lib
 from jdup import scores as S
-from jdup import sensitivity
 from jdup.errors import Invalid, JdupError, check, check_one_of, check_range
 from jdup.predict import predict
 from jdup.sensitivity import UPGPConfig
@@ -68,10 +68,11 @@ class DetectConfig:
     #                                 or a path to a CSV in the DUP layout
     calib_set: str = "dev-clean"  # clean labelled split used for calibration + validation
     # --- method
-    method: Literal["dup", "dan", "upgp", "ensemble"] = (
-        "dup"  # dup = Mahalanobis + spectral fusion; dan = DAN baseline; upgp = unlearning sensitivity;
+    method: Literal["fisher", "dup", "dan", "upgp", "ensemble"] = (
+        "dup"  # fisher = DUP's two scores fused by Fisher's method on robust-z tails; dup = DUP's weighted
     )
-    #                                 ensemble = rank average of dup and upgp
+    #                                 z fusion (the official code); dan = DAN baseline; upgp = unlearning
+    #                                 sensitivity; ensemble = rank average of dup and upgp
     alpha: float = 0.9  # fusion weight of the Mahalanobis z-score (1 = MD only, 0 = spectral only)
     top_k: int | None = 3  # layers kept by Calinski–Harabasz ranking (None or <= 0: all md_layers)
     frr: float = 0.05  # target false rejection rate on clean validation data (threshold percentile 1 - frr)
@@ -130,7 +131,9 @@ class DetectConfig:
         check(self, "buckets", all(int(b) >= 1 for b in self.buckets), "every bucket length must be >= 1")
 
 
-METHODS = ("dup", "dan", "upgp", "ensemble")
+METHODS = ("fisher", "dup", "dan", "upgp", "ensemble")
+#: Methods that score with DUP's Mahalanobis + spectral pass (they differ only in the host-side fusion).
+DUP_PASS = ("fisher", "dup")
 
 
 def upgp_config(cfg: DetectConfig) -> UPGPConfig:
@@ -237,7 +240,7 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     robust-z tail of the suspected target class, ``threshold`` = ``upgp.z_threshold`` on ``scores = -z``);
     ``ensemble``: DUP, then UPGP with its perturbation learned on DUP's calibration half only, both scored on
     DUP's validation half V and on ``scored``; the score is the mean rank fraction of the two
-    (``scores.ensemble_scores(..., rank=True)``: scale-free), thresholded at the ``1 − frr`` quantile of V's
+    (``fusion.ensemble_scores(..., rank=True)``: scale-free), thresholded at the ``1 − frr`` quantile of V's
     ensemble scores (V is unseen by both detectors), or at ``purification_percentile`` in purification mode.
 
     Returns:
@@ -283,7 +286,7 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
         aux = fit_fn(x_c, y_c)
     except ValueError as e:
         raise JdupError(f"bad layer selection for a {n_layers}-layer model: {e}") from None
-    if cfg.method == "dup":
+    if cfg.method in DUP_PASS:
         layers = [int(i) for i in np.asarray(aux[0].layers)]
         ch = np.asarray(aux[0].ch, np.float64)
     else:
@@ -322,7 +325,7 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     # ---- host: normalisation, fusion, threshold
     t = time.perf_counter()
     per_layer = res["md_layers"].astype(np.float64)
-    ss_raw = res["ss"].astype(np.float64) if cfg.method == "dup" else np.zeros(n_both)
+    ss_raw = res["ss"].astype(np.float64) if cfg.method in DUP_PASS else np.zeros(n_both)
     dec = decide(per_layer, ss_raw, n_v, cfg)
     md_all, ss_all, z_md, z_ss = dec.md, dec.ss, dec.z_md, dec.z_ss
     val, sc, tau, flags = dec.val_scores, dec.scores, dec.threshold, dec.flags
@@ -369,8 +372,11 @@ class Decision(NamedTuple):
 
 
 def decide(md_layers: np.ndarray, ss: np.ndarray, n_val: int, cfg: DetectConfig) -> Decision:
-    """The host-side decision of ``dup``/``dan`` detection from the per-row scalars of the scoring pass.
+    """The host-side decision of ``fisher``/``dup``/``dan`` detection from the per-row scalars of the scoring pass.
 
+    Fisher (jdup's fusion of DUP's two scores): the aggregated Mahalanobis and the spectral score each become a
+    robust z-score against the validation rows and the fused score is ``-Σ log(1 − Φ(z))``
+    (:func:`jdup.fusion.fisher_scores`); ``z_md``/``z_ss`` are still the mean/std z-scores below (reported only).
     DUP: per-layer Mahalanobis scores aggregated (``agg``), z-scores of it and of the spectral score fitted on the
     validation rows, fused ``alpha·z_md + (1 − alpha)·z_ss``; DAN: per-layer scores standardised on the validation
     rows and aggregated (``dan_agg``). Threshold: :func:`_threshold` (``frr`` on the validation rows, or
@@ -384,7 +390,7 @@ def decide(md_layers: np.ndarray, ss: np.ndarray, n_val: int, cfg: DetectConfig)
       cfg: the detection settings.
     """
     per_layer = np.asarray(md_layers, np.float64)
-    if cfg.method == "dup":
+    if cfg.method in DUP_PASS:
         md_all = per_layer.mean(1) if cfg.agg == "mean" else per_layer.max(1)
         ss_all = np.asarray(ss, np.float64)
     else:
@@ -395,8 +401,11 @@ def decide(md_layers: np.ndarray, ss: np.ndarray, n_val: int, cfg: DetectConfig)
     zm, zs = _zfit(md_all[:n_val]), _zfit(ss_all[:n_val])
     z_md = (md_all - zm[0]) / zm[1]
     z_ss = (ss_all - zs[0]) / zs[1]
-    alpha = cfg.alpha if cfg.method == "dup" else 1.0
-    fused = alpha * z_md + (1.0 - alpha) * z_ss
+    if cfg.method == "fisher":  # jdup's default: Fisher's combination of robust-z tail probabilities
+        fused = fusion.fisher_scores([md_all, ss_all], n_val)
+    else:
+        alpha = cfg.alpha if cfg.method == "dup" else 1.0
+        fused = alpha * z_md + (1.0 - alpha) * z_ss
     val, sc = fused[:n_val], fused[n_val:]
     tau = _threshold(val, sc, cfg)
     return Decision(sc, sc > tau, tau, val, md_all, ss_all, z_md, z_ss)
@@ -455,7 +464,7 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> D
         timings = {"upgp": t_upgp}
     else:
         d_all = np.concatenate([dup.val_scores, dup.scores])
-        ens = S.ensemble_scores([d_all, u_all], rank=True)
+        ens = fusion.ensemble_scores([d_all, u_all], rank=True)
         val, sc = ens[:n_v], ens[n_v:]
         tau = _threshold(val, sc, cfg)
         flags = sc > tau
@@ -538,7 +547,7 @@ def _scorers(
 
 def _method_fns(cfg: DetectConfig, num_classes: int):
     return _scorers(
-        cfg.method,
+        "dup" if cfg.method in DUP_PASS else cfg.method,
         float(cfg.shrinkage),
         cfg.top_k,
         cfg.agg,
@@ -571,7 +580,7 @@ def _metrics(scored, sc, flags, z_md, z_ss, preds, cfg: DetectConfig) -> dict[st
         if cfg.method != "upgp":
             out["auroc_md"] = metrics_lib.auroc(y, z_md)
             out["auroc_ss"] = (
-                metrics_lib.auroc(y, z_ss) if cfg.method in ("dup", "ensemble") else float("nan")
+                metrics_lib.auroc(y, z_ss) if cfg.method in (*DUP_PASS, "ensemble") else float("nan")
             )
         out.update(metrics_lib.filtered_cacc_asr(preds, scored.labels, flags, y))
     else:

@@ -12,8 +12,8 @@ purification) is :mod:`jdup.projection`.
    (two forward passes), averaged over perturbations learned on disjoint parts of the normal set. Clean rows lose
    their fit (large ``s``); backdoored rows keep it (the trigger feature is not what was forgotten), so **low
    ``s`` = suspicious**.
-3. Per-class robust z-scores against held-out normal rows (:func:`jdup.scores.robust_z`) and the low-tail flag rule
-   of the suspected target class (:func:`jdup.scores.flag_low_tail`).
+3. Per-class robust z-scores against held-out normal rows (:func:`jdup.fusion.robust_z`) and the low-tail flag rule
+   of the suspected target class (:func:`jdup.fusion.flag_low_tail`).
 4. First-order score (spec §4.2, :func:`first_order_scores`): the cosine between each row's loss gradient and the
    perturbation direction (the mean label-flip descent direction on the normal set), both on the parameters of a
    fresh LoRA adapter, with ``jax.vmap(jax.grad(...))`` over rows.
@@ -41,8 +41,8 @@ from jdup import data as D
 from jdup import lora as lora_lib
 from jdup import losses, metrics, optim
 from jdup.errors import Invalid, JdupError, check_one_of, check_range
+from jdup.fusion import flag_low_tail, robust_z
 from jdup.predict import MODEL_INPUTS, predict_states
-from jdup.scores import flag_low_tail, robust_z
 
 #: LoRA target names of the query and value projections (BERT/RoBERTa; Llama/Qwen2 and BART).
 QUERY_VALUE = ("query", "value", "q_proj", "v_proj")
@@ -111,7 +111,7 @@ class UPGPDetection(NamedTuple):
       scores: ``[N]`` suspicion, higher = more likely poisoned (``-z`` of the zeroth-order sensitivity).
       flags: ``[N]`` bool, flagged rows.
       threshold: flag rule on ``scores``: ``scores > threshold`` among the rows of ``target_class`` that the
-        victim fits (then clipped to ``[min_flag_frac, max_flag_frac]`` of ``N``; :func:`jdup.scores.flag_low_tail`).
+        victim fits (then clipped to ``[min_flag_frac, max_flag_frac]`` of ``N``; :func:`jdup.fusion.flag_low_tail`).
       target_class: the suspected backdoor target label.
       auroc: AUROC of ``scores`` when ground-truth poison flags are known, else ``None``.
       sensitivity: ``[N]`` raw zeroth-order sensitivity ``s`` (low = suspicious).

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from jdup.errors import JdupError
+from jdup.fusion import ensemble_scores, flag_low_tail, robust_z  # noqa: F401
 from jdup.projection import (  # noqa: F401
     _CAPTURE_LOCK,
     PROJECTIONS,
@@ -21,7 +22,6 @@ from jdup.projection import (  # noqa: F401
     clean_gradient_stack,
     module_input_covariances,
 )
-from jdup.scores import ensemble_scores, flag_low_tail, robust_z  # noqa: F401
 from jdup.sensitivity import (  # noqa: F401
     UPGPConfig,
     UPGPDetection,

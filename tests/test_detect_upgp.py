@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from jdup import cli, data, detect, models
+from jdup import cli, data, detect, fusion, models
 from jdup import config as config_lib
 from jdup.errors import JdupError
 from jdup.sensitivity import UPGPConfig
@@ -73,7 +73,7 @@ def test_cli_routes_method_and_writes_the_dup_outputs(folder, tmp_path, method, 
 
 
 def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
-    from jdup import metrics, scores
+    from jdup import metrics
 
     root, n, _ = folder
     model, tok = models.from_pretrained(root / "model"), models.load_tokenizer(root / "model")
@@ -91,7 +91,7 @@ def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
     x = res.extra
     n_v = len(res.val_index)
     assert n_v == len(calib) // 2 and x["upgp_val_scores"].shape == (n_v,)
-    ens = scores.ensemble_scores(
+    ens = fusion.ensemble_scores(
         [np.r_[x["dup_val_scores"], x["dup_scores"]], np.r_[x["upgp_val_scores"], x["upgp_scores"]]],
         rank=True,
     )
@@ -171,7 +171,6 @@ def test_jdup_run_checks_detection_options_before_any_stage(
 
 
 def test_robust_z_and_low_tail_flags_pick_the_target_class():
-    from jdup import scores
 
     rng = np.random.default_rng(0)
     labels = np.array([0] * 100 + [1] * 100)
@@ -179,12 +178,12 @@ def test_robust_z_and_low_tail_flags_pick_the_target_class():
     s[150:180] = rng.normal(0.0, 0.1, 30)  # insensitive rows in class 1
     ref = rng.normal(5.0, 1.0, 60)
     ref_labels = np.array([0, 1] * 30)
-    z = scores.robust_z(s, labels, ref, ref_labels)
-    flags, target = scores.flag_low_tail(z, labels, 2.5, 0.0, 0.5)
+    z = fusion.robust_z(s, labels, ref, ref_labels)
+    flags, target = fusion.flag_low_tail(z, labels, 2.5, 0.0, 0.5)
     assert target == 1 and flags[150:180].all() and flags.sum() <= 33
-    capped, _ = scores.flag_low_tail(z, labels, 2.5, 0.0, 0.1)
+    capped, _ = fusion.flag_low_tail(z, labels, 2.5, 0.0, 0.1)
     assert capped.sum() == 20 and capped[150:180].sum() == 20
-    floor, _ = scores.flag_low_tail(np.zeros(200), labels, 2.5, 0.05, 0.5)
+    floor, _ = fusion.flag_low_tail(np.zeros(200), labels, 2.5, 0.05, 0.5)
     assert floor.sum() == 10
 
 
@@ -192,7 +191,6 @@ def test_low_tail_class_ignores_rows_the_victim_gets_wrong():
     """Issue 14 item 3 (the BadNets case, FAR 1.0): misclassified rows of the non-target class have s < 0 (the
     label flip lowers their loss), a far heavier low tail than the poisoned rows, which sit just below the clean
     median of the target class. The class comes from the rows the victim fits, and only those are flagged."""
-    from jdup import scores
 
     rng = np.random.default_rng(1)
     labels = np.array([0] * 100 + [1] * 200)
@@ -202,9 +200,9 @@ def test_low_tail_class_ignores_rows_the_victim_gets_wrong():
     z[190:200] = rng.normal(-6.0, 1.0, 10)  # class 1: a few misclassified rows too
     fit = np.ones(300, bool)
     fit[:25] = fit[190:200] = False
-    _, old_choice = scores.flag_low_tail(z, labels, 2.5)  # every row counts: the misfit tail wins
+    _, old_choice = fusion.flag_low_tail(z, labels, 2.5)  # every row counts: the misfit tail wins
     assert old_choice == 0
-    flags, target = scores.flag_low_tail(z, labels, 2.5, 0.0, 0.5, fit=fit)
+    flags, target = fusion.flag_low_tail(z, labels, 2.5, 0.0, 0.5, fit=fit)
     assert target == 1
     assert flags.any() and not flags[~fit].any() and (labels[flags] == 1).all()
     assert flags[200:].sum() >= 0.8 * flags.sum()

@@ -163,7 +163,7 @@ def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float, folder: st
     if cfg.plots and y.any() and (~y).any():
         where = os.path.join(*os.path.normpath(os.path.abspath(cfg.data)).split(os.sep)[-2:])
         title = f"{cfg.method.upper()}: {where}/{cfg.score_set}"
-        extra = {"MD only": res.z_md, "SS only": res.z_ss} if cfg.method == "dup" else None
+        extra = {"MD only": res.z_md, "SS only": res.z_ss} if cfg.method in ("dup", "fisher") else None
         if cfg.method == "ensemble":
             extra = {"DUP": res.extra["dup_scores"], "UPGP": res.extra["upgp_scores"]}
         plots_lib.roc_plot(y, res.scores, os.path.join(out, "roc.png"), title=title, extra=extra)
