@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -48,10 +49,18 @@ def _main(
     distributed: bool = typer.Option(
         False, help="call jax.distributed.initialize() first (multi-host TPU/GPU; every host runs the same command)"
     ),
+    compilation_cache: bool = typer.Option(
+        None, "--compilation-cache/--no-compilation-cache", show_default=False,
+        help="JAX's persistent compilation cache in ~/.cache/jdup/xla (default on; JDUP_COMPILATION_CACHE=0 or "
+        "a folder also sets it): a repeated call loads compiled programs instead of compiling them again",
+    ),
 ) -> None:
+    from jdup import runtime  # imports no JAX: only sets the JAX_* variables read when JAX is first imported
+
     _setup_logging(log_level)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log.debug("compilation cache: %s", runtime.setup(enabled=compilation_cache))  # before any JAX work
     if distributed:
         import jax
 
@@ -217,7 +226,8 @@ def sweep(
 
     data = config_lib.apply_overrides(config_lib.load_yaml(config), ctx.args)
     try:
-        result = sweep_lib.run_sweep(data, out, source=config)
+        command = shlex.join(["jdup", "sweep", config, *ctx.args, *(["--out", out] if out else [])])
+        result = sweep_lib.run_sweep(data, out, source=config, command=command)
     except KeyboardInterrupt:
         raise Interrupted(f"sweep {config} was interrupted; finished cells are kept in its results.jsonl; run the "
                           "same command again to resume") from None
@@ -243,7 +253,7 @@ def info() -> None:
 
     import jax
 
-    from jdup import models
+    from jdup import models, runtime
     from jdup.models import registry
 
     models.import_families()
@@ -255,7 +265,7 @@ def info() -> None:
         except md.PackageNotFoundError:
             versions[pkg] = None
     typer.echo(json.dumps({"versions": versions, "devices": [str(d) for d in jax.devices()],
-                           "architectures": registry.names()}, indent=2))
+                           "architectures": registry.names(), "compilation_cache": runtime.describe()}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

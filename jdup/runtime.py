@@ -210,3 +210,15 @@ def _apply(folder: str | None, secs: float | None, size: int | None) -> None:
 def status() -> CacheStatus | None:
     """The result of the last :func:`setup` call in this process (None before the first)."""
     return _status
+
+
+def describe() -> dict:
+    """What ``jdup info`` prints: :func:`status` as a dict (``setup()`` is called first when it was not yet) plus
+    the folder's current ``entries`` (compiled programs) and ``bytes``."""
+    st = _status if _status is not None else setup()
+    out = dataclasses.asdict(st)
+    if st.dir and os.path.isdir(st.dir):
+        files = [p for p in Path(st.dir).iterdir() if p.is_file() and not p.name.startswith(".")]
+        out["entries"] = sum(1 for p in files if p.name.endswith("-cache"))
+        out["bytes"] = sum(p.stat().st_size for p in files)
+    return out

@@ -26,6 +26,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"  # read by JAX at import: the subprocesses of the tests too
+# the CLI turns JAX's persistent compilation cache on (~/.cache/jdup/xla); tests stay hermetic unless asked
+os.environ.setdefault("JDUP_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

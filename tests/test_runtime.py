@@ -129,3 +129,59 @@ def test_setup_in_process_after_jax_import(tmp_path, monkeypatch):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
         jax.config.update("jax_compilation_cache_max_size", -1)
         os.environ.pop(runtime._OWN_MARK, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI: setup() before any JAX work, `jdup info` shows it, and nothing heavy on --help / config error paths
+# ---------------------------------------------------------------------------------------------------------------
+
+HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "transformers", "torch", "tokenizers", "safetensors")
+
+CLI_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from jdup.cli import main
+    rc = main(sys.argv[1:])
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(%r)))
+    print("\\n" + json.dumps({"rc": rc, "heavy": heavy}))
+    """
+) % json.dumps(HEAVY)
+
+
+def _cli(env: dict, *args: str) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, "-c", CLI_CHILD, *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    return json.loads(lines[-1]), "\n".join(lines[:-1]) + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--help",),
+        ("detect", "--help"),
+        ("unlearn", "--help"),
+    ],
+)
+def test_help_and_config_errors_import_no_jax(tmp_path, args):
+    got, output = _cli(_env(tmp_path), *args)
+    assert got["rc"] == (0 if "--help" in args else 2), output
+    assert got["heavy"] == [], f"{args} imported {got['heavy']}"
+
+
+def test_cli_turns_the_cache_on_and_info_reports_it(tmp_path):
+    default = tmp_path / "xdg" / "jdup" / "xla"
+    got, output = _cli(_env(tmp_path), "info")
+    assert got["rc"] == 0, output
+    info = json.loads(output[output.index("{"): output.rindex("}") + 1])
+    cache = info["compilation_cache"]
+    assert cache["enabled"] and cache["source"] == "jdup" and cache["dir"] == str(default.resolve())
+    assert cache["entries"] >= 0 and cache["bytes"] >= 0
+    for env, args in ((_env(tmp_path), ("--no-compilation-cache", "info")),
+                      (_env(tmp_path, JDUP_COMPILATION_CACHE="0"), ("info",))):
+        got, output = _cli(env, *args)
+        cache = json.loads(output[output.index("{"): output.rindex("}") + 1])["compilation_cache"]
+        assert got["rc"] == 0 and cache["enabled"] is False and cache["source"] == "off", output
+    got, output = _cli(_env(tmp_path, JDUP_COMPILATION_CACHE="0"), "--compilation-cache", "info")
+    assert json.loads(output[output.index("{"): output.rindex("}") + 1])["compilation_cache"]["enabled"]
