@@ -12,7 +12,8 @@ With a projection (UPGP) the two loss terms get separate streams (:func:`jdup.op
 forgetting gradient goes through ``clip → Adam → projection → −lr·λ_asr``, the clean CE through its own
 unprojected ``clip → Adam → −lr·λ_acc``, and the two updates are added (no weight decay).
 
-The contract the sweep relies on is written in ``/work/notes/contract-unlearn.md`` (and in ``docs/sweeps.md``).
+:mod:`jdup.sweep.vmapped` runs ``jax.vmap`` of :func:`train_step` over K cells (traced ``hp``, stacked states),
+so a sweep cell computes what ``jdup unlearn`` computes.
 """
 
 from __future__ import annotations
