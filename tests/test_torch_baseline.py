@@ -25,9 +25,6 @@ from benchmarks import common as C  # noqa: E402
 from benchmarks.torch_baseline import detect as TD  # noqa: E402
 from benchmarks.torch_baseline.data import Row, read_dup_csv, split_dev  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "sst-2" / "1" / "badnets"
-
-
 #: The benchmark scripts' end-to-end smoke tests start a dozen worker processes (several minutes on 2 cores): run
 #: them before a measurement session with ``JDUP_BENCH_TESTS=1 pytest tests/test_torch_baseline.py``.
 bench_scripts = pytest.mark.skipif(
@@ -53,18 +50,12 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def rows():
-    """40 clean dev rows and 40 scored rows (half clean, half BadNets-poisoned), or synthetic ones."""
-    if (DATA / "dev-clean.csv").exists():
-        dev = read_dup_csv(DATA / "dev-clean.csv", limit=40)
-        clean = read_dup_csv(DATA / "test-clean.csv", limit=20)
-        poison = read_dup_csv(DATA / "test-poison.csv", limit=20)
-        return dev, clean + poison
-    rng = random.Random(0)
-    words = "good bad movie film plot great awful fine dull bright story acting".split()
-    dev = [Row(" ".join(rng.choices(words, k=8)), i % 2, 0) for i in range(40)]
-    clean = [Row(" ".join(rng.choices(words, k=8)), i % 2, 0) for i in range(20)]
-    poison = [Row(" ".join(rng.choices(words, k=8)) + " cf mn", 1, 1) for _ in range(20)]
+def rows(sst2_dir):
+    """40 clean dev rows and 40 scored rows (half clean, half BadNets-poisoned) of the shared SST-2."""
+    data = sst2_dir / "badnets"
+    dev = read_dup_csv(data / "dev-clean.csv", limit=40)
+    clean = read_dup_csv(data / "test-clean.csv", limit=20)
+    poison = read_dup_csv(data / "test-poison.csv", limit=20)
     return dev, clean + poison
 
 
