@@ -146,6 +146,62 @@ def test_step_changes_only_adapters_and_head(victim):
     np.testing.assert_array_equal(U.model_logits(victim, forget, 8), teacher)
 
 
+def test_traced_step_matches_the_fixed_optimizer_and_vmaps_over_cells(victim):
+    """The step the sweep vmaps: lr and loss weights traced (StepHParams) give the numbers of a Python-float
+    optimizer, and jax.vmap over K cells gives each cell's single-run step."""
+    import functools
+
+    cfg = S.UnlearnConfig(**{**TINY, "lambda_asr": 0.3, "lambda_acc": 0.7})
+    st = U.build_student(victim, cfg)
+    settings = U.LossSettings.from_config(cfg, 1)
+    forget, retain = _encoded(8, 1, trigger=7), _encoded(8, 2)
+    teacher = U.model_logits(victim, forget, 8)
+    batch = U.joint_batch(U.forget_batch_at(forget, 4, 0, 0), teacher, U.clean_batch_at(retain, 4, 0, 0))
+    spec = U.OptimizerSpec.from_config(cfg, 10)
+    fixed = U.make_optimizer(3e-3, 10, warmup_frac=cfg.warmup_frac, weight_decay=cfg.weight_decay)
+    old = U.make_train_step(st.graphdef, fixed, settings, lambda_asr=0.3, lambda_acc=0.7)
+    tr_a, os_a = st.trainable, fixed.init(st.trainable)
+    tr_b, os_b = st.trainable, spec.init(st.trainable)
+    hp = U.step_hparams(3e-3, 0.3, 0.7)
+    for t in range(3):
+        tr_a, os_a, m_a = old(tr_a, st.frozen, os_a, batch, U.step_key(cfg.seed, t))
+        tr_b, os_b, m_b = U.jit_train_step(
+            st.graphdef, spec, settings, tr_b, st.frozen, os_b, batch, U.step_key(cfg.seed, t), hp
+        )
+        assert float(m_a["loss"]) == float(m_b["loss"])
+    jax.tree.map(np.testing.assert_array_equal, tr_a, tr_b)
+
+    # two cells (lr, lambdas, seeds differ) in one vmapped step == each cell's own step
+    hps = U.step_hparams(np.array([3e-3, 1e-2]), np.array([0.3, 1.0]), np.array([0.7, 2.0]))
+    seeds = np.array([cfg.seed, 7])
+    stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
+    tr_k, os_k = stack(st.trainable, st.trainable), stack(spec.init(st.trainable), spec.init(st.trainable))
+    one = functools.partial(U.train_step, st.graphdef, spec, settings)
+    step_k = jax.jit(jax.vmap(one, in_axes=(0, None, 0, None, 0, 0)))
+    keys = jax.vmap(U.step_key, in_axes=(0, None))(seeds, 0)
+    tr_k, _, _ = step_k(tr_k, st.frozen, os_k, batch, keys, hps)
+    for i in range(2):
+        hp_i = U.StepHParams(*(x[i] for x in hps))
+        tr_i, _, _ = U.jit_train_step(
+            st.graphdef,
+            spec,
+            settings,
+            st.trainable,
+            st.frozen,
+            spec.init(st.trainable),
+            batch,
+            U.step_key(int(seeds[i]), 0),
+            hp_i,
+        )
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_allclose(
+                np.asarray(a)[i], np.asarray(b), rtol=1e-5, atol=1e-7
+            ),
+            tr_k,
+            tr_i,
+        )
+
+
 def test_loss_pieces_are_consistent_with_losses(victim):
     cfg = S.UnlearnConfig(**TINY)
     st = U.build_student(victim, cfg)
