@@ -32,8 +32,7 @@ import functools
 import importlib
 import random
 import time
-from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,96 +43,12 @@ from jdup import features as feat_lib
 from jdup import fusion, sensitivity
 from jdup import metrics as metrics_lib
 from jdup import scores as S
-from jdup.errors import Invalid, JdupError, check, check_one_of, check_range
+from jdup.errors import Invalid, JdupError
 from jdup.predict import predict
 from jdup.sensitivity import UPGPConfig
+from jdup.settings import DUP_PASS, METHODS, DetectConfig, LayerSpec
 
-LayerSpec = str | tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class DetectConfig:
-    """Configuration of ``jdup detect`` (defaults = the DUP class defaults, spec §4.1 / Appendix A)."""
-
-    #: Alternative key names jdup.config.build accepts (``unlearn.detect.seed`` in YAML files).
-    __config_aliases__ = {"seed": "split_seed"}  # noqa: RUF012
-
-    # --- inputs / outputs (run_detect only)
-    model: str = ""  # suspect classifier: HF folder, hub id or builtin:minilm
-    data: str = ""  # data folder holding the calibration split (dev-clean.csv) and the scored split
-    out: str = ""  # output folder: detection.json, scores.npy, components.npz, roc.png, hist.png
-    score_set: str = (
-        "test-detect"  # split name in `data` (test-detect, dev-detect = dev-clean ∪ dev-poison, ...)
-    )
-    #                                 or a path to a CSV in the DUP layout
-    calib_set: str = "dev-clean"  # clean labelled split used for calibration + validation
-    # --- method
-    method: Literal["fisher", "dup", "dan", "upgp", "ensemble"] = (
-        "dup"  # fisher = DUP's two scores fused by Fisher's method on robust-z tails; dup = DUP's weighted
-    )
-    #                                 z fusion (the official code); dan = DAN baseline; upgp = unlearning
-    #                                 sensitivity; ensemble = rank average of dup and upgp
-    alpha: float = 0.9  # fusion weight of the Mahalanobis z-score (1 = MD only, 0 = spectral only)
-    top_k: int | None = 3  # layers kept by Calinski–Harabasz ranking (None or <= 0: all md_layers)
-    frr: float = 0.05  # target false rejection rate on clean validation data (threshold percentile 1 - frr)
-    shrinkage: float = 0.1  # ShrunkCovariance shrinkage
-    md_layers: LayerSpec = (
-        "all"  # candidate layers for MD (all, first_half, middle, last_half, ... or a list)
-    )
-    ss_layers: LayerSpec = "all"  # layers of the spectral score (at least 2)
-    agg: Literal["mean", "max"] = "mean"  # aggregation of per-layer MDs (DAN: of standardised layer scores)
-    dan_agg: Literal["mean", "max"] = "max"  # aggregation over layers for method=dan (DAN paper: max)
-    dan_layers: LayerSpec = "all"  # layers used by DAN
-    ss_method: Literal["gram", "svd"] = (
-        "gram"  # spectral singular values from the Gram matrix or a direct SVD
-    )
-    fit_dtype: Literal["float32", "float64"] = "float32"  # Gaussian fit on device (f32) or host NumPy float64
-    # method=upgp|ensemble: perturbation, flag rule, first-order score, seed (None = split_seed); the model,
-    # data, truncation, batch size and progress of UPGP are this config's own fields
-    upgp: UPGPConfig = dataclasses.field(default_factory=UPGPConfig)
-    # --- calibration split
-    split_seed: int = 2025  # seed of the Python-random shuffle of the calibration split (DUP: 2025)
-    calib_fraction: float = 0.5  # share of the shuffled clean split used to fit (rest: z-scores + threshold)
-    max_dev_samples: int | None = None  # use only the first N rows of the calibration file (old DUP: 200)
-    # --- features
-    pooling: str = "auto"  # auto (cls / last_token / mean per arch) or cls, last_token, mean, mean_unmasked
-    faithful_bart: bool = False  # BART: DUP's unmasked mean over padded positions (default: masked mean)
-    batch_size: int = 32  # rows per forward pass
-    max_length: int = 512  # truncation (DUP: 512; also in `jdup unlearn`'s detection); padded to buckets
-    buckets: tuple[int, ...] = data_lib.INFERENCE_BUCKETS  # padded lengths: 8, 16, ..., 128, 160, ..., 512
-    chunk_rows: int = 8192  # scored rows tokenised + scored at a time (bounds host memory; 0 = all at once)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the model (DUP: float32)
-    # --- decision
-    purification_mode: bool = False  # DUP's purification=True: flag the top (100 - purification_percentile)%
-    purification_percentile: float = 80.0  # percentile of the scored set used when purification_mode is on
-    # --- misc
-    plots: bool = True  # write roc.png and hist.png (run_detect)
-    progress: bool = True  # tqdm progress bars over batches
-    overwrite: bool = False  # replace an existing `out` that is not a `jdup detect` output (run_detect)
-
-    def __post_init__(self):
-        if isinstance(self.upgp, Mapping):  # Python callers may pass the UPGP options as a mapping
-            object.__setattr__(self, "upgp", UPGPConfig(**self.upgp))
-
-    def validate(self) -> None:
-        """Value constraints (run by ``jdup.config.build`` and by :func:`detect`; layer specs are checked against
-        the model when detection runs)."""
-        check_one_of(self, "method", METHODS)
-        check_range(self, "alpha", 0, 1)
-        check_range(self, "frr", 0, 1, lo_open=True, hi_open=True)
-        check_range(self, "shrinkage", 0, 1)
-        check_range(self, "calib_fraction", 0, 1, lo_open=True, hi_open=True)
-        check_range(self, "batch_size", 1)
-        check_range(self, "max_length", 1)
-        check_range(self, "chunk_rows", 0)
-        check_range(self, "purification_percentile", 0, 100)
-        check_one_of(self, "pooling", ("auto", *feat_lib.POOLINGS))
-        check(self, "buckets", all(int(b) >= 1 for b in self.buckets), "every bucket length must be >= 1")
-
-
-METHODS = ("fisher", "dup", "dan", "upgp", "ensemble")
 #: Methods that score with DUP's Mahalanobis + spectral pass (they differ only in the host-side fusion).
-DUP_PASS = ("fisher", "dup")
 
 
 def upgp_config(cfg: DetectConfig) -> UPGPConfig:

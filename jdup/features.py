@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 
 from jdup.models.common import Output
 from jdup.predict import MODEL_INPUTS
+from jdup.settings import POOLINGS
 
 Array = jax.Array
-POOLINGS = ("cls", "last_token", "mean", "mean_unmasked")
 #: Archs whose forward takes ``token_type_ids``.
 TOKEN_TYPE_ARCHS = ("bert", "roberta")
 _DEFAULT_POOLING = {

@@ -76,11 +76,22 @@ _REPORT_ROWS = (
 )
 
 
+#: Where a stage's config class can be imported without JAX (:mod:`jdup.settings`); the stage module re-exports it.
+#: Building and validating a config (and every config error) then imports no JAX, Flax or transformers.
+CONFIG_MODULES: dict[str, str] = {"train": "jdup.settings", "detect": "jdup.settings", "unlearn": "jdup.settings"}
+
+
 def stage_classes(stage: str) -> tuple[type, Any]:
-    """Imports a stage lazily and returns ``(ConfigClass, run_function)``."""
+    """``(ConfigClass, run_function)`` of a stage. The config class comes from :data:`CONFIG_MODULES` (no JAX); the
+    stage module itself (JAX, models) is imported only when ``run_function`` is called."""
     module_name, cls_name, fn_name = STAGES[stage]
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name), getattr(module, fn_name)
+    cls = getattr(importlib.import_module(CONFIG_MODULES.get(stage, module_name)), cls_name)
+
+    def run(cfg: Any) -> Any:
+        return getattr(importlib.import_module(module_name), fn_name)(cfg)
+
+    run.__name__ = run.__qualname__ = fn_name
+    return cls, run
 
 
 def build_stage_config(stage: str, values: Mapping, *, source: str, prefix: str = "",

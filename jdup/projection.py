@@ -23,7 +23,6 @@ transform: :func:`jdup.optim.project_null_space`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import threading
@@ -38,13 +37,13 @@ from flax import nnx
 from jdup import data as D
 from jdup import lora as lora_lib
 from jdup import losses, optim, subspace
-from jdup.errors import Invalid, JdupError, check_range
+from jdup.errors import Invalid, JdupError
 from jdup.predict import MODEL_INPUTS
 from jdup.sensitivity import mean_grad
+from jdup.settings import PROJECTIONS, ProjectionOptions
 
 log = logging.getLogger("jdup.projection")
 
-PROJECTIONS = ("none", "gradient", "representation", "inflora")
 
 __all__ = [
     "PROJECTIONS",
@@ -155,50 +154,6 @@ def module_input_covariances(
 # ---------------------------------------------------------------------------------------------------------------
 # The transform and the hook
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ProjectionOptions:
-    """Options of ``unlearn --projection`` (``projection_options`` in the unlearn config; spec §8.2-8.3)."""
-
-    eps: float = 0.99  # gradient mode: energy threshold of the clean-gradient SVD
-    k: int = 32  # gradient mode: clean mini-batch gradients per basis (= padded basis width)
-    basis_batch_size: int = 16  # gradient mode: rows per clean mini-batch gradient
-    refresh: int = (
-        20  # gradient mode: recompute the basis every this many steps at the current parameters (0: never)
-    )
-    per_block: bool = True  # gradient mode: one basis per parameter leaf (True) or one global basis (False)
-    beta: float = 1.0  # projection strength in [0, 1] (soft projection for beta < 1)
-    repr_eps: float = 0.97  # representation/inflora: energy threshold of the clean token-input covariance
-    repr_rows: int = 256  # representation/inflora: clean rows for the covariances
-    forget_rows: int = 512  # inflora: flagged rows for the forget-input covariances
-    min_free: int = (
-        0  # representation/inflora: keep at least this many input directions free (0: max(16, 4r))
-    )
-    freeze_head_bias: bool = (
-        True  # representation/inflora: freeze head biases (they shift every pre-activation)
-    )
-    probe_rows: int = 64  # clean rows of the fixed probe batch for per-step clean-loss logging
-    log_every: int = 1  # compute the probe clean loss every this many steps
-    informative_refresh: bool = (
-        True  # gradient mode: re-estimate the basis as soon as the LoRA up-projections B
-    )
-    #                                   leave 0 (at B = 0 the clean gradient of every down-projection A is exactly
-    #                                   0, so the initial basis leaves A unprotected); false = only `refresh`
-
-    def validate(self) -> None:
-        """Value constraints (run by ``jdup.config.build`` and by :func:`build_projection`)."""
-        check_range(self, "beta", 0, 1)
-        check_range(self, "eps", 0, 1, lo_open=True)
-        check_range(self, "repr_eps", 0, 1, lo_open=True)
-        check_range(self, "k", 1)
-        check_range(self, "basis_batch_size", 1)
-        check_range(self, "refresh", 0)
-        check_range(self, "repr_rows", 1)
-        check_range(self, "forget_rows", 1)
-        check_range(self, "min_free", 0)
-        check_range(self, "probe_rows", 1)
-        check_range(self, "log_every", 0)
 
 
 def _leaf_paths(tree) -> list[tuple]:

@@ -40,68 +40,13 @@ from flax import nnx
 from jdup import data as D
 from jdup import lora as lora_lib
 from jdup import losses, metrics, optim
-from jdup.errors import Invalid, JdupError, check_one_of, check_range
+from jdup.errors import Invalid, JdupError
 from jdup.fusion import flag_low_tail, robust_z
 from jdup.predict import MODEL_INPUTS, predict_states
+from jdup.settings import UPGPConfig
 
 #: LoRA target names of the query and value projections (BERT/RoBERTa; Llama/Qwen2 and BART).
 QUERY_VALUE = ("query", "value", "q_proj", "v_proj")
-
-
-@dataclasses.dataclass(frozen=True)
-class UPGPConfig:
-    """Settings of UPGP sensitivity detection (spec §8.1 defaults, adapted to LoRA on small encoders).
-
-    These are the keys of the ``upgp:`` section of a detect config. Inputs, truncation length, batch size of the
-    forward passes and progress bars come from the detect config itself (``jdup.detect.DetectConfig``).
-    """
-
-    # --- perturbation (Stage A)
-    lora_rank: int = 8  # rank of the throw-away adapter
-    lora_alpha: float = 16.0  # its alpha (scale alpha/r)
-    # adapted linear layers; () = the architecture's query and value projections (BERT query,value; Llama, Qwen2
-    # and BART q_proj,v_proj), see lora_targets()
-    lora_targets: tuple[str, ...] = ()
-    lr: float = 1e-3  # Adam learning rate of the perturbation
-    batch_size: int = 16  # normal rows per step
-    max_steps: int = 200  # hard cap on perturbation steps
-    eval_every: int = 10  # steps between accuracy checks of the stop rule
-    eval_rows: int = 128  # normal rows used by the stop rule
-    stop_margin: float = 0.1  # stop once normal accuracy <= 1/C + stop_margin
-    n_perturbations: int = 2  # perturbations from disjoint parts of the normal set (scores averaged)
-    calib_frac: float = 0.25  # normal rows held out of the perturbations; per-class median/MAD come from them
-    score: str = "loss"  # loss: l(theta') - l(theta0) | prob: p_theta0(y) - p_theta'(y)
-    # --- first-order score
-    first_order: bool = True  # also compute the vmapped gradient-cosine score
-    first_order_batch: int = 16  # rows per vmapped per-sample-gradient batch
-    # --- flagging (spec §4.3-4.4)
-    z_threshold: float = 2.5  # flag rows with robust z < -z_threshold in the suspected target class
-    min_flag_frac: float = 0.005  # at least this fraction of the scored rows is flagged
-    max_flag_frac: float = 0.5  # at most this fraction (the DUP benchmark sets are ~1/3 poison)
-    # --- infrastructure
-    seed: int | None = (
-        None  # adapter init, data order, label draws (None: the detect config's split_seed, or 0)
-    )
-
-    def validate(self) -> None:
-        """Value constraints (run by ``jdup.config.build`` and by :func:`detect_upgp`)."""
-        check_range(self, "lora_rank", 1)
-        check_range(self, "lr", 0, lo_open=True)
-        for key in (
-            "batch_size",
-            "max_steps",
-            "eval_every",
-            "eval_rows",
-            "n_perturbations",
-            "first_order_batch",
-        ):
-            check_range(self, key, 1)
-        check_range(self, "stop_margin", 0, 1)
-        check_range(self, "calib_frac", 0, 1, hi_open=True)
-        check_one_of(self, "score", ("loss", "prob"))
-        check_range(self, "z_threshold", 0)
-        check_range(self, "min_flag_frac", 0, 1)
-        check_range(self, "max_flag_frac", self.min_flag_frac, 1)
 
 
 class UPGPDetection(NamedTuple):

@@ -30,98 +30,13 @@ from flax import nnx
 
 from jdup import data as D
 from jdup import optim
-from jdup.errors import check, check_one_of, check_range
 from jdup.metrics import accuracy, attack_success_rate
 from jdup.predict import MODEL_INPUTS, predict, predict_states
+from jdup.settings import TrainConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 EVAL_SPLITS = ("dev-clean", "dev-poison", "test-clean", "test-poison")
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings of ``jdup train``: fine-tune a classifier on poisoned data to obtain a backdoored victim."""
-
-    # Starting model: `builtin:minilm`, a local Hugging Face folder, or a Hub id (needs network / cache).
-    model: str = "builtin:minilm"
-    # DUP-layout data folder (train = dirty/<rate>/train-poison.csv; dev-clean, dev-poison, test-clean, test-poison).
-    data: str = ""
-    # Output folder: model/, metrics.json, metrics.jsonl, ckpt/ (while unfinished).
-    out: str = "runs/victim"
-    # Poison rate selecting dirty/<rate>/train-poison.csv.
-    rate: float = 0.2
-    # Classes of the classifier; every label in the data must be below it.
-    num_labels: int = 2
-    # Backdoor target label for ASR; None = `target` of the folder's poison_config.json, else the most common label
-    # of test-poison.
-    target: int | None = None
-    # Passes over the training set.
-    epochs: int = 5
-    # Training batch size (fixed; the last partial batch is padded and masked).
-    batch_size: int = 32
-    # Peak learning rate of AdamW.
-    lr: float = 2e-5
-    # Linear warm-up length as a fraction of all steps (DUP: 3 of 5 epochs = 0.6)...
-    warmup: float = 0.6
-    # ...or in epochs (overrides `warmup` when set).
-    warmup_epochs: float | None = None
-    # AdamW decoupled weight decay (kernels and embeddings only; DUP: 0).
-    weight_decay: float = 0.0
-    # Global gradient-norm clip (0 or None = off; DUP PLM: 1.0).
-    clip: float | None = 1.0
-    # Truncation length (capped at the model's position limit); batches are padded to buckets up to it.
-    max_length: int = 128
-    # Padded sequence lengths a batch may take (each one compiles the train step once); capped at max_length.
-    buckets: tuple[int, ...] = D.DEFAULT_BUCKETS
-    # Put rows of similar length in the same training batch (random groups of 50 batches sorted by length, as HF
-    # `group_by_length`): less padding, ~2x faster on short texts; off = plain shuffling as in DUP.
-    group_by_length: bool = False
-    # Seed of the data order, dropout and a newly initialised head.
-    seed: int = 2025
-    # Evaluate every this many epochs (the last epoch is always evaluated).
-    eval_every: int = 1
-    # Model selection: "dev_acc" (best dev-clean accuracy; DUP PLM recipe) or "dev_mean" (mean of dev-clean
-    # accuracy and dev-poison ASR; DUP LLM recipe).
-    select: str = "dev_acc"
-    # Batch size of the evaluation forward passes.
-    eval_batch_size: int = 64
-    # Save a resumable checkpoint every this many optimizer steps (and at each epoch end); 0 = epoch ends only.
-    ckpt_every_steps: int = 200
-    # Stop (after saving a checkpoint) once this many optimizer steps are done in total; rerun to continue.
-    # The schedule still spans all `epochs`. None = run to the end.
-    max_steps: int | None = None
-    # Keep ckpt/ after a finished run (default: removed once model/ and metrics.json are written).
-    keep_checkpoints: bool = False
-    # Compute dtype: float32 | bfloat16 | float16 (parameters and optimizer state stay float32).
-    dtype: str = "float32"
-    # Log the mean training loss every this many steps to metrics.jsonl.
-    log_every: int = 10
-    # Show tqdm progress bars.
-    progress: bool = True
-    # Replace an existing `out` that is not a `jdup train` output, and discard a checkpoint left by a run with other
-    # settings (default: both refused with a message).
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        """Value constraints, checked by ``jdup.config.build`` before any work (paths are checked by the stage)."""
-        check_range(self, "rate", 0, 1, hi_open=True)
-        check_range(self, "num_labels", 2)
-        check_range(self, "target", 0, self.num_labels - 1, allow_none=True)
-        check_range(self, "epochs", 1)
-        check_range(self, "batch_size", 1)
-        check_range(self, "eval_batch_size", 1)
-        check_range(self, "lr", 0, lo_open=True)
-        check_range(self, "warmup", 0, 1)
-        check_range(self, "warmup_epochs", 0, self.epochs, allow_none=True)
-        check_range(self, "weight_decay", 0)
-        check_range(self, "clip", 0, allow_none=True)
-        check_range(self, "max_length", 1)
-        check(self, "buckets", all(isinstance(b, int) and b >= 1 for b in self.buckets), "must all be >= 1")
-        check_range(self, "eval_every", 1)
-        check_one_of(self, "select", ("dev_acc", "dev_mean"))
-        check_range(self, "ckpt_every_steps", 0)
-        check_range(self, "max_steps", 0, allow_none=True)
-        check_one_of(self, "dtype", DTYPES)
-        check_range(self, "log_every", 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

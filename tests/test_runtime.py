@@ -162,6 +162,11 @@ def _cli(env: dict, *args: str) -> tuple[dict, str]:
         ("--help",),
         ("detect", "--help"),
         ("unlearn", "--help"),
+        ("detect", "--model", "m", "--data", "d", "--out", "o", "batch_size=0"),  # validation error
+        ("train", "--model", "m", "--data", "d", "nosuchkey=1"),  # unknown key
+        ("unlearn", "--model", "m", "--data", "d", "--out", "o", "lr=abc"),  # bad value
+        ("unlearn", "--model", "m", "--data", "d", "--out", "o", "detect.alpha=2"),  # nested section
+        ("detect", "--data", "d", "--out", "o", "method=nosuch"),
     ],
 )
 def test_help_and_config_errors_import_no_jax(tmp_path, args):
@@ -185,3 +190,18 @@ def test_cli_turns_the_cache_on_and_info_reports_it(tmp_path):
         assert got["rc"] == 0 and cache["enabled"] is False and cache["source"] == "off", output
     got, output = _cli(_env(tmp_path, JDUP_COMPILATION_CACHE="0"), "--compilation-cache", "info")
     assert json.loads(output[output.index("{"): output.rindex("}") + 1])["compilation_cache"]["enabled"]
+
+
+def test_settings_keep_their_public_homes():
+    """The config classes live in jdup.settings (no JAX) and are the same objects at their documented homes."""
+    from jdup import detect, features, losses, projection, sensitivity, settings, train, unlearn
+    from jdup.stages import detect as detect_stage
+    from jdup.stages import train as train_stage
+    from jdup.stages import unlearn as unlearn_stage
+
+    assert train.TrainConfig is train_stage.TrainConfig is settings.TrainConfig
+    assert detect.DetectConfig is detect_stage.DetectConfig is settings.DetectConfig
+    assert sensitivity.UPGPConfig is settings.UPGPConfig and projection.ProjectionOptions is settings.ProjectionOptions
+    assert unlearn.UnlearnSettings is settings.UnlearnSettings and unlearn_stage.UnlearnConfig is settings.UnlearnConfig
+    assert losses.FORGET_LOSSES == settings.FORGET_LOSSES and features.POOLINGS is settings.POOLINGS
+    assert set(train.DTYPES) == set(settings.TRAIN_DTYPES) and set(unlearn_stage.DTYPES) == set(settings.UNLEARN_DTYPES)

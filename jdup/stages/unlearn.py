@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,49 +34,14 @@ from jdup import data as D
 from jdup import lora as lora_lib
 from jdup import metrics as metrics_lib
 from jdup.detect import DetectConfig
-from jdup.errors import JdupError, check_one_of, check_range
+from jdup.errors import JdupError
+from jdup.settings import UnlearnConfig
 from jdup.stages import detect as detect_stage
-from jdup.unlearn import UnlearnSettings, model_logits, prepare_sets, unlearn
+from jdup.unlearn import model_logits, prepare_sets, unlearn
 
 log = logging.getLogger("jdup.unlearn")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class UnlearnConfig(UnlearnSettings):
-    """Settings of ``jdup unlearn``: the algorithm's (:class:`jdup.unlearn.UnlearnSettings`) plus files."""
-
-    # --- inputs / outputs
-    model: str = ""  # backdoored classifier: HF folder, hub id or builtin:...
-    data: str = ""  # DUP-layout folder with dev-clean/dev-poison/test-clean/test-poison.csv
-    out: str = ""  # output folder: model/ (purified, HF format), metrics.json, detection/, ckpt/
-    detection: str | None = (
-        None  # reuse a detection folder (flags over dev-clean ‖ dev-poison) instead of detecting
-    )
-    detect: DetectConfig = dataclasses.field(
-        default_factory=DetectConfig
-    )  # the built-in detection's settings
-    #                          (split_seed, progress and max_length follow this config's seed/progress/max_length
-    #                          unless set: detect_config)
-    max_length: int = 128  # tokens per text (truncation); batches are padded to length buckets
-    dtype: str = "float32"  # compute dtype of the model: float32 | bfloat16
-    allow_empty_forget: bool = False  # detection flagged no row: export the victim unchanged instead of stopping
-    overwrite: bool = False  # replace an `out` that is not a `jdup unlearn` output; do not resume a checkpoint
-
-    def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.detect, Mapping):  # Python callers may pass the detection settings as a mapping
-            opts = dict(self.detect)
-            if "seed" in opts:  # documented alias of split_seed
-                opts.setdefault("split_seed", opts.pop("seed"))
-            object.__setattr__(self, "detect", config_lib.build(DetectConfig, opts, source="unlearn.detect"))
-
-    def validate(self) -> None:
-        """Value constraints (run by ``jdup.config.build`` and by :func:`run_unlearn`)."""
-        super().validate()
-        check_one_of(self, "dtype", tuple(DTYPES))
-        check_range(self, "max_length", 1)
 
 
 def detect_config(cfg: UnlearnConfig) -> DetectConfig:
