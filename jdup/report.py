@@ -4,7 +4,10 @@ Rows are *settings*: every axis value of a cell except ``seed``. Each metric is 
 of a setting (population std, ``ddof=0``; a single seed shows ``± 0``). Written into the sweep folder:
 
 * ``report.csv``: one row per setting, the axis columns, ``n_seeds``, then ``<metric>_mean`` / ``<metric>_std``;
-* ``report.md``: the same as a Markdown table (``mean ± std``), plus the failed cells with their errors;
+* ``report.md``: first the run (command, machine, software, wall time from ``invocations.jsonl``) and two tables
+  for the results docs: detection per attack x detector (AUROC/FRR/FAR on test-detect, one entry per distinct
+  detection) and purification per attack x method (CACC/ASR/RA before and after); then the table of every setting
+  (``mean ± std``) and the failed cells with their errors;
 * ``asr_vs_cacc.png``: ASR against CACC after unlearning, one colour per method (the non-data, non-model axis
   values), with the backdoored victims as grey crosses;
 * ``auroc_per_attack.png``: detection AUROC per attack (bars per model, mean ± std);
@@ -34,12 +37,38 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("asr_before", "ASR before"),
     ("cacc_after", "CACC after"),
     ("asr_after", "ASR after"),
+    ("ra_before", "RA before"),
+    ("ra_after", "RA after"),
     ("auroc", "AUROC"),
     ("frr", "FRR"),
     ("far", "FAR"),
     ("n_flagged", "flagged"),
     ("seconds", "time (s)"),
 )
+
+#: Columns of the detection table (one row per attack x detector; test-detect metrics, dev-detect flags).
+DETECTION_METRICS: tuple[tuple[str, str], ...] = (
+    ("auroc", "AUROC"),
+    ("frr", "FRR"),
+    ("far", "FAR"),
+    ("n_flagged", "flagged (dev)"),
+    ("n_flagged_poison", "poison flagged (dev)"),
+    ("detect_seconds", "time (s)"),
+)
+
+#: Columns of the purification table (one row per attack x unlearning setting).
+PURIFICATION_METRICS: tuple[tuple[str, str], ...] = (
+    ("cacc_before", "CACC before"),
+    ("asr_before", "ASR before"),
+    ("ra_before", "RA before"),
+    ("cacc_after", "CACC after"),
+    ("asr_after", "ASR after"),
+    ("ra_after", "RA after"),
+    ("steps", "steps"),
+    ("seconds", "time (s)"),
+)
+
+_COUNTS = ("n_flagged", "n_flagged_poison", "steps")
 
 #: Axis keys that describe the threat (data) or the victim, not the defence method.
 _DATA_MODEL_PREFIXES = ("data.", "model.", "tags.")
@@ -68,7 +97,7 @@ def read_results(sweep_dir: str | os.PathLike) -> list[dict]:
 
 
 def _value(rec: Mapping, key: str) -> float | None:
-    v = rec.get("time", {}).get("seconds") if key == "seconds" else rec.get("metrics", {}).get(key)
+    v = rec.get("time", {}).get(key) if key.endswith("seconds") else rec.get("metrics", {}).get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v)
@@ -108,7 +137,11 @@ def model_label(rec: Mapping) -> str:
 
 
 def method_label(rec: Mapping) -> str:
-    """The defence settings of a cell: its axis values outside ``data.*``/``model.*``/``tags.*`` and ``seed``."""
+    """``tags.method``, else the defence settings of a cell: its axis values outside
+    ``data.*``/``model.*``/``tags.*`` and ``seed``."""
+    tags = rec.get("config", {}).get("tags") or {}
+    if tags.get("method"):
+        return str(tags["method"])
     point = rec.get("point", {})
     parts = []
     for k, v in point.items():
@@ -145,20 +178,204 @@ def summarize(records: Sequence[Mapping]) -> tuple[list[str], list[dict]]:
         row["model"] = model_label(recs[0])
         row["method"] = method_label(recs[0])
         row["n_seeds"] = len({json.dumps(r.get("seed")) for r in recs})
-        for key, _ in METRICS:
-            vals = [v for v in (_value(r, key) for r in recs) if v is not None and not math.isnan(v)]
-            row[f"{key}_mean"] = float(np.mean(vals)) if vals else None
-            row[f"{key}_std"] = float(np.std(vals)) if vals else None
+        row.update(_mean_std(recs, METRICS))
         rows.append(row)
     return axes, rows
+
+
+def _mean_std(recs: Sequence[Mapping], metrics: Sequence[tuple[str, str]]) -> dict:
+    """``<key>_mean`` / ``<key>_std`` (population std) over the records holding a number for ``key``."""
+    out: dict[str, float | None] = {}
+    for key, _ in metrics:
+        vals = [v for v in (_value(r, key) for r in recs) if v is not None and not math.isnan(v)]
+        out[f"{key}_mean"] = float(np.mean(vals)) if vals else None
+        out[f"{key}_std"] = float(np.std(vals)) if vals else None
+    return out
+
+
+def detector_label(rec: Mapping) -> str:
+    """``tags.detector``, else the cell's ``detect.method``."""
+    cfg = rec.get("config", {})
+    tags = cfg.get("tags") or {}
+    return str(tags.get("detector") or (cfg.get("detect") or {}).get("method") or "dup")
+
+
+def detection_rows(records: Sequence[Mapping]) -> list[dict]:
+    """One row per distinct detector setting (attack x model x detect config, the calibration split aside), in
+    record order: mean ± std over the distinct detections (one per calibration split seed,
+    ``metrics.detect_split_seed``), however many cells shared each. Detection-only cells (``unlearn.enabled:
+    false``) and unlearning cells count alike, so a detector measured by both is one row."""
+    groups: dict[str, list[Mapping]] = {}
+    for r in records:
+        m = r.get("metrics", {})
+        if r.get("status") != "ok" or ("auroc" not in m and "n_flagged" not in m):
+            continue
+        cfg = r.get("config", {})
+        det = {k: v for k, v in (cfg.get("detect") or {}).items() if k != "split_seed"}
+        key = json.dumps([cfg.get("data"), cfg.get("model"), det], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for recs in groups.values():
+        distinct: dict[str, Mapping] = {}
+        for r in recs:
+            split = r.get("metrics", {}).get("detect_split_seed", r.get("seed"))
+            distinct.setdefault(json.dumps(split), r)
+        labelled = next((r for r in recs if (r.get("config", {}).get("tags") or {}).get("detector")), recs[0])
+        row: dict[str, Any] = {
+            "attack": attack_label(recs[0]),
+            "model": model_label(recs[0]),
+            "detector": detector_label(labelled),
+            "n_seeds": len(distinct),
+            "_detect": (recs[0].get("config", {}).get("detect") or {}),
+        }
+        row.update(_mean_std(list(distinct.values()), DETECTION_METRICS))
+        rows.append(row)
+    _disambiguate(rows)
+    return rows
+
+
+def _disambiguate(rows: list[dict]) -> None:
+    """Rows of one attack and model with the same detector label get the detect keys in which they differ."""
+    by_label: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault((r["attack"], r["model"], r["detector"]), []).append(r)
+    for same in by_label.values():
+        if len(same) > 1:
+            first = same[0]["_detect"]
+            every = {k for r in same for k in r["_detect"]}
+            keys = sorted(k for k in every if any(r["_detect"].get(k) != first.get(k) for r in same))
+            for i, r in enumerate(same):
+                diff = ", ".join(f"{k}={_fmt_point(r['_detect'].get(k))}" for k in keys)
+                r["detector"] += f" ({diff})" if diff else f" #{i + 1}"
+    for r in rows:
+        r.pop("_detect", None)
+
+
+def purification_rows(records: Sequence[Mapping]) -> list[dict]:
+    """One row per setting (all axis values but ``seed``) of the cells that unlearned (``cacc_after`` present):
+    attack, model, method (``tags.method`` or the defence axis values), mean ± std over seeds."""
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in records:
+        if r.get("status") == "ok" and _value(r, "cacc_after") is not None:
+            groups.setdefault(_setting(r), []).append(r)
+    rows = []
+    for recs in groups.values():
+        row: dict[str, Any] = {
+            "attack": attack_label(recs[0]),
+            "model": model_label(recs[0]),
+            "method": method_label(recs[0]),
+            "n_seeds": len({json.dumps(r.get("seed")) for r in recs}),
+        }
+        row.update(_mean_std(recs, PURIFICATION_METRICS))
+        rows.append(row)
+    return rows
+
+
+def _table(rows: Sequence[Mapping], labels: Sequence[str], metrics: Sequence[tuple[str, str]]) -> list[str]:
+    """Markdown lines: label columns (``model`` only when rows name more than one), ``seeds``, ``mean ± std``."""
+    labels = [c for c in labels if c != "model" or len({r.get("model") for r in rows}) > 1]
+    shown = [(k, h) for k, h in metrics if any(r.get(f"{k}_mean") is not None for r in rows)]
+    head = list(labels) + ["seeds"] + [h for _, h in shown]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r.get(c, "")) for c in labels] + [str(r["n_seeds"])]
+        for k, _ in shown:
+            m, sd = r.get(f"{k}_mean"), r.get(f"{k}_std")
+            cells.append("–" if m is None else f"{_num(m, k)} ± {_num(sd, k)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
+
+
+def read_invocations(sweep_dir: str) -> list[dict]:
+    """The lines of ``<sweep_dir>/invocations.jsonl`` (one per ``jdup sweep`` run that ran cells)."""
+    path = os.path.join(sweep_dir, "invocations.jsonl")
+    out: list[dict] = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict):
+                    out.append(rec)
+    return out
+
+
+def run_lines(records: Sequence[Mapping], invocations: Sequence[Mapping], sweep_dir: str) -> list[str]:
+    """Markdown bullets: the command(s), the machine(s), the versions, the wall time and the cell counts."""
+    lines = []
+    commands = list(dict.fromkeys(str(i["command"]) for i in invocations if i.get("command")))
+    if commands:
+        shown = ", ".join(f"`{c}`" for c in commands)
+        lines.append(f"- **Command:** {shown}, then `jdup report {sweep_dir}`")
+    machines = []
+    for i in invocations:
+        m = i.get("machine") or {}
+        if not m:
+            continue
+        cores = m.get("cpus_usable") or m.get("cpu_count")
+        desc = f"{m.get('host', '?')}: {m.get('cpu') or 'CPU model not recorded'}, {cores} cores"
+        if m.get("memory_gb"):
+            desc += f", {m['memory_gb']:g} GB"
+        if desc not in machines:
+            machines.append(desc)
+    if machines:
+        loads = [(i.get("machine") or {}).get("load_1min") for i in invocations]
+        loads += [i.get("load_1min_end") for i in invocations]
+        loads = [float(x) for x in loads if isinstance(x, (int, float))]
+        load = f"; 1-minute load average {min(loads):.1f}–{max(loads):.1f}" if loads else ""
+        lines.append(f"- **Machine:** {'; '.join(machines)}{load}")
+    v = next((r.get("versions") for r in records if r.get("versions")), None) or {}
+    if v:
+        keys = ("jdup", "jax", "jaxlib", "flax", "optax", "python")
+        soft = ", ".join(f"{k} {v[k]}" for k in keys if v.get(k))
+        lines.append(f"- **Software:** {soft}; backend {v.get('backend', '?')}, {v.get('devices', '?')} device(s)")
+    if invocations:
+        wall = sum(float(i.get("seconds") or 0.0) for i in invocations)
+        dates = sorted(str(i.get(k)) for i in invocations for k in ("started_at", "finished_at") if i.get(k))
+        span = f", {dates[0][:16]} to {dates[-1][:16]}" if dates else ""
+        lines.append(f"- **Wall time:** {_duration(wall)} over {len(invocations)} invocation(s){span}")
+    cell_total = sum(_value(r, "seconds") or 0.0 for r in records)
+    if records:
+        failed = sum(1 for r in records if r.get("status") != "ok")
+        lines.append(
+            f"- **Cells:** {len(records)} ({failed} failed); sum of the cells' times {_duration(cell_total)}"
+        )
+    return lines
+
+
+def results_markdown(records: Sequence[Mapping], sweep_dir: str) -> str:
+    """The run facts and the two tables meant for the results docs: detection per attack x detector (test-detect
+    AUROC/FRR/FAR, flags on dev-detect) and purification per attack x method (CACC/ASR/RA before and after), each
+    ``mean ± std`` over seeds."""
+    lines = run_lines(records, read_invocations(sweep_dir), sweep_dir)
+    det = detection_rows(records)
+    if det:
+        lines += ["", "### Detection (AUROC/FRR/FAR on test-detect; flags on dev-detect)", ""]
+        lines += _table(det, ("attack", "model", "detector"), DETECTION_METRICS)
+    pur = purification_rows(records)
+    if pur:
+        lines += ["", "### Purification (test-clean CACC, test-poison ASR and RA)", ""]
+        lines += _table(pur, ("attack", "model", "method"), PURIFICATION_METRICS)
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def _num(v: float | None, key: str) -> str:
     if v is None:
         return "–"
-    if key == "seconds":
+    if key.endswith("seconds"):
         return f"{v:.1f}"
-    if key == "n_flagged":
+    if key in _COUNTS:
         return f"{v:.0f}"
     return f"{v:.3f}"
 
@@ -176,12 +393,19 @@ def to_csv(axes: Sequence[str], rows: Sequence[Mapping]) -> str:
 
 
 def to_markdown(
-    axes: Sequence[str], rows: Sequence[Mapping], failures: Sequence[Mapping] = (), title: str = ""
+    axes: Sequence[str],
+    rows: Sequence[Mapping],
+    failures: Sequence[Mapping] = (),
+    title: str = "",
+    results: str = "",
 ) -> str:
-    """Markdown table with ``mean ± std`` cells, then a list of failed cells (id, point, error)."""
+    """Markdown table with ``mean ± std`` cells, then a list of failed cells (id, point, error). ``results``
+    (:func:`results_markdown`) goes first, and the table then comes under "All settings"."""
     shown = [k for k, _ in METRICS if any(r.get(f"{k}_mean") is not None for r in rows)]
     head = list(axes) + ["seeds"] + [dict(METRICS)[k] for k in shown]
     lines = [f"# {title}", ""] if title else []
+    if results:
+        lines += [results.rstrip("\n"), "", "## All settings", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.get(a, "")) for a in axes] + [str(r["n_seeds"])]
@@ -314,13 +538,16 @@ def plot_roc_curves(records: Sequence[Mapping], path: str) -> bool:
         for r in ok:
             if attack_label(r) != a:
                 continue
-            det = {k: v for k, v in r["config"].get("detect", {}).items() if k in ("alpha", "top_k", "frr")}
+            keys = ("method", "alpha", "top_k", "frr")
+            det = {k: v for k, v in r["config"].get("detect", {}).items() if k in keys}
             key = (model_label(r), json.dumps(det, sort_keys=True))
-            if key in drawn:  # detection does not depend on the seed: one curve per setting
+            if key in drawn:  # one curve per setting (the first seed's)
                 continue
             drawn.add(key)
             roc = r["metrics"]["roc"]
-            label = f"{key[0]} α={det.get('alpha')} k={det.get('top_k')} (AUROC {r['metrics'].get('auroc', 0):.2f})"
+            method = f"{det['method']} " if det.get("method") else ""
+            auroc = r["metrics"].get("auroc") or 0
+            label = f"{key[0]} {method}α={det.get('alpha')} k={det.get('top_k')} (AUROC {auroc:.2f})"
             ax.plot(roc["fpr"], roc["tpr"], lw=1.2, label=label)
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         ax.set_title(a)
@@ -337,6 +564,17 @@ def plot_roc_curves(records: Sequence[Mapping], path: str) -> bool:
 # Entry point
 
 
+def _grid_order(records: list[dict], sweep_dir: str) -> list[dict]:
+    """Records in the grid order of ``sweep.json`` (cells it does not list keep their file order, last)."""
+    try:
+        with open(os.path.join(sweep_dir, "sweep.json"), encoding="utf-8") as f:
+            ids = [c["id"] for c in json.load(f)["cells"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return records
+    pos = {cid: i for i, cid in enumerate(ids)}
+    return sorted(records, key=lambda r: pos.get(r.get("id"), len(pos)))
+
+
 def run_report(sweep_dir: str | os.PathLike) -> dict:
     """Builds ``report.csv``, ``report.md`` and the plots in ``sweep_dir`` from its ``results.jsonl``.
 
@@ -349,8 +587,9 @@ def run_report(sweep_dir: str | os.PathLike) -> dict:
     Raises:
       JdupError: the folder has no ``results.jsonl``.
     """
-    sweep_dir = os.path.abspath(os.fspath(sweep_dir))
-    records = read_results(sweep_dir)
+    given = os.fspath(sweep_dir)
+    sweep_dir = os.path.abspath(given)
+    records = _grid_order(read_results(sweep_dir), sweep_dir)
     failures = [r for r in records if r.get("status") != "ok"]
     axes, rows = summarize(records)
     name = next((r.get("sweep") for r in records if r.get("sweep")), os.path.basename(sweep_dir))
@@ -366,6 +605,7 @@ def run_report(sweep_dir: str | os.PathLike) -> dict:
             rows,
             failures,
             title=f"sweep {name}: {len(records)} cells, {len(failures)} failed (mean ± std over seeds)",
+            results=results_markdown(records, given),
         ),
     )
     files.append(p)

@@ -100,3 +100,72 @@ def test_report_errors(tmp_path):
     (tmp_path / "results.jsonl").write_text("")
     out = R.run_report(tmp_path)  # an empty sweep still gives (empty) tables and no plots
     assert out["cells"] == 0 and len(out["files"]) == 2
+
+
+def _cell(cid, seed, tags, detect, auroc, unlearn=True, after=None):
+    metrics = {"auroc": auroc, "frr": 0.05, "far": 0.2, "n_flagged": 30, "n_flagged_poison": 25}
+    metrics.update(detect_split_seed=seed, cacc_before=0.9, asr_before=1.0, ra_before=0.0)
+    if unlearn:
+        metrics.update(cacc_after=after[0], asr_after=after[1], ra_after=after[2], steps=10)
+    return {
+        "id": cid,
+        "sweep": "full",
+        "status": "ok",
+        "seed": seed,
+        "point": {"tags.attack": "badnets", **{f"tags.{k}": v for k, v in tags.items()}, "seed": seed},
+        "config": {
+            "data": {"dir": "/d/badnets"},
+            "model": {"victim": "/v/badnets/model"},
+            "detect": {"split_seed": 2025, "alpha": 0.9, **detect},
+            "unlearn": {"enabled": unlearn},
+            "tags": {"attack": "badnets", "model": "minilm", **tags},
+        },
+        "metrics": metrics,
+        "time": {"seconds": 60.0, "detect_seconds": 5.0 if seed == 1 else 7.0},
+        "versions": {"jdup": "0.1", "jax": "0.10", "backend": "cpu", "devices": 1},
+    }
+
+
+def test_results_tables_detection_per_detector_and_purification_per_method(tmp_path):
+    """report.md starts with the run facts (from invocations.jsonl) and the two tables for the results docs: one
+    detection row per detector setting (a detection shared by several cells counts once per calibration split),
+    one purification row per method; both mean ± std over seeds, in the grid order of sweep.json."""
+    recs = [
+        _cell("d1", 1, {"detector": "dup"}, {"method": "dup"}, 0.90, unlearn=False),
+        _cell("d2", 2, {"detector": "dup"}, {"method": "dup"}, 0.80, unlearn=False),
+        _cell("f1", 1, {"method": "dup-faithful"}, {"method": "dup"}, 0.90, after=(0.88, 0.10, 0.85)),
+        _cell("f2", 2, {"method": "dup-faithful"}, {"method": "dup"}, 0.80, after=(0.86, 0.30, 0.65)),
+        _cell("g1", 1, {"method": "defaults"}, {"method": "fisher"}, 0.97, after=(0.90, 0.05, 0.90)),
+        _cell("a1", 1, {"detector": "dup"}, {"method": "dup", "alpha": 0.5}, 0.95, unlearn=False),
+    ]
+    with open(tmp_path / "results.jsonl", "w") as f:
+        for r in reversed(recs):  # written out of grid order; sweep.json puts them back
+            f.write(json.dumps(r) + "\n")
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": [{"id": r["id"]} for r in recs]}))
+    machine = {"host": "box", "cpu": "AMD EPYC", "cpu_count": 2, "cpus_usable": 2, "memory_gb": 23.5}
+    inv = [
+        {"command": "jdup sweep configs/sweeps/sst2_full.yaml", "seconds": 3000.0, "machine": {**machine, "load_1min": 1.5}},
+        {"command": "jdup sweep configs/sweeps/sst2_full.yaml", "seconds": 1000.0, "load_1min_end": 3.0},
+    ]
+    (tmp_path / "invocations.jsonl").write_text("".join(json.dumps(i) + "\n" for i in inv) + '{"trunc')
+
+    ordered = R._grid_order(R.read_results(tmp_path), str(tmp_path))
+    assert [r["id"] for r in ordered] == [r["id"] for r in recs]
+    det = R.detection_rows(ordered)
+    assert [r["detector"] for r in det] == ["dup (alpha=0.9)", "fisher", "dup (alpha=0.5)"]
+    dup = det[0]
+    assert dup["n_seeds"] == 2 and dup["auroc_mean"] == pytest.approx(0.85) and dup["auroc_std"] == pytest.approx(0.05)
+    assert dup["detect_seconds_mean"] == pytest.approx(6.0)  # one entry per split seed, not per cell
+    pur = R.purification_rows(ordered)
+    assert [(r["method"], r["n_seeds"]) for r in pur] == [("dup-faithful", 2), ("defaults", 1)]
+    assert pur[0]["ra_after_mean"] == pytest.approx(0.75) and pur[0]["asr_after_std"] == pytest.approx(0.1)
+
+    R.run_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "- **Command:** `jdup sweep configs/sweeps/sst2_full.yaml`, then `jdup report " in md
+    assert "- **Machine:** box: AMD EPYC, 2 cores, 23.5 GB; 1-minute load average 1.5–3.0" in md
+    assert "- **Wall time:** 1 h 06 min over 2 invocation(s)" in md
+    assert "| attack | detector | seeds | AUROC | FRR | FAR | flagged (dev) | poison flagged (dev) | time (s) |" in md
+    assert "| badnets | dup (alpha=0.9) | 2 | 0.850 ± 0.050 | 0.050 ± 0.000 | 0.200 ± 0.000 | 30 ± 0 | 25 ± 0 | 6.0 ± 1.0 |" in md
+    assert "| badnets | dup-faithful | 2 | 0.900 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 | 0.870 ± 0.010 | 0.200 ± 0.100 |" in md
+    assert md.index("### Detection") < md.index("### Purification") < md.index("## All settings")

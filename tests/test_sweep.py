@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -457,7 +458,114 @@ def test_bad_data_folder_fails_its_cells_only(tmp_path):
         S.run_sweep({"axes": {"seed": [0]}})
 
 
-@pytest.mark.parametrize("name,cells,groups", [("local_minilm", 8, 2), ("paper_sst2", 120, 20)])
+# ----------------------------------------------------------------------------------------------- sst2_full
+
+
+#: Row keys of configs/sweeps/sst2_full.yaml that set full-size shapes; the reduced run takes them from `fixed`.
+_SIZE_KEYS = ("unlearn.epochs", "unlearn.batch_size", "unlearn.lora_rank", "unlearn.lora_alpha")
+
+
+def _reduced_sst2_full(data_dir: str, victim: str) -> dict:
+    """configs/sweeps/sst2_full.yaml with its structure kept (the detector and method rows, their tags, pinned
+    faithful settings and defaults rows, a pre-trained victim per attack, seeds) and tiny sizes: one synthetic
+    attack with the given victim folder plus one attack whose victim was never trained. Of the three projection
+    rows only `gradient` runs (they take the same path through the sweep; each costs ~20 s of compilation)."""
+    import yaml
+
+    with open(os.path.join(REPO, "configs", "sweeps", "sst2_full.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    rows = cfg["axes"]["row"]
+    assert {r.get("tags.detector") for r in rows} >= {"dup", "dan", "upgp", "fisher"}
+    methods = {r.get("tags.method") for r in rows}
+    assert methods >= {"dup-faithful", "defaults", "gradient", "representation", "inflora"}
+    rows = [r for r in rows if r.get("tags.method") not in ("representation", "inflora")]
+    cfg["axes"]["row"] = [{k: v for k, v in r.items() if k not in _SIZE_KEYS} for r in rows]
+    cfg["axes"]["attack"] = [
+        {"data.dir": data_dir, "model.victim": victim, "tags.attack": "synthetic"},
+        {"data.dir": data_dir, "model.victim": "runs/victims/never-trained/model", "tags.attack": "missing"},
+    ]
+    cfg["fixed"]["data"]["max_length"] = 32
+    cfg["fixed"]["detect"] = {
+        "batch_size": 16,
+        "top_k": 1,
+        "upgp": {"max_steps": 4, "eval_every": 2, "eval_rows": 16, "batch_size": 8, "n_perturbations": 1},
+    }
+    small_projection = {"k": 4, "basis_batch_size": 4, "repr_rows": 32, "forget_rows": 32, "probe_rows": 8}
+    cfg["fixed"]["unlearn"] = {
+        "epochs": 2,
+        "batch_size": 4,
+        "lora_rank": 4,
+        "lora_alpha": 8.0,
+        "eval_batch_size": 16,
+        "projection_options": small_projection,
+    }
+    cfg["out"] = "runs/sweeps/sst2_full"
+    return cfg
+
+
+def test_sst2_full_config_structure_end_to_end(synthetic_dup, tiny_model_dir, tmp_path, monkeypatch):
+    """The shipped full-size config's structure, reduced, through the two documented commands: a victim trained
+    first by `jdup train` and given as a relative folder path, detection-only rows (dup, dan, upgp, fisher),
+    purification rows (faithful DUP, defaults, a projection), 2 seeds; then `jdup report` gives the
+    detection table per attack x detector, the purification table per attack x method (mean ± std) and the run
+    facts (command, machine, wall time). A victim folder that does not exist fails only its attack's cells."""
+    import yaml
+
+    from jdup import cli
+    from jdup import report as RP
+    from jdup.stages.train import TrainConfig, run_train
+
+    monkeypatch.chdir(tmp_path)
+    victim_out = "runs/victims/synthetic"
+    train = dict(epochs=4, batch_size=16, lr=1e-2, warmup=0.1, seed=3, group_by_length=True, max_length=32)
+    run_train(TrainConfig(model=str(tiny_model_dir), data=str(synthetic_dup), out=victim_out, progress=False, **train))
+    path = tmp_path / "sst2_full_reduced.yaml"
+    path.write_text(yaml.safe_dump(_reduced_sst2_full(str(synthetic_dup), f"{victim_out}/model")))
+
+    assert cli.main(["--log-level", "warning", "sweep", str(path), "axes.seed=[1,2]"]) == 0
+    out = tmp_path / "runs" / "sweeps" / "sst2_full"
+    recs = S.read_results(out)
+    assert len(recs) == 28
+    bad = [r for r in recs if r["config"]["tags"]["attack"] == "missing"]
+    assert all(r["status"] == "error" and "train the victim first" in r["error"] for r in bad)
+    good = [r for r in recs if r["config"]["tags"]["attack"] == "synthetic"]
+    assert all(r["status"] == "ok" for r in good), [r.get("error") for r in good]
+    for r in good:
+        m = r["metrics"]
+        assert m["auroc"] is not None and "frr" in m and "far" in m and m["n_dev_detect"] > 0
+        if r["config"]["unlearn"]["enabled"]:
+            assert {"cacc_after", "asr_after", "ra_after", "ra_before"} <= set(m)
+        else:
+            assert "cacc_after" not in m
+        if r["config"]["tags"].get("method") == "dup-faithful":  # no stop rule: every step runs
+            assert r["config"]["detect"]["method"] == "dup" and r["config"]["unlearn"]["forget_loss"] == "kl"
+            assert not m["stopped_early"] and m["steps"] == m["total_steps"] > 0
+    (inv,) = [json.loads(x) for x in (out / "invocations.jsonl").read_text().splitlines()]
+    command = shlex.join(["jdup", "sweep", str(path), "axes.seed=[1,2]"])
+    assert inv["command"] == command and inv["status"] == "finished"
+    assert inv["ok"] == 14 and inv["failed"] == 14 and inv["seconds"] > 0 and inv["machine"]["cpu_count"] >= 1
+
+    assert cli.main(["--log-level", "warning", "report", "runs/sweeps/sst2_full"]) == 0
+    ordered = RP._grid_order(RP.read_results(out), str(out))
+    det = {r["detector"]: r for r in RP.detection_rows(ordered)}
+    assert set(det) >= {"dup", "dan", "upgp", "fisher"}
+    assert all(r["attack"] == "synthetic" and r["n_seeds"] == 2 for r in det.values())  # dup: shared, counted once
+    assert all(r["auroc_mean"] is not None and r["far_std"] is not None for r in det.values())
+    pur = RP.purification_rows(ordered)
+    assert [r["method"] for r in pur] == ["dup-faithful", "defaults", "gradient"]
+    assert all(r["n_seeds"] == 2 and r["ra_after_mean"] is not None for r in pur)
+    md = (out / "report.md").read_text()
+    assert "### Detection (AUROC/FRR/FAR on test-detect" in md and "### Purification" in md
+    assert "| attack | detector | seeds | AUROC | FRR | FAR |" in md
+    assert "| attack | method | seeds | CACC before | ASR before | RA before | CACC after | ASR after | RA after |" in md
+    assert "| synthetic | upgp | 2 | " in md and "| synthetic | dup-faithful | 2 | " in md
+    assert f"- **Command:** `{command}`, then `jdup report runs/sweeps/sst2_full`" in md
+    assert "- **Wall time:** " in md and "- **Machine:** " in md and "## Failed cells (14)" in md
+
+
+@pytest.mark.parametrize(
+    "name,cells,groups", [("local_minilm", 8, 2), ("paper_sst2", 120, 20), ("sst2_full", 108, 36)]
+)
 def test_shipped_sweep_configs_parse(name, cells, groups, sst2_dir):
     path = os.path.join(REPO, "configs", "sweeps", f"{name}.yaml")
     cfg = S.load_sweep_config(path)

@@ -35,6 +35,7 @@ from jdup import config as config_lib
 from jdup.errors import JdupError
 from jdup.sweep import grid
 from jdup.sweep import report as R
+from jdup.sweep import store as S
 from jdup.sweep.grid import Cell, CellConfig, CellData, SweepConfig
 from jdup.sweep.store import ResultsStore, json_default, versions
 
@@ -48,13 +49,19 @@ def run_sweep(
     out_dir: str | os.PathLike | None = None,
     *,
     source: str | None = None,
+    command: str | None = None,
 ) -> dict:
     """Runs every unfinished cell of a sweep and returns a summary.
+
+    An invocation that runs cells also appends one line to ``<out>/invocations.jsonl`` when it ends (finished,
+    failed or interrupted): command, machine (:func:`jdup.sweep.store.machine`), versions, start/end and wall
+    seconds, counts. ``jdup report`` sums those wall times.
 
     Args:
       cfg: a :class:`SweepConfig`, a parsed YAML mapping or a YAML path.
       out_dir: the sweep folder; None uses ``cfg.out``.
       source: what to name in config error messages (e.g. the YAML path the mapping came from).
+      command: the command line to record (``jdup sweep`` passes its own); None: ``jdup sweep <source>``.
 
     Returns:
       ``{"out", "results", "cells", "skipped", "ran", "ok", "failed", "groups", "seconds"}``: counts over this
@@ -114,20 +121,42 @@ def run_sweep(
     by_base: dict[str, list[list[Cell]]] = {}
     for g in groups:
         by_base.setdefault(grid.base_key(g[0].config), []).append(g)
-    for bkey, base_groups in by_base.items():
-        base_cells = [c for g in base_groups for c in g]
-        tb0 = time.perf_counter()
-        try:
-            base = engine.prepare_base(base_cells[0].config)
-        except Exception as e:  # the base failed: every cell that needs it fails with the same error
-            tb = traceback.format_exc()
-            for c in base_cells:
-                record(c, "error", None, {"seconds": 0.0}, e, tb)
-            continue
-        share = (time.perf_counter() - tb0) / len(base_cells)
-        for g in base_groups:
-            engine.run_group(base, g, record, base_share=share)
-        engine.release(bkey)
+    started, machine_now, ended = time.strftime("%Y-%m-%dT%H:%M:%S%z"), S.machine(), "interrupted"
+    try:
+        for bkey, base_groups in by_base.items():
+            base_cells = [c for g in base_groups for c in g]
+            tb0 = time.perf_counter()
+            try:
+                base = engine.prepare_base(base_cells[0].config)
+            except Exception as e:  # the base failed: every cell that needs it fails with the same error
+                tb = traceback.format_exc()
+                for c in base_cells:
+                    record(c, "error", None, {"seconds": 0.0}, e, tb)
+                continue
+            share = (time.perf_counter() - tb0) / len(base_cells)
+            for g in base_groups:
+                engine.run_group(base, g, record, base_share=share)
+            engine.release(bkey)
+        ended = "finished"
+    finally:
+        if todo:
+            is_path = isinstance(source, str) and source.endswith((".yaml", ".yml"))
+            store.log_invocation(
+                {
+                    "sweep": cfg.name,
+                    "command": command or (f"jdup sweep {source}" if is_path else None),
+                    "status": ended,
+                    "started_at": started,
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": time.perf_counter() - t0,
+                    "cells": len(cells),
+                    "skipped": skipped,
+                    **counter,
+                    "machine": machine_now,
+                    "load_1min_end": S.machine().get("load_1min"),
+                    "versions": versions_now,
+                }
+            )
     summary = R.summary(out, store.path, len(cells), skipped, counter, len(groups), time.perf_counter() - t0)
     if writer:
         atomic.write_text(os.path.join(out, "summary.json"), _json(summary, indent=2))
@@ -224,6 +253,23 @@ def synthetic_texts(c: CellData, seed: int = 0) -> dict:
     return out
 
 
+def _victim_path(victim: str) -> str:
+    """``model.victim`` as given (a Hub id, ``builtin:``/``tiny:`` name) or, for a local path, its absolute form;
+    a local path that is not a folder raises :class:`JdupError` saying how to make it."""
+    if victim.startswith(("builtin:", "tiny:")):
+        return victim
+    path = os.path.expanduser(victim)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    if victim.startswith((".", "/", "~")) or victim.count("/") > 1 or os.path.exists(path):
+        raise JdupError(
+            "model.victim is not a model folder: train the victim first (`jdup train ... --out DIR` writes it "
+            "to DIR/model; the sweep config's header gives the exact command)",
+            victim,
+        )
+    return victim  # a Hub id
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The engine
 
@@ -265,7 +311,9 @@ class Engine:
             raise JdupError(f"data.source must be dup or synthetic, got {c.data.source!r}")
         texts = cap_rows(texts, c.data.max_rows, target)
         victim = c.model.victim
-        if c.model.train_victim and not victim:
+        if victim:
+            victim = _victim_path(victim)
+        elif c.model.train_victim:
             victim = self._train_victim(c, key)
         name = victim or c.model.name
         if name.startswith("tiny:"):

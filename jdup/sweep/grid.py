@@ -77,7 +77,9 @@ class CellModel:
     """The suspect classifier."""
 
     name: str = "builtin:minilm"  # backbone: builtin:minilm, an HF folder, a hub id, or tiny:bert (random)
-    victim: str | None = None  # backdoored checkpoint folder (HF format, <train out>/model); None: `name`
+    victim: str | None = None  # an already-trained backdoored classifier (HF folder, e.g. `jdup train`'s
+    #                            <out>/model, relative to the working directory; wins over train_victim);
+    #                            None: `name` (or the victim the sweep trains)
     train_victim: bool = False  # train a victim with `jdup train` (model.train; cached per base)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # the victim's `jdup train` settings
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)

@@ -34,24 +34,38 @@ class ResultsStore:
 
     def append(self, record: Mapping) -> None:
         """Appends one record atomically (a single ``os.write`` of the whole line, then ``fsync``)."""
-        if not self.writer:
-            return
-        line = (json.dumps(record, default=json_default, allow_nan=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            # A previous crash may have left a partial line without its newline: start on a fresh line.
-            if os.fstat(fd).st_size > 0:
-                with open(self.path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        line = b"\n" + line
-            view = memoryview(line)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.writer:
+            append_jsonl(self.path, record)
+
+    def log_invocation(self, record: Mapping) -> None:
+        """Appends one line about a ``jdup sweep`` invocation (command, machine, wall time) to
+        ``<sweep_dir>/invocations.jsonl`` (read by ``jdup report`` for the wall time and the machine)."""
+        if self.writer:
+            append_jsonl(os.path.join(self.dir, INVOCATIONS), record)
+
+
+#: File of a sweep folder with one line per ``jdup sweep`` invocation (see :meth:`ResultsStore.log_invocation`).
+INVOCATIONS = "invocations.jsonl"
+
+
+def append_jsonl(path: str, record: Mapping) -> None:
+    """Appends ``record`` as one JSON line with a single ``os.write``, then ``fsync``; a partial last line left by
+    a crash is closed first so the new record starts on a fresh line."""
+    line = (json.dumps(record, default=json_default, allow_nan=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+        view = memoryview(line)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
@@ -104,5 +118,35 @@ def versions() -> dict:
         out["devices"] = jax.device_count()
         out["processes"] = jax.process_count()
     except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def _first_line_value(path: str, prefix: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine() -> dict:
+    """The host a sweep runs on: name, CPU model, cores (all / usable by this process), memory, platform and the
+    1-minute load average now (shared machines make timings depend on it)."""
+    out: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    out["cpu"] = _first_line_value("/proc/cpuinfo", "model name") or platform.processor() or None
+    try:
+        out["cpus_usable"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        pass
+    mem = _first_line_value("/proc/meminfo", "MemTotal")
+    if mem and mem.split()[0].isdigit():
+        out["memory_gb"] = round(int(mem.split()[0]) / 2**20, 1)
+    try:
+        out["load_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
         pass
     return out
