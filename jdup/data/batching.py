@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jdup.data.encode import Encoded
+from jdup.data.encode import Encoded, merge_sparse_buckets
 
 #: Batches per length-sorted group when ``sort_by_length`` and ``shuffle`` are both on.
 LENGTH_GROUP = 50
@@ -190,8 +190,10 @@ class BatchPlan:
 
     @classmethod
     def from_config(cls, forget: Encoded, retain: Encoded, cfg: Any) -> BatchPlan:
-        """From an ``UnlearnConfig`` (any object with ``batch_size``, ``seed``, ``length_group``, ``pad_multiple``)."""
-        return cls(
+        """From an ``UnlearnConfig`` (any object with ``batch_size``, ``seed``, ``length_group``, ``pad_multiple``;
+        with ``pad_min_steps`` and ``epochs`` too, the padded lengths are thinned by :meth:`merge_sparse_lengths`
+        over the run's ``epochs`` epochs)."""
+        plan = cls(
             forget,
             retain,
             cfg.batch_size,
@@ -199,6 +201,36 @@ class BatchPlan:
             length_group=cfg.length_group,
             pad_multiple=cfg.pad_multiple,
         )
+        min_steps = int(getattr(cfg, "pad_min_steps", 0) or 0)
+        if min_steps > 1 and hasattr(cfg, "epochs"):
+            plan.merge_sparse_lengths(plan.per_epoch * int(cfg.epochs), min_steps)
+        return plan
+
+    def step_lengths(self, steps: int) -> np.ndarray:
+        """``int64 [steps]``: the longest real row of the flagged and the clean batch of each of the first
+        ``steps`` steps (the joint batch is padded to the bucket holding it)."""
+        out = np.zeros(int(steps), np.int64)
+        for step in range(int(steps)):
+            e, i = divmod(step, self.per_epoch)
+            f = self.forget.lengths[self._chunks("forget", e)[i]]
+            c = self.retain.lengths[self._clean_rows(step)]
+            out[step] = max(int(f.max()) if f.size else 0, int(c.max()) if c.size else 0)
+        return out
+
+    def merge_sparse_lengths(self, steps: int, min_steps: int) -> tuple[int, ...]:
+        """Drop the padded lengths that fewer than ``min_steps`` of the first ``steps`` steps would use; those steps
+        are padded to the next longer kept length (:func:`jdup.data.merge_sparse_buckets`). Each distinct length
+        compiles the training step once; on a short run a compilation costs more than the padding it saves. The
+        rows of every batch stay the same; only their padding changes (and with it the dropout masks, which depend
+        on the padded shape). Returns the kept lengths."""
+        if self.per_epoch == 0 or steps <= 0 or min_steps <= 1:
+            return self.forget.buckets
+        keep = merge_sparse_buckets(self.step_lengths(steps), self.forget.buckets, min_steps)
+        for name in ("forget", "retain"):
+            enc = getattr(self, name)
+            top = enc.max_length
+            setattr(self, name, dataclasses.replace(enc, buckets=(*(b for b in keep if b < top), top)))
+        return keep
 
     def _chunks(self, stream: str, epoch: int) -> list:
         key = (stream, epoch)
@@ -225,8 +257,12 @@ class BatchPlan:
         return make_batch(self.forget, self._chunks("forget", e)[i], self.batch_size)
 
     def clean_batch(self, step: int) -> dict:
+        return make_batch(self.retain, self._clean_rows(step), self.batch_size)
+
+    def _clean_rows(self, step: int) -> np.ndarray:
+        """Row indices of the clean batch of ``step``."""
         if self.group <= 0:
-            return make_batch(self.retain, self._clean_chunk(step), self.batch_size)
+            return self._clean_chunk(step)
         e, i = divmod(int(step), self.per_epoch)
         base = e * self.per_epoch
         if self._pairing[0] != e:
@@ -240,4 +276,4 @@ class BatchPlan:
             for fr, cr in zip(f_rank, c_rank, strict=True):
                 pos[fr] = cr
             self._pairing = (e, pos)
-        return make_batch(self.retain, self._clean_chunk(base + self._pairing[1][i]), self.batch_size)
+        return self._clean_chunk(base + self._pairing[1][i])

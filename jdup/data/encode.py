@@ -1,5 +1,6 @@
 """Tokenisation into right-padded numpy arrays (:class:`Encoded`, :func:`encode`) and the bucket lengths that
-bound the shapes a jitted consumer sees (:data:`DEFAULT_BUCKETS`, :data:`INFERENCE_BUCKETS`, :func:`make_buckets`).
+bound the shapes a jitted consumer sees (:data:`DEFAULT_BUCKETS`, :data:`INFERENCE_BUCKETS`, :func:`make_buckets`,
+:func:`merge_sparse_buckets`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,33 @@ def make_buckets(max_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> t
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     out = sorted({int(b) for b in buckets if 0 < int(b) < max_length} | {int(max_length)})
     return tuple(out)
+
+
+def merge_sparse_buckets(lengths: Sequence[int] | np.ndarray, buckets: Sequence[int], min_count: int) -> tuple[int, ...]:
+    """The bucket lengths worth a compilation for these lengths, chosen from their histogram.
+
+    Walking up from the shortest bucket, a bucket that fewer than ``min_count`` of ``lengths`` would use (counting
+    those carried up from dropped buckets below it) is dropped and its items go to the next longer bucket. The
+    longest bucket any item uses is always kept, and so are buckets no item uses (longer rows seen later still
+    find them) and the last one (the array width). ``min_count <= 1`` or no lengths: ``buckets`` unchanged.
+
+    Every kept padded length compiles a jitted consumer once; a dropped one costs only padding, so sparse lengths
+    are cheaper merged (detection: ``DetectConfig.bucket_min_rows``; unlearning: ``pad_min_steps``).
+    """
+    bks = tuple(sorted(int(b) for b in buckets))
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    if min_count <= 1 or lengths.size == 0 or not bks:
+        return bks
+    idx = np.searchsorted(bks, np.minimum(lengths, bks[-1]), side="left")
+    counts = np.bincount(idx, minlength=len(bks))
+    top = int(idx.max())
+    keep, carry = [], 0
+    for i, b in enumerate(bks):
+        carry += int(counts[i])
+        if i >= top or carry == 0 or carry >= min_count:
+            keep.append(b)
+            carry = 0
+    return tuple(keep)
 
 
 def pad_token_id(tokenizer) -> int:

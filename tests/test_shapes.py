@@ -1,0 +1,117 @@
+"""Fewer distinct shapes (issue 15): sparse detection buckets and sparse unlearning lengths are merged upward.
+
+Each padded length compiles a jitted function once; a length only a few rows (detection) or steps (unlearning)
+would use costs more to compile than the padding it saves. Merging changes padding only: detection scores move by
+float rounding, unlearning batches keep their rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jdup import data, detect, models
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_merge_sparse_buckets():
+    m = data.merge_sparse_buckets
+    bks = (8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 512)
+    lengths = [5] * 88 + [12] * 768 + [20] * 950 + [50] * 77 + [60] * 17 + [70] * 3
+    # 8 (88 rows) -> 16; 56 (77) + 64 (17) -> 72 (the longest used bucket is always kept); unused ones stay
+    assert m(lengths, bks, 128) == (16, 24, 32, 40, 48, 72, 80, 512)
+    assert m(lengths, bks, 0) == m(lengths, bks, 1) == bks  # off
+    assert m([], bks, 128) == bks
+    assert m([3, 100], (8, 16, 512), 2) == (512,)  # the lone short row joins the long one
+    assert m([3] * 10 + [9], (8, 16, 32), 5) == (8, 16, 32)  # a sparse top bucket is kept
+    assert m([600], (8, 512), 5) == (8, 512)  # longer than every bucket: the last one
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.tiny_model("bert", 2, seed=0), models.load_tokenizer("builtin:minilm")
+
+
+@pytest.fixture(scope="module")
+def sets(sst2_dir):
+    folder = sst2_dir / "badnets"
+    calib = data.read_split(folder, "dev-clean").subset(np.arange(96))
+    det = data.read_split(folder, "test-detect")
+    return calib, det.subset(np.r_[0:60, len(det) - 40 : len(det)])
+
+
+def test_detection_buckets_from_the_histogram_change_only_rounding(tiny, sets, monkeypatch):
+    cfg = detect.DetectConfig(batch_size=8, max_length=64, progress=False, bucket_min_rows=0)
+    shapes: list[int] = []
+    real_batches = data.batches
+
+    def spy(enc, *a, **kw):
+        for b in real_batches(enc, *a, **kw):
+            shapes.append(b["input_ids"].shape[1])
+            yield b
+
+    monkeypatch.setattr(data, "batches", spy)  # detect and features both call jdup.data.batches
+    every = detect.detect(*tiny, *sets, cfg)
+    every_shapes, shapes[:] = set(shapes), []
+    merged = detect.detect(*tiny, *sets, dataclasses.replace(cfg, bucket_min_rows=48))
+    merged_shapes = set(shapes)
+    assert len(merged_shapes) < len(every_shapes), (every_shapes, merged_shapes)
+    np.testing.assert_allclose(merged.scores, every.scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(merged.md, every.md, rtol=1e-4)
+    np.testing.assert_allclose(merged.ss, every.ss, rtol=1e-4, atol=1e-5)
+    assert merged.layers == every.layers
+    assert (merged.flags != every.flags).sum() <= 1  # a row at the threshold may flip on rounding
+
+
+def _encoded(n: int, lengths: np.ndarray, max_length: int = 64) -> data.Encoded:
+    ids = (np.arange(max_length)[None, :] < lengths[:, None]).astype(np.int32)
+    return data.Encoded(ids * 5, ids, np.zeros_like(ids), lengths.astype(np.int32), np.arange(n) % 2,
+                        np.zeros(n, np.int8), (64,), 0)
+
+
+@dataclasses.dataclass
+class _Cfg:
+    batch_size: int = 8
+    seed: int = 3
+    length_group: int = 4
+    pad_multiple: int = 8
+    epochs: int = 2
+    pad_min_steps: int = 0
+
+
+def test_unlearning_plan_merges_sparse_lengths_keeping_the_rows():
+    rng = np.random.default_rng(0)
+    forget = _encoded(40, rng.integers(3, 60, 40))
+    retain = _encoded(64, rng.integers(3, 60, 64))
+    base = data.BatchPlan.from_config(forget, retain, _Cfg())
+    thin = data.BatchPlan.from_config(forget, retain, _Cfg(pad_min_steps=4))
+    steps = base.per_epoch * 2
+
+    def length(plan, s):
+        return max(plan.forget_batch(s)["input_ids"].shape[1], plan.clean_batch(s)["input_ids"].shape[1])
+
+    before = collections.Counter(length(base, s) for s in range(steps))
+    after = collections.Counter(length(thin, s) for s in range(steps))
+    assert len(after) < len(before) and min(after.values()) >= 4 or len(after) == 1, (before, after)
+    for s in range(steps):
+        for a, b in ((base.forget_batch(s), thin.forget_batch(s)), (base.clean_batch(s), thin.clean_batch(s))):
+            np.testing.assert_array_equal(a["index"], b["index"])  # same rows, only the padding differs
+            assert b["input_ids"].shape[1] >= a["input_ids"].shape[1]
+            w = a["input_ids"].shape[1]
+            np.testing.assert_array_equal(b["input_ids"][:, :w], a["input_ids"])
+            assert not b["attention_mask"][:, w:].any()
+        assert length(thin, s) >= length(base, s)
+    assert base.step_lengths(steps).max() <= 60
+    # off (0) is the plain pad_multiple plan, and a settings object without the field behaves the same
+    plain = data.BatchPlan(forget, retain, 8, 3, length_group=4, pad_multiple=8)
+    assert [length(plain, s) for s in range(steps)] == [length(base, s) for s in range(steps)]
+
+
+def test_unlearn_settings_default():
+    from jdup.settings import UnlearnSettings
+
+    assert UnlearnSettings().pad_min_steps == 8 and detect.DetectConfig().bucket_min_rows == 128
