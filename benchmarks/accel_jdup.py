@@ -213,7 +213,7 @@ def section_detect(ctx: dict) -> dict:
     vocab = model.config.vocab_size
     calib = A.synthetic_rows(s.calib_rows, 21, vocab, s.max_length)
     scored = A.synthetic_rows(s.scored_rows, 22, vocab, s.max_length, poison_frac=0.5)
-    cfg = J.DetectConfig(batch_size=s.jdup_detect_batch, progress=False, plots=False)
+    cfg = J.DetectConfig(method="dup", batch_size=s.jdup_detect_batch, progress=False, plots=False)
     with jax.default_matmul_precision(PRECISION["float32"]):
         t0 = time.perf_counter()
         res = J.detect(model, tok, _dataset(calib), _dataset(scored), cfg)

@@ -178,6 +178,7 @@ def worker_jdup(args) -> dict:
         plain = F.model_call_kwargs
         F.model_call_kwargs = lambda arch, pooling, trim=True: plain(arch, pooling, False)
     cfg = J.DetectConfig(
+        method="dup",  # the reference implements DUP's own fusion
         alpha=args.alpha, batch_size=args.jdup_batch_size, progress=False, plots=False, **extra
     )
     peak = C.matmul_peak("jax", "float32")

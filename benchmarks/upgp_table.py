@@ -133,7 +133,7 @@ def detection(root: Path, folder: Path, s: dict, args) -> dict:
     scored = data.read_split(folder, "test-detect", num_labels=2)
     upgp_opts = {"max_steps": args.upgp_steps, "eval_every": 10, "first_order": False, "seed": s["seed"]}
     out: dict = {}
-    for method in ("dup", "dan", "upgp", "ensemble"):
+    for method in ("fisher", "dup", "dan", "upgp", "ensemble"):
         t = time.perf_counter()
         cfg = detect.DetectConfig(
             method=method, max_length=s["max_length"], progress=False, plots=False, upgp=upgp_opts

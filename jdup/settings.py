@@ -202,7 +202,7 @@ class DetectConfig:
     calib_set: str = "dev-clean"  # clean labelled split used for calibration + validation
     # --- method
     method: Literal["fisher", "dup", "dan", "upgp", "ensemble"] = (
-        "dup"  # fisher = DUP's two scores fused by Fisher's method on robust-z tails; dup = DUP's weighted
+        "fisher"  # fisher (default) = DUP's two scores fused by Fisher's method on robust-z tails; dup = DUP's weighted
     )
     #                                 z fusion (the official code); dan = DAN baseline; upgp = unlearning
     #                                 sensitivity; ensemble = rank average of dup and upgp
@@ -244,7 +244,8 @@ class DetectConfig:
     purification_mode: bool = False  # DUP's purification=True: flag the top (100 - purification_percentile)%
     purification_percentile: float = 80.0  # percentile of the scored set used when purification_mode is on
     # --- misc
-    plots: bool = True  # write roc.png and hist.png (run_detect)
+    plots: bool | None = None  # write roc.png and hist.png; None: yes for `jdup detect` (after the timing), no for
+    #                            the detection inside `jdup unlearn` (detect_dev: plots are opt-in there)
     progress: bool = True  # tqdm progress bars over batches
     overwrite: bool = False  # replace an existing `out` that is not a `jdup detect` output (run_detect)
 

@@ -48,7 +48,7 @@ def small_sets(sst2_dir):
     return calib, scored
 
 
-CFG = detect.DetectConfig(batch_size=16, max_length=32, buckets=(16, 32), progress=False)
+CFG = detect.DetectConfig(method="dup", batch_size=16, max_length=32, buckets=(16, 32), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -228,17 +228,23 @@ def _e2e(victim, tmp_path, **kw):
 @pytest.mark.slow
 def test_e2e_badnets(badnets_victim, tmp_path):  # noqa: F811
     assert badnets_victim["metrics"]["asr"] > 0.8  # the victim really is backdoored
-    res = _e2e(badnets_victim, tmp_path)
+    res = _e2e(badnets_victim, tmp_path, method="dup")
     assert res["auroc"] > 0.8
     assert res["frr"] < 0.2
     assert res["asr_filtered"] < res["asr"]
     dan = _e2e(badnets_victim, tmp_path / "dan", method="dan")
     assert dan["auroc"] > 0.6
+    # the default detector (Fisher fusion of DUP's two scores) stays within 0.01 of DUP on a rare-word trigger
+    default = _e2e(badnets_victim, tmp_path / "default")
+    assert default["method"] == "fisher" and default["auroc"] >= res["auroc"] - 0.01 and default["frr"] < 0.2
 
 
 @pytest.mark.slow
 def test_e2e_addsent(addsent_victim, tmp_path):  # noqa: F811
     assert addsent_victim["metrics"]["asr"] > 0.8
-    res = _e2e(addsent_victim, tmp_path)
-    assert res["auroc"] > 0.7  # observed ~0.78 (MD ~0.73, spectral ~0.93 on this small victim)
+    res = _e2e(addsent_victim, tmp_path, method="dup")
+    assert res["auroc"] > 0.7  # observed ~0.86 (MD ~0.83, spectral ~0.87 on this small victim)
     assert res["frr"] < 0.2
+    # the default detector uses the spectral score's tail where DUP's alpha = 0.9 mutes it (observed 0.937)
+    default = _e2e(addsent_victim, tmp_path / "default")
+    assert default["method"] == "fisher" and default["auroc"] > max(0.9, res["auroc"]) and default["frr"] < 0.2
