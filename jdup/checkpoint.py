@@ -6,7 +6,7 @@ flat ``{"000000": leaf, ...}`` dict, so no custom pytree node (optax ``NamedTupl
 containers) ever reaches orbax; restoring rebuilds the tree from a *template* of the same structure (the freshly
 initialised state of the loop), and checks every leaf's shape and dtype.
 
-Pitfalls handled here (see ecosystem notes §3): the directory is made absolute; saves are synchronous by default
+Pitfalls handled here (orbax-checkpoint 0.12.8): the directory is made absolute; saves are synchronous by default
 (``async_save=False``), so a donated buffer is never read after the step that donated it; each step is written
 under its own folder by the manager (no "already exists" errors); a failed read becomes a :class:`JdupError`.
 

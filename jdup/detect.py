@@ -1,6 +1,6 @@
 """DUP detection (and the DAN baseline) end to end: calibrate on clean dev data, score a set, write results.
 
-Algorithm (spec §2.11), with one forward pass per sample:
+Algorithm (docs/dup-method.md §2.11), with one forward pass per sample:
 
 1. The clean calibration set (``dev-clean``) is shuffled with Python's ``random.Random(split_seed)`` (the exact
    permutation DUP's ``random.seed(2025); random.shuffle(dev)`` produces) and cut into a calibration half C and

@@ -1,7 +1,7 @@
 """Pooled per-layer hidden states (DUP's "representations") in one jitted forward pass per batch.
 
 A feature row of a sample is ``[L, D]``: one pooled vector per transformer layer, in Hugging Face order with the
-embedding output dropped (slot ``l`` = ``hidden_states[l + 1]``). Pooling (spec §2.2):
+embedding output dropped (slot ``l`` = ``hidden_states[l + 1]``). Pooling (docs/dup-method.md §2.2):
 
 * ``"cls"``: the first position (BERT / RoBERTa [CLS] / <s>);
 * ``"last_token"``: the last real token, found from the attention mask (right *or* left padding), as DUP does

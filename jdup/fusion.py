@@ -63,7 +63,7 @@ def robust_z(
     ref_scores: np.ndarray | None = None,
     ref_labels: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-class robust z-score ``(s - median_c) / (1.4826 MAD_c)`` (spec §4.3).
+    """Per-class robust z-score ``(s - median_c) / (1.4826 MAD_c)`` (docs/dup-method.md §4.3).
 
     The median and MAD of class ``c`` come from the reference rows of that class when given (known-clean rows
     scored the same way), else from the scored rows themselves. A reference matters when the scored set is
@@ -100,7 +100,7 @@ def flag_low_tail(
     max_frac: float = 0.5,
     fit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Flag the low-z tail of the suspected target class (spec §4.3-4.4).
+    """Flag the low-z tail of the suspected target class (docs/dup-method.md §4.3-4.4).
 
     A working backdoor makes the victim predict the row's given (target) label and the perturbation barely moves
     that fit: a poisoned row sits just below its class's clean sensitivity, at ``s >= 0``. Rows the victim gets

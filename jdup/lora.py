@@ -1,6 +1,6 @@
 """LoRA adapters for jdup's NNX classifiers: add by module name, split trainable/frozen state, merge exactly.
 
-DUP (spec §3.3) adapts the attention projections of a backdoored classifier with PEFT's
+DUP (docs/dup-method.md §3.3) adapts the attention projections of a backdoored classifier with PEFT's
 ``LoraConfig(r=32, lora_alpha=64, lora_dropout=0.1)`` and trains a full copy of the classification head. This
 module reproduces that in Flax NNX:
 

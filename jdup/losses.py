@@ -1,4 +1,4 @@
-"""Loss terms of DUP unlearning (spec §3.4, §10.3), as pure functions of logits.
+"""Loss terms of DUP unlearning (docs/dup-method.md §3.4, §10.3), as pure functions of logits.
 
 Every function takes an optional row ``mask`` (``[batch]``, 1 on real rows, 0 on padding rows added to reach a
 fixed batch shape) and averages over real rows only, so a padded last batch gives the same value as torch on the
@@ -7,7 +7,7 @@ unpadded batch.
 The forgetting term is written as the quantity to **minimise** (see :func:`forget_loss`):
 
 * ``"kl"`` (faithful): ``−KL(p_T ‖ p_S)`` with ``reduction='batchmean'``; gradient ascent on the divergence from
-  the backdoored teacher. Unbounded below (spec §10.3).
+  the backdoored teacher. Unbounded below (docs/dup-method.md §10.3).
 * ``"kl_capped"``: ``−mean_i min(KL_i, cap)``; each sample stops pushing once its divergence reaches ``cap``.
 * ``"suppress_target"``: ``mean_i −log(1 − p_S(y_t|x_i) + ε)``; bounded by ``−log ε``, pushes probability away
   from the (inferred) target label only.

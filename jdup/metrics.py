@@ -1,4 +1,4 @@
-"""Metrics (DUP spec §7): AUROC, FRR/FAR, precision/recall/F1, post-filter CACC/ASR; accuracy and ASR.
+"""Metrics (docs/dup-method.md §7): AUROC, FRR/FAR, precision/recall/F1, post-filter CACC/ASR; accuracy and ASR.
 
 Plain NumPy on host arrays (these run once per evaluation on ``[N]`` vectors). Conventions: poison is the
 positive class; a higher score means more suspicious; ``flags`` is the detector's boolean decision.

@@ -13,7 +13,7 @@ recompile a jitted step. Bases are zero-padded to a fixed width ``max_rank``: ze
 Three ways of attaching a basis to the update pytree (``mode``):
 
 * ``"block"`` (default): one ``[leaf.size, k]`` basis per parameter leaf, acting on the flattened leaf. This is
-  the block-wise gradient-space projection (spec §5.2 "G2 per matrix"): the inner product with a clean gradient
+  the block-wise gradient-space projection (docs/upgp-method.md §5.2, block-wise G2): the inner product with a clean gradient
   is a sum over blocks, so zeroing each block's component zeroes the total, and it is more conservative than one
   global basis.
 * ``"global"``: one ``[P, k]`` basis over the concatenation of all leaves (``jax.tree.leaves`` order, each
@@ -21,9 +21,9 @@ Three ways of attaching a basis to the update pytree (``mode``):
 * ``"rows"``: one ``[leaf.shape[0], k]`` basis per leaf acting on the leading (input) axis, ``G' = G - U (U^T G)``.
   This is the representation-space (GPM) projection of a Flax ``[in, out]`` kernel or a LoRA down-projection
   ``A [in, r]``: clean inputs ``x`` in ``span(U)`` then see no change, ``x (G - U U^T G) = 0``. (Flax kernels are
-  ``[in, out]``, so this is a *left* multiply; PyTorch GPM code multiplies on the right -- spec §5.5 trap (a).)
+  ``[in, out]``, so this is a *left* multiply; PyTorch GPM code multiplies on the right -- docs/upgp-method.md §5.4.)
 
-Optimizer order (spec §5.5): with Adam the per-coordinate scaling rotates a projected gradient back out of the
+Optimizer order (docs/upgp-method.md §5.5): with Adam the per-coordinate scaling rotates a projected gradient back out of the
 complement, so the projection must act on the **final** update: ``clip -> scale_by_adam -> project ->
 scale_by_learning_rate`` (:func:`adamw_chain`). Decoupled weight decay moves parameters along ``-theta``,
 which is not in the complement, so it is either off or added *before* the projection (then it is projected too).
@@ -430,7 +430,7 @@ def adamw_chain(
     Without a projection this is exactly torch ``AdamW`` (decoupled decay ``lr * wd * theta``) after
     ``clip_grad_norm_`` -- the optimizer of victim training, of DUP unlearning and of every sweep cell.
 
-    Why this order with a projection (spec §5.5): Adam divides each coordinate by its own running RMS, which
+    Why this order with a projection (docs/upgp-method.md §5.5): Adam divides each coordinate by its own running RMS, which
     rotates a vector; a gradient projected *before* Adam therefore leaves the complement again (measured
     ``max|U^T u|/|u|`` ~ 0.1), while projecting the *final* Adam direction keeps every step exactly orthogonal to
     the protected basis. Clipping goes first because it only rescales the raw gradient and the projection never
@@ -464,7 +464,7 @@ def adamw_chain(
 
 
 class TwoStreams(NamedTuple):
-    """Two optimizer streams whose updates are added (UPGP spec §5.6).
+    """Two optimizer streams whose updates are added (docs/upgp-method.md §5.6).
 
     ``forget`` gets the forgetting gradient (``clip -> scale_by_adam -> projection -> -lr*lambda_asr``),
     ``retain`` the clean-CE gradient (``clip -> scale_by_adam -> -lr*lambda_acc``, never projected), each with its

@@ -2,7 +2,7 @@
 
 Plugs into :func:`jdup.unlearn.unlearn` through its projection slot (``clip -> scale_by_adam -> projection ->
 -lr``, :func:`jdup.optim.two_stream_chain`) and its ``on_step`` hook. Only the forgetting update is projected; the
-retain (clean CE) update runs in a separate, unprojected optimizer stream (spec §5.6), which keeps only the
+retain (clean CE) update runs in a separate, unprojected optimizer stream (docs/upgp-method.md §5.6), which keeps only the
 variant's structure (``ProjectionHook.retain_projection``):
 
 * ``gradient``: block-wise (or global) basis of ``k`` clean mini-batch gradients of the retain loss over the
@@ -484,7 +484,7 @@ def build_projection(
     hook.set_ranks(0, leaf_ranks)
     hook.b_was_zero = kind == "gradient" and not _any_lora_b_nonzero(trainable)
     hook.module_bases = module_bases  # representation/inflora: clean-input basis U [d, d] per LoRA module
-    # jdup.unlearn runs the retain (clean CE) update in a separate, unprojected stream (spec §5.6); it still has
+    # jdup.unlearn runs the retain (clean CE) update in a separate, unprojected stream (docs/upgp-method.md §5.6); it still has
     # to respect the variant's structure (representation: A stays in the clean complement; inflora: A and the
     # head bias frozen), else a retain step would undo what makes the forget stream safe. None for gradient.
     hook.retain_projection = retain_projection

@@ -518,7 +518,7 @@ def dan(
     Per layer ``l``: ``s_l(x) = min_k (x − c_{l,k})ᵀ Σ_l⁻¹ (x − c_{l,k})`` (squared MD unless ``squared=False``),
     standardised per layer with clean validation statistics (:func:`dan_calibrate`), then aggregated over layers
     (``agg``, ``"max"`` by default as in the DAN paper). This is the correct form; the DUP repository's copy
-    standardises the scored set with the wrong statistics (spec §10.13), which is not reproduced.
+    standardises the scored set with the wrong statistics (docs/dup-method.md §10.13), which is not reproduced.
 
     Args:
       shrinkage: shrinkage of the tied covariance.

@@ -1,7 +1,7 @@
 """UPGP detection: score rows by how much a learned "unlearning" perturbation changes their loss.
 
 Reconstruction of the detection half of "UPGP: backdoor defense via unlearning perturbation and
-orthogonality-constraint gradient projection" (spec: ``upgp-spec.md`` §3-§4; the paper's full text is not public,
+orthogonality-constraint gradient projection" (method: ``docs/upgp-method.md`` §3-§4; the paper's full text is not public,
 so the algorithm follows its abstract and the standard techniques it names). The unlearning half (projected
 purification) is :mod:`jdup.projection`.
 
@@ -14,7 +14,7 @@ purification) is :mod:`jdup.projection`.
    ``s`` = suspicious**.
 3. Per-class robust z-scores against held-out normal rows (:func:`jdup.fusion.robust_z`) and the low-tail flag rule
    of the suspected target class (:func:`jdup.fusion.flag_low_tail`).
-4. First-order score (spec §4.2, :func:`first_order_scores`): the cosine between each row's loss gradient and the
+4. First-order score (docs/upgp-method.md §4.2, :func:`first_order_scores`): the cosine between each row's loss gradient and the
    perturbation direction (the mean label-flip descent direction on the normal set), both on the parameters of a
    fresh LoRA adapter, with ``jax.vmap(jax.grad(...))`` over rows.
 
@@ -164,7 +164,7 @@ def _ce_step(graphdef, tx):
 def learn_perturbation(
     model: nnx.Module, normal: D.Encoded, cfg: UPGPConfig, seed: int, *, eval_batch_size: int = 64
 ) -> tuple:
-    """Train a throw-away LoRA to forget ``normal`` by label flipping; stop near chance accuracy (spec §3).
+    """Train a throw-away LoRA to forget ``normal`` by label flipping; stop near chance accuracy (docs/upgp-method.md §3).
 
     Args:
       model: the victim (not modified).
@@ -216,7 +216,7 @@ def learn_perturbation(
 def sensitivity_scores(
     model: nnx.Module, scored: D.Encoded, normal: D.Encoded, cfg: UPGPConfig, *, eval_batch_size: int = 64
 ) -> tuple[np.ndarray, dict]:
-    """Zeroth-order unlearning sensitivity of every scored row (spec §4.1), averaged over perturbations.
+    """Zeroth-order unlearning sensitivity of every scored row (docs/upgp-method.md §4.1), averaged over perturbations.
 
     A calibration part of the normal set (``calib_frac``) is held out of every perturbation and scored the same
     way as the scored rows; the perturbations are learned on disjoint parts of the rest.
@@ -325,7 +325,7 @@ def _per_sample_dots(graphdef, trainable, frozen, direction, batch):
 def first_order_scores(
     model: nnx.Module, scored: D.Encoded, normal: D.Encoded, cfg: UPGPConfig, *, eval_batch_size: int = 64
 ) -> np.ndarray:
-    """First-order "unlearning sensitivity" (spec §4.2): ``cos(g_x, d)`` per scored row.
+    """First-order "unlearning sensitivity" (docs/upgp-method.md §4.2): ``cos(g_x, d)`` per scored row.
 
     ``d = -grad F_n`` is the direction the label-flip perturbation starts along (``F_n`` = flipped-label CE on
     the normal set), i.e. the mean normal gradient reweighted by ``p/(1-p)``; to first order the loss change

@@ -127,7 +127,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UPGPConfig:
-    """Settings of UPGP sensitivity detection (spec §8.1 defaults, adapted to LoRA on small encoders).
+    """Settings of UPGP sensitivity detection (docs/dup-method.md §8.1 defaults, adapted to LoRA on small encoders).
 
     These are the keys of the ``upgp:`` section of a detect config. Inputs, truncation length, batch size of the
     forward passes and progress bars come from the detect config itself (``jdup.detect.DetectConfig``).
@@ -151,7 +151,7 @@ class UPGPConfig:
     # --- first-order score
     first_order: bool = True  # also compute the vmapped gradient-cosine score
     first_order_batch: int = 16  # rows per vmapped per-sample-gradient batch
-    # --- flagging (spec §4.3-4.4)
+    # --- flagging (docs/dup-method.md §4.3-4.4)
     z_threshold: float = 2.5  # flag rows with robust z < -z_threshold in the suspected target class
     min_flag_frac: float = 0.005  # at least this fraction of the scored rows is flagged
     max_flag_frac: float = 0.5  # at most this fraction (the DUP benchmark sets are ~1/3 poison)
@@ -186,7 +186,7 @@ LayerSpec = str | tuple[int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class DetectConfig:
-    """Configuration of ``jdup detect`` (defaults = the DUP class defaults, spec §4.1 / Appendix A)."""
+    """Configuration of ``jdup detect`` (defaults = the DUP class defaults, docs/dup-method.md §4.1 / Appendix A)."""
 
     #: Alternative key names jdup.config.build accepts (``unlearn.detect.seed`` in YAML files).
     __config_aliases__ = {"seed": "split_seed"}  # noqa: RUF012
@@ -284,7 +284,7 @@ PROJECTIONS = ("none", "gradient", "representation", "inflora")
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionOptions:
-    """Options of ``unlearn --projection`` (``projection_options`` in the unlearn config; spec §8.2-8.3)."""
+    """Options of ``unlearn --projection`` (``projection_options`` in the unlearn config; docs/dup-method.md §8.2-8.3)."""
 
     eps: float = 0.99  # gradient mode: energy threshold of the clean-gradient SVD
     k: int = 32  # gradient mode: clean mini-batch gradients per basis (= padded basis width)
@@ -331,10 +331,10 @@ EARLY_STOP = ("none", "proxy", "oracle_dev_poison")
 
 @dataclasses.dataclass(frozen=True)
 class UnlearnSettings:
-    """Settings of the unlearning algorithm. Defaults follow the official DUP code (spec §4.2) except
+    """Settings of the unlearning algorithm. Defaults follow the official DUP code (docs/dup-method.md §4.2) except
     ``lambda_asr``."""
 
-    # --- objective (spec §3.4)
+    # --- objective (docs/dup-method.md §3.4)
     lambda_asr: float = 1.0  # weight of the forgetting term. The official demo ships 0, which DISABLES
     #                          unlearning (it then only fine-tunes LoRA on clean dev data); 1 is what the paper implies
     lambda_acc: float = 1.0  # weight of CE on labelled clean dev batches (official: 1)
@@ -345,7 +345,7 @@ class UnlearnSettings:
     target_label: int | None = None  # backdoor target for suppress_target / proxy; None = inferred (majority
     #                                   teacher prediction on the flagged rows, which a defender can compute)
 
-    # --- LoRA (spec §3.3)
+    # --- LoRA (docs/dup-method.md §3.3)
     lora_rank: int = 32  # r
     lora_alpha: float = 64.0  # α; the adapter output is scaled by α/r (= 2)
     lora_dropout: float = 0.1  # dropout on the adapter input (training only)
@@ -355,7 +355,7 @@ class UnlearnSettings:
     train_head: bool = True  # train a full copy of the classification head (PEFT SEQ_CLS behaviour)
     model_dropout: bool = True  # the student's own dropout on during training (official: train() mode)
 
-    # --- optimisation (spec §3.5)
+    # --- optimisation (docs/dup-method.md §3.5)
     epochs: int = 5  # passes over the flagged (training) rows; clean batches are cycled in lock-step
     batch_size: int = 32  # rows per flagged batch and per clean batch (official: 32 PLM, 4 LLM)
     lr: float = 5e-4  # peak learning rate of AdamW
@@ -380,7 +380,7 @@ class UnlearnSettings:
     #                         step once, which a short run does not win back in padding; the batches' rows stay
     #                         the same (the dropout masks follow the padded shape); 0 = every multiple
 
-    # --- early stopping (spec §3.6, §10.4)
+    # --- early stopping (docs/dup-method.md §3.6, §10.4)
     early_stop: str = "proxy"  # proxy | oracle_dev_poison (official, uses ground-truth dev-poison) | none
     eval_every_steps: int = 0  # how often the stop rule is evaluated; 0 = once per epoch
     holdout_frac: float = (

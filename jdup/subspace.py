@@ -68,7 +68,7 @@ def gradient_basis(
     max_rank: int | None = None,
     normalize: bool = True,
 ) -> tuple[Any, Any]:
-    """Gradient-space basis (spec §5.2 G2): orthonormal basis of ``k`` clean gradients, energy threshold ``eps``.
+    """Gradient-space basis (docs/upgp-method.md §5.2 G2): orthonormal basis of ``k`` clean gradients, energy threshold ``eps``.
 
     Each of the ``k`` gradients (mini-batch gradients of the retain loss on normal samples) is flattened, unit-
     normalised (per block when ``per_block``), stacked as columns ``G [n, k]``, and ``U`` = the leading left
@@ -140,7 +140,7 @@ def representation_basis(
     x = x.reshape(-1, d)
     if weights is not None:
         x = x * jnp.asarray(weights, jnp.float32).reshape(-1, 1)
-    # Covariance and eigh in float32 at HIGHEST precision (spec §7: keep reductions in f32).
+    # Covariance and eigh in float32 at HIGHEST precision (docs/upgp-method.md §7: keep reductions in f32).
     cov = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
     return covariance_basis(cov, energy_eps, max_rank=max_rank, min_free=min_free)
 
@@ -180,7 +180,7 @@ def inflora_init(
     weights: jax.Array | None = None,
     key: jax.Array | None = None,
 ) -> jax.Array:
-    """InfLoRA-style fixed LoRA down-projection inside the complement of the clean input subspace (spec §6.3 b).
+    """InfLoRA-style fixed LoRA down-projection inside the complement of the clean input subspace (docs/upgp-method.md §6.3 (b)).
 
     ``A`` = the top-``rank`` left singular directions of ``(I - U U^T) X_b^T`` (where the flagged inputs differ
     from clean ones), with orthonormal columns and ``U^T A = 0`` to float32 rounding. If the projected forget
@@ -241,5 +241,5 @@ def inflora_from_covariance(
 
 
 def rank_cap(d: int, lora_rank: int, min_free: int = 16) -> int:
-    """Spec §5.3 cap ``k <= d - max(min_free, 4 r)`` so some directions always remain trainable."""
+    """docs/upgp-method.md §5.3: cap ``k <= d - max(min_free, 4 r)`` so some directions always remain trainable."""
     return max(d - max(min_free, 4 * lora_rank), 0)

@@ -1,6 +1,6 @@
 """Backdoored-victim training in memory: the optimizer, the jitted train step, the epoch loop and evaluation.
 
-The recipe follows the DUP authors' PLM trainer (dup-spec §4.4): cross-entropy on ``dirty/<rate>/train-poison.csv``
+The recipe follows the DUP authors' PLM trainer (docs/dup-method.md §4.4): cross-entropy on ``dirty/<rate>/train-poison.csv``
 (shuffled), AdamW lr 2e-5, a linear warm-up over the first 3 of 5 epochs then linear decay to 0, gradient-norm
 clipping at 1.0, dropout on, evaluation on dev-clean / dev-poison / test-clean / test-poison after every epoch, and
 the weights with the best dev-clean accuracy kept.

@@ -165,7 +165,7 @@ def test_gradient_projection_step_changes_clean_loss_at_second_order(tiny):
 
 
 def test_retain_update_is_a_separate_unprojected_stream(tiny):
-    """Spec §5.6: with a projection, the forget update is projected, the retain (clean CE) update is not."""
+    """docs/upgp-method.md §5.6: with a projection, the forget update is projected, the retain (clean CE) update is not."""
     from jdup import unlearn as U
 
     cfg = _unlearn_cfg()

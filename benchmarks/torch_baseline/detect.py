@@ -1,4 +1,4 @@
-"""DUP detection ("MS" defender) as the official PyTorch code does it, written from dup-spec.md §2 and §9.1.
+"""DUP detection ("MS" defender) as the official PyTorch code does it, written from docs/dup-method.md §2 and §9.1.
 
 Costs are kept on purpose, because this module is the timing reference:
 
@@ -28,14 +28,14 @@ from sklearn.metrics import calinski_harabasz_score, roc_auc_score
 
 from benchmarks.torch_baseline.data import Row, split_dev
 
-# model_type -> pooling used by the reference (dup-spec.md §2.2)
+# model_type -> pooling used by the reference (docs/dup-method.md §2.2)
 _MEAN_POOLED = {"bart", "t5", "mbart"}
 _CLS_POOLED = {"bert", "roberta", "distilbert", "electra", "xlm-roberta", "albert", "deberta", "deberta-v2"}
 
 
 @dataclasses.dataclass(frozen=True)
 class BaselineDetectConfig:
-    """Knobs of the reference detector (defaults = dup-spec.md Appendix A)."""
+    """Knobs of the reference detector (defaults = docs/dup-method.md Appendix A)."""
 
     alpha: float = 0.9  # weight of the MD z-score; (1 - alpha) goes to the spectral score
     top_k: int = 3  # number of layers (ranked by Calinski–Harabasz) averaged for MD; <= 0 uses all
@@ -72,7 +72,7 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, device: str) -> dict
 
 
 def _pooled_layers(model, inputs: dict[str, torch.Tensor], pooling: str) -> list[torch.Tensor]:
-    """One forward pass; returns the pooled ``[B, d]`` vector of every used layer (dup-spec.md §2.2)."""
+    """One forward pass; returns the pooled ``[B, d]`` vector of every used layer (docs/dup-method.md §2.2)."""
     if pooling == "cls":
         out = model(**inputs, output_hidden_states=True)
         return [h[:, 0, :] for h in out.hidden_states[1:]]

@@ -1,4 +1,4 @@
-"""DUP unlearning as the official PyTorch code does it (dup-spec.md §3): PEFT LoRA student, frozen teacher logits.
+"""DUP unlearning as the official PyTorch code does it (docs/dup-method.md §3): PEFT LoRA student, frozen teacher logits.
 
 * teacher logits precomputed once on the flagged ("poison") set and on dev-clean, tokenised batches cached on the
   host in a shuffled order that then stays fixed for every epoch;
@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.torch_baseline.data import Row
 
-# model_type -> LoRA target modules of the reference (dup-spec.md §3.3)
+# model_type -> LoRA target modules of the reference (docs/dup-method.md §3.3)
 _TARGETS = {
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -33,7 +33,7 @@ _TARGETS = {
 
 @dataclasses.dataclass(frozen=True)
 class BaselineUnlearnConfig:
-    """Knobs of the reference unlearning (defaults = dup-spec.md Appendix A)."""
+    """Knobs of the reference unlearning (defaults = docs/dup-method.md Appendix A)."""
 
     lambda_asr: float = 1.0  # weight of the (negated) KL on flagged samples; the shipped demo uses 0
     lambda_acc: float = 1.0  # weight of the CE on clean dev samples

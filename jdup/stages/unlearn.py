@@ -88,7 +88,7 @@ def robust_labels(
     test_clean: D.TextDataset, test_poison: D.TextDataset, target: int, where: str
 ) -> np.ndarray | None:
     """True labels of the test-poison rows: row i is the poisoned copy of the i-th non-target test-clean row
-    (spec §5.1). ``None`` (RA not computed) when the counts do not line up."""
+    (docs/dup-method.md §5.1). ``None`` (RA not computed) when the counts do not line up."""
     true = test_clean.labels[test_clean.labels != target]
     if len(true) != len(test_poison):
         log.warning(

@@ -1,4 +1,4 @@
-"""DUP purification in memory: LoRA unlearning of the samples a detector flagged (spec §3).
+"""DUP purification in memory: LoRA unlearning of the samples a detector flagged (docs/dup-method.md §3).
 
 * :mod:`~jdup.unlearn.config`: :class:`UnlearnSettings`, every knob of the algorithm (no paths);
 * :mod:`~jdup.unlearn.student`: :func:`build_student` (victim + LoRA + trainable head copy, split);

@@ -52,7 +52,7 @@ def proxy_monitor(
 
 
 def oracle_monitor(dev_poison: D.Encoded, target: int, asr_threshold: float) -> Monitor:
-    """The official rule (spec §3.6), an ORACLE: ASR on ground-truth dev-poison; stop once ≤ ``asr_threshold``."""
+    """The official rule (docs/dup-method.md §3.6), an ORACLE: ASR on ground-truth dev-poison; stop once ≤ ``asr_threshold``."""
 
     def monitor(logits_fn):
         asr = float((logits_fn(dev_poison).argmax(-1) == target).mean()) if len(dev_poison) else 0.0
