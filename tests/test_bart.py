@@ -77,6 +77,7 @@ def _torch_run(tm, ids, mask):
     )
 
 
+@pytest.mark.slow
 def test_parity_with_transformers(pair):
     tm, jm = pair
     ids, mask = _batch([6, 10, 3, 10], 10, seed=4)
@@ -90,6 +91,7 @@ def test_parity_with_transformers(pair):
     assert np.abs(logits).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_features_masked_and_unmasked(pair):
     tm, jm = pair
     ids, mask = _batch([5, 8], 8, seed=1)
@@ -108,6 +110,7 @@ def test_features_masked_and_unmasked(pair):
     assert np.abs(feats[:, 0] - ref[:, 0]).max() > 1e-3  # padding changes the unmasked mean of the short row
 
 
+@pytest.mark.slow
 def test_hf_roundtrip(pair, tmp_path):
     tm, jm = pair
     ids, mask = _batch([7, 4], 7, seed=2)
@@ -142,6 +145,7 @@ def test_bare_bart_model_gets_new_head(tmp_path):
     assert jm.load_report.prefixed
 
 
+@pytest.mark.slow
 def test_dropout_and_errors():
     m = bart.build(bart.BartConfig.tiny(), rngs=nnx.Rngs(0))
     ids, mask = _batch([6, 6], 6)

@@ -1,10 +1,12 @@
 """The public loaders accept every documented builtin name (the GGUF decoder goes through the same API)."""
 
 import numpy as np
+import pytest
 
 import jdup.models as jm
 
 
+@pytest.mark.slow
 def test_smollm2_builtin_through_public_api():
     tok = jm.load_tokenizer("builtin:smollm2")
     ids = tok("hello world")["input_ids"]

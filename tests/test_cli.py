@@ -182,6 +182,7 @@ def test_info_prints_versions(capsys):
     assert info["devices"]
 
 
+@pytest.mark.slow
 def test_run_tiny_end_to_end_then_resume(tmp_path, tiny_model, capsys, monkeypatch):
     """`jdup run configs/tiny.yaml`: poison -> train -> detect -> unlearn -> report; a rerun skips every stage."""
     out = tmp_path / "run"

@@ -143,6 +143,7 @@ def test_pool_from_pad_id_is_transformers_rule(pairs):
     np.testing.assert_allclose(mine[1], logits[1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_remat_and_bf16():
     m = tiny_model("llama", num_labels=2, seed=0)
     cfg_r = dataclasses.replace(m.config, remat=True)
@@ -167,6 +168,7 @@ def test_remat_and_bf16():
     np.testing.assert_allclose(np.asarray(out.logits, np.float32), np.asarray(ref), atol=3e-2)
 
 
+@pytest.mark.slow
 def test_dropout_needs_rngs_and_is_reproducible():
     m = tiny_model("qwen2", attention_dropout=0.5)
     ids, mask = padded_batch([5, 5], 5, 128, 0, "right")
@@ -182,6 +184,7 @@ def test_dropout_needs_rngs_and_is_reproducible():
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.slow
 def test_hf_folder_roundtrip(pairs, tmp_path, name):
     """transformers save (single file and sharded index) -> jdup load -> jdup export -> transformers load."""
     tm, _ = pairs[name]
@@ -247,6 +250,7 @@ def test_config_errors():
         ("smollm2-135m", 134_515_008 + 576 * 2),
     ],
 )
+@pytest.mark.slow
 def test_full_size_param_counts(preset, expected):
     """Full configs built abstractly (jax.eval_shape), counted, and checked against transformers on 'meta'."""
     cfg = decoder.DecoderConfig.preset(preset, num_labels=2)
@@ -272,6 +276,7 @@ def test_full_size_param_counts(preset, expected):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_decoder_detection_and_lora_unlearning_end_to_end(synthetic_dup, tmp_path):  # noqa: F811
     """A tiny Llama (vocab of the real SmolLM2 tokenizer, rebuilt from the GGUF without torch) through
     ``run_unlearn``: DUP detection on last-token features, LoRA on q/k/v/o, export, reload."""

@@ -149,6 +149,7 @@ def test_bad_settings_raise_jdup_error(tiny, small_sets):
             detect.detect(*tiny, calib, scored, dataclasses.replace(CFG, **bad))
 
 
+@pytest.mark.slow
 def test_run_detect_writes_outputs(tmp_path, small_sets):
     calib, scored = small_sets
     model_dir = tmp_path / "model"

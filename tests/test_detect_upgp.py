@@ -45,6 +45,7 @@ def _cli(root, out, method, *extra):
 
 
 @pytest.mark.parametrize("method", ["upgp", "ensemble"])
+@pytest.mark.slow
 def test_cli_routes_method_and_writes_the_dup_outputs(folder, tmp_path, method, capsys):
     root, n, _ = folder
     out = tmp_path / method
@@ -72,6 +73,7 @@ def test_cli_routes_method_and_writes_the_dup_outputs(folder, tmp_path, method, 
         assert {"auroc_dup", "auroc_upgp", "frr_validation"} <= set(res)
 
 
+@pytest.mark.slow
 def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
     from jdup import metrics
 
@@ -105,6 +107,7 @@ def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
     np.testing.assert_allclose(x["dup_scores"], dup.scores, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_unlearning_detection_accepts_the_methods(folder, tmp_path):
     """`jdup unlearn detect.method=upgp` goes through detect_dev: flags over dev-clean ‖ dev-poison."""
     root, _, n_dev = folder
@@ -232,6 +235,7 @@ def test_upgp_flags_the_target_class_of_the_badnets_victim(badnets_victim):
     [("bert", ("query", "value")), ("llama", ("q_proj", "v_proj")), ("qwen2", ("q_proj", "v_proj")),
      ("bart", ("q_proj", "v_proj"))],
 )
+@pytest.mark.slow
 def test_sensitivity_adapts_each_architectures_attention(arch, expected, tiny_enc):
     """Issue 14 item 3: the default targets were BERT's names (a raw ValueError on Llama, Qwen2 and BART)."""
     from jdup import sensitivity

@@ -72,6 +72,7 @@ def test_threefry_switch(monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_model_and_lora_dropout_use_it():
     victim = tiny_model("bert", 2, seed=1)
     m = lora.add_lora(victim, rank=4, alpha=8, dropout=0.5)

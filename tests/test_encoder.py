@@ -43,6 +43,7 @@ def test_parity_tiny_random(arch, act, tmp_path):
     assert_close_outputs(jdup_forward(model, ids, mask, types), torch_forward(tm, ids, mask, types))
 
 
+@pytest.mark.slow
 def test_parity_minilm_with_head(minilm_torch_cls, minilm_dir):
     tm, folder = minilm_torch_cls
     model = jm.from_pretrained(folder)
@@ -116,6 +117,7 @@ def test_dropout_needs_rngs_and_models_hold_no_rng_state():
     )
 
 
+@pytest.mark.slow
 def test_remat_same_values_and_grads():
     ids, mask, _ = padded_batch("bert")
     plain = jm.tiny_model("bert", seed=3)
@@ -137,6 +139,7 @@ def test_remat_same_values_and_grads():
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32(arch):
     ids, mask, _ = padded_batch(arch)
     ref = jm.tiny_model(arch, num_labels=3, seed=1)
@@ -179,6 +182,7 @@ def test_unsupported_activation_is_rejected():
 
 
 @pytest.mark.parametrize("arch,remat", [("bert", False), ("roberta", False), ("bert", True)])
+@pytest.mark.slow
 def test_last_layer_cls_only_matches_full_forward(arch, remat):
     ids, mask, types = padded_batch(arch)
     model = jm.tiny_model(arch, num_labels=3, seed=2, num_hidden_layers=3, remat=remat)

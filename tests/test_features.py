@@ -86,6 +86,7 @@ def test_bart_layers_are_encoder_then_decoder():
         features.layer_states(Output(logits=jnp.zeros((1, 2))), "bert")
 
 
+@pytest.mark.slow
 def test_pooled_features_are_cls_of_layers_1_to_L(tiny_bert, tok):
     enc = data.encode(tok, _ds(), max_length=64, buckets=(16, 32, 64))
     b = next(data.batches(enc, 4))
@@ -102,6 +103,7 @@ def test_pooled_features_are_cls_of_layers_1_to_L(tiny_bert, tok):
         np.testing.assert_allclose(f[:, layer], out.hidden_states[layer + 1][:, 0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_extract_features_row_order_and_padding_invariance(tiny_bert, tok):
     enc = data.encode(tok, _ds(), max_length=64, buckets=(8, 16, 64))
     got = features.extract_features(tiny_bert, enc, batch_size=3, progress=False)
@@ -114,6 +116,7 @@ def test_extract_features_row_order_and_padding_invariance(tiny_bert, tok):
         np.testing.assert_allclose(one["logits"][0], got["logits"][i], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_batch_fn_compiles_once_per_bucket_and_takes_state_as_argument(tiny_bert, tok):
     traces = []
 
@@ -156,6 +159,7 @@ def test_batch_fn_compiles_once_per_bucket_and_takes_state_as_argument(tiny_bert
     assert compiles == []
 
 
+@pytest.mark.slow
 def test_last_token_pooling_on_a_decoder(tok):
     try:
         model = models.tiny_model("llama", 2, seed=0)

@@ -43,6 +43,7 @@ def smollm2():
     return path, jm, tok, ref_tok, ref
 
 
+@pytest.mark.slow
 def test_metadata_config(smollm2):
     path, jm, *_ = smollm2
     cfg = jm.config
@@ -61,6 +62,7 @@ def test_metadata_config(smollm2):
     assert cfg.tie_word_embeddings and jm.load_report.initialized == ("score.kernel",)
 
 
+@pytest.mark.slow
 def test_tokenizer_without_torch_matches_transformers(smollm2):
     _, _, tok, ref_tok, _ = smollm2
     for s in PROMPTS + ["  leading spaces and ünïcödé"]:
@@ -73,6 +75,7 @@ def test_tokenizer_without_torch_matches_transformers(smollm2):
     assert tok.padding_side == "right"
 
 
+@pytest.mark.slow
 def test_weights_equal_transformers_loader(smollm2):
     """Dequantised and un-permuted weights equal transformers' element-wise (q/k prove the permutation)."""
     _, jm, _, _, ref = smollm2
@@ -91,6 +94,7 @@ def test_weights_equal_transformers_loader(smollm2):
     assert np.abs(jg.unpermute_qk(w, 9) - w).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_forward_matches_transformers(smollm2):
     import jax.numpy as jnp
     from flax import nnx
@@ -119,6 +123,7 @@ def test_forward_matches_transformers(smollm2):
     np.testing.assert_allclose(np.asarray(out.logits), expect, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gguf_to_hf_folder_loads_back(smollm2, tmp_path):
     """Export to a Hugging Face folder, then load with jdup (no GGUF) and with transformers."""
     from jdup.models import from_pretrained, load_tokenizer, save_pretrained

@@ -55,6 +55,7 @@ def _ratio(updates, bases, mode):
 
 
 @pytest.mark.parametrize("mode", ["block", "rows", "global"])
+@pytest.mark.slow
 def test_projection_removes_basis_component_and_is_idempotent(mode):
     key = jax.random.key(0)
     u = _tree(key)
@@ -201,6 +202,7 @@ def test_set_basis_finds_state_inside_nnx_free_nested_containers_and_errors_with
         optim.set_basis(optax.adam(1e-3).init(params), {"w": None})
 
 
+@pytest.mark.slow
 def test_gradient_basis_spans_the_gradients_and_pads():
     k = 5
     key = jax.random.key(19)
@@ -228,6 +230,7 @@ def test_energy_rank_rule():
     assert int(optim.energy_rank(jnp.zeros(3), 0.9)) == 0
 
 
+@pytest.mark.slow
 def test_representation_basis_protects_clean_inputs():
     key = jax.random.key(21)
     d, r = 12, 4
@@ -249,6 +252,7 @@ def test_representation_basis_protects_clean_inputs():
     assert int(kcap) == 2
 
 
+@pytest.mark.slow
 def test_inflora_down_projection_is_orthogonal_and_keeps_clean_preactivations():
     d, r = 16, 3
     clean = jax.random.normal(jax.random.key(24), (40, 5)) @ jax.random.normal(jax.random.key(25), (5, d))
@@ -281,6 +285,7 @@ def test_inflora_down_projection_is_orthogonal_and_keeps_clean_preactivations():
     np.testing.assert_allclose(a1.T @ a1, jnp.eye(r), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_projected_step_changes_clean_loss_at_second_order_only():
     """Tiny MLP: a step orthogonal to the clean gradient changes the clean loss by O(lr^2), a raw one by O(lr)."""
     with jax.enable_x64(True):

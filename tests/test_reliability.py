@@ -88,6 +88,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):  # noqa: F811
     return out, args
 
 
+@pytest.mark.slow
 def test_1_run_resume_reruns_exactly_the_stages_whose_settings_changed(tiny_run, capsys, caplog):
     out, args = tiny_run
     before = json.loads((out / "report.json").read_text())["stages"]
@@ -123,6 +124,7 @@ def unlearned(tmp_path_factory, tiny_model_dir, synthetic_dup):
     return out, args
 
 
+@pytest.mark.slow
 def test_1_unlearn_reuses_its_detection_only_when_the_detection_settings_match(unlearned, tmp_path, monkeypatch):
     src, args = unlearned
     out = tmp_path / "un"
@@ -139,6 +141,7 @@ def test_1_unlearn_reuses_its_detection_only_when_the_detection_settings_match(u
     assert json.loads((out / "manifest.json").read_text())["config"]["detect"]["frr"] == 0.3
 
 
+@pytest.mark.slow
 def test_1_unlearn_refuses_a_detection_made_for_another_model(unlearned, tmp_path, synthetic_dup, capsys):  # noqa: F811
     from jdup import models
 
@@ -190,6 +193,7 @@ def test_1_a_rerun_upstream_stage_reruns_everything_downstream(tmp_path, monkeyp
 # 2. Ctrl-C: one line, exit 130, for every command
 
 
+@pytest.mark.slow
 def test_2_sigint_during_training_prints_the_checkpoint_and_exits_130(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
     out = tmp_path / "victim"
     cmd = [sys.executable, "-m", "jdup", "train", "--model", str(tiny_model_dir), "--data", str(synthetic_dup),
@@ -490,6 +494,7 @@ def test_6_detect_frr_out_of_range_fails_before_anything_runs(tmp_path, monkeypa
 # 7. metrics.jsonl never mixes runs
 
 
+@pytest.mark.slow
 def test_7_train_metrics_jsonl_holds_one_run(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
     out = tmp_path / "victim"
     args = ("train", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out, *TRAIN, "epochs=2",

@@ -175,6 +175,7 @@ def test_help_and_config_errors_import_no_jax(tmp_path, args):
     assert got["heavy"] == [], f"{args} imported {got['heavy']}"
 
 
+@pytest.mark.slow
 def test_cli_turns_the_cache_on_and_info_reports_it(tmp_path):
     default = tmp_path / "xdg" / "jdup" / "xla"
     got, output = _cli(_env(tmp_path), "info")

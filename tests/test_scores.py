@@ -118,6 +118,7 @@ def _ref_md(x_cal, y_cal, x, k=3, shrinkage=0.1, agg=np.mean):
 
 
 @pytest.mark.parametrize("agg", ["mean", "max"])
+@pytest.mark.slow
 def test_mahalanobis_scorer_matches_reference(agg):
     x, y = _data(n=150, layers=6, d=10, seed=3)
     q, _ = _data(n=17, layers=6, d=10, seed=4)
@@ -129,6 +130,7 @@ def test_mahalanobis_scorer_matches_reference(agg):
     assert scorer.score_layers(state, jnp.asarray(q)).shape == (17, 3)
 
 
+@pytest.mark.slow
 def test_mahalanobis_candidate_layers_and_all():
     x, y = _data(n=80, layers=6, d=6, seed=5)
     st = S.mahalanobis(top_k=2, layers=[0, 1]).fit(jnp.asarray(x), jnp.asarray(y))
@@ -198,6 +200,7 @@ def _ref_dan(x_cal, y_cal, x, shrinkage=0.1):
     return np.stack(out, 1)
 
 
+@pytest.mark.slow
 def test_dan_matches_reference():
     x, y = _data(n=160, layers=4, d=8, classes=3, seed=8)
     v, _ = _data(n=40, layers=4, d=8, seed=9)

@@ -77,6 +77,7 @@ def test_shard_batch_rejects_ragged_batch():
         sharding.make_mesh(2, 4)
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device_on_8_fake_devices():
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -211,6 +211,7 @@ def test_store_append_read_latest_wins_and_truncated_line(tmp_path):
 # ----------------------------------------------------------------------------------------------- sweep == jdup unlearn
 
 
+@pytest.mark.slow
 def test_sweep_cells_equal_jdup_unlearn(tiny_model_dir, synthetic_dup, tmp_path):  # noqa: F811
     """Two cells (seed 0 / lr 0.06, seed 1 / lr 0.08) vmapped in one group vs `jdup unlearn` run on each.
 
@@ -371,6 +372,7 @@ def sweeps(run_worker, tmp_path_factory):
     return {name: (summ, S.read_results(root / name)) for name, summ in zip(names, summaries, strict=True)}
 
 
+@pytest.mark.slow
 def test_sweep_8_devices_vmapped_equals_one_by_one(sweeps):
     summary, vec_list = sweeps["vec"]
     vec = {r["id"]: r for r in vec_list}
@@ -398,6 +400,7 @@ def test_sweep_8_devices_vmapped_equals_one_by_one(sweeps):
     assert not by_seed[0] & by_seed[1]
 
 
+@pytest.mark.slow
 def test_sweep_killed_half_way_resumes(worker, run_worker, sweeps, tmp_path):
     """The test kills the sweep process (SIGKILL) as soon as result lines appear; a rerun finishes the rest."""
     vec = {r["id"]: r for r in sweeps["vec"][1]}
@@ -430,6 +433,7 @@ def test_sweep_killed_half_way_resumes(worker, run_worker, sweeps, tmp_path):
             np.testing.assert_allclose(r["metrics"][k], vec[r["id"]]["metrics"][k], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_failing_cells_are_recorded_and_others_continue(sweeps):
     summary, recs = sweeps["fail"]
     assert summary["ok"] == 2 and summary["failed"] == 2
@@ -503,6 +507,7 @@ def _reduced_sst2_full(data_dir: str, victim: str) -> dict:
     return cfg
 
 
+@pytest.mark.slow
 def test_sst2_full_config_structure_end_to_end(synthetic_dup, tiny_model_dir, tmp_path, monkeypatch):
     """The shipped full-size config's structure, reduced, through the two documented commands: a victim trained
     first by `jdup train` and given as a relative folder path, detection-only rows (dup, dan, upgp, fisher),

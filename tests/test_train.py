@@ -70,6 +70,7 @@ def test_metrics():
     assert T.accuracy([], []) == 0.0 and T.attack_success_rate([], 1) == 0.0
 
 
+@pytest.mark.slow
 def test_predict_keeps_dataset_order(minilm_tokenizer):  # noqa: F811
     from jdup import models
 
@@ -84,6 +85,7 @@ def test_predict_keeps_dataset_order(minilm_tokenizer):  # noqa: F811
     np.testing.assert_allclose(logits, np.asarray(direct.logits), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_learns_task_and_backdoor(full_run):
     out, r = full_run
     for key in ("cacc", "asr", "dev_acc", "epochs", "seconds"):
@@ -107,6 +109,7 @@ def test_training_learns_task_and_backdoor(full_run):
     assert T.accuracy(preds, enc.labels) == pytest.approx(r["cacc"])
 
 
+@pytest.mark.slow
 def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
     full_out, full = full_run
     out = tmp_path / "resumed"

@@ -120,6 +120,7 @@ def test_projection_slot_sits_after_adam_and_disables_decay():
 # ---------------------------------------------------------------------------------------------- train step
 
 
+@pytest.mark.slow
 def test_step_changes_only_adapters_and_head(victim):
     cfg = S.UnlearnConfig(**TINY)
     st = U.build_student(victim, cfg)
@@ -146,6 +147,7 @@ def test_step_changes_only_adapters_and_head(victim):
     np.testing.assert_array_equal(U.model_logits(victim, forget, 8), teacher)
 
 
+@pytest.mark.slow
 def test_traced_step_matches_the_fixed_optimizer_and_vmaps_over_cells(victim):
     """The step the sweep vmaps: lr and loss weights traced (StepHParams) give the numbers of a Python-float
     optimizer, and jax.vmap over K cells gives each cell's single-run step."""
@@ -202,6 +204,7 @@ def test_traced_step_matches_the_fixed_optimizer_and_vmaps_over_cells(victim):
         )
 
 
+@pytest.mark.slow
 def test_loss_pieces_are_consistent_with_losses(victim):
     cfg = S.UnlearnConfig(**TINY)
     st = U.build_student(victim, cfg)
@@ -221,6 +224,7 @@ def test_loss_pieces_are_consistent_with_losses(victim):
     np.testing.assert_allclose(float(r), float(losses.cross_entropy(s_clean, retain.labels[:4])), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_fused_and_two_forward_batches_agree(victim):
     cfg = S.UnlearnConfig(**TINY)
     st = U.build_student(victim, cfg)
@@ -291,6 +295,7 @@ def test_batch_plan_length_grouped_covers_every_row_and_pads_less():
         _same_batch(again.forget_batch(step), plan.forget_batch(step))
 
 
+@pytest.mark.slow
 def test_unlearn_resumes_after_a_kill(victim, tmp_path):
     cfg = S.UnlearnConfig(**{**TINY, "ckpt_every_steps": 2, "epochs": 3})
     forget, retain = _encoded(10, 5, trigger=9), _encoded(12, 6)
@@ -316,6 +321,7 @@ def test_unlearn_resumes_after_a_kill(victim, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_monitor_keeps_best_state_and_stops(victim):
     cfg = S.UnlearnConfig(**{**TINY, "epochs": 4, "eval_every_steps": 1})
     forget, retain = _encoded(8, 7), _encoded(8, 8)
@@ -333,6 +339,7 @@ def test_monitor_keeps_best_state_and_stops(victim):
 # ---------------------------------------------------------------------------------------------- run_unlearn
 
 
+@pytest.mark.slow
 def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp_path):  # noqa: F811
     from jdup import models
 

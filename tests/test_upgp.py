@@ -98,6 +98,7 @@ def _unlearn_cfg(**kw):
     return S.UnlearnConfig(**base)
 
 
+@pytest.mark.slow
 def test_detection_pipeline_and_vmapped_first_order_matches_a_loop(tiny):
     normal, scored = _encoded(64, 0), _encoded(24, 1, poison_frac=0.25)
     cfg = upgp.UPGPDetectConfig(
@@ -131,6 +132,7 @@ def test_detection_pipeline_and_vmapped_first_order_matches_a_loop(tiny):
         np.testing.assert_allclose(float(norms[i]), ref_n, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_projection_step_changes_clean_loss_at_second_order(tiny):
     """Projected step: clean-loss change O(lr^2); unprojected: O(lr) (LoRA + head of a tiny BERT, float32)."""
     from jdup import unlearn as U
@@ -164,6 +166,7 @@ def test_gradient_projection_step_changes_clean_loss_at_second_order(tiny):
     assert proj[1] < 1e-4 * delta(direction, 1.0)
 
 
+@pytest.mark.slow
 def test_retain_update_is_a_separate_unprojected_stream(tiny):
     """docs/upgp-method.md §5.6: with a projection, the forget update is projected, the retain (clean CE) update is not."""
     from jdup import unlearn as U
@@ -212,6 +215,7 @@ def test_retain_update_is_a_separate_unprojected_stream(tiny):
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
 
 
+@pytest.mark.slow
 def test_projection_hook_in_unlearn_logs_sensitivity_and_refreshes(tiny):
     from jdup import unlearn as U
 
@@ -233,6 +237,7 @@ def test_projection_hook_in_unlearn_logs_sensitivity_and_refreshes(tiny):
         upgp.build_projection("gradient", {"kk": 1}, {"model": tiny, "retain": clean, "config": cfg})
 
 
+@pytest.mark.slow
 def test_inflora_keeps_down_projection_orthogonal_and_clean_preactivations(tiny):
     from jdup import unlearn as U
 
@@ -273,6 +278,7 @@ def test_inflora_keeps_down_projection_orthogonal_and_clean_preactivations(tiny)
     assert moved_b > 0.0  # B did train
 
 
+@pytest.mark.slow
 def test_gradient_basis_protects_lora_a_once_b_leaves_zero(tiny):
     """Issue 14 item 3: at B = 0 the clean gradient of every LoRA A is exactly 0, so the initial gradient basis has
     rank 0 on A; the hook re-estimates it at the first step after which B != 0, before A has moved."""
@@ -323,6 +329,7 @@ def test_gradient_basis_protects_lora_a_once_b_leaves_zero(tiny):
     assert off.informative_step is None and all(off.leaf_ranks[p] == 0 for p in a_leaves)
 
 
+@pytest.mark.slow
 def test_representation_projection_keeps_down_projections_in_the_clean_complement(tiny):
     """Through jdup.unlearn (the in-place fallback moves A into the complement after step 1, lr 0 there)."""
     from jdup import unlearn as U
