@@ -34,6 +34,10 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+#: The fast-lane plugin marks the end-to-end tests ``slow`` (``pytest -m "not slow"`` is the fast lane, with or
+#: without ``-p tests.fast_lane``); marks select nothing unless ``-m`` is given.
+pytest_plugins = ("tests.fast_lane",)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_SST2 = REPO.parent / "shared" / "data" / "sst-2" / "1"
 ALLOW_MISSING_SHARED = "JDUP_ALLOW_MISSING_SHARED"
