@@ -115,3 +115,33 @@ def test_unlearn_settings_default():
     from jdup.settings import UnlearnSettings
 
     assert UnlearnSettings().pad_min_steps == 8 and detect.DetectConfig().bucket_min_rows == 128
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No plot work in the hot path: `jdup detect` draws after the timing, the detection inside `jdup unlearn` not at all
+
+
+def test_plots_after_the_timing_and_opt_in_for_unlearning(tmp_path, tiny_model_dir, sets):
+    import json
+
+    from jdup.stages import detect as detect_stage
+
+    calib, scored = sets
+    folder = tmp_path / "data"
+    data.write_dup_csv(calib, folder / "dev-clean.csv")
+    data.write_dup_csv(scored, folder / "test-detect.csv")
+    data.write_dup_csv(scored.subset(np.arange(60, 80)), folder / "dev-poison.csv")
+    kw = dict(model=str(tiny_model_dir), data=str(folder), batch_size=16, max_length=32, progress=False)
+    out = tmp_path / "out"
+    res = detect_stage.run_detect(detect.DetectConfig(out=str(out), **kw))  # plots=None: yes for jdup detect
+    assert (out / "roc.png").is_file() and (out / "hist.png").is_file()
+    on_disk = json.loads((out / "detection.json").read_text())
+    assert on_disk["seconds_plots"] > 0 and on_disk["seconds"] == res["seconds"]
+    assert {"roc.png", "hist.png"} <= set(on_disk["files"])
+    model = models.from_pretrained(str(tiny_model_dir))
+    opts = {"batch_size": 16, "max_length": 32, "progress": False}
+    _, info = detect_stage.detect_dev(model, str(tiny_model_dir), str(folder), str(tmp_path / "dev"), opts)
+    assert not list((tmp_path / "dev").glob("*.png")) and "roc.png" not in info["files"]
+    _, info = detect_stage.detect_dev(model, str(tiny_model_dir), str(folder), str(tmp_path / "dev2"),
+                                      {**opts, "plots": True})
+    assert (tmp_path / "dev2" / "roc.png").is_file()

@@ -77,7 +77,7 @@ def run_detect(cfg: DetectConfig) -> dict:
         dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
         model = models.from_pretrained(cfg.model, dtype=dtype)
         tokenizer = models.load_tokenizer(cfg.model)
-        result = _detect_and_write(cfg, model, tokenizer, t0, folder=output.path)
+        result = _detect_and_write(cfg, model, tokenizer, t0, folder=output.path, plots=True)
         output.commit(result)
     return result
 
@@ -115,7 +115,7 @@ def detect_dev(
     t0 = time.perf_counter()
     tokenizer = models.load_tokenizer(cfg.model)
     folder = os.path.abspath(cfg.out)
-    result = _detect_and_write(cfg, model, tokenizer, t0)
+    result = _detect_and_write(cfg, model, tokenizer, t0, plots=False)
     manifest.write(folder, dev_manifest(cfg))  # last: the folder is complete (unlearning may reuse it)
     flags = np.load(os.path.join(folder, "flags.npy"))
     return flags, result
@@ -127,7 +127,11 @@ def dev_manifest(cfg: DetectConfig) -> dict:
     return manifest.make("detect", cfg, manifest.stage_inputs("detect", cfg))
 
 
-def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float, folder: str | None = None) -> dict:
+def _detect_and_write(
+    cfg: DetectConfig, model, tokenizer, t0: float, folder: str | None = None, plots: bool = True
+) -> dict:
+    """Detect and write the files; ``plots`` is the default of ``cfg.plots = None``. ``seconds`` stops before the
+    plots (drawn last, outside the timing; ``seconds_plots``)."""
     num_labels = int(model.config.num_labels)
     calib = data_lib.read_split(cfg.data, cfg.calib_set, num_labels=num_labels)
     scored = _read_scored(cfg, num_labels)
@@ -158,9 +162,11 @@ def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float, folder: st
             **{k: v for k, v in res.extra.items() if isinstance(v, np.ndarray)},
         ),
     )
+    seconds = time.perf_counter() - t0  # detection, without the plots
     y = np.asarray(scored.poison).astype(bool)
-    plots = []
-    if cfg.plots and y.any() and (~y).any():
+    t_plots = time.perf_counter()
+    want_plots, plots = (plots if cfg.plots is None else cfg.plots), []
+    if want_plots and y.any() and (~y).any():
         where = os.path.join(*os.path.normpath(os.path.abspath(cfg.data)).split(os.sep)[-2:])
         title = f"{cfg.method.upper()}: {where}/{cfg.score_set}"
         extra = {"MD only": res.z_md, "SS only": res.z_ss} if cfg.method in ("dup", "fisher") else None
@@ -178,8 +184,9 @@ def _detect_and_write(cfg: DetectConfig, model, tokenizer, t0: float, folder: st
         "alpha": cfg.alpha if cfg.method in ("dup", "ensemble") else None,
         **({"upgp": res.extra["upgp_info"]} if "upgp_info" in res.extra else {}),
         "ch": res.ch.tolist(),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "seconds_load": t_load,
+        "seconds_plots": time.perf_counter() - t_plots,
         "timings": res.timings,
         "n_calibration": int(len(res.calib_index)),
         "n_validation": int(len(res.val_index)),
