@@ -1,4 +1,5 @@
-"""UPGP: sensitivity detection pieces, projection builder/hook inside jdup.unlearn, and the MiniLM badnets check."""
+"""UPGP: sensitivity detection pieces (jdup.sensitivity), rank fusion (jdup.fusion) and the projection builder/hook
+(jdup.projection) inside jdup.unlearn. The decision rules and the MiniLM badnets check are in test_detect_upgp.py."""
 
 from __future__ import annotations
 
@@ -9,47 +10,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jdup import config as config_lib
 from jdup import data as D
-from jdup import optim, upgp
+from jdup import fusion, optim, projection, sensitivity
 from jdup.errors import JdupError
+from jdup.settings import ProjectionOptions, UPGPConfig
 
 # ------------------------------------------------------------------------------------------------ pure helpers
-
-
-def test_robust_z_and_low_tail_flags_pick_the_target_class():
-    rng = np.random.default_rng(0)
-    labels = np.array([0] * 100 + [1] * 100)
-    s = rng.normal(5.0, 1.0, 200)
-    s[150:180] = rng.normal(0.0, 0.1, 30)  # insensitive rows in class 1
-    ref = rng.normal(5.0, 1.0, 60)
-    ref_labels = np.array([0, 1] * 30)
-    # in-set statistics: 30 % contamination drags the median and inflates the MAD (z of poison ~ -2.4)
-    assert upgp.robust_z(s, labels)[150:180].max() > -2.5 > upgp.robust_z(s, labels)[150:180].min() - 1
-    z = upgp.robust_z(s, labels, ref, ref_labels)  # clean reference rows fix it
-    assert abs(np.median(z[:100])) < 1.0  # 30 reference rows per class: sampling noise
-    flags, target = upgp.flag_low_tail(z, labels, 2.5, 0.0, 0.5)
-    assert target == 1
-    assert flags[150:180].all() and flags.sum() <= 33
-    capped, _ = upgp.flag_low_tail(z, labels, 2.5, 0.0, 0.1)
-    assert capped.sum() == 20 and capped[150:180].sum() == 20
-    np.testing.assert_allclose(np.median(upgp.robust_z(s[:100], labels[:100])), 0.0, atol=1e-9)
-    floor, _ = upgp.flag_low_tail(np.zeros(200), labels, 2.5, 0.05, 0.5)
-    assert floor.sum() == 10
 
 
 def test_ensemble_standardises_scales_and_flipped_labels():
     a = np.array([0.0, 1.0, 2.0, 3.0, 100.0])
     b = 1000.0 * a
-    np.testing.assert_allclose(upgp.ensemble_scores([a, b]), upgp.ensemble_scores([a]))
+    np.testing.assert_allclose(fusion.ensemble_scores([a, b]), fusion.ensemble_scores([a]))
     calib = np.array([True, True, True, True, False])
-    e = upgp.ensemble_scores([a, -a], calib=calib)
+    e = fusion.ensemble_scores([a, -a], calib=calib)
     np.testing.assert_allclose(e, 0.0, atol=1e-9)
-    np.testing.assert_allclose(upgp.ensemble_scores([a, b], standardize=False), 500.5 * a)
-    np.testing.assert_allclose(upgp.ensemble_scores([a, -a], rank=True), 0.4)
+    np.testing.assert_allclose(fusion.ensemble_scores([a, b], standardize=False), 500.5 * a)
+    np.testing.assert_allclose(fusion.ensemble_scores([a, -a], rank=True), 0.4)
     y = np.array([0, 1, 2, 0, 1])
-    f = upgp.flipped_labels(y, 3, seed=0)
+    f = sensitivity.flipped_labels(y, 3, seed=0)
     assert (f != y).all() and f.max() < 3
-    np.testing.assert_array_equal(upgp.flipped_labels(np.array([0, 1]), 2, 0), [1, 0])
+    np.testing.assert_array_equal(sensitivity.flipped_labels(np.array([0, 1]), 2, 0), [1, 0])
 
 
 # ---------------------------------------------------------------------------------------------- tiny model set
@@ -98,10 +80,21 @@ def _unlearn_cfg(**kw):
     return S.UnlearnConfig(**base)
 
 
+def _projection(kind, options, model, cfg, retain, forget=None):
+    """``projection.build_projection`` on a fresh student of ``model`` (options as a mapping, built as the
+    ``projection_options`` section of a config is): ``(transform, hook, student)``."""
+    from jdup import unlearn as U
+
+    opts = config_lib.build(ProjectionOptions, dict(options), source="projection_options")
+    student = U.build_student(model, cfg)
+    tx, hook = projection.build_projection(kind, opts, student, retain=retain, forget=forget, seed=int(cfg.seed))
+    return tx, hook, student
+
+
 @pytest.mark.slow
 def test_detection_pipeline_and_vmapped_first_order_matches_a_loop(tiny):
     normal, scored = _encoded(64, 0), _encoded(24, 1, poison_frac=0.25)
-    cfg = upgp.UPGPDetectConfig(
+    cfg = UPGPConfig(
         max_steps=6,
         eval_every=3,
         n_perturbations=1,
@@ -109,23 +102,23 @@ def test_detection_pipeline_and_vmapped_first_order_matches_a_loop(tiny):
         batch_size=16,
         first_order_batch=8,
     )
-    det = upgp.detect_upgp(tiny, scored, normal, cfg)
+    det = sensitivity.detect_upgp(tiny, scored, normal, cfg)
     assert det.scores.shape == det.flags.shape == det.sensitivity.shape == (24,)
     assert det.first_order.shape == (24,) and np.all(np.abs(det.first_order) <= 1.0 + 1e-6)
     assert 0 <= det.auroc <= 1 and det.info["perturbations"][0]["steps"] >= 3
     assert 1 <= det.flags.sum() <= 12 and (scored.labels[det.flags] == det.target_class).all()
 
     # the vmapped per-sample gradient dots equal one jax.grad per row
-    graphdef, tr0, frozen = upgp._fresh_adapter(tiny, 4, 8.0, ("query", "value"), jax.random.key(3))
+    graphdef, tr0, frozen = sensitivity._fresh_adapter(tiny, 4, 8.0, ("query", "value"), jax.random.key(3))
     tr0 = jax.tree.map(lambda x: x + 0.01, tr0)  # B != 0 so both factors get gradient
     b = next(D.batches(scored, 4))
     batch = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
     direction = jax.tree.map(lambda x: jnp.ones_like(x), tr0)
-    dots, norms = upgp._per_sample_dots(graphdef, tr0, frozen, direction, batch)
+    dots, norms = sensitivity._per_sample_dots(graphdef, tr0, frozen, direction, batch)
     for i in range(4):
         row = {k: v[i : i + 1] for k, v in batch.items()}
         row["mask"] = np.ones(1, np.float32)
-        g = upgp._mean_grad(graphdef, tr0, frozen, row)
+        g = sensitivity.mean_grad(graphdef, tr0, frozen, row)
         ref = sum(float(jnp.sum(x)) for x in jax.tree.leaves(g))
         np.testing.assert_allclose(float(dots[i]), ref, rtol=1e-4, atol=1e-6)
         ref_n = float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g))))
@@ -142,20 +135,20 @@ def test_gradient_projection_step_changes_clean_loss_at_second_order(tiny):
     st = U.build_student(tiny, cfg)
     g, fr = st.graphdef, st.frozen
     tr = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x + 1e-3), st.trainable)  # move off B = 0
-    probe = upgp._fixed_batches(clean, len(clean), 1, 0)[0]
-    stack = upgp.clean_gradient_stack(g, tr, fr, clean, 1, len(clean), 0)
+    probe = projection._fixed_batches(clean, len(clean), 1, 0)[0]
+    stack = projection.clean_gradient_stack(g, tr, fr, clean, 1, len(clean), 0)
     bases, _ = optim.gradient_basis(stack, 1.0, per_block=False, max_rank=1)
-    fb = upgp._fixed_batches(forget, len(forget), 1, 1)[0]
+    fb = projection._fixed_batches(forget, len(forget), 1, 1)[0]
     fb["labels"] = 1 - fb["labels"]
-    direction = upgp._mean_grad(g, tr, fr, fb)
+    direction = sensitivity.mean_grad(g, tr, fr, fb)
     projected = optim.project(direction, bases, mode="global")
     assert float(optim.subspace_cosine(direction, bases, mode="global")) > 1e-2
     norm = float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(direction))))
-    base = float(upgp._probe_loss(g, tr, fr, probe))
+    base = float(projection._probe_loss(g, tr, fr, probe))
 
     def delta(d, lr):
         moved = jax.tree.map(lambda p, u: p - lr / norm * u, tr, d)
-        return abs(float(upgp._probe_loss(g, moved, fr, probe)) - base)
+        return abs(float(projection._probe_loss(g, moved, fr, probe)) - base)
 
     raw = [delta(direction, lr) for lr in (0.02, 0.005)]
     assert 3.0 < raw[0] / raw[1] < 7.0  # O(lr): a 4x step gives a ~4x change
@@ -222,19 +215,17 @@ def test_projection_hook_in_unlearn_logs_sensitivity_and_refreshes(tiny):
     cfg = _unlearn_cfg(epochs=2, warmup_frac=0.1)
     clean, forget = _encoded(48, 7), _encoded(16, 8, poison_frac=1.0)
     opts = {"k": 4, "refresh": 2, "basis_batch_size": 8, "probe_rows": 16}
-    tx, hook = upgp.build_projection(
-        "gradient", opts, {"model": tiny, "forget": forget, "retain": clean, "config": cfg}
-    )
-    res = U.unlearn(tiny, forget, clean, cfg, projection=tx, on_step=hook)
+    tx, hook, student = _projection("gradient", opts, tiny, cfg, clean, forget)
+    res = U.unlearn(tiny, forget, clean, cfg, projection=tx, on_step=hook, student=student)
     rows = res.log
     assert len(rows) == 4 and hook.refreshes == 2
     assert all(r["sens_after"] <= 1e-5 for r in rows)
     assert max(r["sens_before"] for r in rows) > 1e-3
     assert all("clean_loss_change" in r for r in rows) and "basis_rank" in rows[1]
     with pytest.raises(JdupError):
-        upgp.build_projection("columns", {}, {"model": tiny, "retain": clean, "config": cfg})
+        _projection("columns", {}, tiny, cfg, clean)
     with pytest.raises(JdupError, match="unknown key"):
-        upgp.build_projection("gradient", {"kk": 1}, {"model": tiny, "retain": clean, "config": cfg})
+        _projection("gradient", {"kk": 1}, tiny, cfg, clean)
 
 
 @pytest.mark.slow
@@ -243,12 +234,9 @@ def test_inflora_keeps_down_projection_orthogonal_and_clean_preactivations(tiny)
 
     cfg = _unlearn_cfg(epochs=2)
     clean, forget = _encoded(48, 9), _encoded(16, 10, poison_frac=1.0)
-    tx, hook = upgp.build_projection(
-        "inflora",
-        {"repr_eps": 0.9, "min_free": 8, "probe_rows": 16},
-        {"model": tiny, "forget": forget, "retain": clean, "config": cfg},
+    tx, hook, student = _projection(
+        "inflora", {"repr_eps": 0.9, "min_free": 8, "probe_rows": 16}, tiny, cfg, clean, forget
     )
-    student = U.build_student(tiny, cfg)
     trainable = hook.prepare_student(student)
     assert hook.prepared
     opt_state = tx.init(trainable)
@@ -258,8 +246,8 @@ def test_inflora_keeps_down_projection_orthogonal_and_clean_preactivations(tiny)
     batch = U.joint_batch(next(D.batches(forget, 8)), teacher, next(D.batches(clean, 8)))
     new_tr, _, _ = step(trainable, student.frozen, opt_state, batch, jax.random.key(0))
 
-    leaves_old = dict(zip(upgp._leaf_paths(trainable), jax.tree.leaves(trainable), strict=True))
-    leaves_new = dict(zip(upgp._leaf_paths(new_tr), jax.tree.leaves(new_tr), strict=True))
+    leaves_old = dict(zip(projection._leaf_paths(trainable), jax.tree.leaves(trainable), strict=True))
+    leaves_new = dict(zip(projection._leaf_paths(new_tr), jax.tree.leaves(new_tr), strict=True))
     moved_b = 0.0
     for path, a in leaves_new.items():
         if path[-1] != "lora_a":
@@ -282,7 +270,6 @@ def test_inflora_keeps_down_projection_orthogonal_and_clean_preactivations(tiny)
 def test_gradient_basis_protects_lora_a_once_b_leaves_zero(tiny):
     """Issue 14 item 3: at B = 0 the clean gradient of every LoRA A is exactly 0, so the initial gradient basis has
     rank 0 on A; the hook re-estimates it at the first step after which B != 0, before A has moved."""
-    from jdup import projection
     from jdup import unlearn as U
 
     cfg = _unlearn_cfg(
@@ -302,7 +289,7 @@ def test_gradient_basis_protects_lora_a_once_b_leaves_zero(tiny):
         a0 = {
             p: np.asarray(x)
             for p, x in zip(
-                upgp._leaf_paths(student.trainable), jax.tree.leaves(student.trainable), strict=True
+                projection._leaf_paths(student.trainable), jax.tree.leaves(student.trainable), strict=True
             )
             if p[-1] == "lora_a"
         }
@@ -320,7 +307,7 @@ def test_gradient_basis_protects_lora_a_once_b_leaves_zero(tiny):
     tr = res.student.trainable
     moved = [
         float(np.abs(np.asarray(x) - a0[p]).max())
-        for p, x in zip(upgp._leaf_paths(tr), jax.tree.leaves(tr), strict=True)
+        for p, x in zip(projection._leaf_paths(tr), jax.tree.leaves(tr), strict=True)
         if p[-1] == "lora_a"
     ]
     assert min(moved) > 0  # A did train (inside the complement of its clean-gradient basis)
@@ -336,16 +323,14 @@ def test_representation_projection_keeps_down_projections_in_the_clean_complemen
 
     cfg = _unlearn_cfg(epochs=2, warmup_frac=0.1)
     clean, forget = _encoded(48, 11), _encoded(16, 12, poison_frac=1.0)
-    tx, hook = upgp.build_projection(
-        "representation",
-        {"min_free": 8, "probe_rows": 16},
-        {"model": tiny, "forget": forget, "retain": clean, "config": cfg},
+    tx, hook, student = _projection(
+        "representation", {"min_free": 8, "probe_rows": 16}, tiny, cfg, clean, forget
     )
-    res = U.unlearn(tiny, forget, clean, cfg, projection=tx, on_step=hook)
+    res = U.unlearn(tiny, forget, clean, cfg, projection=tx, on_step=hook, student=student)
     assert all(r["sens_after"] <= 1e-5 for r in res.log)
     tr = res.student.trainable
     checked = 0
-    for path, a in zip(upgp._leaf_paths(tr), jax.tree.leaves(tr), strict=True):
+    for path, a in zip(projection._leaf_paths(tr), jax.tree.leaves(tr), strict=True):
         if path[-1] == "lora_a":
             u = np.asarray(hook.module_bases["/".join(map(str, path[:-1]))])
             assert np.abs(u.T @ np.asarray(a)).max() <= 1e-5
@@ -353,26 +338,6 @@ def test_representation_projection_keeps_down_projections_in_the_clean_complemen
     assert checked == 6
 
 
-# ------------------------------------------------------------------------------------ MiniLM on SST-2 badnets
-
-
-@pytest.mark.slow
-def test_minilm_badnets_sensitivity_detection_beats_chance(badnets_victim):  # noqa: F811
-    """UPGP detection with the shared cached MiniLM badnets victim (reduced SST-2 badnets folder): AUROC > 0.6."""
-    from jdup import models
-
-    victim = models.from_pretrained(badnets_victim["model"])
-    tok = models.load_tokenizer(badnets_victim["model"])
-    data_dir = badnets_victim["data"]
-    normal = D.encode(tok, D.read_split(data_dir, "dev-clean", num_labels=2), 40, config=victim.config)
-    scored = D.encode(tok, D.read_split(data_dir, "test-detect", num_labels=2), 40, config=victim.config)
-    cfg = upgp.UPGPDetectConfig(n_perturbations=1, max_steps=60, eval_every=10, first_order=False)
-    det = upgp.detect_upgp(victim, scored, normal, cfg)
-    print("MiniLM badnets UPGP detection:", det.info)
-    assert det.auroc is not None and det.auroc > 0.6
-    assert det.info["perturbations"][0]["steps"] >= 10
-
-
 def test_options_dataclass_is_documented():
-    names = {f.name for f in dataclasses.fields(upgp.ProjectionOptions)}
+    names = {f.name for f in dataclasses.fields(ProjectionOptions)}
     assert {"eps", "k", "refresh", "beta", "per_block"} <= names
