@@ -12,7 +12,7 @@ public jdup API only:
 3. detection on test-detect, calibrated / perturbation learned on dev-clean, with :func:`jdup.detect.detect`
    (what ``jdup detect --method dup|dan|upgp|ensemble`` runs): DUP, DAN, UPGP zeroth-order sensitivity (first-order
    score off) and the ensemble (mean rank fraction of DUP and UPGP, UPGP learned on DUP's calibration half);
-4. unlearning (:func:`jdup.unlearn.run_unlearn`) of the rows DUP flags on dev-detect = dev-clean ‖ dev-poison, with
+4. unlearning (:func:`jdup.stages.unlearn.run_unlearn`) of the rows DUP flags on dev-detect = dev-clean ‖ dev-poison, with
    projection none / gradient / representation / inflora, all with ``early_stop=none`` (same number of steps);
 5. prints one JSON line and a markdown table, and stores them in the cache folder.
 
@@ -152,8 +152,9 @@ def detection(root: Path, folder: Path, s: dict, args) -> dict:
 
 
 def unlearning(root: Path, folder: Path, s: dict, args) -> dict:
-    from jdup import models, unlearn
+    from jdup import models
     from jdup.stages import detect as detect_stage
+    from jdup.stages import unlearn as unlearn_stage
 
     model_dir = str(root / "victim" / "model")
     det = args.forget_detector
@@ -187,7 +188,7 @@ def unlearning(root: Path, folder: Path, s: dict, args) -> dict:
             run = run.with_name(run.name + f"-{det}")
         mpath = run / "metrics.json"
         if not mpath.is_file():
-            cfg = unlearn.UnlearnConfig(
+            cfg = unlearn_stage.UnlearnConfig(
                 model=model_dir,
                 data=str(folder),
                 out=str(run),
@@ -203,7 +204,7 @@ def unlearning(root: Path, folder: Path, s: dict, args) -> dict:
                 ckpt_every_steps=0,
                 progress=False,
             )
-            unlearn.run_unlearn(cfg)
+            unlearn_stage.run_unlearn(cfg)
         m = json.loads(mpath.read_text())
         rec = {
             k: m.get(k)

@@ -7,7 +7,6 @@ gives the same poisoned rows. :func:`poison_splits` turns clean train / dev / te
 
 from __future__ import annotations
 
-import importlib
 import random
 from collections.abc import Callable, Sequence
 
@@ -131,15 +130,3 @@ def poison_splits(
         "test-poison": test_poison,
         "test-detect": D.TextDataset.concat([test, test_poison], source="test-detect"),
     }
-
-
-#: Names that moved to :mod:`jdup.stages.poison` (the files-in, files-out stage).
-_MOVED_TO_STAGE = ("PoisonConfig", "load_clean_source", "run_poison", "write_dup_folder")
-
-
-def __getattr__(name: str):
-    # Temporary: `jdup.attacks.run_poison` / `PoisonConfig` / ... until cli, pipeline and the tests import them from
-    # jdup.stages.poison (issue 12). A lazy lookup, so this in-memory module does not import the stage that imports it.
-    if name in _MOVED_TO_STAGE:
-        return getattr(importlib.import_module("jdup.stages.poison"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

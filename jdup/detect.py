@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import random
 import time
 from typing import Any, NamedTuple
@@ -517,14 +516,6 @@ def _metrics(scored, sc, flags, z_md, z_ss, preds, cfg: DetectConfig) -> dict[st
         # one kind of row only: report what is defined
         out["frr" if not y.any() else "far"] = float(flags.mean() if not y.any() else 1.0 - flags.mean())
     return out
-
-
-def __getattr__(name: str):
-    # Temporary: `jdup.detect.run_detect` / `detect_dev` until cli/pipeline/unlearn import them from
-    # jdup.stages.detect (issue 12). A lazy lookup, so this in-memory module does not import the stage.
-    if name in ("run_detect", "detect_dev"):
-        return getattr(importlib.import_module("jdup.stages.detect"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -160,13 +160,12 @@ def test_run_poison_builtin_and_errors(tmp_path, synthetic_jsonl):  # noqa: F811
     assert not any(n.startswith(("x", "y", "z", "w")) for n in os.listdir(tmp_path))
 
 
-def test_attacks_is_in_memory_and_the_old_stage_names_still_resolve():
+def test_attacks_is_in_memory_and_the_stage_names_live_in_the_stage():
     import subprocess
     import sys
 
     code = "import sys, jdup.attacks; assert 'jdup.stages.poison' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
-    # temporary alias (issue 12) until cli / pipeline import the stage
-    assert A.run_poison is P.run_poison and A.PoisonConfig is P.PoisonConfig
-    with pytest.raises(AttributeError):
-        A.no_such_name  # noqa: B018
+    assert callable(P.run_poison) and P.PoisonConfig.__module__ == "jdup.stages.poison"
+    for name in ("run_poison", "PoisonConfig", "load_clean_source", "write_dup_folder"):
+        assert not hasattr(A, name), name

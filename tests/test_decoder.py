@@ -281,8 +281,8 @@ def test_decoder_detection_and_lora_unlearning_end_to_end(synthetic_dup, tmp_pat
     """A tiny Llama (vocab of the real SmolLM2 tokenizer, rebuilt from the GGUF without torch) through
     ``run_unlearn``: DUP detection on last-token features, LoRA on q/k/v/o, export, reload."""
     from jdup import lora
-    from jdup import unlearn as U
     from jdup.models import tokenizer_from_gguf
+    from jdup.stages import unlearn as U
 
     try:
         tok = tokenizer_from_gguf("builtin:smollm2")

@@ -10,6 +10,7 @@ import pytest
 
 from jdup import data, detect, features, models
 from jdup.errors import JdupError
+from jdup.stages import detect as detect_stage
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -167,7 +168,7 @@ def test_run_detect_writes_outputs(tmp_path, small_sets):
         buckets=(16, 32),
         progress=False,
     )
-    res = detect.run_detect(cfg)
+    res = detect_stage.run_detect(cfg)
     for f in ("detection.json", "scores.npy", "flags.npy", "components.npz", "roc.png", "hist.png"):
         assert (out / f).is_file(), f
     on_disk = json.loads((out / "detection.json").read_text())
@@ -191,7 +192,7 @@ def test_run_detect_writes_outputs(tmp_path, small_sets):
     assert not list(out.glob("*.tmp-*"))
     # dev-detect via detect_dev (what unlearning calls) needs dev-poison too
     data.write_dup_csv(scored.subset(np.arange(30, 50)), folder / "dev-poison.csv")
-    flags, info = detect.detect_dev(
+    flags, info = detect_stage.detect_dev(
         models.from_pretrained(str(model_dir)),
         str(model_dir),
         str(folder),
@@ -200,7 +201,7 @@ def test_run_detect_writes_outputs(tmp_path, small_sets):
     )
     assert flags.shape == (len(calib) + 20,) and info["n_scored"] == len(calib) + 20
     with pytest.raises(JdupError):
-        detect.detect_dev(None, str(model_dir), str(folder), str(tmp_path / "dev2"), {"no_such_key": 1})
+        detect_stage.detect_dev(None, str(model_dir), str(folder), str(tmp_path / "dev2"), {"no_such_key": 1})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def _e2e(victim, tmp_path, **kw):
         progress=False,
         **kw,
     )
-    res = detect.run_detect(cfg)
+    res = detect_stage.run_detect(cfg)
     print(
         f"\n{victim['data']}: AUROC {res['auroc']:.4f} (MD {res['auroc_md']:.4f}, SS {res['auroc_ss']}), "
         f"FRR {res['frr']:.3f}, FAR {res['far']:.3f}, layers {res['layers']}, victim ASR "

@@ -1,7 +1,7 @@
 """Tests of jdup.sweep: grid expansion, stage configs, grouping, the results store, and end-to-end sweeps.
 
 * A sweep cell IS a ``jdup unlearn`` run: a vmapped group of two cells (different seeds and learning rates) gives
-  the same CACC/ASR/RA, flags, inferred target, step log and stop-rule history as :func:`jdup.unlearn.run_unlearn`
+  the same CACC/ASR/RA, flags, inferred target, step log and stop-rule history as :func:`jdup.stages.unlearn.run_unlearn`
   with the same settings (``test_sweep_cells_equal_jdup_unlearn``), on a tiny random BERT saved to disk and a
   synthetic BadNets DUP folder.
 * The end-to-end tests run in subprocesses with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (8 simulated

@@ -183,7 +183,7 @@ class Base:
     enc: dict  # split -> jdup.data.Encoded (unlearning / evaluation tokenisation)
     dev_detect: Any  # TextDataset dev-clean ‖ dev-poison
     enc_detect: Any  # its Encoded
-    target: int  # the attack's target label, for ASR (jdup.unlearn.eval_target)
+    target: int  # the attack's target label, for ASR (jdup.stages.unlearn.eval_target)
     ra_labels: Any  # true labels of test-poison rows (robust accuracy) or None
     seconds: dict
     cache: dict = dataclasses.field(default_factory=dict)  # detections, teacher logits, before-metrics

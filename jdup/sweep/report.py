@@ -45,7 +45,7 @@ def detection_metrics(dev: Any, test: Any, dev_is_poison: np.ndarray, test_is_po
 
 
 def victim_metrics(ev: dict, dev_asr: float, suffix: str) -> dict:
-    """``cacc_<suffix>``, ``asr_<suffix>``, ``ra_<suffix>`` (from :func:`jdup.unlearn.evaluate_model`) and
+    """``cacc_<suffix>``, ``asr_<suffix>``, ``ra_<suffix>`` (from :func:`jdup.stages.unlearn.evaluate_model`) and
     ``dev_asr_<suffix>`` (dev-poison predicted as the target)."""
     return {
         f"cacc_{suffix}": ev["cacc"],

@@ -16,8 +16,6 @@ optional orbax checkpoint folder :func:`unlearn` is given.
 
 from __future__ import annotations
 
-import importlib
-
 from jdup.data.batching import (
     BatchPlan,
     clean_batch_at,
@@ -87,20 +85,3 @@ __all__ = [
     "forget_batches_per_epoch",
     "with_pad_multiple",
 ]
-
-# Transitional: the stage's names under their old home, resolved on first use (not imported here, so this
-# package does not depend on jdup.stages). Import them from jdup.stages.unlearn; the lead removes this shim.
-_STAGE_NAMES = (
-    "UnlearnConfig",
-    "run_unlearn",
-    "evaluate_model",
-    "eval_target",
-    "robust_labels",
-    "run_detection",
-)
-
-
-def __getattr__(name: str):
-    if name in _STAGE_NAMES:
-        return getattr(importlib.import_module("jdup.stages.unlearn"), name)
-    raise AttributeError(f"module 'jdup.unlearn' has no attribute {name!r}")
