@@ -129,6 +129,7 @@ def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_
     assert second["cacc"] == full["cacc"] and second["asr"] == full["asr"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
     out = tmp_path / "run"
     ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, max_steps=2, ckpt_every_steps=0))
