@@ -358,7 +358,7 @@ class UnlearnSettings:
     model_dropout: bool = True  # the student's own dropout on during training (official: train() mode)
 
     # --- optimisation (docs/dup-method.md §3.5)
-    epochs: int = 5  # passes over the flagged (training) rows; clean batches are cycled in lock-step
+    epochs: int = 8  # passes over the flagged rows (official: 5); clean batches are cycled in lock-step
     batch_size: int = 32  # rows per flagged batch and per clean batch (official: 32 PLM, 4 LLM)
     lr: float = 5e-4  # peak learning rate of AdamW
     weight_decay: float = 0.01  # decoupled weight decay (torch AdamW default), on all trainable leaves
