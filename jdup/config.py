@@ -82,15 +82,21 @@ def apply_overrides(config: Mapping, overrides: Iterable[str]) -> dict:
     out = _deepcopy(config)
     for item in overrides:
         keys, value = parse_override(item)
-        node = out
-        for k in keys[:-1]:
-            child = node.get(k)
-            if not isinstance(child, dict):
-                child = {}
-                node[k] = child
-            node = child
-        node[keys[-1]] = value
+        set_dotted(out, keys, value)
     return out
+
+
+def set_dotted(tree: dict, keys: str | list[str], value: Any) -> None:
+    """``tree[k1][k2]...[kn] = value`` for a dotted key ``"k1.k2.kn"`` (or a key list), creating sections."""
+    keys = keys.split(".") if isinstance(keys, str) else keys
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
 
 
 def override_origins(overrides: Iterable[str], source: str = "command line") -> dict[str, str]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from jdup import atomic
 from jdup.errors import JdupError
+from jdup.sweep import store as sweep_store
 
 #: Metrics summarised (key in the result line -> column label), in table order.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -81,18 +82,7 @@ def read_results(sweep_dir: str | os.PathLike) -> list[dict]:
         path = os.path.join(path, "results.jsonl")
     if not os.path.isfile(path):
         raise JdupError("no results.jsonl here (is this a sweep folder?)", path)
-    latest: dict[str, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "id" in rec:
-                latest[rec["id"]] = rec
+    latest = {rec["id"]: rec for rec in sweep_store.read_results(path)}  # a rerun cell's newest record wins
     return list(latest.values())
 
 

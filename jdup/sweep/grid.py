@@ -152,18 +152,6 @@ def get_or_none(tree: Mapping, dotted: str) -> Any:
         return None
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.get(k)
-        if not isinstance(child, dict):
-            child = {}
-            node[k] = child
-        node = child
-    node[keys[-1]] = value
-
-
 _OPAQUE = ("tags",)  # mappings whose keys are values, not dotted config keys
 
 
@@ -175,7 +163,7 @@ def _nest(flat_or_nested: Mapping) -> dict:
         if isinstance(v, dict) and isinstance(get_or_none(out, str(k)), dict):
             _deep_update(get_dotted(out, str(k)), v)
         else:
-            _set_dotted(out, str(k), v)
+            config_lib.set_dotted(out, str(k), v)
     return out
 
 
@@ -303,7 +291,7 @@ def expand(cfg: SweepConfig | Mapping | str, source: str = "sweep config") -> li
         for assignment in combo:
             for k, v in assignment.items():
                 point[k] = v
-                _set_dotted(merged, k, v)
+                config_lib.set_dotted(merged, k, v)
         try:
             cell_cfg = build_cell(merged, source)
         except JdupError as e:
