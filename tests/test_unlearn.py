@@ -206,7 +206,7 @@ def test_traced_step_matches_the_fixed_optimizer_and_vmaps_over_cells(victim):
 
 @pytest.mark.slow
 def test_loss_pieces_are_consistent_with_losses(victim):
-    cfg = S.UnlearnConfig(**TINY)
+    cfg = S.UnlearnConfig(**{**TINY, "forget_loss": "kl"})  # the official −KL term is checked here
     st = U.build_student(victim, cfg)
     settings = U.LossSettings.from_config(cfg, 1)
     forget, retain = _encoded(5, 3), _encoded(6, 4)
