@@ -1,7 +1,5 @@
 """``python -m jdup ...`` is the same as the ``jdup`` console script."""
 
-import sys
+from jdup.cli import exit_with, main
 
-from jdup.cli import main
-
-sys.exit(main())
+exit_with(main())

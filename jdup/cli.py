@@ -313,9 +313,21 @@ def _fail(message: str) -> int:
     return 2
 
 
+def exit_with(code: int) -> None:
+    """Exits with ``code``. After Ctrl-C (130) the process leaves at once, once stdout/stderr are flushed: a
+    library's non-daemon worker thread (an async checkpointer, a data loader) must not keep an interrupted process
+    alive at interpreter shutdown. Checkpoints are complete by then (saves hold Ctrl-C back until the step is on
+    disk, :func:`jdup.atomic.deferred_interrupt`)."""
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 def console() -> None:
     """Console-script wrapper: exits with :func:`main`'s code."""
-    sys.exit(main())
+    exit_with(main())
 
 
 if __name__ == "__main__":
