@@ -163,8 +163,9 @@ def detect(
     out: str = typer.Option(None, help="output folder: detection.json, scores.npy, plots"),
     method: str = typer.Option(
         None,
-        help="dup | dan | upgp (UPGP unlearning sensitivity; options as upgp.KEY=VALUE) | ensemble (rank mean "
-        "of dup and upgp)",
+        help="fisher (default: DUP's Mahalanobis and spectral scores fused by Fisher's method) | dup (the "
+        "official DUP fusion) | dan | upgp (UPGP unlearning sensitivity; options as upgp.KEY=VALUE) | ensemble "
+        "(rank mean of dup and upgp)",
     ),
     score_set: str = typer.Option(None, "--score-set", help="file to score (default test-detect)"),
     overwrite: bool = OverwriteOpt,

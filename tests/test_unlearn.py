@@ -382,6 +382,21 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     assert m2["n_flagged"] == m["n_flagged"] and m2["cacc_after"] == m2["cacc_before"]
     with pytest.raises(JdupError):
         S.run_unlearn(dataclasses.replace(cfg2, forget_loss="nope"))
+    # a defender's folder without test-poison: CACC only, the defender's target still drives the forget loss
+    import shutil
+
+    bare = tmp_path / "no-test-poison"
+    shutil.copytree(synthetic_dup, bare)
+    (bare / "test-poison.csv").unlink()
+    m3 = S.run_unlearn(dataclasses.replace(cfg2, data=str(bare), out=str(tmp_path / "bare"), detection=None,
+                                          epochs=1))
+    assert m3["asr_before"] is None and m3["asr_after"] is None and m3["ra_after"] is None
+    assert m3["target"] == m["target"] and m3["defender_target"] in (0, 1)  # target from poison_config.json
+    assert m3["cacc_before"] == m["cacc_before"] and m3["steps"] > 0
+    (bare / "poison_config.json").unlink(missing_ok=True)
+    with pytest.raises(JdupError, match="test-poison"):  # the oracle rule needs the attack's target
+        S.run_unlearn(dataclasses.replace(cfg2, data=str(bare), out=str(tmp_path / "bare2"), detection=None,
+                                          early_stop="oracle_dev_poison"))
 
 
 # ---------------------------------------------------------------------------------------------- end to end

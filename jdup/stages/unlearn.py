@@ -69,9 +69,10 @@ def _check_config(cfg: UnlearnConfig) -> None:
     config_lib.validate(cfg, source="unlearn")
 
 
-def eval_target(data_dir: str, test_poison: D.TextDataset) -> int:
+def eval_target(data_dir: str, test_poison: D.TextDataset | None, required: bool = True) -> int | None:
     """The attack's target label for evaluation: ``poison_config.json`` if present, else the majority label of
-    test-poison (every test-poison row is labelled with the target)."""
+    test-poison (every test-poison row is labelled with the target). Without either: an error, or ``None`` when
+    ``required`` is false (a defender's folder without test-poison: no ASR/RA is reported)."""
     meta = os.path.join(data_dir, "poison_config.json")
     if os.path.isfile(meta):
         try:
@@ -79,9 +80,28 @@ def eval_target(data_dir: str, test_poison: D.TextDataset) -> int:
                 return int(json.load(f)["target"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    if len(test_poison) == 0:
+    if test_poison is None or len(test_poison) == 0:
+        if not required:
+            return None
         raise JdupError("test-poison is empty, cannot infer the target label", data_dir)
     return int(np.bincount(test_poison.labels).argmax())
+
+
+def _read_eval_splits(cfg: UnlearnConfig, num_labels: int) -> dict[str, D.TextDataset | None]:
+    """dev-clean, dev-poison, test-clean and test-poison of ``cfg.data``. test-poison is optional (a defender
+    rarely has triggered test rows): when its file is missing or has no rows it is ``None``, and unlearning
+    reports CACC only (ASR/RA ``None``)."""
+    splits: dict[str, D.TextDataset | None] = {
+        n: D.read_split(cfg.data, n, num_labels=num_labels) for n in ("dev-clean", "dev-poison", "test-clean")
+    }
+    tp = None
+    if os.path.isfile(D.split_path(cfg.data, "test-poison")):
+        tp = D.read_split(cfg.data, "test-poison", num_labels=num_labels)
+    if tp is None or len(tp) == 0:
+        log.warning("unlearn: %s has no test-poison rows; ASR and RA are not computed (CACC only)", cfg.data)
+        tp = None
+    splits["test-poison"] = tp
+    return splits
 
 
 def robust_labels(
@@ -104,21 +124,22 @@ def robust_labels(
 def evaluate_model(
     model: nnx.Module,
     tc: D.Encoded,
-    tp: D.Encoded,
-    target: int,
+    tp: D.Encoded | None,
+    target: int | None,
     ra_labels,
     batch_size: int,
     progress: bool,
     tag: str,
 ) -> dict:
-    """CACC (test-clean), ASR (test-poison → target) and RA (test-poison vs true labels)."""
+    """CACC (test-clean), ASR (test-poison → target) and RA (test-poison vs true labels); ASR and RA are
+    ``None`` without test-poison rows (``tp`` or ``target`` ``None``)."""
     pc = model_logits(model, tc, batch_size, progress, f"eval {tag}: test-clean").argmax(-1)
-    pp = model_logits(model, tp, batch_size, progress, f"eval {tag}: test-poison").argmax(-1)
-    return {
-        "cacc": metrics_lib.accuracy(pc, tc.labels),
-        "asr": metrics_lib.attack_success_rate(pp, target),
-        "ra": metrics_lib.accuracy(pp, ra_labels) if ra_labels is not None else None,
-    }
+    out = {"cacc": metrics_lib.accuracy(pc, tc.labels), "asr": None, "ra": None}
+    if tp is not None and target is not None:
+        pp = model_logits(model, tp, batch_size, progress, f"eval {tag}: test-poison").argmax(-1)
+        out["asr"] = metrics_lib.attack_success_rate(pp, target)
+        out["ra"] = metrics_lib.accuracy(pp, ra_labels) if ra_labels is not None else None
+    return out
 
 
 def _load_flags(folder: str, n: int) -> np.ndarray:
@@ -230,13 +251,13 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> dict:
     victim = models.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
     tok = models.load_tokenizer(cfg.model)
     k = victim.config.num_labels
-    splits = {
-        n: D.read_split(cfg.data, n, num_labels=k)
-        for n in ("dev-clean", "dev-poison", "test-clean", "test-poison")
-    }
-    enc = {n: D.encode(tok, ds, cfg.max_length, config=victim.config) for n, ds in splits.items()}
-    target = eval_target(cfg.data, splits["test-poison"])
-    ra_labels = robust_labels(splits["test-clean"], splits["test-poison"], target, cfg.data)
+    splits = _read_eval_splits(cfg, k)
+    enc = {n: D.encode(tok, ds, cfg.max_length, config=victim.config) if ds is not None else None
+           for n, ds in splits.items()}
+    target = eval_target(cfg.data, splits["test-poison"], required=cfg.early_stop == "oracle_dev_poison")
+    ra_labels = None
+    if splits["test-poison"] is not None:
+        ra_labels = robust_labels(splits["test-clean"], splits["test-poison"], target, cfg.data)
 
     # 1. detection over dev-detect = dev-clean ‖ dev-poison
     n_detect = len(splits["dev-clean"]) + len(splits["dev-poison"])
@@ -312,7 +333,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> dict:
         "n_forget_train": int(len(sets.forget)),
         "n_holdout": int(len(sets.holdout)),
         "n_retain": int(len(sets.retain)),
-        "target": int(target),
+        "target": int(target) if target is not None else None,
         "defender_target": int(sets.target),
         "steps": res.steps,
         "total_steps": res.total_steps,
