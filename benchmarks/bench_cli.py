@@ -8,7 +8,7 @@ What a user pays per call, start-up, imports, model load, tracing, compilation, 
   shows the OS file cache effect). For the targets, the warm in-process detection time of jdup
   (``bench_detect.py --impl jdup``: one warm-up call, then ``--reps`` timed calls in one process) is measured in
   the same run. Targets (issue 15): repeat call ≤ 1.3× the warm in-process time, first call ≤ 1.6×.
-* ``unlearn``: ``jdup unlearn --model M --data D --out ... early_stop=none detect.method=dup`` (built-in
+* ``unlearn``: ``jdup unlearn --model M --data D --out ... early_stop=none detect.method=dup forget_loss=kl`` (built-in
   detection on dev-detect with DUP's fusion, 5 epochs over the flagged rows, batch 32, evaluation before/after,
   export; the official settings without an early-stop rule, so both sides take the same number of steps) first with an empty cache, then repeated; the
   reference: ``python -m benchmarks.torch_baseline run`` (the same stages in one torch process). Target: jdup ≥ 2×
@@ -188,7 +188,8 @@ def bench_unlearn(args, work: Path) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     env = child_env(cache, args.jax_cache_env)
     # the official pipeline: DUP's fusion for the built-in detection (same flagged rows, same steps as the reference)
-    settings = ["early_stop=none", "progress=false", f"epochs={args.epochs}", "detect.method=dup"]
+    # and DUP's forget loss (the reference's), so both sides run the same recipe whatever jdup's defaults are
+    settings = ["early_stop=none", "progress=false", f"epochs={args.epochs}", "detect.method=dup", "forget_loss=kl"]
 
     def jdup_cmd(out):
         return jdup_command() + ["unlearn", "--model", model, "--data", data, "--out", str(out), *settings]

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jdup.models.common import Output
+from jdup.models.common import CLS_TRIM_ARCHS, Output
 from jdup.predict import MODEL_INPUTS
 from jdup.settings import POOLINGS
 
@@ -114,8 +114,6 @@ def layer_states(out: Output, arch: str) -> tuple[Array, ...]:
     return tuple(out.hidden_states[1:])
 
 
-#: Archs whose forward accepts ``last_layer_positions="cls"`` (last layer computed at position 0 only).
-CLS_TRIM_ARCHS = ("bert", "roberta")
 
 
 def model_call_kwargs(arch: str, pooling: str, trim_last_layer: bool = True) -> dict:

@@ -122,6 +122,34 @@ def test_resolve_builtin_and_tokenizer(minilm_dir):
     assert tok("Hello world")["input_ids"] == [101, 7592, 2088, 102]
 
 
+def test_wordpiece_tokenizer_fast_path_matches_autotokenizer(minilm_dir, tmp_path):
+    """BERT-family folders load through tokenizer.json alone (no AutoTokenizer, so no torch import through
+    transformers' config module): the same ids, types, truncation and pad id, and an export names BertTokenizer."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from jdup import data as D
+    from jdup.models import hub
+
+    tok, ref = jm.load_tokenizer(minilm_dir), AutoTokenizer.from_pretrained(str(minilm_dir))
+    assert getattr(tok, "jdup_tokenizer_class", None) == "BertTokenizer"
+    texts = ["Héllo WORLD, ça va?", "東京 naïve café " * 80, "", "  spaced   out  ", "cf mn bb tq [SEP] x"]
+    ds = D.TextDataset(np.array(texts, object), np.zeros(len(texts), np.int64), np.zeros(len(texts), np.int8))
+    a, b = D.encode(tok, ds, 64), D.encode(ref, ds, 64)
+    for k in ("input_ids", "attention_mask", "token_type_ids", "lengths"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+    assert a.pad_id == b.pad_id and a.num_truncated == b.num_truncated == 1
+    assert tok.model_max_length == ref.model_max_length
+    hub.save_tokenizer(tok, tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "BertTokenizer"
+    assert type(AutoTokenizer.from_pretrained(str(tmp_path))).__name__ == type(ref).__name__
+    code = "import sys; from jdup import models; models.load_tokenizer('builtin:minilm'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_load_state_from_tensors_is_reader_agnostic():
     model = jm.tiny_model("bert", num_labels=2, seed=4)
     tensors = hf.export_tensors(model)

@@ -102,6 +102,15 @@ def merge_sparse_buckets(lengths: Sequence[int] | np.ndarray, buckets: Sequence[
     return tuple(keep)
 
 
+def for_inference(encoded: Encoded, min_rows: int = 128) -> Encoded:
+    """``encoded`` with the fine :data:`INFERENCE_BUCKETS` (capped at its width), less those fewer than
+    ``min_rows`` of its rows would use (:func:`merge_sparse_buckets`): for passes over rows sorted by length,
+    where a padding-invariant forward (dropout off, masked attention) gives the same outputs at any padded length.
+    Same arrays, new ``buckets``."""
+    bks = make_buckets(encoded.max_length, INFERENCE_BUCKETS)
+    return dataclasses.replace(encoded, buckets=merge_sparse_buckets(encoded.lengths, bks, min_rows))
+
+
 def pad_token_id(tokenizer) -> int:
     """The padding id: the tokenizer's pad token, else its eos token (decoder LMs such as Llama), else 0."""
     for attr in ("pad_token_id", "eos_token_id"):

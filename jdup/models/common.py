@@ -37,3 +37,8 @@ class Output(NamedTuple):
     logits: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
     encoder_hidden_states: tuple[jax.Array, ...] | None = None
+
+
+#: Archs whose classifier forward accepts ``last_layer_positions="cls"``: the last layer computed at position 0
+#: only, exact for their [CLS] head and for [CLS] pooling (``jdup.models.encoder``).
+CLS_TRIM_ARCHS = ("bert", "roberta")

@@ -16,6 +16,7 @@ metadata without torch).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -145,13 +146,42 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
     """
     if is_gguf(path_or_hub_id):
         return tokenizer_from_gguf(path_or_hub_id)
-    from transformers import AutoTokenizer
-
     folder = resolve_path(path_or_hub_id)
     try:
+        cls = _plain_fast_tokenizer(folder)
+        if cls:
+            # WordPiece tokenizers whose tokenizer.json holds the whole pipeline load without AutoTokenizer, which
+            # reads the model config through transformers.configuration_utils and so imports torch when it is
+            # installed (about 1 s of every CLI call); the token ids are the same (tests/test_hf.py)
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(os.fspath(folder))
+            tok.jdup_tokenizer_class = cls  # written back by save_tokenizer
+            return tok
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(os.fspath(folder))
     except Exception as e:
         raise JdupError(f"cannot load a tokenizer: {e}", folder) from e
+
+
+#: ``tokenizer_class`` values whose ``tokenizer.json`` alone reproduces the tokenizer (no class-specific options
+#: applied at load time): :func:`load_tokenizer` skips ``AutoTokenizer`` for them.
+PLAIN_FAST_TOKENIZERS = ("BertTokenizer", "BertTokenizerFast")
+
+
+def _plain_fast_tokenizer(folder: Path) -> str | None:
+    """The ``tokenizer_class`` of ``folder`` when it holds a ``tokenizer.json`` and a ``tokenizer_config.json``
+    naming a :data:`PLAIN_FAST_TOKENIZERS` class, else ``None``."""
+    cfg_path = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not cfg_path.is_file():
+        return None
+    try:
+        with open(cfg_path) as f:
+            cls = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cls if cls in PLAIN_FAST_TOKENIZERS else None
 
 
 def save_tokenizer(tokenizer_src: Any, dest: Path) -> None:
@@ -169,6 +199,14 @@ def save_tokenizer(tokenizer_src: Any, dest: Path) -> None:
         tokenizer_src = tokenizer_from_gguf(tokenizer_src)
     if hasattr(tokenizer_src, "save_pretrained"):
         tokenizer_src.save_pretrained(os.fspath(dest))
+        cls = getattr(tokenizer_src, "jdup_tokenizer_class", None)
+        if cls:  # loaded by load_tokenizer's fast path: name the checkpoint's own class, as AutoTokenizer would
+            cfg_path = Path(dest) / "tokenizer_config.json"
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+            cfg["tokenizer_class"] = cls
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f, indent=2)
         return
     src = resolve_path(tokenizer_src)
     copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
