@@ -91,7 +91,7 @@ def test_rate_larger_than_non_target_rows_raises():
     assert len(A.choose_poison_rows(train.labels, 0.2, 1, 0)) == 2
 
 
-def test_run_poison_writes_readable_dup_folder(synthetic_dup):  # noqa: F811
+def test_run_poison_writes_readable_dup_folder(synthetic_dup):
     names = sorted(os.listdir(synthetic_dup))
     assert names == sorted(
         [
@@ -118,7 +118,7 @@ def test_run_poison_writes_readable_dup_folder(synthetic_dup):  # noqa: F811
         assert f.readline() == ",0,1,2\n"
 
 
-def test_run_poison_is_deterministic_per_seed(tmp_path, synthetic_jsonl):  # noqa: F811
+def test_run_poison_is_deterministic_per_seed(tmp_path, synthetic_jsonl):
     def run(seed, name, attack="badnets"):
         out = tmp_path / name
         P.run_poison(P.PoisonConfig(source=str(synthetic_jsonl), out=str(out), seed=seed, attack=attack))
@@ -139,7 +139,7 @@ def test_run_poison_is_deterministic_per_seed(tmp_path, synthetic_jsonl):  # noq
         P.run_poison(P.PoisonConfig(source=str(synthetic_jsonl), out=str(tmp_path / "foreign")))
 
 
-def test_run_poison_builtin_and_errors(tmp_path, synthetic_jsonl):  # noqa: F811
+def test_run_poison_builtin_and_errors(tmp_path, synthetic_jsonl):
     r = P.run_poison(
         P.PoisonConfig(
             source="builtin:trec", out=str(tmp_path / "trec"), target=0, max_rows=120, attack="addsent"

@@ -171,7 +171,7 @@ def test_unreadable_file(tmp_path):
 # generic tables
 
 
-def test_read_table_csv_tsv_jsonl(tmp_path, synthetic_jsonl):  # noqa: F811
+def test_read_table_csv_tsv_jsonl(tmp_path, synthetic_jsonl):
     ds = D.read_table(synthetic_jsonl)
     assert len(ds) == 200 and ds.label_names == ("neg", "pos") and set(ds.labels.tolist()) == {0, 1}
     assert all(
@@ -276,7 +276,7 @@ def test_make_buckets():
     assert D.make_buckets(512, (8, 600)) == (8, 512)
 
 
-def test_encode_buckets_bound_shapes(minilm_tokenizer):  # noqa: F811
+def test_encode_buckets_bound_shapes(minilm_tokenizer):
     ds = _lengths_dataset()
     enc = D.encode(minilm_tokenizer, ds, max_length=64)
     assert enc.buckets == (32, 64) and enc.input_ids.shape == (37, 64)
@@ -293,7 +293,7 @@ def test_encode_buckets_bound_shapes(minilm_tokenizer):  # noqa: F811
     assert D.encode(minilm_tokenizer, ds, max_length=512, config=cfg).buckets == (32, 40)
 
 
-def test_batches_fixed_size_valid_mask_and_index(minilm_tokenizer):  # noqa: F811
+def test_batches_fixed_size_valid_mask_and_index(minilm_tokenizer):
     ds = _lengths_dataset(n=23)
     enc = D.encode(minilm_tokenizer, ds, max_length=128)
     for kw in (
@@ -351,7 +351,7 @@ def test_jsonl_rows_must_be_objects(tmp_path):
         D.read_table(path)
 
 
-def test_length_grouping_reduces_padding(minilm_tokenizer):  # noqa: F811
+def test_length_grouping_reduces_padding(minilm_tokenizer):
     ds = _lengths_dataset(n=400, seed=1)
     enc = D.encode(minilm_tokenizer, ds, max_length=128, buckets=(16, 32, 64, 128))
 

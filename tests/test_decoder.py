@@ -277,7 +277,7 @@ def test_full_size_param_counts(preset, expected):
 
 
 @pytest.mark.slow
-def test_decoder_detection_and_lora_unlearning_end_to_end(synthetic_dup, tmp_path):  # noqa: F811
+def test_decoder_detection_and_lora_unlearning_end_to_end(synthetic_dup, tmp_path):
     """A tiny Llama (vocab of the real SmolLM2 tokenizer, rebuilt from the GGUF without torch) through
     ``run_unlearn``: DUP detection on last-token features, LoRA on q/k/v/o, export, reload."""
     from jdup import lora

@@ -228,7 +228,7 @@ def _e2e(victim, tmp_path, **kw):
 
 
 @pytest.mark.slow
-def test_e2e_badnets(badnets_victim, tmp_path):  # noqa: F811
+def test_e2e_badnets(badnets_victim, tmp_path):
     assert badnets_victim["metrics"]["asr"] > 0.8  # the victim really is backdoored
     res = _e2e(badnets_victim, tmp_path, method="dup")
     assert res["auroc"] > 0.8
@@ -242,7 +242,7 @@ def test_e2e_badnets(badnets_victim, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_e2e_addsent(addsent_victim, tmp_path):  # noqa: F811
+def test_e2e_addsent(addsent_victim, tmp_path):
     assert addsent_victim["metrics"]["asr"] > 0.8
     res = _e2e(addsent_victim, tmp_path, method="dup")
     assert res["auroc"] > 0.7  # observed ~0.86 (MD ~0.83, spectral ~0.87 on this small victim)

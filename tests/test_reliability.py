@@ -80,7 +80,7 @@ def env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):  # noqa: F811
+def tiny_run(tmp_path_factory, tiny_model_dir):
     """`jdup run configs/tiny.yaml` once with the tiny BERT (about 1 CPU-minute)."""
     out = tmp_path_factory.mktemp("run") / "tiny"
     args = ("run", CONFIGS / "tiny.yaml", f"out={out}", f"train.model={tiny_model_dir}")
@@ -142,7 +142,7 @@ def test_1_unlearn_reuses_its_detection_only_when_the_detection_settings_match(u
 
 
 @pytest.mark.slow
-def test_1_unlearn_refuses_a_detection_made_for_another_model(unlearned, tmp_path, synthetic_dup, capsys):  # noqa: F811
+def test_1_unlearn_refuses_a_detection_made_for_another_model(unlearned, tmp_path, synthetic_dup, capsys):
     from jdup import models
 
     src, _ = unlearned
@@ -194,7 +194,7 @@ def test_1_a_rerun_upstream_stage_reruns_everything_downstream(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_2_sigint_during_training_prints_the_checkpoint_and_exits_130(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
+def test_2_sigint_during_training_prints_the_checkpoint_and_exits_130(tmp_path, tiny_model_dir, synthetic_dup):
     out = tmp_path / "victim"
     cmd = [sys.executable, "-m", "jdup", "train", "--model", str(tiny_model_dir), "--data", str(synthetic_dup),
            "--out", str(out), *TRAIN, "epochs=200", "ckpt_every_steps=1"]
@@ -258,7 +258,7 @@ def test_2_every_command_turns_ctrl_c_into_one_line_and_130(command, tmp_path, m
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "around"])
-def test_3_train_refuses_an_out_that_is_or_holds_its_data(where, tmp_path, tiny_model_dir, synthetic_dup, capsys):  # noqa: F811
+def test_3_train_refuses_an_out_that_is_or_holds_its_data(where, tmp_path, tiny_model_dir, synthetic_dup, capsys):
     data = tmp_path / "data"
     shutil.copytree(synthetic_dup, data)
     before = tree(data)
@@ -271,14 +271,14 @@ def test_3_train_refuses_an_out_that_is_or_holds_its_data(where, tmp_path, tiny_
     assert tree(data) == before
 
 
-def test_3_detect_refuses_an_out_inside_the_model_folder(tmp_path, tiny_model_dir, synthetic_dup, capsys):  # noqa: F811
+def test_3_detect_refuses_an_out_inside_the_model_folder(tmp_path, tiny_model_dir, synthetic_dup, capsys):
     out = Path(tiny_model_dir) / "det"
     assert jdup("detect", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out) == 2
     one_error_line(capsys, "lies inside the model input")
     assert not out.exists()
 
 
-def test_3_a_foreign_folder_is_replaced_only_with_overwrite(tmp_path, synthetic_jsonl, capsys):  # noqa: F811
+def test_3_a_foreign_folder_is_replaced_only_with_overwrite(tmp_path, synthetic_jsonl, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
@@ -293,7 +293,7 @@ def test_3_a_foreign_folder_is_replaced_only_with_overwrite(tmp_path, synthetic_
 # 4. a failed or killed run leaves the previous complete output or none; leftovers are cleaned
 
 
-def test_4_leftovers_of_killed_poison_runs_are_cleaned(tmp_path, synthetic_jsonl, caplog):  # noqa: F811
+def test_4_leftovers_of_killed_poison_runs_are_cleaned(tmp_path, synthetic_jsonl, caplog):
     out = tmp_path / "data"
     dead = 2**22 + 12345  # above the default pid_max: never a live process
     for name in (f"data.tmp-{dead}", "data.partial"):
@@ -305,7 +305,7 @@ def test_4_leftovers_of_killed_poison_runs_are_cleaned(tmp_path, synthetic_jsonl
     assert f"data.tmp-{dead}" in caplog.text and "interrupted run" in caplog.text
 
 
-def test_4_a_failing_rerun_leaves_the_previous_output_intact(tmp_path, synthetic_jsonl, monkeypatch, capsys):  # noqa: F811
+def test_4_a_failing_rerun_leaves_the_previous_output_intact(tmp_path, synthetic_jsonl, monkeypatch, capsys):
     out = tmp_path / "data"
     assert jdup("poison", "--clean", synthetic_jsonl, "--out", out, "seed=1") == 0
     before = tree(out)
@@ -372,7 +372,7 @@ def test_4_a_killed_redetect_leaves_the_previous_detection_intact(detected, tmp_
                                                                            "components.npz"]
 
 
-def test_4_another_live_process_writing_the_same_out_is_refused(tmp_path, synthetic_jsonl, capsys):  # noqa: F811
+def test_4_another_live_process_writing_the_same_out_is_refused(tmp_path, synthetic_jsonl, capsys):
     out = tmp_path / "data"
     partial = tmp_path / "data.partial"
     partial.mkdir()
@@ -495,7 +495,7 @@ def test_6_detect_frr_out_of_range_fails_before_anything_runs(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_7_train_metrics_jsonl_holds_one_run(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
+def test_7_train_metrics_jsonl_holds_one_run(tmp_path, tiny_model_dir, synthetic_dup):
     out = tmp_path / "victim"
     args = ("train", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out, *TRAIN, "epochs=2",
             "log_every=1", "ckpt_every_steps=3")
@@ -522,7 +522,7 @@ def test_7_train_metrics_jsonl_holds_one_run(tmp_path, tiny_model_dir, synthetic
 # 8. no silent no-ops
 
 
-def test_8_unlearning_with_nothing_flagged_stops_unless_allowed(tmp_path, tiny_model_dir, synthetic_dup,  # noqa: F811
+def test_8_unlearning_with_nothing_flagged_stops_unless_allowed(tmp_path, tiny_model_dir, synthetic_dup,
                                                                 monkeypatch, capsys):
     import numpy as np
 
@@ -560,7 +560,7 @@ def test_8_a_run_config_with_no_stage_is_an_error(tmp_path, capsys):
 # 9. small ones
 
 
-def test_9_detection_json_always_has_auroc_and_far(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
+def test_9_detection_json_always_has_auroc_and_far(tmp_path, tiny_model_dir, synthetic_dup):
     """Scoring only clean rows: AUROC and FAR are undefined, written as null (not left out)."""
     out = tmp_path / "det"
     assert jdup("detect", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out, *DETECT,
@@ -571,7 +571,7 @@ def test_9_detection_json_always_has_auroc_and_far(tmp_path, tiny_model_dir, syn
     assert isinstance(det["frr"], float)
 
 
-def test_9_data_messages_say_what_is_wrong(tmp_path, tiny_model_dir, synthetic_dup, capsys, caplog):  # noqa: F811
+def test_9_data_messages_say_what_is_wrong(tmp_path, tiny_model_dir, synthetic_dup, capsys, caplog):
     out = tmp_path / "out"
     a_file = synthetic_dup / "dev-clean.csv"
     assert jdup("train", "--model", tiny_model_dir, "--data", a_file, "--out", out, *TRAIN) == 2
@@ -591,14 +591,14 @@ def test_9_data_messages_say_what_is_wrong(tmp_path, tiny_model_dir, synthetic_d
     assert "1 of" in caplog.text and "empty text" in caplog.text
 
 
-def test_9_train_leaves_no_empty_out_on_an_early_error(tmp_path, tiny_model_dir, capsys):  # noqa: F811
+def test_9_train_leaves_no_empty_out_on_an_early_error(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "victim"
     assert jdup("train", "--model", tiny_model_dir, "--data", tmp_path / "nope", "--out", out, *TRAIN) == 2
     one_error_line(capsys, "not found")
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_9_unlearn_leaves_no_empty_out_on_an_early_error(tmp_path, tiny_model_dir, capsys):  # noqa: F811
+def test_9_unlearn_leaves_no_empty_out_on_an_early_error(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "un"
     assert jdup("unlearn", "--model", tiny_model_dir, "--data", tmp_path / "nope", "--out", out, *UNLEARN) == 2
     one_error_line(capsys, "not found")

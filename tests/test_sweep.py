@@ -212,7 +212,7 @@ def test_store_append_read_latest_wins_and_truncated_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_cells_equal_jdup_unlearn(tiny_model_dir, synthetic_dup, tmp_path):  # noqa: F811
+def test_sweep_cells_equal_jdup_unlearn(tiny_model_dir, synthetic_dup, tmp_path):
     """Two cells (seed 0 / lr 0.06, seed 1 / lr 0.08) vmapped in one group vs `jdup unlearn` run on each.
 
     The sweep first trains a backdoored tiny BERT on the synthetic BadNets folder (``model.train_victim``, the

@@ -36,7 +36,7 @@ def _safetensors(path):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_model_dir, synthetic_dup):  # noqa: F811
+def full_run(tmp_path_factory, tiny_model_dir, synthetic_dup):
     out = tmp_path_factory.mktemp("train") / "full"
     return out, ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=0))
 
@@ -71,7 +71,7 @@ def test_metrics():
 
 
 @pytest.mark.slow
-def test_predict_keeps_dataset_order(minilm_tokenizer):  # noqa: F811
+def test_predict_keeps_dataset_order(minilm_tokenizer):
     from jdup import models
 
     model = models.tiny_model("bert", 2, seed=1)
@@ -110,7 +110,7 @@ def test_training_learns_task_and_backdoor(full_run):
 
 
 @pytest.mark.slow
-def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
+def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_dir, synthetic_dup):
     full_out, full = full_run
     out = tmp_path / "resumed"
     first = ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=4, max_steps=13))
@@ -130,14 +130,14 @@ def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_
 
 
 @pytest.mark.slow
-def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
+def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir, synthetic_dup):
     out = tmp_path / "run"
     ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, max_steps=2, ckpt_every_steps=0))
     with pytest.raises(JdupError, match="different settings"):
         ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, lr=5e-3))
 
 
-def test_bad_training_inputs(tmp_path, tiny_model_dir, synthetic_dup):  # noqa: F811
+def test_bad_training_inputs(tmp_path, tiny_model_dir, synthetic_dup):
     import shutil
 
     bad = tmp_path / "three-classes"

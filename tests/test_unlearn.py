@@ -340,7 +340,7 @@ def test_monitor_keeps_best_state_and_stops(victim):
 
 
 @pytest.mark.slow
-def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp_path):  # noqa: F811
+def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp_path):
     from jdup import models
 
     out = tmp_path / "purify"
@@ -403,7 +403,7 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
 
 
 @pytest.mark.slow
-def test_unlearn_removes_badnets_backdoor_from_minilm(badnets_victim, tmp_path):  # noqa: F811
+def test_unlearn_removes_badnets_backdoor_from_minilm(badnets_victim, tmp_path):
     """Real MiniLM victim on (a subsample of) the DUP authors' SST-2 BadNets data: ASR must clearly drop.
 
     The test victim is weak (1080 training rows, CACC 0.82) and the reduced folder has ~100 flagged rows (15 steps
