@@ -142,6 +142,8 @@ def test_wordpiece_tokenizer_fast_path_matches_autotokenizer(minilm_dir, tmp_pat
         np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
     assert a.pad_id == b.pad_id and a.num_truncated == b.num_truncated == 1
     assert tok.model_max_length == ref.model_max_length
+    pair_a, pair_b = tok("first part", "second part"), ref("first part", "second part")
+    assert dict(pair_a) == dict(pair_b) and 1 in pair_a["token_type_ids"]  # sentence pairs keep their segment ids
     hub.save_tokenizer(tok, tmp_path)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "BertTokenizer"
     assert type(AutoTokenizer.from_pretrained(str(tmp_path))).__name__ == type(ref).__name__

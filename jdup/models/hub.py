@@ -155,7 +155,10 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
             # installed (about 1 s of every CLI call); the token ids are the same (tests/test_hf.py)
             from transformers import PreTrainedTokenizerFast
 
-            tok = PreTrainedTokenizerFast.from_pretrained(os.fspath(folder))
+            # BertTokenizer's inputs: token type ids too (PreTrainedTokenizerFast alone would leave them out)
+            tok = PreTrainedTokenizerFast.from_pretrained(
+                os.fspath(folder), model_input_names=["input_ids", "token_type_ids", "attention_mask"]
+            )
             tok.jdup_tokenizer_class = cls  # written back by save_tokenizer
             return tok
         from transformers import AutoTokenizer
