@@ -98,6 +98,14 @@ def synthetic_dup(tmp_path_factory, synthetic_jsonl):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_bert():
+    """A random 2-layer BERT classifier (seed 0) and the MiniLM tokenizer, for fast detection checks."""
+    from jdup import models
+
+    return models.tiny_model("bert", 2, seed=0), models.load_tokenizer("builtin:minilm")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from jdup import models

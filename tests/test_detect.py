@@ -36,11 +36,6 @@ def test_split_calibration_is_pythons_random_shuffle():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return models.tiny_model("bert", 2, seed=0), models.load_tokenizer("builtin:minilm")
-
-
-@pytest.fixture(scope="module")
 def small_sets(sst2_dir):
     folder = sst2_dir / "badnets"
     calib = data.read_split(folder, "dev-clean").subset(np.arange(80))
@@ -53,8 +48,8 @@ CFG = detect.DetectConfig(method="dup", batch_size=16, max_length=32, buckets=(1
 
 
 @pytest.fixture(scope="module")
-def tiny_result(tiny, small_sets):
-    return detect.detect(*tiny, *small_sets, CFG)
+def tiny_result(tiny_bert, small_sets):
+    return detect.detect(*tiny_bert, *small_sets, CFG)
 
 
 def test_decision_rule_and_shapes(tiny_result, small_sets):
@@ -86,7 +81,7 @@ def test_decision_rule_and_shapes(tiny_result, small_sets):
     assert len(r.calib_index) == len(r.val_index) == 40
 
 
-def test_one_forward_pass_per_sample(tiny, small_sets, monkeypatch):
+def test_one_forward_pass_per_sample(tiny_bert, small_sets, monkeypatch):
     seen = []
     real = features.run_pass
 
@@ -100,42 +95,42 @@ def test_one_forward_pass_per_sample(tiny, small_sets, monkeypatch):
 
     monkeypatch.setattr(features, "run_pass", counting)
     calib, scored = small_sets
-    detect.detect(*tiny, calib, scored, CFG)
+    detect.detect(*tiny_bert, calib, scored, CFG)
     # calibration half once (pass 1), then validation half + scored rows once (pass 2)
     assert len(seen) == 40 + 40 + len(scored)
 
 
-def test_scores_follow_rows_when_the_scored_set_is_permuted(tiny, small_sets, tiny_result):
+def test_scores_follow_rows_when_the_scored_set_is_permuted(tiny_bert, small_sets, tiny_result):
     calib, scored = small_sets
     perm = np.random.default_rng(0).permutation(len(scored))
-    r = detect.detect(*tiny, calib, scored.subset(perm), CFG)
+    r = detect.detect(*tiny_bert, calib, scored.subset(perm), CFG)
     np.testing.assert_allclose(r.scores, tiny_result.scores[perm], rtol=1e-4, atol=1e-5)
     assert r.threshold == pytest.approx(tiny_result.threshold, rel=1e-5)
     # scoring in small chunks (bounded host memory) gives the same result
     import dataclasses
 
-    rc = detect.detect(*tiny, calib, scored, dataclasses.replace(CFG, chunk_rows=16))
+    rc = detect.detect(*tiny_bert, calib, scored, dataclasses.replace(CFG, chunk_rows=16))
     np.testing.assert_allclose(rc.scores, tiny_result.scores, rtol=1e-4, atol=1e-5)
 
 
-def test_alpha_extremes_purification_mode_and_dan(tiny, small_sets, tiny_result):
+def test_alpha_extremes_purification_mode_and_dan(tiny_bert, small_sets, tiny_result):
     import dataclasses
 
     calib, scored = small_sets
-    r1 = detect.detect(*tiny, calib, scored, dataclasses.replace(CFG, alpha=1.0))
+    r1 = detect.detect(*tiny_bert, calib, scored, dataclasses.replace(CFG, alpha=1.0))
     np.testing.assert_allclose(r1.scores, tiny_result.z_md, rtol=1e-5, atol=1e-6)
-    r0 = detect.detect(*tiny, calib, scored, dataclasses.replace(CFG, alpha=0.0, md_layers=(1,), top_k=None))
+    r0 = detect.detect(*tiny_bert, calib, scored, dataclasses.replace(CFG, alpha=0.0, md_layers=(1,), top_k=None))
     np.testing.assert_allclose(r0.scores, r0.z_ss, rtol=1e-12)
     assert r0.layers == [1]
-    rp = detect.detect(*tiny, calib, scored, dataclasses.replace(CFG, purification_mode=True))
+    rp = detect.detect(*tiny_bert, calib, scored, dataclasses.replace(CFG, purification_mode=True))
     assert rp.threshold == pytest.approx(np.percentile(rp.scores, 80.0))
     assert rp.flags.sum() == int(np.sum(rp.scores > rp.threshold))
-    rd = detect.detect(*tiny, calib, scored, dataclasses.replace(CFG, method="dan"))
+    rd = detect.detect(*tiny_bert, calib, scored, dataclasses.replace(CFG, method="dan"))
     assert rd.layers == [0, 1] and rd.md_layers.shape == (len(scored), 2)
     assert rd.threshold == pytest.approx(np.percentile(rd.val_scores, 95.0))
 
 
-def test_bad_settings_raise_jdup_error(tiny, small_sets):
+def test_bad_settings_raise_jdup_error(tiny_bert, small_sets):
     import dataclasses
 
     calib, scored = small_sets
@@ -147,7 +142,7 @@ def test_bad_settings_raise_jdup_error(tiny, small_sets):
         dict(ss_layers=(1,)),
     ):
         with pytest.raises(JdupError):
-            detect.detect(*tiny, calib, scored, dataclasses.replace(CFG, **bad))
+            detect.detect(*tiny_bert, calib, scored, dataclasses.replace(CFG, **bad))
 
 
 @pytest.mark.slow

@@ -32,11 +32,6 @@ def test_merge_sparse_buckets():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return models.tiny_model("bert", 2, seed=0), models.load_tokenizer("builtin:minilm")
-
-
-@pytest.fixture(scope="module")
 def sets(sst2_dir):
     folder = sst2_dir / "badnets"
     calib = data.read_split(folder, "dev-clean").subset(np.arange(96))
@@ -44,7 +39,7 @@ def sets(sst2_dir):
     return calib, det.subset(np.r_[0:60, len(det) - 40 : len(det)])
 
 
-def test_detection_buckets_from_the_histogram_change_only_rounding(tiny, sets, monkeypatch):
+def test_detection_buckets_from_the_histogram_change_only_rounding(tiny_bert, sets, monkeypatch):
     cfg = detect.DetectConfig(batch_size=8, max_length=64, progress=False, bucket_min_rows=0)
     shapes: list[int] = []
     real_batches = data.batches
@@ -55,9 +50,9 @@ def test_detection_buckets_from_the_histogram_change_only_rounding(tiny, sets, m
             yield b
 
     monkeypatch.setattr(data, "batches", spy)  # detect and features both call jdup.data.batches
-    every = detect.detect(*tiny, *sets, cfg)
+    every = detect.detect(*tiny_bert, *sets, cfg)
     every_shapes, shapes[:] = set(shapes), []
-    merged = detect.detect(*tiny, *sets, dataclasses.replace(cfg, bucket_min_rows=48))
+    merged = detect.detect(*tiny_bert, *sets, dataclasses.replace(cfg, bucket_min_rows=48))
     merged_shapes = set(shapes)
     assert len(merged_shapes) < len(every_shapes), (every_shapes, merged_shapes)
     np.testing.assert_allclose(merged.scores, every.scores, rtol=1e-4, atol=1e-4)

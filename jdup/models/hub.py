@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from jdup import atomic
 from jdup.errors import JdupError
 from jdup.models import gguf
 
@@ -207,9 +208,7 @@ def save_tokenizer(tokenizer_src: Any, dest: Path) -> None:
             cfg_path = Path(dest) / "tokenizer_config.json"
             with open(cfg_path) as f:
                 cfg = json.load(f)
-            cfg["tokenizer_class"] = cls
-            with open(cfg_path, "w") as f:
-                json.dump(cfg, f, indent=2)
+            atomic.write_json(cfg_path, {**cfg, "tokenizer_class": cls})
         return
     src = resolve_path(tokenizer_src)
     copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
