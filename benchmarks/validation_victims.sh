@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Victims of the selection protocol (docs/protocol.md): one TUNING victim on which defaults may be chosen, and
+# VALIDATION victims never used for choosing (other seeds, a smaller training set and fewer epochs, another
+# dataset). Each victim is all-MiniLM-L6-v2 fine-tuned by `jdup train`; outputs go under runs/ (git-ignored).
+#
+#   benchmarks/validation_victims.sh list            # names of the victims
+#   benchmarks/validation_victims.sh <name> [...]    # build those (data folder via `jdup poison`, then `jdup train`)
+#   benchmarks/validation_victims.sh all             # every victim, one after the other
+#
+# Run it nice'd on a shared machine: `nohup nice -n 19 benchmarks/validation_victims.sh all > runs/logs/v.log 2>&1 &`.
+# A finished victim (runs/victims/<name>/metrics.json exists) is skipped; a killed `jdup train` resumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JDUP=${JDUP:-.venv/bin/jdup}
+SST2=${SST2:-../shared/data/sst-2/1}          # the DUP authors' SST-2 folders (target 1)
+# Victim training recipe shared by all victims (docs/results.md, "Full-size SST-2 victims").
+TRAIN="lr=1e-4 warmup=0.1 max_length=128 group_by_length=true batch_size=32 target=1 progress=false"
+
+VICTIMS="tune-sst2-badnets-full
+val-sst2-badnets-s2 val-sst2-badnets-s3 val-sst2-badnets-s4
+val-sst2-addsent-s2 val-sst2-addsent-s3 val-sst2-addsent-s4
+val-movies-badnets-s2 val-movies-addsent-s2"
+
+# poison <data-out> <source> <attack> <seed> <max_rows>: a seeded poisoned folder (rate 0.2, target 1).
+poison() {
+  [ -f "$1/poison_config.json" ] || "$JDUP" poison source="$2" attack="$3" rate=0.2 target=1 seed="$4" \
+      max_rows="$5" out="$1"
+}
+
+# train <name> <data> <epochs> <seed>
+train() {
+  [ -f "runs/victims/$1/metrics.json" ] && { echo "skip $1 (done)"; return; }
+  /usr/bin/time -f "$1 wall %e s" "$JDUP" train --model builtin:minilm --data "$2" --out "runs/victims/$1" \
+      $TRAIN epochs="$3" seed="$4"
+}
+
+build() {
+  case "$1" in
+    # TUNING: the full-size SST-2 BadNets victim (authors' dirty/0.2 file, 6,920 rows, 3 epochs, seed 2025).
+    tune-sst2-badnets-full) train "$1" "$SST2/badnets" 3 2025 ;;
+    # VALIDATION, SST-2: a 3,000-row subsample of the authors' clean SST-2 training rows, poisoned by jdup
+    # (rate 0.2 = 600 rows, target 1) with the victim's seed; dev/test are the authors' full clean files
+    # (872 / 1,821 rows, under max_rows) with jdup's trigger; 2 epochs.
+    val-sst2-badnets-s[0-9]|val-sst2-addsent-s[0-9])
+      a=${1#val-sst2-}; a=${a%-s*}; s=${1##*-s}
+      poison "runs/data/sst2-$a-s$s" "$SST2/badnets" "$a" "$s" 3000
+      train "$1" "runs/data/sst2-$a-s$s" 2 "$s" ;;
+    # VALIDATION, another dataset: built-in movies (Rotten Tomatoes snippets), 3,000-row subsample of each split,
+    # 1 epoch (a weaker training strength).
+    val-movies-badnets-s[0-9]|val-movies-addsent-s[0-9])
+      a=${1#val-movies-}; a=${a%-s*}; s=${1##*-s}
+      poison "runs/data/movies-$a-s$s" movies "$a" "$s" 3000
+      train "$1" "runs/data/movies-$a-s$s" 1 "$s" ;;
+    *) echo "unknown victim $1 (see: $0 list)" >&2; exit 2 ;;
+  esac
+}
+
+case "${1:-list}" in
+  list) echo "$VICTIMS" ;;
+  all) for v in $VICTIMS; do build "$v"; done ;;
+  *) for v in "$@"; do build "$v"; done ;;
+esac
