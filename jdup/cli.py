@@ -68,8 +68,9 @@ def _main(
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-def _stage_values(stage: str, config: str | None, named: dict[str, Any], extra: list[str]) -> tuple[dict, str, dict]:
-    """The stage's values (file < named options < overrides), the file it came from, and the command-line keys."""
+def _stage_values(stage: str, config: str | None, named: dict[str, Any], extra: list[str],
+                  preset: str | None = None) -> tuple[dict, str, dict]:
+    """The stage's values (file < preset < named options < overrides), the file it came from, and the keys' origins."""
     values: dict = {}
     source = "command line"
     if config:
@@ -79,6 +80,11 @@ def _stage_values(stage: str, config: str | None, named: dict[str, Any], extra: 
             raise JdupError(f"{stage}: the section must be a mapping of {stage} settings, got {section!r}", config)
         values = dict(section) if isinstance(section, dict) else data
         source = config
+    preset_keys: list[str] = []
+    if preset:
+        preset_vals = config_lib.preset_values(preset, stage)
+        values = config_lib.merge(values, preset_vals)
+        preset_keys = config_lib.flat_keys(preset_vals)
     given = {k: v for k, v in named.items() if v is not None}
     values.update(given)
     overrides = [e for e in extra if e]
@@ -86,7 +92,8 @@ def _stage_values(stage: str, config: str | None, named: dict[str, Any], extra: 
     if bad:
         raise JdupError(f"unexpected argument(s) {bad}: options are --name value, overrides are key=value")
     values = config_lib.apply_overrides(values, overrides)
-    origins = {k: "command line" for k in given}
+    origins = {k: f"preset {preset}" for k in preset_keys}
+    origins.update({k: "command line" for k in given})
     origins.update(config_lib.override_origins(overrides))
     enabled = values.pop("enabled", None)
     if enabled is not None and not isinstance(enabled, bool):
@@ -94,10 +101,11 @@ def _stage_values(stage: str, config: str | None, named: dict[str, Any], extra: 
     return values, source, origins
 
 
-def _run_stage(stage: str, config: str | None, named: dict[str, Any], extra: list[str]) -> dict:
+def _run_stage(stage: str, config: str | None, named: dict[str, Any], extra: list[str],
+               preset: str | None = None) -> dict:
     from jdup import manifest, pipeline
 
-    values, source, origins = _stage_values(stage, config, named, extra)
+    values, source, origins = _stage_values(stage, config, named, extra, preset)
     cls, fn = pipeline.stage_classes(stage)
     cfg = config_lib.build(cls, values, source=source, origins=origins)
     out = getattr(cfg, "out", None)
@@ -118,6 +126,10 @@ def _print_result(result: Any) -> None:
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (a section named after the command is used)")
+PresetOpt = typer.Option(
+    None, "--preset", help="named settings from configs/presets/ (dup-official: the DUP authors' detection and "
+    "unlearning recipe); above the --config file, below named options and key=value overrides"
+)
 OverwriteOpt = typer.Option(
     False, "--overwrite", help="replace an existing --out that is not an output of this command, and discard a "
     "checkpoint left by a run with other settings"
@@ -168,6 +180,7 @@ def detect(
         "(rank mean of dup and upgp)",
     ),
     score_set: str = typer.Option(None, "--score-set", help="file to score (default test-detect)"),
+    preset: str = PresetOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Detect poisoned inputs (calibrated on clean dev data) and write scores, metrics and plots.
@@ -175,7 +188,7 @@ def detect(
     Every method writes detection.json, scores.npy, flags.npy, components.npz, roc.png and hist.png.
     """
     _run_stage("detect", config, dict(model=model, data=data, out=out, method=method, score_set=score_set,
-                                      overwrite=overwrite or None), ctx.args)
+                                      overwrite=overwrite or None), ctx.args, preset)
 
 
 @app.command(context_settings=EXTRA)
@@ -187,17 +200,22 @@ def unlearn(
     out: str = typer.Option(None, help="output folder: model/ (purified, HF format) and metrics.json"),
     detection: str = typer.Option(None, help="reuse a detection folder instead of detecting again"),
     projection: str = typer.Option(None, help="none | gradient | representation | inflora (UPGP)"),
+    preset: str = PresetOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Purify a backdoored classifier: detect, unlearn with LoRA, merge, evaluate and export."""
     _run_stage("unlearn", config, dict(model=model, data=data, out=out, detection=detection, projection=projection,
-                                       overwrite=overwrite or None), ctx.args)
+                                       overwrite=overwrite or None), ctx.args, preset)
 
 
 @app.command(context_settings=EXTRA)
 def run(
     ctx: typer.Context,
     config: str = typer.Argument(..., help="run config (see configs/demo.yaml)"),
+    preset: str = typer.Option(
+        None, "--preset", help="named settings from configs/presets/ for the detect and unlearn sections the "
+        "config has (dup-official: the DUP authors' recipe); above the file's values, below key=value overrides"
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="allow replacing existing folders that are not outputs of the same stage"
     ),
@@ -206,7 +224,11 @@ def run(
     from jdup import pipeline
 
     try:
-        data = config_lib.apply_overrides(config_lib.load_yaml(config), ctx.args)
+        data = config_lib.load_yaml(config)
+        if preset:
+            data = config_lib.apply_run_preset(data, preset, over=True)
+            data["preset"] = None  # the command line's preset replaces the file's
+        data = config_lib.apply_overrides(data, ctx.args)
         report = pipeline.run_pipeline(data, source=config, origins=config_lib.override_origins(ctx.args),
                                        overwrite=overwrite or None)
     except KeyboardInterrupt:

@@ -117,6 +117,91 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Presets: named bundles of stage settings in configs/presets/<name>.yaml (``--preset NAME``)
+
+#: Folder of the shipped presets (``configs/presets`` of the repository this package sits in).
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")
+#: Stages a preset may carry settings for.
+PRESET_STAGES = ("detect", "unlearn")
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (files ``configs/presets/<name>.yaml``)."""
+    if not os.path.isdir(PRESET_DIR):
+        return []
+    return sorted(f[: -len(".yaml")] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict:
+    """The preset ``name`` (a shipped name or a path to a YAML file): ``{"detect": {...}, "unlearn": {...}}``.
+
+    An unknown name or a file with other top-level keys raises ``JdupError`` (one line naming the valid presets).
+    """
+    name = str(name).strip()
+    path = name if name.endswith((".yaml", ".yml")) or os.sep in name else os.path.join(PRESET_DIR, f"{name}.yaml")
+    if not os.path.isfile(path):
+        raise JdupError(f"unknown preset {name!r}; valid presets: {preset_names()} (or a path to a YAML file)")
+    data = load_yaml(path)
+    bad = sorted(k for k in data if k not in PRESET_STAGES or not isinstance(data[k], Mapping))
+    if bad:
+        raise JdupError(f"a preset has only the mappings {list(PRESET_STAGES)}, got {bad}", path)
+    return {k: _deepcopy(v) for k, v in data.items()}
+
+
+def preset_values(name: str, stage: str) -> dict:
+    """The settings the preset ``name`` gives ``stage``: its ``detect:`` section for ``detect``; its ``unlearn:``
+    section with the ``detect:`` section nested as ``unlearn.detect`` (the built-in detection) for ``unlearn``;
+    ``{}`` for other stages."""
+    preset = load_preset(name)
+    if stage == "detect":
+        return dict(preset.get("detect", {}))
+    if stage == "unlearn":
+        out = dict(preset.get("unlearn", {}))
+        if "detect" in preset:
+            out["detect"] = merge(preset["detect"], out.get("detect") or {})
+        return out
+    return {}
+
+
+def merge(base: Mapping, over: Mapping) -> dict:
+    """A deep copy of ``base`` with ``over``'s keys on top (mappings merged key by key, other values replaced)."""
+    out = _deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = _deepcopy(v)
+    return out
+
+
+def apply_run_preset(run: Mapping, name: str | None, *, over: bool) -> dict:
+    """A run config (``jdup run``) with the preset ``name`` applied to the stage sections it has (a section absent
+    from ``run`` stays absent: a preset never enables a stage). ``over=True`` (``--preset`` on the command line)
+    puts the preset's values above the file's; ``over=False`` (the file's own ``preset:`` key) below them."""
+    out = _deepcopy(dict(run))
+    if not name:
+        return out
+    for stage in PRESET_STAGES:
+        section = out.get(stage)
+        if not isinstance(section, Mapping):
+            continue
+        values = preset_values(name, stage)
+        out[stage] = merge(section, values) if over else merge(values, section)
+    return out
+
+
+def flat_keys(tree: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves of a nested mapping (``{"a": {"b": 1}}`` -> ``["a.b"]``)."""
+    keys = []
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and v:
+            keys += flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 

@@ -4,6 +4,7 @@ The run config is a YAML mapping with one section per stage plus a few top-level
 
     out: runs/demo          # every stage writes under this folder
     seed: 2025              # default seed of every stage that has one (a section's own value wins)
+    preset: dup-official    # optional: configs/presets/<name>.yaml under the detect/unlearn sections' own keys
     poison:  {...}          # PoisonConfig fields, or omit / `enabled: false` to use existing data
     train:   {...}          # TrainConfig fields, or omit / `enabled: false` to use an existing victim
     detect:  {...}          # DetectConfig fields
@@ -47,7 +48,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "sweep": ("jdup.sweep", "SweepConfig", "run_sweep"),
 }
 
-RUN_KEYS = ("out", "seed", "resume", "overwrite", "poison", "train", "detect", "unlearn", "report")
+RUN_KEYS = ("out", "seed", "resume", "overwrite", "preset", "poison", "train", "detect", "unlearn", "report")
 ORDER = ("poison", "train", "detect", "unlearn")
 #: Default folder of each stage under the run's `out`.
 FOLDERS = {"poison": "poison", "train": "victim", "detect": "detect", "unlearn": "unlearn"}
@@ -155,6 +156,11 @@ def plan(cfg: Mapping, *, source: str = "config", origins: Mapping[str, str] | N
     unknown = sorted(set(cfg) - set(RUN_KEYS))
     if unknown:
         raise JdupError(f"unknown top-level key(s) {unknown}; valid: {list(RUN_KEYS)}", source)
+    preset = cfg.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise JdupError(f"preset: must be a preset name, got {preset!r}", config_lib.origin_of(origins, "preset", source))
+    # `preset: NAME` (configs/presets/NAME.yaml) sits below the file's own detect/unlearn keys
+    cfg = config_lib.apply_run_preset({k: v for k, v in cfg.items() if k != "preset"}, preset, over=False)
     if not cfg.get("out") or not isinstance(cfg["out"], (str, os.PathLike)):
         raise JdupError("the run config needs `out:` (the folder every stage writes under)", source)
     for key, kinds, what in (("seed", (int,), "an integer"), ("resume", (bool,), "true or false"),

@@ -3,15 +3,25 @@
 ``jdup train`` / ``detect`` / ``unlearn`` validate their settings before any work, and a bad value must fail in a
 fraction of a second: this module imports only :mod:`jdup.errors`, :mod:`jdup.config` and the length-bucket
 constants of :mod:`jdup.data` (NumPy), never JAX, Flax or transformers. The classes keep their public homes as
-re-exports (``jdup.train.TrainConfig``, ``jdup.sensitivity.UPGPConfig``, ``jdup.detect.DetectConfig``,
-``jdup.projection.ProjectionOptions``, ``jdup.unlearn.UnlearnSettings``, ``jdup.stages.unlearn.UnlearnConfig``);
-the CLI and :func:`jdup.pipeline.stage_classes` import them from here, so ``jdup --help`` and every config error
-path stay free of JAX (tests/test_runtime.py checks ``sys.modules``).
+re-exports (``jdup.train.TrainSettings``, ``jdup.sensitivity.UPGPConfig``, ``jdup.detect.DetectSettings``,
+``jdup.projection.ProjectionOptions``, ``jdup.unlearn.UnlearnSettings``, and the stage configs in
+``jdup.stages.*``); the CLI and :func:`jdup.pipeline.stage_classes` import them from here, so ``jdup --help`` and
+every config error path stay free of JAX (tests/test_runtime.py checks ``sys.modules``).
+
+Two kinds of class per stage:
+
+* the algorithm's settings (:class:`TrainSettings`, :class:`DetectSettings`, :class:`UnlearnSettings`): frozen
+  dataclasses without any path or I/O field, what the in-memory library functions (``jdup.train.train``,
+  ``jdup.detect.detect``, ``jdup.unlearn.unlearn``) take and what their checkpoints fingerprint;
+* the stage's config (:class:`TrainConfig`, :class:`DetectConfig`, :class:`UnlearnConfig`): the settings plus the
+  files (model, data, out, ...), the device ``mesh`` and the output options, with the same flat YAML/CLI keys;
+  ``.settings()`` returns the algorithm's part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Literal
 
@@ -29,27 +39,40 @@ UNLEARN_DTYPES = ("float32", "bfloat16")
 
 
 # --------------------------------------------------------------------------------------------------------------
+# shared: the algorithm part of a stage config, the device mesh setting
+# --------------------------------------------------------------------------------------------------------------
+
+#: ``mesh`` values: ``auto`` (every device of every process on the ``data`` axis), ``N`` (N devices on ``data``;
+#: ``1`` = one device) or ``DxM`` (``data`` x ``model``, e.g. ``2x4``).
+MESH_PATTERN = re.compile(r"^(auto|[1-9][0-9]*|[1-9][0-9]*x[1-9][0-9]*)$")
+
+
+def check_mesh(cfg) -> None:
+    """``cfg.mesh`` is ``auto``, a positive integer or ``DxM`` (checked before any device is touched)."""
+    check(cfg, "mesh", isinstance(cfg.mesh, str) and bool(MESH_PATTERN.match(cfg.mesh)),
+          "must be auto, a device count such as 1, or DxM such as 2x4 (data x model)")
+
+
+def settings_of(cfg, cls: type):
+    """The ``cls`` part of ``cfg``: its fields of ``cls`` (a stage config reduced to the algorithm's settings, so no
+    path reaches the algorithm). ``cfg`` already of exactly ``cls`` is returned as it is."""
+    if type(cfg) is cls:
+        return cfg
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+# --------------------------------------------------------------------------------------------------------------
 # jdup train
 # --------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings of ``jdup train``: fine-tune a classifier on poisoned data to obtain a backdoored victim."""
+class TrainSettings:
+    """Victim training (:func:`jdup.train.train`): fine-tune a classifier on poisoned rows. No paths: the files
+    are the ``jdup train`` stage's (:class:`TrainConfig`)."""
 
-    # Starting model: `builtin:minilm`, a local Hugging Face folder, or a Hub id (needs network / cache).
-    model: str = "builtin:minilm"
-    # DUP-layout data folder (train = dirty/<rate>/train-poison.csv; dev-clean, dev-poison, test-clean, test-poison).
-    data: str = ""
-    # Output folder: model/, metrics.json, metrics.jsonl, ckpt/ (while unfinished).
-    out: str = "runs/victim"
-    # Poison rate selecting dirty/<rate>/train-poison.csv.
-    rate: float = 0.2
     # Classes of the classifier; every label in the data must be below it.
     num_labels: int = 2
-    # Backdoor target label for ASR; None = `target` of the folder's poison_config.json, else the most common label
-    # of test-poison.
-    target: int | None = None
     # Passes over the training set.
     epochs: int = 5
     # Training batch size (fixed; the last partial batch is padded and masked).
@@ -85,23 +108,16 @@ class TrainConfig:
     # Stop (after saving a checkpoint) once this many optimizer steps are done in total; rerun to continue.
     # The schedule still spans all `epochs`. None = run to the end.
     max_steps: int | None = None
-    # Keep ckpt/ after a finished run (default: removed once model/ and metrics.json are written).
-    keep_checkpoints: bool = False
     # Compute dtype: float32 | bfloat16 | float16 (parameters and optimizer state stay float32).
     dtype: str = "float32"
-    # Log the mean training loss every this many steps to metrics.jsonl.
+    # Log the mean training loss every this many steps (metrics.jsonl of the stage).
     log_every: int = 10
     # Show tqdm progress bars.
     progress: bool = True
-    # Replace an existing `out` that is not a `jdup train` output, and discard a checkpoint left by a run with other
-    # settings (default: both refused with a message).
-    overwrite: bool = False
 
     def validate(self) -> None:
-        """Value constraints, checked by ``jdup.config.build`` before any work (paths are checked by the stage)."""
-        check_range(self, "rate", 0, 1, hi_open=True)
+        """Value constraints, checked by ``jdup.config.build`` before any work."""
         check_range(self, "num_labels", 2)
-        check_range(self, "target", 0, self.num_labels - 1, allow_none=True)
         check_range(self, "epochs", 1)
         check_range(self, "batch_size", 1)
         check_range(self, "eval_batch_size", 1)
@@ -118,6 +134,42 @@ class TrainConfig:
         check_range(self, "max_steps", 0, allow_none=True)
         check_one_of(self, "dtype", TRAIN_DTYPES)
         check_range(self, "log_every", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(TrainSettings):
+    """Settings of ``jdup train``: the algorithm's (:class:`TrainSettings`) plus files, mesh and output options."""
+
+    # Starting model: `builtin:minilm`, a local Hugging Face folder, or a Hub id (needs network / cache).
+    model: str = "builtin:minilm"
+    # DUP-layout data folder (train = dirty/<rate>/train-poison.csv; dev-clean, dev-poison, test-clean, test-poison).
+    data: str = ""
+    # Output folder: model/, metrics.json, metrics.jsonl, ckpt/ (while unfinished).
+    out: str = "runs/victim"
+    # Poison rate selecting dirty/<rate>/train-poison.csv.
+    rate: float = 0.2
+    # Backdoor target label for ASR; None = `target` of the folder's poison_config.json, else the most common label
+    # of test-poison.
+    target: int | None = None
+    # Keep ckpt/ after a finished run (default: removed once model/ and metrics.json are written).
+    keep_checkpoints: bool = False
+    # Devices: auto (every device of every process on the data axis), N (N devices; 1 = one device) or DxM
+    # (data x model, e.g. 2x4). Does not change the result.
+    mesh: str = "auto"
+    # Replace an existing `out` that is not a `jdup train` output, and discard a checkpoint left by a run with other
+    # settings (default: both refused with a message).
+    overwrite: bool = False
+
+    def settings(self) -> TrainSettings:
+        """The algorithm's settings (no path)."""
+        return settings_of(self, TrainSettings)
+
+    def validate(self) -> None:
+        """Value constraints, checked by ``jdup.config.build`` before any work (paths are checked by the stage)."""
+        super().validate()
+        check_range(self, "rate", 0, 1, hi_open=True)
+        check_range(self, "target", 0, self.num_labels - 1, allow_none=True)
+        check_mesh(self)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -185,21 +237,14 @@ LayerSpec = str | tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class DetectConfig:
-    """Configuration of ``jdup detect`` (defaults = the DUP class defaults, docs/dup-method.md §4.1 / Appendix A)."""
+class DetectSettings:
+    """Detection (:func:`jdup.detect.detect`; defaults = the DUP class defaults, docs/dup-method.md §4.1 /
+    Appendix A, except the ``fisher`` fusion). No paths: the files are the ``jdup detect`` stage's
+    (:class:`DetectConfig`)."""
 
     #: Alternative key names jdup.config.build accepts (``unlearn.detect.seed`` in YAML files).
     __config_aliases__ = {"seed": "split_seed"}  # noqa: RUF012
 
-    # --- inputs / outputs (run_detect only)
-    model: str = ""  # suspect classifier: HF folder, hub id or builtin:minilm
-    data: str = ""  # data folder holding the calibration split (dev-clean.csv) and the scored split
-    out: str = ""  # output folder: detection.json, scores.npy, components.npz, roc.png, hist.png
-    score_set: str = (
-        "test-detect"  # split name in `data` (test-detect, dev-detect = dev-clean ∪ dev-poison, ...)
-    )
-    #                                 or a path to a CSV in the DUP layout
-    calib_set: str = "dev-clean"  # clean labelled split used for calibration + validation
     # --- method
     method: Literal["fisher", "dup", "dan", "upgp", "ensemble"] = (
         "fisher"  # fisher (default) = DUP's two scores fused by Fisher's method on robust-z tails; dup = DUP's weighted
@@ -244,10 +289,7 @@ class DetectConfig:
     purification_mode: bool = False  # DUP's purification=True: flag the top (100 - purification_percentile)%
     purification_percentile: float = 80.0  # percentile of the scored set used when purification_mode is on
     # --- misc
-    plots: bool | None = None  # write roc.png and hist.png; None: yes for `jdup detect` (after the timing), no for
-    #                            the detection inside `jdup unlearn` (detect_dev: plots are opt-in there)
     progress: bool = True  # tqdm progress bars over batches
-    overwrite: bool = False  # replace an existing `out` that is not a `jdup detect` output (run_detect)
 
     def __post_init__(self):
         if isinstance(self.upgp, Mapping):  # Python callers may pass the UPGP options as a mapping
@@ -268,6 +310,36 @@ class DetectConfig:
         check_one_of(self, "pooling", ("auto", *POOLINGS))
         check(self, "buckets", all(int(b) >= 1 for b in self.buckets), "every bucket length must be >= 1")
         check_range(self, "bucket_min_rows", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectConfig(DetectSettings):
+    """Configuration of ``jdup detect``: the algorithm's (:class:`DetectSettings`) plus files, mesh and output
+    options."""
+
+    # --- inputs / outputs (run_detect only)
+    model: str = ""  # suspect classifier: HF folder, hub id or builtin:minilm
+    data: str = ""  # data folder holding the calibration split (dev-clean.csv) and the scored split
+    out: str = ""  # output folder: detection.json, scores.npy, components.npz, roc.png, hist.png
+    score_set: str = (
+        "test-detect"  # split name in `data` (test-detect, dev-detect = dev-clean ∪ dev-poison, ...)
+    )
+    #                                 or a path to a CSV in the DUP layout
+    calib_set: str = "dev-clean"  # clean labelled split used for calibration + validation
+    plots: bool | None = None  # write roc.png and hist.png; None: yes for `jdup detect` (after the timing), no for
+    #                            the detection inside `jdup unlearn` (plots are opt-in there)
+    mesh: str = "auto"  # devices: auto (all, on the data axis) | N (N devices; 1 = one) | DxM (data x model, e.g.
+    #                     2x4); does not change the result (inside `jdup unlearn`: that stage's own `mesh`)
+    overwrite: bool = False  # replace an existing `out` that is not a `jdup detect` output (run_detect)
+
+    def settings(self) -> DetectSettings:
+        """The algorithm's settings (no path)."""
+        return settings_of(self, DetectSettings)
+
+    def validate(self) -> None:
+        """Value constraints of the settings and of ``mesh``."""
+        super().validate()
+        check_mesh(self)
 
 
 METHODS = ("fisher", "dup", "dan", "upgp", "ensemble")
@@ -332,8 +404,9 @@ EARLY_STOP = ("none", "proxy", "oracle_dev_poison")
 @dataclasses.dataclass(frozen=True)
 class UnlearnSettings:
     """Settings of the unlearning algorithm. Defaults follow the official DUP code (docs/dup-method.md §4.2) except
-    ``lambda_asr``, ``forget_loss`` and ``early_stop`` (measured: docs/unlearning.md "Defaults"); the official
-    recipe is ``forget_loss=kl early_stop=oracle_dev_poison``."""
+    where docs/deviations.md says otherwise (``forget_loss``, ``epochs``, ``max_length``, ...); the official recipe
+    is ``--preset dup-official`` (configs/presets/dup-official.yaml: ``forget_loss=kl epochs=5 early_stop=none``,
+    512 tokens, ``detect.method=dup``)."""
 
     # --- objective (docs/dup-method.md §3.4)
     lambda_asr: float = 1.0  # weight of the forgetting term. The official demo ships 0, which DISABLES
@@ -383,7 +456,9 @@ class UnlearnSettings:
     #                         the same (the dropout masks follow the padded shape); 0 = every multiple
 
     # --- early stopping (docs/dup-method.md §3.6, §10.4)
-    early_stop: str = "none"  # none (default: every epoch) | proxy | oracle_dev_poison (official, ground truth)
+    early_stop: str = "none"  # none (default and official: every epoch) | proxy (defender-side) | oracle_dev_poison
+    #                           (jdup's research option, not the official rule: ground-truth dev-poison ASR checked
+    #                           every eval, best state kept; the official loop checks once after the run)
     eval_every_steps: int = 0  # how often the stop rule is evaluated; 0 = once per epoch
     holdout_frac: float = (
         0.2  # proxy: fraction of the flagged rows held out (not trained on) to measure forgetting
@@ -396,7 +471,7 @@ class UnlearnSettings:
     clean_holdout_frac: float = 0.2  # proxy: fraction of dev-clean held out of the CE set to measure accuracy
     #                                   honestly (accuracy on the CE rows themselves is optimistic); 0 = measure
     #                                   on the CE rows
-    asr_threshold: float = 0.2  # oracle_dev_poison: stop once dev-poison ASR <= this (official 0.2)
+    asr_threshold: float = 0.2  # oracle_dev_poison: stop once dev-poison ASR <= this (the official loop's 0.2)
 
     # --- UPGP projection (jdup.projection)
     projection: str = "none"  # none | gradient | representation | inflora
@@ -435,7 +510,8 @@ class UnlearnSettings:
 
 @dataclasses.dataclass(frozen=True)
 class UnlearnConfig(UnlearnSettings):
-    """Settings of ``jdup unlearn``: the algorithm's (:class:`jdup.unlearn.UnlearnSettings`) plus files."""
+    """Settings of ``jdup unlearn``: the algorithm's (:class:`jdup.unlearn.UnlearnSettings`) plus files, the
+    built-in detection's settings, the mesh and output options."""
 
     # --- inputs / outputs
     model: str = ""  # backdoored classifier: HF folder, hub id or builtin:...
@@ -449,9 +525,12 @@ class UnlearnConfig(UnlearnSettings):
     )  # the built-in detection's settings
     #                          (split_seed, progress and max_length follow this config's seed/progress/max_length
     #                          unless set: detect_config)
-    max_length: int = 128  # tokens per text (truncation); batches are padded to length buckets
+    max_length: int = 128  # tokens per text for unlearning and evaluation (truncation; official 512); batches
+    #                        are padded to length buckets
     dtype: str = "float32"  # compute dtype of the model: float32 | bfloat16
     allow_empty_forget: bool = False  # detection flagged no row: export the victim unchanged instead of stopping
+    mesh: str = "auto"  # devices: auto (all, on the data axis) | N (N devices; 1 = one) | DxM (data x model, e.g.
+    #                     2x4); does not change the result
     overwrite: bool = False  # replace an `out` that is not a `jdup unlearn` output; do not resume a checkpoint
 
     def __post_init__(self):
@@ -467,3 +546,8 @@ class UnlearnConfig(UnlearnSettings):
         super().validate()
         check_one_of(self, "dtype", UNLEARN_DTYPES)
         check_range(self, "max_length", 1)
+        check_mesh(self)
+
+    def settings(self) -> UnlearnSettings:
+        """The algorithm's settings (no path)."""
+        return settings_of(self, UnlearnSettings)

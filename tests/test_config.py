@@ -118,3 +118,102 @@ def test_load_yaml_names_a_file_that_is_not_utf8(tmp_path):
         config.load_yaml(bad)
     with pytest.raises(JdupError, match="is a folder"):
         config.load_yaml(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --preset dup-official: the DUP authors' recipe (configs/presets/dup-official.yaml)
+
+#: The official values, read off ManHu2025/DUP (demo_unlearning.py, the defender's class defaults) and
+#: docs/dup-method.md; every one must reach the built configs.
+OFFICIAL_DETECT = {"method": "dup", "alpha": 0.9, "top_k": 3, "frr": 0.05, "shrinkage": 0.1, "md_layers": "all",
+                   "ss_layers": "all", "calib_fraction": 0.5, "split_seed": 2025, "max_dev_samples": None,
+                   "max_length": 512, "fit_dtype": "float64", "ss_method": "svd", "faithful_bart": True}
+OFFICIAL_UNLEARN = {"forget_loss": "kl", "lambda_asr": 1.0, "lambda_acc": 1.0, "temperature": 1.0, "lora_rank": 32,
+                    "lora_alpha": 64.0, "lora_dropout": 0.1, "train_head": True, "model_dropout": True, "epochs": 5,
+                    "batch_size": 32, "lr": 5e-4, "weight_decay": 0.01, "warmup_frac": 0.1, "clip_norm": 1.0,
+                    "early_stop": "none", "projection": "none", "max_length": 512, "seed": 2025}
+
+
+def _record(monkeypatch, stage):
+    import importlib
+
+    from jdup import pipeline
+
+    module_name, _, fn_name = pipeline.STAGES[stage]
+    seen = []
+    monkeypatch.setattr(importlib.import_module(module_name), fn_name, lambda cfg: seen.append(cfg) or {"ok": 1})
+    return seen
+
+
+def test_detect_preset_is_the_official_detection_and_overrides_win(monkeypatch, tmp_path, capsys):
+    from jdup import cli
+
+    seen = _record(monkeypatch, "detect")
+    io = ["--model", "m", "--data", "d", "--out", str(tmp_path / "o")]
+    assert cli.main(["detect", *io, "--preset", "dup-official"]) == 0, capsys.readouterr().err
+    assert cli.main(["detect", *io, "--preset", "dup-official", "--method", "fisher", "max_length=128"]) == 0
+    official, overridden = seen
+    for key, value in OFFICIAL_DETECT.items():
+        assert getattr(official, key) == value, key
+    assert (overridden.method, overridden.max_length, overridden.fit_dtype) == ("fisher", 128, "float64")
+    # without the preset the defaults are not the official recipe (what the preset is for)
+    assert cli.main(["detect", *io]) == 0
+    assert seen[-1].method == "fisher"
+
+
+def test_unlearn_preset_is_the_official_recipe_and_overrides_win(monkeypatch, tmp_path, capsys):
+    from jdup import cli
+
+    seen = _record(monkeypatch, "unlearn")
+    cfg_file = tmp_path / "u.yaml"
+    cfg_file.write_text("unlearn:\n  epochs: 9\n  forget_loss: suppress_target\n  lr: 1.0e-3\n")
+    io = ["--model", "m", "--data", "d", "--out", str(tmp_path / "o")]
+    assert cli.main(["unlearn", *io, "--preset", "dup-official"]) == 0, capsys.readouterr().err
+    assert cli.main(["unlearn", *io, "-c", str(cfg_file), "--preset", "dup-official", "epochs=3",
+                     "detect.frr=0.1"]) == 0
+    official, mixed = seen
+    for key, value in OFFICIAL_UNLEARN.items():
+        assert getattr(official, key) == value, key
+    for key, value in OFFICIAL_DETECT.items():  # the built-in detection is the official detection
+        assert getattr(official.detect, key) == value, f"detect.{key}"
+    assert official.lora_targets == ()  # the family's targets (BERT query,key,value = the official list)
+    # the preset sits above the file, overrides above the preset
+    assert (mixed.epochs, mixed.forget_loss, mixed.lr, mixed.detect.frr) == (3, "kl", 5e-4, 0.1)
+    assert mixed.detect.method == "dup"
+
+
+def test_unknown_preset_is_one_line_exit_2(capsys):
+    from jdup import cli
+
+    for argv in (["detect", "--preset", "dup-offical"], ["unlearn", "--preset", "nope"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "unknown preset" in err and "dup-official" in err
+
+
+def test_run_preset_key_and_option(monkeypatch, tmp_path, capsys):
+    from jdup import cli, pipeline
+
+    run = {"out": str(tmp_path / "r"), "preset": "dup-official",
+           "detect": {"model": "m", "data": "d", "frr": 0.2}, "unlearn": {"model": "m", "data": "d", "epochs": 7}}
+    p = pipeline.plan(run, source="run.yaml")
+    det, un = p["stages"]["detect"], p["stages"]["unlearn"]
+    # the file's own keys win over its `preset:`; everything else is the official recipe
+    assert (det.frr, det.method, det.max_length) == (0.2, "dup", 512)
+    assert (un.epochs, un.forget_loss, un.early_stop, un.max_length, un.detect.method) == (7, "kl", "none", 512, "dup")
+    assert "poison" not in p["stages"] and "train" not in p["stages"]  # a preset never enables a stage
+    with pytest.raises(JdupError, match="unknown preset"):
+        pipeline.plan({**run, "preset": "nope"}, source="run.yaml")
+
+    # --preset on the command line sits above the file's keys, key=value overrides above it
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, **kw: seen.append(pipeline.plan(cfg)) or
+                        {"out": str(tmp_path), "stages": {}})
+    monkeypatch.setattr(pipeline, "report_markdown", lambda report: "")
+    f = tmp_path / "run.yaml"
+    f.write_text(f"out: {tmp_path / 'r'}\ndetect:\n  frr: 0.2\nunlearn:\n  epochs: 7\n  batch_size: 16\n")
+    assert cli.main(["run", str(f), "--preset", "dup-official", "unlearn.batch_size=8"]) == 0
+    (planned,) = seen
+    un = planned["stages"]["unlearn"]
+    assert (un.epochs, un.batch_size, un.forget_loss) == (5, 8, "kl")
+    assert planned["stages"]["detect"].frr == 0.05

@@ -52,7 +52,9 @@ def proxy_monitor(
 
 
 def oracle_monitor(dev_poison: D.Encoded, target: int, asr_threshold: float) -> Monitor:
-    """The official rule (docs/dup-method.md §3.6), an ORACLE: ASR on ground-truth dev-poison; stop once ≤ ``asr_threshold``."""
+    """jdup's research rule ``oracle_dev_poison``, an ORACLE: ASR on ground-truth dev-poison; stop once ≤
+    ``asr_threshold``. Not the official loop, which checks the same ASR once after all epochs and cannot change
+    its result (docs/dup-method.md §3.6)."""
 
     def monitor(logits_fn):
         asr = float((logits_fn(dev_poison).argmax(-1) == target).mean()) if len(dev_poison) else 0.0
