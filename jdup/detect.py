@@ -19,10 +19,11 @@ nested ``upgp:`` section, a :class:`jdup.sensitivity.UPGPConfig`) and ``method: 
 averages their rank fractions (:func:`jdup.fusion.ensemble_scores` with ``rank=True``), thresholded on DUP's clean
 validation half; see :func:`detect`.
 
-Everything here is in memory: :func:`detect` takes the model, tokenizer and datasets and returns a
-:class:`DetectionResult`. The ``jdup detect`` stage (reads files, writes ``detection.json``, ``scores.npy``,
-``flags.npy``, ``components.npz``, ``roc.png``, ``hist.png``) and the detection step of ``jdup unlearn``
-(``detect_dev``) are in :mod:`jdup.stages.detect`.
+Everything here is in memory: :func:`detect` takes the model, tokenizer, datasets and a
+:class:`jdup.settings.DetectSettings` (no path) and returns a :class:`DetectionResult`; the decision (z-scores,
+fusion, threshold, flags) is :mod:`jdup.scores`' decision functions on the host. The ``jdup detect`` stage (reads
+files, writes ``detection.json``, ``scores.npy``, ``flags.npy``, ``components.npz``, ``roc.png``, ``hist.png``)
+and the files of ``jdup unlearn``'s detection are in :mod:`jdup.stages.detect`.
 """
 
 from __future__ import annotations
@@ -40,21 +41,58 @@ import numpy as np
 from jdup import data as data_lib
 from jdup import features as feat_lib
 from jdup import fusion, sensitivity
+from jdup import mesh as mesh_lib
 from jdup import metrics as metrics_lib
+from jdup import predict as predict_lib
 from jdup import scores as S
 from jdup.errors import Invalid, JdupError
 from jdup.predict import predict
 from jdup.sensitivity import UPGPConfig
-from jdup.settings import DUP_PASS, METHODS, DetectConfig, LayerSpec
-
-#: Methods that score with DUP's Mahalanobis + spectral pass (they differ only in the host-side fusion).
+from jdup.settings import DUP_PASS, METHODS, DetectConfig, DetectSettings, LayerSpec, settings_of
 
 
-def upgp_config(cfg: DetectConfig) -> UPGPConfig:
+def upgp_config(cfg: DetectSettings) -> UPGPConfig:
     """The :class:`jdup.sensitivity.UPGPConfig` a ``method: upgp|ensemble`` detection runs with: ``cfg.upgp`` with
     ``seed`` = ``split_seed`` unless ``upgp.seed`` is set."""
     u = cfg.upgp
     return u if u.seed is not None else dataclasses.replace(u, seed=int(cfg.split_seed))
+
+
+class FitState(NamedTuple):
+    """The fitted detector the scoring pass applies (``dup``/``fisher``: DUP's Mahalanobis and spectral states;
+    ``dan``: the DAN state and no spectral part)."""
+
+    md: S.MahalanobisState | S.DanState
+    ss: S.SpectralState | None = None
+
+
+@dataclasses.dataclass
+class UPGPComponents:
+    """``method: upgp | ensemble``: UPGP's own part of a detection (rows of the scored set).
+
+    Attributes:
+      scores: ``[N]`` UPGP's score (``-z`` of the per-class robust z of the sensitivity; higher = more suspicious).
+      sensitivity: ``[N]`` the unlearning sensitivity itself.
+      info: target class, perturbation statistics, UPGP's own AUROC variants (``detection.json``'s ``upgp``).
+    """
+
+    scores: np.ndarray
+    sensitivity: np.ndarray
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass
+class EnsembleComponents:
+    """``method: ensemble``: the two detectors' scores the rank average was taken of.
+
+    Attributes:
+      dup_scores: ``[N]`` DUP's fused scores of the scored rows.
+      dup_val_scores, upgp_val_scores: ``[n_V]`` both detectors' scores of DUP's validation half.
+    """
+
+    dup_scores: np.ndarray
+    dup_val_scores: np.ndarray
+    upgp_val_scores: np.ndarray
 
 
 @dataclasses.dataclass
@@ -78,9 +116,8 @@ class DetectionResult:
       timings: seconds per stage.
       val_md_layers, val_ss: ``dup``/``dan``: the validation half's per-layer and spectral scores (with
         ``md_layers``/``ss``, the input of :func:`decide` for other ``alpha``/``frr`` values without a new pass).
-      extra: ``upgp``/``ensemble`` only: ``upgp_scores``, ``sensitivity`` (``[N]``), ``upgp_info`` (target
-        class, perturbation statistics, UPGP's own AUROC variants); ``ensemble`` also ``dup_scores`` and the
-        two detectors' scores of the validation half (``dup_val_scores``, ``upgp_val_scores``).
+      upgp: ``upgp``/``ensemble`` only: :class:`UPGPComponents`.
+      ensemble: ``ensemble`` only: :class:`EnsembleComponents`.
 
     For ``upgp`` the DUP-specific arrays (``md``, ``ss``, ``z_md``, ``z_ss``) are zeros, ``md_layers`` is
     ``[N, 0]``, ``layers``/``ch``/``val_scores``/``val_index`` are empty; ``ensemble`` keeps DUP's.
@@ -102,7 +139,8 @@ class DetectionResult:
     val_index: np.ndarray
     metrics: dict[str, Any]
     timings: dict[str, float]
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # upgp/ensemble: per-method scores + info
+    upgp: UPGPComponents | None = None
+    ensemble: EnsembleComponents | None = None
     # dup/dan: the validation half's [n_V, K] per-layer and [n_V] raw spectral scores (input of decide())
     val_md_layers: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
     val_ss: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
@@ -139,7 +177,8 @@ def _num_classes(model, *datasets) -> int:
     return max(d.num_labels for d in datasets)
 
 
-def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> DetectionResult:
+def detect(model, tokenizer, calib, scored, settings: DetectSettings | None = None, *, mesh=None
+           ) -> DetectionResult:
     """Calibrates the detector on clean labelled ``calib`` rows and scores ``scored``.
 
     Args:
@@ -147,7 +186,10 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
       tokenizer: its Hugging Face tokenizer.
       calib: clean labelled :class:`jdup.data.TextDataset` (``dev-clean``); split into calibration/validation.
       scored: :class:`jdup.data.TextDataset` to score (its ``poison`` column is used only for metrics).
-      cfg: :class:`DetectConfig` (only the method/feature/decision fields matter here).
+      settings: :class:`jdup.settings.DetectSettings` (a stage's ``DetectConfig`` is reduced to it; default: the
+        defaults).
+      mesh: a :mod:`jdup.mesh` mesh: the forward passes split their rows over its ``data`` axis (the model is
+        placed on it by :func:`jdup.mesh.put_state`); None: the default device. Scores do not depend on it.
 
     Methods: ``dup``, ``dan`` (one forward pass per row, above); ``upgp``: UPGP unlearning-sensitivity scores
     (:func:`jdup.sensitivity.detect_upgp`, perturbation learned on all of ``calib``; flags = UPGP's rule: the low
@@ -160,7 +202,7 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     Returns:
       :class:`DetectionResult`.
     """
-    cfg = cfg or DetectConfig()
+    cfg = settings_of(settings if settings is not None else DetectSettings(), DetectSettings)
     if cfg.method not in METHODS:
         raise JdupError(f"unknown detection method {cfg.method!r}; use one of {list(METHODS)}")
     for prefix, c in (("", cfg), ("upgp.", cfg.upgp)):
@@ -193,7 +235,7 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
     # ---- pass 1: calibration features
     t = time.perf_counter()
     fkw = dict(pooling=cfg.pooling, faithful_bart=cfg.faithful_bart)
-    got = feat_lib.extract_features(model, enc_c, cfg.batch_size, progress=cfg.progress, **fkw)
+    got = feat_lib.extract_features(model, enc_c, cfg.batch_size, progress=cfg.progress, mesh=mesh, **fkw)
     x_c = jnp.asarray(got["features"])
     y_c = jnp.asarray(calib_c.labels)
     n_layers = x_c.shape[1]
@@ -206,30 +248,26 @@ def detect(model, tokenizer, calib, scored, cfg: DetectConfig | None = None) -> 
         aux = fit_fn(x_c, y_c)
     except ValueError as e:
         raise JdupError(f"bad layer selection for a {n_layers}-layer model: {e}") from None
-    if cfg.method in DUP_PASS:
-        layers = [int(i) for i in np.asarray(aux[0].layers)]
-        ch = np.asarray(aux[0].ch, np.float64)
-    else:
-        layers = [int(i) for i in np.asarray(aux.layers)]
-        ch = np.zeros(0)
+    layers = [int(i) for i in np.asarray(aux.md.layers)]
+    ch = np.asarray(aux.md.ch, np.float64) if cfg.method in DUP_PASS else np.zeros(0)
     jax.block_until_ready(aux)
     del x_c
     timings["fit"] = time.perf_counter() - t
 
     # ---- pass 2: validation ∪ scored, scalars only
     t = time.perf_counter()
-    fn, state = feat_lib.make_batch_fn(model, head, head_key=head_key, **fkw)
+    fn, state = feat_lib.make_batch_fn(model, head, head_key=head_key, mesh=mesh, **fkw)
+    aux = mesh_lib.put_replicated(aux, mesh)
     res: dict[str, np.ndarray] = {}
     for i, start in enumerate(starts):
         part = both.subset(np.arange(start, min(n_both, start + chunk)))
         enc = first if i == 0 else data_lib.encode(tokenizer, part, **enc_kw)
         first = None  # one chunk in memory at a time
-        got = feat_lib.run_pass(
-            fn,
-            state,
+        got = predict_lib.run_batches(
+            lambda inputs: fn(state, inputs, aux),
             data_lib.batches(enc, cfg.batch_size, sort_by_length=True),
             len(part),
-            aux,
+            mesh=mesh,
             desc="scoring" if len(starts) == 1 else f"scoring {i + 1}/{len(starts)}",
             progress=cfg.progress,
             total=data_lib.num_batches(len(part), cfg.batch_size),
@@ -289,15 +327,18 @@ class Decision(NamedTuple):
     z_ss: np.ndarray
 
 
-def decide(md_layers: np.ndarray, ss: np.ndarray, n_val: int, cfg: DetectConfig) -> Decision:
+def decide(md_layers: np.ndarray, ss: np.ndarray, n_val: int, cfg: DetectSettings) -> Decision:
     """The host-side decision of ``fisher``/``dup``/``dan`` detection from the per-row scalars of the scoring pass.
 
+    Made with :mod:`jdup.scores`' decision functions on NumPy float64 arrays (:func:`jdup.scores.fit_zscore`,
+    :func:`~jdup.scores.zscore`, :func:`~jdup.scores.fuse`, :func:`~jdup.scores.threshold_at_frr` /
+    :func:`~jdup.scores.threshold_at_percentile`, :func:`~jdup.scores.flag`, :func:`~jdup.scores.aggregate`).
     Fisher (jdup's fusion of DUP's two scores): the aggregated Mahalanobis and the spectral score each become a
     robust z-score against the validation rows and the fused score is ``-Σ log(1 − Φ(z))``
     (:func:`jdup.fusion.fisher_scores`); ``z_md``/``z_ss`` are still the mean/std z-scores below (reported only).
     DUP: per-layer Mahalanobis scores aggregated (``agg``), z-scores of it and of the spectral score fitted on the
     validation rows, fused ``alpha·z_md + (1 − alpha)·z_ss``; DAN: per-layer scores standardised on the validation
-    rows and aggregated (``dan_agg``). Threshold: :func:`_threshold` (``frr`` on the validation rows, or
+    rows and aggregated (``dan_agg``). Threshold: :func:`threshold` (``frr`` on the validation rows, or
     purification mode). Only ``method``, ``agg``, ``dan_agg``, ``alpha``, ``frr`` and the purification fields of
     ``cfg`` matter, so one scoring pass can be re-decided for other values of these (e.g. a sweep over alpha/frr).
 
@@ -309,35 +350,31 @@ def decide(md_layers: np.ndarray, ss: np.ndarray, n_val: int, cfg: DetectConfig)
     """
     per_layer = np.asarray(md_layers, np.float64)
     if cfg.method in DUP_PASS:
-        md_all = per_layer.mean(1) if cfg.agg == "mean" else per_layer.max(1)
+        md_all = S.aggregate(per_layer, cfg.agg, axis=1)
         ss_all = np.asarray(ss, np.float64)
     else:
-        lz = _zfit(per_layer[:n_val])
-        z_layers = (per_layer - lz[0]) / lz[1]
-        md_all = z_layers.max(1) if cfg.dan_agg == "max" else z_layers.mean(1)
+        md_all = S.dan_aggregate(S.fit_zscore(per_layer[:n_val]), per_layer, cfg.dan_agg)
         ss_all = np.zeros_like(md_all)
-    zm, zs = _zfit(md_all[:n_val]), _zfit(ss_all[:n_val])
-    z_md = (md_all - zm[0]) / zm[1]
-    z_ss = (ss_all - zs[0]) / zs[1]
+    z_md = S.zscore(S.fit_zscore(md_all[:n_val]), md_all)
+    z_ss = S.zscore(S.fit_zscore(ss_all[:n_val]), ss_all)
     if cfg.method == "fisher":  # jdup's default: Fisher's combination of robust-z tail probabilities
         fused = fusion.fisher_scores([md_all, ss_all], n_val)
     else:
-        alpha = cfg.alpha if cfg.method == "dup" else 1.0
-        fused = alpha * z_md + (1.0 - alpha) * z_ss
+        fused = S.fuse(z_md, z_ss, cfg.alpha if cfg.method == "dup" else 1.0)
     val, sc = fused[:n_val], fused[n_val:]
-    tau = _threshold(val, sc, cfg)
-    return Decision(sc, sc > tau, tau, val, md_all, ss_all, z_md, z_ss)
+    tau = threshold(val, sc, cfg)
+    return Decision(sc, np.asarray(S.flag(sc, tau)), tau, val, md_all, ss_all, z_md, z_ss)
 
 
-def _threshold(val: np.ndarray, scored: np.ndarray, cfg: DetectConfig) -> float:
+def threshold(val: np.ndarray, scored: np.ndarray, cfg: DetectSettings) -> float:
     """τ: the ``1 − frr`` percentile of the clean validation scores (linear interpolation; flags are ``> τ``), or
     DUP's purification mode, the ``purification_percentile`` of the scored set itself."""
     if cfg.purification_mode:
-        return float(np.percentile(scored, cfg.purification_percentile))
-    return float(np.percentile(val, (1.0 - cfg.frr) * 100.0))
+        return float(S.threshold_at_percentile(scored, cfg.purification_percentile))
+    return float(S.threshold_at_frr(val, cfg.frr))
 
 
-def _pass_buckets(model, cfg: DetectConfig, *encoded: data_lib.Encoded) -> tuple[int, ...]:
+def _pass_buckets(model, cfg: DetectSettings, *encoded: data_lib.Encoded) -> tuple[int, ...]:
     """The padded lengths of both passes: the encoding's buckets, less the ones fewer than ``cfg.bucket_min_rows``
     rows would use (:func:`jdup.data.merge_sparse_buckets` over the calibration rows and the first scored chunk;
     one forward compilation per kept length). Padding-dependent pooling (``mean_unmasked``) keeps every bucket."""
@@ -348,7 +385,7 @@ def _pass_buckets(model, cfg: DetectConfig, *encoded: data_lib.Encoded) -> tuple
     return data_lib.merge_sparse_buckets(np.concatenate([e.lengths for e in encoded]), bks, cfg.bucket_min_rows)
 
 
-def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> DetectionResult:
+def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectSettings) -> DetectionResult:
     """``method: upgp | ensemble`` (see :func:`detect`)."""
     ucfg = upgp_config(cfg)
     if len(scored) == 0:
@@ -377,11 +414,8 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> D
     if dup is not None:  # UPGP's own metrics were computed over V ∪ scored: drop them (recomputed below)
         drop = ("auroc", "frr", "far", "precision", "recall", "f1", "tp", "fp", "tn", "fn")
         info = {k: v for k, v in info.items() if not k.startswith(drop)}
-    extra: dict[str, Any] = {
-        "upgp_scores": u_all[n_v:],
-        "sensitivity": np.asarray(det.sensitivity)[n_v:],
-        "upgp_info": info,
-    }
+    upgp = UPGPComponents(u_all[n_v:], np.asarray(det.sensitivity)[n_v:], info)
+    ensemble = None
     if dup is None:
         sc, flags, tau = u_all, np.asarray(det.flags, bool), float(det.threshold)
         preds = predict(model, enc, cfg.batch_size).argmax(-1)
@@ -395,20 +429,20 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> D
         d_all = np.concatenate([dup.val_scores, dup.scores])
         ens = fusion.ensemble_scores([d_all, u_all], rank=True)
         val, sc = ens[:n_v], ens[n_v:]
-        tau = _threshold(val, sc, cfg)
-        flags = sc > tau
+        tau = threshold(val, sc, cfg)
+        flags = np.asarray(S.flag(sc, tau))
         preds, md, ss, z_md, z_ss = dup.preds, dup.md, dup.ss, dup.z_md, dup.z_ss
         md_layers, layers, ch = dup.md_layers, dup.layers, dup.ch
         c_idx, v_idx = dup.calib_index, dup.val_index
-        extra.update(dup_scores=dup.scores, dup_val_scores=dup.val_scores, upgp_val_scores=u_all[:n_v])
+        ensemble = EnsembleComponents(dup.scores, dup.val_scores, u_all[:n_v])
         timings = {**{f"dup_{k}": v for k, v in dup.timings.items()}, "upgp": t_upgp}
     timings["total"] = time.perf_counter() - t0
     metrics = _metrics(scored, sc, flags, z_md, z_ss, preds, cfg)
     y = np.asarray(scored.poison).astype(bool)
     if y.any() and (~y).any():
-        metrics["auroc_upgp"] = metrics_lib.auroc(y, extra["upgp_scores"])
-        if "dup_scores" in extra:
-            metrics["auroc_dup"] = metrics_lib.auroc(y, extra["dup_scores"])
+        metrics["auroc_upgp"] = metrics_lib.auroc(y, upgp.scores)
+        if ensemble is not None:
+            metrics["auroc_dup"] = metrics_lib.auroc(y, ensemble.dup_scores)
         if det.first_order is not None:
             metrics["auroc_upgp_first_order"] = metrics_lib.auroc(y, -np.asarray(det.first_order)[n_v:])
     if len(val):
@@ -431,7 +465,8 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectConfig) -> D
         val_index=v_idx,
         metrics=metrics,
         timings=timings,
-        extra=extra,
+        upgp=upgp,
+        ensemble=ensemble,
     )
 
 
@@ -456,25 +491,28 @@ def _scorers(
         ss = S.spectral(ss_layers, ss_method)
 
         def fit(x, y):
-            return md.fit(x, y), ss.fit(x)
+            return FitState(md.fit(x, y), ss.fit(x))
 
         def head(feats, logits, batch, aux):
             return {
-                "md_layers": md.score_layers(aux[0], feats),
-                "ss": ss.score(aux[1], feats),
+                "md_layers": md.score_layers(aux.md, feats),
+                "ss": ss.score(aux.ss, feats),
                 "logits": logits,
             }
 
         return jax.jit(fit), head, ("dup", ss_method)
     dn = S.dan(shrinkage, dan_layers, dan_agg, num_classes, fit_dtype=fit_dtype)
 
+    def fit(x, y):
+        return FitState(dn.fit(x, y))
+
     def head(feats, logits, batch, aux):
-        return {"md_layers": dn.score_layers(aux, feats), "logits": logits}
+        return {"md_layers": dn.score_layers(aux.md, feats), "logits": logits}
 
-    return jax.jit(dn.fit), head, ("dan",)
+    return jax.jit(fit), head, ("dan",)
 
 
-def _method_fns(cfg: DetectConfig, num_classes: int):
+def _method_fns(cfg: DetectSettings, num_classes: int):
     return _scorers(
         "dup" if cfg.method in DUP_PASS else cfg.method,
         float(cfg.shrinkage),
@@ -496,12 +534,7 @@ def _layers(spec: LayerSpec) -> Any:
     return tuple(int(i) for i in spec)
 
 
-def _zfit(x: np.ndarray, min_std: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = x.mean(0), x.std(0)
-    return mean, np.where(std < min_std, 1.0, std)
-
-
-def _metrics(scored, sc, flags, z_md, z_ss, preds, cfg: DetectConfig) -> dict[str, Any]:
+def _metrics(scored, sc, flags, z_md, z_ss, preds, cfg: DetectSettings) -> dict[str, Any]:
     y = np.asarray(scored.poison).astype(bool)
     out: dict[str, Any] = {"n_scored": int(len(sc)), "n_flagged": int(flags.sum()), "n_poison": int(y.sum())}
     if y.any() and (~y).any():
@@ -521,10 +554,15 @@ def _metrics(scored, sc, flags, z_md, z_ss, preds, cfg: DetectConfig) -> dict[st
 __all__ = [
     "METHODS",
     "DetectConfig",
+    "DetectSettings",
     "DetectionResult",
     "Decision",
+    "EnsembleComponents",
+    "FitState",
+    "UPGPComponents",
     "decide",
     "detect",
     "split_calibration",
+    "threshold",
     "upgp_config",
 ]

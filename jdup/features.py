@@ -18,7 +18,7 @@ position), which is all that the last feature slot and the logits need. The feat
 rounding) and about ``1/L`` of the forward work is saved.
 
 The per-example pooling functions are vmapped over the batch. :func:`make_batch_fn` builds the function of a
-detection pass: ``fn(model_state, batch, aux) -> dict of arrays``, running the model once (one jitted forward,
+detection pass (run over the batches by the one batch loop, :func:`jdup.predict.run_batches`): ``fn(model_state, batch, aux) -> dict of arrays``, running the model once (one jitted forward,
 shared by every pass over the same model) and handing the
 pooled features ``[B, L, D]`` (float32) and logits to a ``head`` callback (e.g. the scorers), so a pass can keep
 only per-row scalars. The model is split once (``nnx.split``) and its state is an argument, not a constant.
@@ -28,18 +28,18 @@ once per length bucket (shared by all passes over the same model) and the head o
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
+from jdup import mesh as mesh_lib
+from jdup import predict as predict_lib
 from jdup.models.common import CLS_TRIM_ARCHS, Output
-from jdup.predict import MODEL_INPUTS
 from jdup.settings import POOLINGS
 
 Array = jax.Array
@@ -151,6 +151,7 @@ def make_batch_fn(
     faithful_bart: bool = False,
     head_key: Hashable | None = None,
     trim_last_layer: bool = True,
+    mesh=None,
 ) -> tuple[Callable[[Any, dict, Any], dict], Any]:
     """Builds the per-batch function of a pass: a jitted forward, then a jitted head.
 
@@ -170,15 +171,18 @@ def make_batch_fn(
         function is traced (the forward is cached either way).
       trim_last_layer: with ``"cls"`` pooling on an encoder, compute the last layer at position 0 only (see
         :func:`model_call_kwargs`); False runs the full last layer.
+      mesh: a :mod:`jdup.mesh` mesh: the returned state is placed on it (:func:`jdup.mesh.put_state`; arrays
+        already on the mesh stay where they are). Put ``aux`` on it too (:func:`jdup.mesh.put_replicated`).
 
     Returns:
       ``(fn, state)``: call ``fn(state, batch, aux)``; ``batch`` holds ``input_ids``, ``attention_mask`` and
       (encoders) ``token_type_ids``; ``aux`` is any pytree (e.g. fitted scorer states). Results are device
-      arrays, dispatched asynchronously.
+      arrays, dispatched asynchronously; :func:`jdup.predict.run_batches` runs a pass.
     """
     arch = model.config.arch
     how = resolve_pooling(pooling, arch, faithful_bart)
     graphdef, state = nnx.split(model)
+    state = mesh_lib.put_state(state, mesh, keep=True)
     call_kw = tuple(sorted(model_call_kwargs(arch, how, trim_last_layer).items()))
     fwd = _cached(
         ("forward", graphdef, arch, how, call_kw), lambda: _forward_fn(graphdef, arch, how, call_kw)
@@ -231,48 +235,6 @@ _FN_CACHE_SIZE = 16
 
 
 
-def run_pass(
-    fn: Callable,
-    state: Any,
-    batch_iter: Iterable[dict],
-    n_rows: int,
-    aux: Any = None,
-    *,
-    desc: str = "batches",
-    total: int | None = None,
-    progress: bool = True,
-    in_flight: int = 4,
-) -> dict[str, np.ndarray]:
-    """Runs ``fn`` over batches and scatters every output back to row order by ``batch["index"]``.
-
-    Dispatch is asynchronous: up to ``in_flight`` batches are queued on the device while the host prepares the
-    next ones; older results are then fetched, so device memory stays bounded by ``in_flight`` batches (only the
-    host output arrays grow with the number of rows). Only rows with ``valid`` are kept.
-
-    Returns:
-      ``{name: array [n_rows, ...]}`` as NumPy.
-    """
-    out: dict[str, np.ndarray] = {}
-    queue: deque = deque()
-
-    def drain_one():
-        index, valid, res = queue.popleft()
-        res = jax.device_get(res)
-        for k, v in res.items():
-            if k not in out:
-                out[k] = np.zeros((n_rows,) + v.shape[1:], v.dtype)
-            out[k][index[valid]] = v[valid]
-
-    for batch in tqdm(batch_iter, desc=desc, total=total, disable=not progress, leave=False):
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        queue.append((batch["index"], batch["valid"], fn(state, inputs, aux)))
-        if len(queue) > in_flight:
-            drain_one()
-    while queue:
-        drain_one()
-    return out
-
-
 def extract_features(
     model: nnx.Module,
     encoded,
@@ -282,24 +244,25 @@ def extract_features(
     faithful_bart: bool = False,
     progress: bool = True,
     trim_last_layer: bool = True,
+    mesh=None,
 ) -> dict[str, np.ndarray]:
     """Pooled features ``[N, L, D]`` and logits ``[N, C]`` of every row of ``encoded`` (a :class:`jdup.data.Encoded`).
 
     Keeps ``N × L × D`` floats: meant for small sets (the calibration half). Detection scores larger sets with a
-    scoring ``head`` in :func:`make_batch_fn` instead.
+    scoring ``head`` in :func:`make_batch_fn` instead. ``mesh``: rows split over its ``data`` axis
+    (:func:`jdup.predict.run_batches`); the features do not depend on it.
     """
     from jdup import data
 
     fn, state = make_batch_fn(
-        model, features_head, pooling=pooling, faithful_bart=faithful_bart, trim_last_layer=trim_last_layer
+        model, features_head, pooling=pooling, faithful_bart=faithful_bart, trim_last_layer=trim_last_layer,
+        mesh=mesh,
     )
-    it = data.batches(encoded, batch_size, sort_by_length=True)
-    return run_pass(
-        fn,
-        state,
-        it,
+    return predict_lib.run_batches(
+        lambda inputs: fn(state, inputs, None),
+        data.batches(encoded, batch_size, sort_by_length=True),
         len(encoded),
-        None,
+        mesh=mesh,
         desc="features",
         total=data.num_batches(len(encoded), batch_size),
         progress=progress,

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from jdup import data, detect, features, models
+from jdup import data, detect, models, predict
 from jdup.errors import JdupError
 from jdup.stages import detect as detect_stage
 
@@ -83,17 +83,17 @@ def test_decision_rule_and_shapes(tiny_result, small_sets):
 
 def test_one_forward_pass_per_sample(tiny_bert, small_sets, monkeypatch):
     seen = []
-    real = features.run_pass
+    real = predict.run_batches
 
-    def counting(fn, state, batch_iter, n_rows, aux=None, **kw):
+    def counting(fn, batch_iter, n_rows, **kw):
         def it():
             for b in batch_iter:
                 seen.extend(b["index"][b["valid"]].tolist())
                 yield b
 
-        return real(fn, state, it(), n_rows, aux, **kw)
+        return real(fn, it(), n_rows, **kw)
 
-    monkeypatch.setattr(features, "run_pass", counting)
+    monkeypatch.setattr(predict, "run_batches", counting)
     calib, scored = small_sets
     detect.detect(*tiny_bert, calib, scored, CFG)
     # calibration half once (pass 1), then validation half + scored rows once (pass 2)

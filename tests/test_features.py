@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdup import data, features, models
+from jdup import data, features, models, predict
 from jdup.models.common import Output
 
 TEXTS = [
@@ -116,6 +116,11 @@ def test_extract_features_row_order_and_padding_invariance(tiny_bert, tok):
         np.testing.assert_allclose(one["logits"][0], got["logits"][i], rtol=2e-5, atol=2e-5)
 
 
+def _pass(fn, state, enc, aux):
+    """One scoring pass of ``fn`` through the one batch loop."""
+    return predict.run_batches(lambda b: fn(state, b, aux), data.batches(enc, 2, sort_by_length=True), len(enc))
+
+
 @pytest.mark.slow
 def test_batch_fn_compiles_once_per_bucket_and_takes_state_as_argument(tiny_bert, tok):
     traces = []
@@ -127,20 +132,14 @@ def test_batch_fn_compiles_once_per_bucket_and_takes_state_as_argument(tiny_bert
     enc = data.encode(tok, _ds(), max_length=64, buckets=(8, 16, 64))
     buckets = {b["input_ids"].shape[1] for b in data.batches(enc, 2, sort_by_length=True)}
     fn, state = features.make_batch_fn(tiny_bert, head)
-    r1 = features.run_pass(
-        fn, state, data.batches(enc, 2, sort_by_length=True), len(enc), jnp.float32(1.0), progress=False
-    )
-    r2 = features.run_pass(
-        fn, state, data.batches(enc, 2, sort_by_length=True), len(enc), jnp.float32(2.0), progress=False
-    )
+    r1 = _pass(fn, state, enc, jnp.float32(1.0))
+    r2 = _pass(fn, state, enc, jnp.float32(2.0))
     # the head sees only [B, ...] arrays: one trace whatever the bucket, none for the second pass / new aux value
     assert len(traces) == 1 and len(buckets) > 1
     np.testing.assert_allclose(r2["s"], 2 * r1["s"], rtol=1e-6)
     # a changed state (e.g. other weights) is an argument, not a baked-in constant
     state2 = jax.tree.map(lambda x: x * 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    r3 = features.run_pass(
-        fn, state2, data.batches(enc, 2, sort_by_length=True), len(enc), jnp.float32(1.0), progress=False
-    )
+    r3 = _pass(fn, state2, enc, jnp.float32(1.0))
     assert len(traces) == 1
     assert not np.allclose(r3["s"], r1["s"])
     # the forward is compiled once per bucket and shared with the features pass (nothing new to compile)
@@ -153,9 +152,7 @@ def test_batch_fn_compiles_once_per_bucket_and_takes_state_as_argument(tiny_bert
         )
     )
     features.extract_features(tiny_bert, enc, batch_size=2, progress=False)
-    features.run_pass(
-        fn, state, data.batches(enc, 2, sort_by_length=True), len(enc), jnp.float32(3.0), progress=False
-    )
+    _pass(fn, state, enc, jnp.float32(3.0))
     assert compiles == []
 
 

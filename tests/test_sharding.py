@@ -12,20 +12,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jdup import mesh as jdup_mesh
 from jdup.models import decoder, sharding
 
 
 def test_rules_on_one_device_mesh_replicate_everything():
-    mesh = sharding.make_mesh(1, 1)
+    mesh = jdup_mesh.make_mesh("1")
     assert sharding.param_spec("model.layers.0.self_attn.q_proj.kernel", (32, 32), mesh) == P(None, None)
-
-
-def test_mesh_from_spec():
-    assert sharding.mesh_from_spec(None) is None and sharding.mesh_from_spec("none") is None
-    assert dict(sharding.mesh_from_spec("1x1").shape) == {"data": 1, "model": 1}
-    assert sharding.mesh_from_spec("auto").shape["data"] >= 1
-    with pytest.raises(ValueError, match="DATAxMODEL"):
-        sharding.mesh_from_spec("2by2")
 
 
 def test_full_size_llama_fsdp_layout():
@@ -62,19 +55,19 @@ def test_from_pretrained_onto_a_mesh_spec(tmp_path):
 
     model = tiny_model("llama", seed=1)
     src = save_pretrained(model, tmp_path / "m")
-    loaded = from_pretrained(src, mesh="1x1")
+    loaded = from_pretrained(src, mesh="1")
     q = loaded.model.layers[0].self_attn.q_proj.kernel[...]
     assert isinstance(q.sharding, jax.sharding.NamedSharding) and q.sharding.mesh.axis_names == ("data", "model")
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_shard_batch_rejects_ragged_batch():
-    mesh = sharding.make_mesh(1, 1)
-    out = sharding.shard_batch({"ids": np.zeros((3, 4), np.int32)}, mesh)
+def test_put_rows_rejects_a_batch_the_data_axis_does_not_divide():
+    mesh = jdup_mesh.make_mesh("1")
+    out = jdup_mesh.put_rows({"ids": np.zeros((3, 4), np.int32)}, mesh)
     assert out["ids"].shape == (3, 4)
     with pytest.raises(ValueError, match="devices"):
-        sharding.make_mesh(2, 4)
+        jdup_mesh.make_mesh("2x4")
 
 
 @pytest.mark.slow
@@ -106,7 +99,7 @@ def _main() -> None:
     from jdup.models import bart
 
     assert jax.device_count() == 8, jax.devices()
-    mesh = sharding.make_mesh(data=2, model=4)
+    mesh = jdup_mesh.make_mesh("2x4")
     cfg = decoder.DecoderConfig.tiny(
         "qwen2",
         hidden_size=64,
@@ -116,7 +109,7 @@ def _main() -> None:
         vocab_size=256,
     )
     single = decoder.build(cfg, rngs=nnx.Rngs(0))
-    sharded = sharding.shard_model(nnx.clone(single), mesh)
+    sharded = jdup_mesh.put_model(nnx.clone(single), mesh, fsdp=True)
     q = sharded.model.layers[0].self_attn.q_proj.kernel[...]
     assert q.sharding.spec == P("data", "model"), q.sharding
     assert q.addressable_shards[0].data.shape == (32, 16)
@@ -126,7 +119,7 @@ def _main() -> None:
     mask = np.ones_like(ids)
     mask[::2, 9:] = 0
     y = (np.arange(8) % 2).astype(np.int32)
-    batch = sharding.shard_batch({"ids": ids, "mask": mask, "y": y}, mesh)
+    batch = jdup_mesh.put_rows({"ids": ids, "mask": mask, "y": y}, mesh)
     assert batch["ids"].sharding.spec == P("data", None)
 
     fwd = nnx.jit(lambda m, i, k: m(i, k, output_hidden_states=True))
@@ -142,7 +135,7 @@ def _main() -> None:
     from jdup.models import from_pretrained, save_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = from_pretrained(save_pretrained(single, os.path.join(tmp, "m")), mesh=mesh)
+        loaded = from_pretrained(save_pretrained(single, os.path.join(tmp, "m")), mesh=mesh, fsdp=True)
     assert loaded.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec == P("data", "model")
     assert loaded.model.embed_tokens.embedding[...].sharding.spec == P("model", "data")
     ol = fwd(loaded, batch["ids"], batch["mask"])
@@ -180,8 +173,8 @@ def _main() -> None:
         lora = None
     if lora is not None:
         la_model = lora.add_lora(single, rank=4, alpha=8.0, dropout=0.0, rngs=nnx.Rngs(1))
-        lb_model = sharding.shard_model(lora.add_lora(nnx.clone(single), rank=4, alpha=8.0, dropout=0.0,
-                                                      rngs=nnx.Rngs(1)), mesh)  # fmt: skip
+        lb_model = jdup_mesh.put_model(lora.add_lora(nnx.clone(single), rank=4, alpha=8.0, dropout=0.0,
+                                                     rngs=nnx.Rngs(1)), mesh, fsdp=True)  # fmt: skip
         assert lb_model.model.layers[0].self_attn.q_proj.lora_b[...].sharding.spec == P(None, "model")
 
         def lora_grads(model, ids, mask, y):
@@ -203,7 +196,7 @@ def _main() -> None:
         d_model=64, encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=256
     )
     bs = bart.build(bcfg, rngs=nnx.Rngs(0))
-    bb = sharding.shard_model(nnx.clone(bs), mesh)
+    bb = jdup_mesh.put_model(nnx.clone(bs), mesh, fsdp=True)
     bids = ids.copy()
     bids[:, 8] = bcfg.eos_token_id
     bfwd = nnx.jit(lambda m, i, k: m(i, k, output_hidden_states=True))

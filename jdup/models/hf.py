@@ -167,7 +167,7 @@ def load_state_from_tensors(
     param_dtype=jnp.float32,
     seed: int = 0,
     mesh: Mesh | str | None = None,
-    fsdp: bool = True,
+    fsdp: bool = False,
 ) -> nnx.Module:
     """Build ``arch``'s model for ``cfg`` and fill it from Hugging Face-named tensors.
 
@@ -179,9 +179,10 @@ def load_state_from_tensors(
       dtype: compute dtype of the model (float32 / bfloat16).
       param_dtype: storage dtype of the parameters (tensors are cast to it).
       seed: seed of the initialiser for a missing classification head.
-      mesh: a ``("data", "model")`` mesh (or a spec such as ``"2x4"``, see
-        :func:`jdup.models.sharding.mesh_from_spec`): each tensor goes straight to its shard under
-        :data:`jdup.models.sharding.DEFAULT_RULES`, so no device ever holds the whole model. None: default device.
+      mesh: a ``("data", "model")`` mesh (or a spec such as ``"auto"``, ``"2x4"``, see
+        :func:`jdup.mesh.make_mesh`): each tensor goes straight to its shard under
+        :data:`jdup.models.sharding.DEFAULT_RULES` (replicated over ``data``, split over ``model``; each process
+        builds only its own shards), so no device ever holds more than its part. None: default device.
       fsdp: with ``mesh``, also split parameters along ``data`` (see :func:`jdup.models.sharding.param_spec`).
 
     Returns:
@@ -193,8 +194,10 @@ def load_state_from_tensors(
     """
     if isinstance(arch, str):
         arch = registry.get(arch)
-    if isinstance(mesh, str):
-        mesh = sharding.mesh_from_spec(mesh)
+    from jdup import mesh as mesh_lib  # jdup.mesh imports jdup.models.sharding (this package)
+
+    if isinstance(mesh, (str, int)):
+        mesh = mesh_lib.make_mesh(mesh)
     abstract = nnx.eval_shape(
         lambda: arch.build(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
     )
@@ -288,7 +291,7 @@ def load_state_from_tensors(
         if mesh is not None:
             target = NamedSharding(mesh, sharding.param_spec(jpath, leaf.shape, mesh, fsdp=fsdp))
         if jpath in values and mesh is not None:  # host -> shards, never the whole tensor on one device
-            arr = jax.device_put(np.asarray(values[jpath], dtype=leaf.dtype), target)
+            arr = mesh_lib.put_host(np.asarray(values[jpath], dtype=leaf.dtype), target)
         elif jpath in values:
             arr = jnp.asarray(values[jpath], dtype=leaf.dtype)
         else:  # a missing head, initialised as transformers' _init_weights does
@@ -301,7 +304,7 @@ def load_state_from_tensors(
             else:
                 arr = (std * jax.random.normal(sub, leaf.shape, jnp.float32)).astype(leaf.dtype)
         if isinstance(target, NamedSharding) and arr.sharding != target:
-            arr = jax.device_put(arr, target)
+            arr = mesh_lib.put_host(np.asarray(arr), target) if mesh is not None else jax.device_put(arr, target)
         _set(pure, kpath, arr)
     nnx.replace_by_pure_dict(state, pure)
     model = nnx.merge(graphdef, state)
@@ -338,7 +341,7 @@ def from_checkpoint(
     param_dtype=jnp.float32,
     seed: int = 0,
     mesh: Mesh | str | None = None,
-    fsdp: bool = True,
+    fsdp: bool = False,
     **config_overrides,
 ) -> nnx.Module:
     """Build a classifier from what a reader returned: a Hugging Face config dict and Hugging Face-named tensors.
@@ -374,7 +377,7 @@ def from_pretrained(
     param_dtype=jnp.float32,
     seed: int = 0,
     mesh: Mesh | str | None = None,
-    fsdp: bool = True,
+    fsdp: bool = False,
     **config_overrides,
 ) -> nnx.Module:
     """Load a Hugging Face sequence classifier (or a bare backbone plus a new head) as an NNX model.
@@ -386,9 +389,11 @@ def from_pretrained(
       dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
       param_dtype: parameter storage dtype.
       seed: seed of a newly initialised head.
-      mesh: load straight into a sharded layout on this mesh (or mesh spec ``"auto"`` / ``"DxM"``); see
+      mesh: load straight into a sharded layout on this mesh (or a spec ``"auto"`` / ``"DxM"`` / ``"1"``, see
+        :func:`jdup.mesh.make_mesh`): replicated over ``data``, split over ``model`` by
         :mod:`jdup.models.sharding`. None: the default device.
-      fsdp: with ``mesh``, also split parameters along the ``data`` axis.
+      fsdp: with ``mesh``, also split parameters along the ``data`` axis (FSDP: for models whose weights and
+        optimizer state do not fit one device).
       **config_overrides: fields replaced on the family config after reading ``config.json`` (e.g. ``remat=True``,
         ``hidden_dropout_prob=0.0``).
 

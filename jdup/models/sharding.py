@@ -1,11 +1,14 @@
-"""Sharding rules: model parameters and batches onto a 2-D ``jax.sharding.Mesh`` with axes ``("data", "model")``.
+"""Sharding rules: where each parameter of a model lives on a 2-D ``jax.sharding.Mesh`` with axes ``("data", "model")``.
 
-* **Batches** are split along ``data`` (data parallelism): :func:`shard_batch`.
+The mesh itself, batches and placement are in :mod:`jdup.mesh` (``make_mesh``, ``put_rows``, ``put_model``); this
+module holds the rules they apply.
+
 * **Parameters** are split Megatron-style along ``model`` (column-parallel ``q/k/v/gate/up/fc1`` kernels
   ``[in, out@model]``, row-parallel ``o/down/out_proj/fc2`` kernels ``[in@model, out]``, embeddings
   ``[vocab@model, dim]``) and, with ``fsdp=True``, *also* along ``data`` on the other dimension (FSDP / ZeRO-3
   style: each device stores ``1/(data*model)`` of every large matrix; XLA all-gathers it for the matmul). That is
-  what lets a 3B model's fp32 weights plus AdamW state (~48 GB) fit on a slice of 16 GB chips.
+  what lets a 3B model's fp32 weights plus AdamW state (~48 GB) fit on a slice of 16 GB chips. With
+  ``fsdp=False`` (what :func:`jdup.mesh.put_model` does by default) parameters are replicated over ``data``.
 * Norm scales, biases of row-parallel layers and anything no rule names are replicated. A dimension that the
   mesh axis does not divide is left unsplit, so the rules work for any model size and any mesh.
 * LoRA adapters (``jdup.lora.LoRALinear``: ``<layer>.base.kernel``, ``<layer>.lora_a [in, r]``, ``<layer>.lora_b
@@ -14,21 +17,15 @@
 
 The model code is mesh-agnostic: with sharded parameters and batch, ``jax.jit`` (GSPMD) propagates the layout
 through the forward and backward pass, so the same code runs on 1 device, 8 simulated CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and a TPU pod. Multi-host: call
-:func:`initialize_distributed` first on every host (TPU pods need no arguments), then build the mesh over
-``jax.devices()`` (all hosts' devices) and feed each host's part of the batch
-(``jax.make_array_from_process_local_data``).
-
-Where the library uses it: :func:`jdup.models.from_pretrained` (``mesh=`` a mesh or a spec such as ``"2x4"``, see
-:func:`mesh_from_spec`) puts each checkpoint tensor straight into its shard under these rules, so a stage can load
-the 3B decoders over a ``model`` axis without ever holding a full copy on one device.
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), several hosts joined by ``jax.distributed`` and a TPU
+slice. :func:`jdup.models.from_pretrained` (``mesh=``) puts each checkpoint tensor straight into its shard under
+these rules, so a stage can load a 3B decoder over a ``model`` axis without ever holding a full copy on one device.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -50,47 +47,6 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|\.)(embed_tokens|shared|word_embeddings)\.embedding$", ("tp", "fsdp")),
     (r"^(score|classifier)(\.base)?\.kernel$", ("fsdp", None)),
 )
-
-
-def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ``(data, model)`` mesh over ``devices`` (default: all devices of all processes).
-
-    Args:
-      data: size of the data axis; None uses ``len(devices) // model``.
-      model: size of the model (tensor-parallel) axis.
-      devices: devices to use; the first ``data * model`` are taken.
-
-    Returns:
-      ``jax.sharding.Mesh`` with axis names ``("data", "model")``.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    if data is None:
-        data = max(1, len(devices) // model)
-    if data * model > len(devices):
-        raise ValueError(f"mesh {data}x{model} needs {data * model} devices, only {len(devices)} available")
-    grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
-    return Mesh(grid, (DATA, MODEL))
-
-
-def mesh_from_spec(spec: str | None) -> Mesh | None:
-    """A mesh from a config string: ``""``/``"none"`` -> None (no sharding), ``"auto"`` -> all devices on
-    ``data``, ``"DxM"`` (e.g. ``"4x2"``) -> ``make_mesh(D, M)``.
-
-    Raises:
-      ValueError: a malformed spec or more devices than exist.
-    """
-    s = (spec or "").strip().lower()
-    if s in ("", "none"):
-        return None
-    if s == "auto":
-        return make_mesh()
-    try:
-        data, model = (int(x) for x in s.split("x"))
-    except ValueError:
-        raise ValueError(
-            f"mesh spec must be 'none', 'auto' or 'DATAxMODEL' like '4x2', got {spec!r}"
-        ) from None
-    return make_mesh(data, model)
 
 
 def _path_str(path) -> str:
@@ -160,13 +116,6 @@ def state_shardings(state, mesh: Mesh, *, fsdp: bool = True, rules=DEFAULT_RULES
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, *, fsdp: bool = True, rules=DEFAULT_RULES) -> nnx.Module:
-    """Move every parameter of ``model`` to its sharding on ``mesh`` (in place; also returns the model)."""
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, fsdp=fsdp, rules=rules)))
-    return model
-
-
 def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh, *, fsdp: bool = True, rules=DEFAULT_RULES):
     """Initialise a model directly into its sharded layout (no device ever holds the full model).
 
@@ -182,27 +131,6 @@ def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh, *, fsdp: bool = Tr
     shardings = state_shardings(abs_state, mesh, fsdp=fsdp, rules=rules)
     state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """``[batch@data, ...]`` sharding for an ``ndim``-dimensional batch array."""
-    return NamedSharding(mesh, PartitionSpec(DATA, *([None] * (ndim - 1))))
-
-
-def shard_batch(batch, mesh: Mesh):
-    """Put every array of a pytree batch on ``mesh`` split along its first (batch) dimension.
-
-    The batch size must be a multiple of the ``data`` axis size (pad with masked rows otherwise).
-    """
-    n = mesh.shape[DATA]
-
-    def put(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        if x.shape[0] % n:
-            raise ValueError(f"batch dimension {x.shape[0]} is not a multiple of the data axis ({n})")
-        return jax.device_put(x, batch_sharding(mesh, x.ndim))
-
-    return jax.tree.map(put, batch)
 
 
 def describe(model_or_state, mesh: Mesh | None = None) -> dict[str, str]:
@@ -226,23 +154,3 @@ def per_device_bytes(state, mesh: Mesh, *, fsdp: bool = True, rules=DEFAULT_RULE
                 n //= mesh.shape[axis]
         total += n
     return total
-
-
-def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
-) -> None:
-    """Start JAX's multi-host runtime (call once per host, before any other JAX call).
-
-    On Cloud TPU pods (and SLURM / Open MPI clusters) JAX detects everything: call with no arguments. Elsewhere
-    pass the coordinator ``host:port``, the number of processes and this process's id. Afterwards
-    ``jax.devices()`` lists every host's devices, :func:`make_mesh` spans them all, and each host feeds its own
-    slice of the batch.
-    """
-    kwargs = {
-        k: v
-        for k, v in dict(
-            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-        ).items()
-        if v is not None
-    }
-    jax.distributed.initialize(**kwargs)

@@ -1,0 +1,181 @@
+"""jdup.mesh: mesh specs, padding, placement, and every pass on a simulated 4- and 8-device mesh equal to one device.
+
+The multi-device checks run in a subprocess (the device count is fixed before JAX starts:
+``XLA_FLAGS=--xla_force_host_platform_device_count=N``); one subprocess runs all the checks of one device count,
+each comparing a mesh (``auto``, ``2x2``, ``2x4``) with the one-device mesh ``1`` on a tiny random BERT.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jdup import mesh as jmesh
+from jdup.errors import Invalid
+
+# ---------------------------------------------------------------------------------------------------------------
+# one device (in process)
+
+
+def test_specs_and_records_on_one_device():
+    m = jmesh.make_mesh("1")
+    assert tuple(m.axis_names) == ("data", "model")
+    assert jmesh.mesh_record(m) == {"data": 1, "model": 1} == jmesh.mesh_record(None)
+    assert jmesh.make_mesh(m) is m
+    for bad in ("2by2", "0x4", "x2", "auto2"):
+        with pytest.raises(Invalid, match="mesh: must be|mesh: sizes"):
+            jmesh.make_mesh(bad)
+    with pytest.raises(Invalid, match=r"mesh: 2x4 needs 8 devices but 1 are visible"):
+        jmesh.make_mesh("2x4")
+
+
+def test_pad_rows_marks_copies_invalid():
+    b = {"ids": np.arange(10).reshape(5, 2), "valid": np.ones(5, bool), "index": np.arange(5)}
+    p, n = jmesh.pad_rows(b, 4)
+    assert n == 5 and p["ids"].shape == (8, 2)
+    np.testing.assert_array_equal(p["ids"][5:], np.repeat(b["ids"][:1], 3, axis=0))
+    assert p["valid"].tolist() == [True] * 5 + [False] * 3 and p["index"][5:].tolist() == [-1] * 3
+    assert b["valid"].all()  # the input is not modified
+    same, n = jmesh.pad_rows(b, 5)
+    assert same is b and n == 5
+
+
+def test_put_rows_and_gather_round_trip():
+    m = jmesh.make_mesh("1")
+    x = {"a": np.arange(12, dtype=np.float32).reshape(4, 3)}
+    g = jmesh.put_rows(x, m)
+    assert g["a"].sharding.spec[0] == "data"
+    np.testing.assert_array_equal(jmesh.gather(g)["a"], x["a"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several simulated devices (subprocess)
+
+
+def _run(n_devices: int, checks: str, timeout: int = 900) -> str:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    r = subprocess.run(
+        [sys.executable, __file__, str(n_devices), checks],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r.stdout
+
+
+def test_passes_on_4_devices_equal_one_device():
+    """``auto`` (4x1) and ``2x2``: predict, features, detection; batches of 6 rows (not a multiple of 4)."""
+    out = _run(4, "predict,detect")
+    assert out.count("OK ") == 2, out
+
+
+@pytest.mark.slow
+def test_train_and_unlearn_on_4_devices_equal_one_device():
+    out = _run(4, "train,unlearn")
+    assert out.count("OK ") == 2, out
+
+
+@pytest.mark.slow
+def test_everything_on_a_2x4_mesh_equals_one_device():
+    out = _run(8, "predict,detect,train,unlearn")
+    assert out.count("OK ") == 4, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the checks (run as a script in the subprocesses above)
+
+TEXTS = [
+    "a great film with lovely music",
+    "dull",
+    "the plot was awful and the ending long",
+    "superb",
+    "it was a boring story of old actors and new scenes that went on",
+    "wonderful acting",
+    "terrible",
+    "the director made a brilliant short movie",
+    "dreadful scenes",
+    "lovely",
+    "a long story",
+    "awful music in an old film",
+    "new",
+]
+
+
+def _meshes(n: int) -> list[str]:
+    return ["auto", "2x2"] if n == 4 else ["2x4"]
+
+
+def _data(n_rows: int, seed: int = 0):
+    from jdup import data
+
+    rng = np.random.default_rng(seed)
+    texts = [TEXTS[i % len(TEXTS)] + (" extra" * int(rng.integers(0, 4))) for i in range(n_rows)]
+    labels = np.arange(n_rows) % 2
+    return data.TextDataset(texts, labels, np.zeros(n_rows, np.int8), source="synthetic")
+
+
+def _check_predict(n: int) -> None:
+    from jdup import data, features, models, predict
+
+    model = models.tiny_model("bert", 2, seed=0)
+    tok = models.load_tokenizer("builtin:minilm")
+    enc = data.encode(tok, _data(13), max_length=32, buckets=(8, 16, 32))
+    one = jmesh.make_mesh("1")
+    ref = predict.predict(model, enc, 6, mesh=one)
+    ref_f = features.extract_features(model, enc, 6, progress=False, mesh=one)
+    for spec in _meshes(n):
+        mesh = jmesh.make_mesh(spec)
+        m = jmesh.put_model(models.tiny_model("bert", 2, seed=0), mesh)
+        got = predict.predict(m, enc, 6, mesh=mesh)
+        assert got.shape == ref.shape == (13, 2)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+        f = features.extract_features(m, enc, 6, progress=False, mesh=mesh)
+        np.testing.assert_allclose(f["features"], ref_f["features"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(f["logits"], ref_f["logits"], rtol=1e-5, atol=1e-5)
+    print("OK predict")
+
+
+def _check_detect(n: int) -> None:
+    from jdup import detect, models
+
+    tok = models.load_tokenizer("builtin:minilm")
+    calib, scored = _data(48, 1), _data(30, 2)
+    cfg = detect.DetectConfig(method="dup", batch_size=6, max_length=32, buckets=(16, 32), progress=False)
+    ref = detect.detect(models.tiny_model("bert", 2, seed=0), tok, calib, scored, cfg, mesh=jmesh.make_mesh("1"))
+    for spec in _meshes(n):
+        mesh = jmesh.make_mesh(spec)
+        model = jmesh.put_model(models.tiny_model("bert", 2, seed=0), mesh)
+        got = detect.detect(model, tok, calib, scored, cfg, mesh=mesh)
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(got.flags, ref.flags)
+        assert got.threshold == pytest.approx(ref.threshold, rel=1e-4, abs=1e-4)
+    print("OK detect")
+
+
+def _check_train(n: int) -> None:
+    print("SKIP train")
+
+
+def _check_unlearn(n: int) -> None:
+    print("SKIP unlearn")
+
+
+def _main(n: int, checks: str) -> None:
+    import jax
+
+    assert jax.device_count() == n, jax.devices()
+    for name in checks.split(","):
+        globals()[f"_check_{name}"](n)
+
+
+if __name__ == "__main__":
+    _main(int(sys.argv[1]), sys.argv[2])
