@@ -221,10 +221,15 @@ def sensitivity_scores(
     A calibration part of the normal set (``calib_frac``) is held out of every perturbation and scored the same
     way as the scored rows; the perturbations are learned on disjoint parts of the rest.
 
+    The scored rows' labels ``y`` are the victim's predictions (``cfg.scored_labels="predicted"``, from the
+    unperturbed forward pass the score needs anyway) or their label column (``"given"``); the held-out normal rows
+    always use their true labels.
+
     Returns:
       ``(s [N], info)`` with ``s = l(theta') - l(theta0)`` (or the probability drop for ``score="prob"``);
       ``info["calib_scores"]``/``info["calib_labels"]`` hold the held-out normal rows' scores and labels,
-      ``info["fit"]`` marks the scored rows the victim predicts as their given label.
+      ``info["scored_labels"]`` the labels used for the scored rows, ``info["fit"]`` marks the scored rows the
+      victim predicts as that label (every row with predicted labels).
     """
     n_p = max(1, int(cfg.n_perturbations))
     seed = _seed(cfg)
@@ -239,13 +244,16 @@ def sensitivity_scores(
     total = np.zeros(len(both))
     infos = []
     base = None
-    labels = np.asarray(both.labels)
+    n = len(scored)
+    labels = np.array(both.labels, copy=True)
     for j, part in enumerate(parts):
         graphdef, tr0, tr, frozen, info = learn_perturbation(
             model, normal.subset(np.sort(part)), cfg, seed + 101 * j, eval_batch_size=eval_batch_size
         )
-        if base is None:
+        if base is None:  # the fresh adapter starts at B = 0: these are the victim's own logits
             base = predict_states(graphdef, (tr0, frozen), both, eval_batch_size)
+            if cfg.scored_labels == "predicted":
+                labels[:n] = base[:n].argmax(-1)
         pert = predict_states(graphdef, (tr, frozen), both, eval_batch_size)
         if cfg.score == "prob":
             total += np.exp(-per_sample_loss(base, labels)) - np.exp(-per_sample_loss(pert, labels))
@@ -253,11 +261,11 @@ def sensitivity_scores(
             total += per_sample_loss(pert, labels) - per_sample_loss(base, labels)
         infos.append(info)
     total /= len(parts)
-    n = len(scored)
     fit = (
         base.argmax(-1) == labels
-    )  # the victim predicts the given label (poisoned rows it obeys: the target)
-    info = {"perturbations": infos, "calib_scores": total[n:], "calib_labels": labels[n:], "fit": fit[:n]}
+    )  # the victim predicts the row's label (poisoned rows it obeys: the target)
+    info = {"perturbations": infos, "calib_scores": total[n:], "calib_labels": labels[n:], "fit": fit[:n],
+            "scored_labels": labels[:n]}
     return total[:n], info
 
 
@@ -380,7 +388,8 @@ def detect_upgp(
 
     Args:
       model: the backdoored victim (not modified).
-      scored: tokenised rows to score, with their given labels (poisoned rows carry the target label).
+      scored: tokenised rows to score. Their label column is read only with ``cfg.scored_labels="given"``
+        (labelled training data); by default the victim's predictions label them.
       normal: tokenised trusted clean rows with true labels (e.g. dev-clean).
       cfg: :class:`UPGPConfig`.
       is_poison: optional ground truth (default ``scored.poison``) used only for AUROC.
@@ -396,12 +405,13 @@ def detect_upgp(
     t0 = time.perf_counter()
     s, info = sensitivity_scores(model, scored, normal, cfg, eval_batch_size=eval_batch_size)
     t1 = time.perf_counter()
-    labels = np.asarray(scored.labels)
+    labels = info.pop("scored_labels")
     z = robust_z(s, labels, info["calib_scores"], info["calib_labels"])
     fit = info.pop("fit")
     flags, target = flag_low_tail(z, labels, cfg.z_threshold, cfg.min_flag_frac, cfg.max_flag_frac, fit=fit)
+    labelled = dataclasses.replace(scored, labels=np.asarray(labels, np.asarray(scored.labels).dtype))
     fo = (
-        first_order_scores(model, scored, normal, cfg, eval_batch_size=eval_batch_size)
+        first_order_scores(model, labelled, normal, cfg, eval_batch_size=eval_batch_size)
         if cfg.first_order
         else None
     )
@@ -439,8 +449,6 @@ def detect_upgp(
         fit=fit,
     )
 
-
-_mean_grad = mean_grad  # the name jdup.upgp used (tests, jdup.upgp's projection half)
 
 __all__ = [
     "QUERY_VALUE",

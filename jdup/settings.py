@@ -200,6 +200,10 @@ class UPGPConfig:
     n_perturbations: int = 2  # perturbations from disjoint parts of the normal set (scores averaged)
     calib_frac: float = 0.25  # normal rows held out of the perturbations; per-class median/MAD come from them
     score: str = "loss"  # loss: l(theta') - l(theta0) | prob: p_theta0(y) - p_theta'(y)
+    # labels y of the scored rows: predicted (default) = the victim's own predictions, for unlabelled rows (a test
+    # set, incoming data: the file's label column is never read) | given = the file's label column, only when the
+    # scored set is labelled training data the user vouches for
+    scored_labels: str = "predicted"
     # --- first-order score
     first_order: bool = True  # also compute the vmapped gradient-cosine score
     first_order_batch: int = 16  # rows per vmapped per-sample-gradient batch
@@ -228,6 +232,7 @@ class UPGPConfig:
         check_range(self, "stop_margin", 0, 1)
         check_range(self, "calib_frac", 0, 1, hi_open=True)
         check_one_of(self, "score", ("loss", "prob"))
+        check_one_of(self, "scored_labels", ("predicted", "given"))
         check_range(self, "z_threshold", 0)
         check_range(self, "min_flag_frac", 0, 1)
         check_range(self, "max_flag_frac", self.min_flag_frac, 1)

@@ -90,11 +90,11 @@ def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
         upgp=UPGPConfig(max_steps=4, eval_every=2, n_perturbations=1, first_order=False),
     )
     res = detect.detect(model, tok, calib, scored, cfg)
-    x = res.extra
+    x = res.ensemble
     n_v = len(res.val_index)
-    assert n_v == len(calib) // 2 and x["upgp_val_scores"].shape == (n_v,)
+    assert n_v == len(calib) // 2 and x.upgp_val_scores.shape == (n_v,)
     ens = fusion.ensemble_scores(
-        [np.r_[x["dup_val_scores"], x["dup_scores"]], np.r_[x["upgp_val_scores"], x["upgp_scores"]]],
+        [np.r_[x.dup_val_scores, x.dup_scores], np.r_[x.upgp_val_scores, res.upgp.scores]],
         rank=True,
     )
     np.testing.assert_allclose(res.scores, ens[n_v:])
@@ -104,7 +104,7 @@ def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
     assert res.metrics["auroc"] == pytest.approx(metrics.auroc(scored.poison.astype(bool), res.scores))
     # the DUP half is DUP's own detection
     dup = detect.detect(model, tok, calib, scored, detect.DetectConfig(**{**cfg.__dict__, "method": "dup"}))
-    np.testing.assert_allclose(x["dup_scores"], dup.scores, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(x.dup_scores, dup.scores, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -226,7 +226,8 @@ def test_upgp_flags_the_target_class_of_the_badnets_victim(badnets_victim):
     res = detect.detect(model, tok, calib, scored, cfg)
     y = scored.poison.astype(bool)
     assert res.metrics["target_class"] == 1 and res.metrics["auroc"] > 0.7
-    assert res.flags.any() and (scored.labels[res.flags] == 1).all()
+    # flagged rows are rows the victim sends to the target (labels are its predictions, not the file's column)
+    assert res.flags.any() and (res.preds[res.flags] == 1).all()
     assert res.flags[y].sum() > res.flags[~y].sum()  # mostly poison among the flags
 
 
@@ -291,3 +292,33 @@ def test_decide_redecides_one_scoring_pass(folder):
                 again = detect.detect(model, tok, calib, scored, cfg)
                 np.testing.assert_allclose(dec.scores, again.scores, rtol=1e-12, atol=1e-12)
                 np.testing.assert_array_equal(dec.flags, again.flags)
+
+
+@pytest.mark.slow
+def test_default_upgp_scores_ignore_the_scored_label_column(tiny_enc):
+    """The scored rows are unlabelled by default (``scored_labels: predicted``): permuting or corrupting their label
+    column changes nothing; with ``scored_labels: given`` the same corruption changes the scores."""
+    import dataclasses
+
+    from jdup import sensitivity
+
+    model = models.tiny_model("bert", 2, seed=0)
+    normal, scored = tiny_enc
+    permuted = dataclasses.replace(scored, labels=np.roll(scored.labels, 1))  # a permutation of the column
+    corrupt = dataclasses.replace(scored, labels=(1 - scored.labels).astype(scored.labels.dtype))
+    assert (permuted.labels != scored.labels).any()
+    cfg = UPGPConfig(max_steps=2, eval_every=1, n_perturbations=1, lora_rank=2, first_order=True, first_order_batch=12)
+    runs = [sensitivity.detect_upgp(model, s, normal, cfg, eval_batch_size=12) for s in (scored, permuted, corrupt)]
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other.scores, runs[0].scores)
+        np.testing.assert_array_equal(other.flags, runs[0].flags)
+        np.testing.assert_array_equal(other.first_order, runs[0].first_order)
+        assert other.target_class == runs[0].target_class
+    assert runs[0].fit.all()  # every row "fits" its predicted label
+
+    given = dataclasses.replace(cfg, scored_labels="given", first_order=False)
+    a = sensitivity.detect_upgp(model, scored, normal, given, eval_batch_size=12)
+    b = sensitivity.detect_upgp(model, corrupt, normal, given, eval_batch_size=12)
+    assert not np.allclose(a.sensitivity, b.sensitivity)  # the option is live: given labels enter the score
+    with pytest.raises(JdupError, match="scored_labels"):
+        config_lib.build(UPGPConfig, {"scored_labels": "true"})

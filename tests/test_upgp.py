@@ -12,7 +12,8 @@ import pytest
 
 from jdup import config as config_lib
 from jdup import data as D
-from jdup import fusion, optim, projection, sensitivity
+from jdup import fusion, optim, projection, sensitivity, subspace
+from jdup import predict as predict_lib
 from jdup.errors import JdupError
 from jdup.settings import ProjectionOptions, UPGPConfig
 
@@ -106,7 +107,10 @@ def test_detection_pipeline_and_vmapped_first_order_matches_a_loop(tiny):
     assert det.scores.shape == det.flags.shape == det.sensitivity.shape == (24,)
     assert det.first_order.shape == (24,) and np.all(np.abs(det.first_order) <= 1.0 + 1e-6)
     assert 0 <= det.auroc <= 1 and det.info["perturbations"][0]["steps"] >= 3
-    assert 1 <= det.flags.sum() <= 12 and (scored.labels[det.flags] == det.target_class).all()
+    # the scored rows are labelled by the victim's predictions (scored_labels: predicted): flags lie in the target
+    # class of those predictions
+    preds = predict_lib.predict(tiny, scored, 64).argmax(-1)
+    assert 1 <= det.flags.sum() <= 12 and (preds[det.flags] == det.target_class).all()
 
     # the vmapped per-sample gradient dots equal one jax.grad per row
     graphdef, tr0, frozen = sensitivity._fresh_adapter(tiny, 4, 8.0, ("query", "value"), jax.random.key(3))
@@ -137,7 +141,7 @@ def test_gradient_projection_step_changes_clean_loss_at_second_order(tiny):
     tr = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x + 1e-3), st.trainable)  # move off B = 0
     probe = projection._fixed_batches(clean, len(clean), 1, 0)[0]
     stack = projection.clean_gradient_stack(g, tr, fr, clean, 1, len(clean), 0)
-    bases, _ = optim.gradient_basis(stack, 1.0, per_block=False, max_rank=1)
+    bases, _ = subspace.gradient_basis(stack, 1.0, per_block=False, max_rank=1)
     fb = projection._fixed_batches(forget, len(forget), 1, 1)[0]
     fb["labels"] = 1 - fb["labels"]
     direction = sensitivity.mean_grad(g, tr, fr, fb)
@@ -169,7 +173,7 @@ def test_retain_update_is_a_separate_unprojected_stream(tiny):
     st = U.build_student(tiny, cfg)
     g, tr, fr = st.graphdef, jax.tree.map(lambda x: x + 0.05, st.trainable), st.frozen
     settings = U.LossSettings.from_config(cfg, 1)
-    teacher = np.asarray(U.model_logits(tiny, forget, 16))
+    teacher = np.asarray(predict_lib.predict(tiny, forget, 16))
     batch = U.joint_batch(next(D.batches(forget, 8)), teacher, next(D.batches(clean, 8)))
 
     def grad_of(i):
@@ -178,14 +182,17 @@ def test_retain_update_is_a_separate_unprojected_stream(tiny):
     g_forget, g_retain = grad_of(0), grad_of(1)
     # protected subspace: the retain gradient's own direction plus the sign pattern Adam's first step takes
     stack = jax.tree.map(lambda a, b: jnp.stack([a, jnp.sign(b)]), g_retain, g_retain)
-    bases, _ = optim.gradient_basis(stack, 1.0, per_block=False, max_rank=2)
+    bases, _ = subspace.gradient_basis(stack, 1.0, per_block=False, max_rank=2)
     proj = optim.project_null_space(2, 1.0, mode="global", bases=bases)
-    tx = U.make_two_stream_optimizer(0.1, 10, proj, warmup_frac=0.0, clip_norm=1.0)
-    assert isinstance(tx, U.TwoStreams)
+    spec = U.OptimizerSpec(10, 0, weight_decay=0.0, clip=1.0, projection=proj)
+    hp = U.step_hparams(0.1)
+    tx = spec.build(hp)  # a transform over the pair (forget, retain) of gradients
     state = tx.init(tr)
     u_both, _ = tx.update((g_forget, g_retain), state, tr)
-    u_forget, _ = tx.forget.update(g_forget, tx.forget.init(tr), tr)
-    u_retain, _ = tx.retain.update(g_retain, tx.retain.init(tr), tr)
+    forget_tx = optim.adamw_chain(0.1, clip=1.0, projection=proj)
+    retain_tx = optim.adamw_chain(0.1, clip=1.0)
+    u_forget, _ = forget_tx.update(g_forget, forget_tx.init(tr), tr)
+    u_retain, _ = retain_tx.update(g_retain, retain_tx.init(tr), tr)
 
     def cos(u):
         return float(optim.subspace_cosine(u, bases, mode="global"))
@@ -200,8 +207,7 @@ def test_retain_update_is_a_separate_unprojected_stream(tiny):
     assert optim.get_basis(state) is not None  # the hook finds the projection state inside the pair
 
     # the jitted train step routes the two loss terms into the two streams (one forward, two backwards)
-    step = U.make_train_step(g, tx, settings)
-    new_tr, _, m = step(tr, fr, tx.init(tr), batch, None)
+    new_tr, _, m = U.jit_train_step(g, spec, settings, tr, fr, spec.init(tr), batch, None, hp)
     moved = jax.tree.map(lambda a, b: a - b, new_tr, tr)
     for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(u_both), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)  # jit vs eager float noise
@@ -239,12 +245,16 @@ def test_inflora_keeps_down_projection_orthogonal_and_clean_preactivations(tiny)
     )
     trainable = hook.prepare_student(student)
     assert hook.prepared
-    opt_state = tx.init(trainable)
-    step = U.make_train_step(student.graphdef, tx, U.LossSettings.from_config(cfg, 1))
+    # the optimizer of a projected run: tx on the forget stream, the variant's structural constraints on the retain
+    spec = U.OptimizerSpec(10, 0, weight_decay=0.0, projection=tx, retain_projection=hook.retain_projection)
+    settings = U.LossSettings.from_config(cfg, 1)
     teacher = np.zeros((len(forget), 2), np.float32)
     teacher[:, 1] = 5.0
     batch = U.joint_batch(next(D.batches(forget, 8)), teacher, next(D.batches(clean, 8)))
-    new_tr, _, _ = step(trainable, student.frozen, opt_state, batch, jax.random.key(0))
+    new_tr, _, _ = U.jit_train_step(
+        student.graphdef, spec, settings, trainable, student.frozen, spec.init(trainable), batch,
+        jax.random.key(0), U.step_hparams(1e-2),
+    )
 
     leaves_old = dict(zip(projection._leaf_paths(trainable), jax.tree.leaves(trainable), strict=True))
     leaves_new = dict(zip(projection._leaf_paths(new_tr), jax.tree.leaves(new_tr), strict=True))
