@@ -1,8 +1,8 @@
 """Atomic outputs: every file and every stage folder jdup writes appears complete or not at all.
 
 Files: :func:`write` (and :func:`write_text`, :func:`write_json`, :func:`write_bytes`, :func:`write_npy`,
-:func:`write_npz`, :func:`save_figure`) writes ``<path>.tmp-<pid>`` next to the destination and renames it over
-``path`` once complete, so readers never see half a file.
+:func:`write_npz`, :func:`save_figure`) writes ``<path>.tmp-<pid>-<host>-<run>`` next to the destination and renames
+it over ``path`` once complete, so readers never see half a file.
 
 Folders: :class:`StagedDir` is a stage's output folder under construction. The stage writes into the sibling
 ``<out>.partial/`` (a deterministic name: a killed training or unlearning run keeps its checkpoint there and the
@@ -11,8 +11,29 @@ where the kernel has it, else two renames), so a failed or killed run leaves the
 and no file of an earlier run survives inside a new output. :func:`replace_dir` does the swap for any folder
 written under :func:`temp_dir`.
 
-Leftovers of dead runs (``<out>.tmp-<pid>``, ``<out>.old-<pid>``, a ``.partial`` folder nobody owns, and
-``*.tmp-<pid>`` files) are removed by :func:`clean_leftovers` / :func:`clean_temp_files` with one warning each.
+Several processes (``jax.distributed``, :mod:`jdup.distributed`): only process 0 (the *writer*) creates, locks,
+writes or deletes anything under ``<out>``; the other processes get a private scratch folder as
+:attr:`StagedDir.path` (removed when they finish), read the shared checkpoint folder
+(:meth:`StagedDir.checkpoint_dir`) and wait at barriers: after the writer opened the staging folder, before it
+commits (every process finished its work) and after the commit.
+
+Who owns what, safely across hosts that share a disk:
+
+* temporary names carry the pid, a tag of the host name and the run: ``<name>.tmp-<pid>-<host8>-<run8>`` (and
+  ``<name>.old-...`` during a folder swap); ``<host8>`` is a hash of the host name, ``<run8>`` the start of the
+  run token (:func:`jdup.distributed.run_token`: one id for all processes of a run, drawn by process 0);
+* ``<out>.partial/.jdup-owner`` holds ``<host> <pid> <run token>`` of the run writing it; the writer touches it
+  every :data:`OWNER_HEARTBEAT_S` seconds while it works;
+* a leftover temporary file or folder is removed only when it is certainly dead: written on **this** host by a
+  pid that is no longer alive, or written on **another** host and not modified for :data:`FOREIGN_STALE_S`
+  (a day); an old-style name without host (``.tmp-<pid>``) counts as this host's;
+* a ``.partial`` folder whose owner is a live process of this host, or whose owner file was touched by another host
+  within :data:`OWNER_FRESH_S` (15 minutes), belongs to a live run: it is never resumed, taken over or deleted
+  (the command fails with one line naming the owner); otherwise it is the unfinished output of a dead run, resumed
+  (its checkpoint) or removed.
+
+Ctrl-C (remembered, acted on at every step, held back while a checkpoint is written) is handled in
+:mod:`jdup.distributed`.
 """
 
 from __future__ import annotations
@@ -20,16 +41,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
+import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+import time
+from collections.abc import Callable
+from typing import IO, Any, NamedTuple
 
 from jdup.errors import JdupError
 
@@ -37,7 +60,14 @@ log = logging.getLogger("jdup")
 
 PARTIAL = ".partial"
 OWNER = ".jdup-owner"
-_TMP = re.compile(r"\.(tmp|old)-(\d+)(\..*)?$")
+#: ``.tmp-<pid>`` (old style) or ``.tmp-<pid>-<host8>-<run8>``, then an optional extension
+_TMP = re.compile(r"\.(tmp|old)-(\d+)(?:-([0-9a-f]{8})-([0-9a-z]{1,12}))?(\..*)?$")
+#: a leftover of another host is removed only after this many seconds without modification
+FOREIGN_STALE_S = 24 * 3600
+#: a ``.partial`` owner file touched by another host within this many seconds belongs to a live run
+OWNER_FRESH_S = 15 * 60
+#: how often a writer touches its owner file
+OWNER_HEARTBEAT_S = 60
 
 
 def _umask() -> int:
@@ -55,28 +85,39 @@ def fix_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~_UMASK)
 
 
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Holds back Ctrl-C (SIGINT) until the block is done, then raises it: a checkpoint being saved is finished
-    before the interrupt lands (no half-written step, no library thread dying at exit). Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
+# ---------------------------------------------------------------------------------------------------------------
+# names of temporary files and their owners
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def host_tag(host: str | None = None) -> str:
+    """8 hex digits naming a host in temporary file names."""
+    return hashlib.sha1((host or _host()).encode()).hexdigest()[:8]
+
+
+def _run_tag() -> str:
+    from jdup import distributed
+
+    return distributed.run_token()[:8]
+
+
+def _suffix(kind: str) -> str:
+    return f".{kind}-{os.getpid()}-{host_tag()}-{_run_tag()}"
+
+
+def _stale(path: str, pid: int, host: str | None) -> bool:
+    """Whether the leftover ``path`` written by ``pid`` on the host tagged ``host`` (None: this host, old-style
+    name) is certainly dead (see the module docstring)."""
+    if host is None or host == host_tag():
+        return not _alive(pid)
     try:
-        old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if got:
-            if old is signal.default_int_handler:
-                raise KeyboardInterrupt
-            if callable(old):
-                old(signal.SIGINT, None)
+        age = time.time() - os.lstat(path).st_mtime
+    except OSError:
+        return False
+    return age > FOREIGN_STALE_S
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,12 +125,12 @@ def deferred_interrupt() -> Iterator[None]:
 
 
 def tmp_name(path: str | os.PathLike) -> str:
-    """The temporary name of ``path`` while this process writes it: ``<path>.tmp-<pid>``."""
-    return f"{os.fspath(path)}.tmp-{os.getpid()}"
+    """The temporary name of ``path`` while this process writes it: ``<path>.tmp-<pid>-<host8>-<run8>``."""
+    return f"{os.fspath(path)}{_suffix('tmp')}"
 
 
 def write(path: str | os.PathLike, writer: Callable[[IO[Any]], Any], *, binary: bool = False) -> None:
-    """Calls ``writer(file)`` on ``<path>.tmp-<pid>`` and renames it to ``path`` once it has returned."""
+    """Calls ``writer(file)`` on :func:`tmp_name` ``(path)`` and renames it to ``path`` once it has returned."""
     path = os.fspath(path)
     tmp = tmp_name(path)
     try:
@@ -119,6 +160,14 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, def
     write(path, lambda f: f.write(json.dumps(obj, indent=indent, default=default) + "\n"))
 
 
+def append_jsonl(path: str | os.PathLike, obj: Any, *, default: Callable | None = str) -> None:
+    """Appends ``obj`` as one JSON line to a log file in a single write (after a kill a line is whole or a cut
+    last line, which readers skip; a log that must be rewritten goes through :func:`write_text`)."""
+    line = json.dumps(obj, default=default) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
 def write_npy(path: str | os.PathLike, array: Any) -> None:
     """``numpy.save`` atomically (no ``.npy`` appended to ``path``)."""
     import numpy as np
@@ -145,7 +194,7 @@ def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Non
 
 
 def temp_dir(dest: str | os.PathLike) -> str:
-    """A fresh empty ``<dest>.tmp-<pid>`` folder next to ``dest`` (for :func:`replace_dir`)."""
+    """A fresh empty :func:`tmp_name` ``(dest)`` folder next to ``dest`` (for :func:`replace_dir`)."""
     tmp = tmp_name(os.path.abspath(os.fspath(dest)))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -184,7 +233,7 @@ def replace_dir(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     if _exchange(src, dest):
         shutil.rmtree(src, ignore_errors=True)  # now holds the previous output
         return
-    old = f"{dest}.old-{os.getpid()}"
+    old = f"{dest}{_suffix('old')}"
     shutil.rmtree(old, ignore_errors=True)
     os.replace(dest, old)
     try:
@@ -218,8 +267,9 @@ def _remove(path: str) -> None:
 
 
 def clean_leftovers(dest: str | os.PathLike) -> list[str]:
-    """Removes ``<dest>.tmp-<pid>`` / ``<dest>.old-<pid>`` siblings left by dead processes (restoring an
-    ``.old`` folder when ``dest`` itself is missing: a swap that was killed half-way). Returns what it did."""
+    """Removes ``<dest>.tmp-...`` / ``<dest>.old-...`` siblings left by dead runs (the rule of the module docstring;
+    an ``.old`` folder is restored when ``dest`` itself is missing: a swap that was killed half-way). Returns what
+    it did."""
     dest = os.path.abspath(os.fspath(dest))
     parent, name = os.path.split(dest)
     done = []
@@ -231,9 +281,9 @@ def clean_leftovers(dest: str | os.PathLike) -> list[str]:
         if not entry.startswith(name + "."):
             continue
         m = _TMP.fullmatch(entry[len(name):])
-        if not m or _alive(int(m.group(2))):
-            continue
         path = os.path.join(parent, entry)
+        if not m or not _stale(path, int(m.group(2)), m.group(3)):
+            continue
         if m.group(1) == "old" and not os.path.exists(dest):
             os.replace(path, dest)
             done.append(f"restored {dest} from {path} (a replacement was interrupted)")
@@ -246,7 +296,8 @@ def clean_leftovers(dest: str | os.PathLike) -> list[str]:
 
 
 def clean_temp_files(folder: str | os.PathLike) -> list[str]:
-    """Removes ``*.tmp-<pid>*`` entries of dead processes directly inside ``folder``; returns their paths."""
+    """Removes ``*.tmp-...`` entries of dead runs directly inside ``folder`` (the rule of the module docstring);
+    returns their paths."""
     folder = os.fspath(folder)
     removed = []
     try:
@@ -254,9 +305,11 @@ def clean_temp_files(folder: str | os.PathLike) -> list[str]:
     except OSError:
         return removed
     for entry in entries:
-        m = re.search(r"\.tmp-(\d+)(\.[^/]*)?$", entry)
-        if m and not _alive(int(m.group(1))):
-            path = os.path.join(folder, entry)
+        m = _TMP.search(entry)
+        if not m or m.group(1) != "tmp":
+            continue
+        path = os.path.join(folder, entry)
+        if _stale(path, int(m.group(2)), m.group(3)):
             _remove(path)
             removed.append(path)
             log.warning("removed %s (left by an interrupted run)", path)
@@ -268,13 +321,67 @@ def partial_dir(dest: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(dest)) + PARTIAL
 
 
-def _owner(path: str) -> tuple[str, int] | None:
+class Owner(NamedTuple):
+    """Who writes a ``.partial`` folder: its ``.jdup-owner`` file (``host pid [run token]``) and its age."""
+
+    host: str
+    pid: int
+    token: str | None
+    age_s: float
+
+
+def _owner(path: str) -> Owner | None:
+    file = os.path.join(path, OWNER)
     try:
-        with open(os.path.join(path, OWNER), encoding="utf-8") as f:
-            host, _, pid = f.read().strip().rpartition(" ")
-        return host, int(pid)
-    except (OSError, ValueError):
+        with open(file, encoding="utf-8") as f:
+            parts = f.read().split()
+        age = time.time() - os.stat(file).st_mtime
+    except OSError:
         return None
+    try:
+        if len(parts) >= 3 and parts[-2].isdigit():  # host pid token
+            return Owner(" ".join(parts[:-2]), int(parts[-2]), parts[-1], age)
+        return Owner(" ".join(parts[:-1]), int(parts[-1]), None, age)  # older style: host pid
+    except (ValueError, IndexError):
+        return None
+
+
+def live_owner(path: str) -> str | None:
+    """Why the ``.partial`` folder ``path`` belongs to another live run (one phrase), or None when it does not:
+    a live process of this host, or an owner file another host touched within :data:`OWNER_FRESH_S`."""
+    owner = _owner(path)
+    if owner is None:
+        return None
+    from jdup import distributed
+
+    if owner.host == _host():
+        if owner.pid != os.getpid() and _alive(owner.pid):
+            return f"another jdup process (pid {owner.pid}) is writing this output right now"
+        return None
+    if owner.token and owner.token == distributed.run_token():
+        return None
+    if owner.age_s < OWNER_FRESH_S:
+        return (f"a jdup run on host {owner.host} (pid {owner.pid}) was writing this output {owner.age_s:.0f} s ago; "
+                f"if it is gone, wait {OWNER_FRESH_S // 60} minutes or remove {path}")
+    return None
+
+
+class _Heartbeat:
+    """Touches the owner file every :data:`OWNER_HEARTBEAT_S` seconds (a daemon thread) until stopped."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="jdup-owner-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(OWNER_HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.file)
+
+    def stop(self) -> None:
+        self.stop_event.set()
 
 
 class StagedDir:
@@ -286,33 +393,64 @@ class StagedDir:
         from an empty folder.
       keep: name(s) of the entries inside the staging folder that make it worth keeping after a failure or an
         interrupt (e.g. ``"ckpt"``: a resumable checkpoint); without them a failed run's staging folder is removed.
+      writer: whether this process writes (default :func:`jdup.distributed.is_writer`: process 0). Another
+        process touches nothing under ``dest``: :attr:`path` is a private scratch folder it may write into
+        (removed on :meth:`close`), and it waits at the barriers of :meth:`open` and :meth:`commit`.
 
     Use as a context manager; call :meth:`commit` once every file is written (the stage's manifest last).
     Leaving the block without :meth:`commit` (an error, Ctrl-C, a run stopped at ``max_steps``) leaves ``dest``
     untouched and keeps the staging folder only when it holds ``keep``.
     """
 
-    def __init__(self, dest: str | os.PathLike, *, resume: bool = False, keep: str | tuple[str, ...] | None = None):
+    def __init__(self, dest: str | os.PathLike, *, resume: bool = False, keep: str | tuple[str, ...] | None = None,
+                 writer: bool | None = None):
+        from jdup import distributed
+
         self.dest = os.path.abspath(os.fspath(dest))
-        self.path = partial_dir(self.dest)
+        self.partial = partial_dir(self.dest)
+        self.writer = distributed.is_writer() if writer is None else bool(writer)
+        self.path = self.partial
         self.resume = resume
         self.keep = (keep,) if isinstance(keep, str) else tuple(keep or ())
         self.committed = False
         self.resumed = False
+        self._heartbeat: _Heartbeat | None = None
+        self._scratch: str | None = None
+        self._owned = False  # this process made (or took over) the staging folder: only then may close() touch it
+
+    def checkpoint_dir(self, name: str = "ckpt") -> str:
+        """``<dest>.partial/<name>``: the checkpoint folder, the same on every process (a shared disk)."""
+        return os.path.join(self.partial, name)
 
     def _keepable(self) -> bool:
-        return any(os.path.exists(os.path.join(self.path, k)) for k in self.keep)
+        return any(os.path.exists(os.path.join(self.partial, k)) for k in self.keep)
 
     def open(self) -> StagedDir:
+        from jdup import distributed
+
+        try:
+            if self.writer:
+                self._open_writer()
+            else:
+                self._scratch = self.path = tempfile.mkdtemp(prefix=f"jdup-p{distributed.process_index()}-")
+                _SCRATCH[self._scratch] = self.partial
+            distributed.barrier("staged-open")  # the others see the staging folder only once it is settled
+            self.resumed = bool(distributed.broadcast(self.resumed))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open_writer(self) -> None:
+        from jdup import distributed
+
         clean_leftovers(self.dest)
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             _remove(self.path)
         if os.path.isdir(self.path):
-            owner = _owner(self.path)
-            here = socket.gethostname()
-            if owner is not None and owner[0] == here and owner[1] != os.getpid() and _alive(owner[1]):
-                raise JdupError(f"another jdup process (pid {owner[1]}) is writing this output right now; wait for "
-                                "it to finish or stop it", self.dest)
+            why = live_owner(self.path)
+            if why is not None:
+                raise JdupError(f"{why}; wait for it to finish or stop it", self.dest)
             if self.resume and self._keepable():
                 self.resumed = True
                 log.info("resuming from the unfinished output of an earlier run: %s", self.path)
@@ -321,20 +459,43 @@ class StagedDir:
                 shutil.rmtree(self.path)
                 log.warning("removed %s (the unfinished output of an earlier run)", self.path)
         os.makedirs(self.path, exist_ok=True)
-        with open(os.path.join(self.path, OWNER), "w", encoding="utf-8") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return self
+        owner = os.path.join(self.path, OWNER)
+        with open(owner, "w", encoding="utf-8") as f:
+            f.write(f"{_host()} {os.getpid()} {distributed.run_token()}\n")
+        self._owned = True
+        self._heartbeat = _Heartbeat(owner)
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
 
     def commit(self) -> None:
-        """Swaps the finished staging folder over ``dest`` (the previous output, if any, is removed)."""
-        _remove(os.path.join(self.path, OWNER))
-        clean_temp_files(self.path)
-        replace_dir(self.path, self.dest)
+        """Swaps the finished staging folder over ``dest`` (the previous output, if any, is removed).
+
+        On several processes: every process calls it; the writer commits once all of them got here, and all
+        return once the commit is done (a failure of any process raises instead on the others)."""
+        from jdup import distributed
+
+        distributed.barrier("staged-ready")
+        if self.writer:
+            self._stop_heartbeat()
+            _remove(os.path.join(self.path, OWNER))
+            clean_temp_files(self.path)
+            replace_dir(self.path, self.dest)
         self.committed = True
+        distributed.barrier("staged-committed")
 
     def close(self) -> None:
-        """Without :meth:`commit`: keep the staging folder only if it holds ``keep``, else remove it."""
-        if self.committed or not os.path.isdir(self.path):
+        """Without :meth:`commit`: keep the staging folder only if it holds ``keep``, else remove it (the writer);
+        remove the scratch folder (the others)."""
+        self._stop_heartbeat()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            _SCRATCH.pop(self._scratch, None)
+            self._scratch = None
+            return
+        if not self._owned or self.committed or not os.path.isdir(self.path):
             return
         if self._keepable():
             _remove(os.path.join(self.path, OWNER))
@@ -346,6 +507,21 @@ class StagedDir:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+#: scratch folder of a process other than the writer -> the staging folder it stands for
+_SCRATCH: dict[str, str] = {}
+
+
+def shared_path(path: str | os.PathLike) -> str:
+    """``path`` itself, or, for a path inside the private scratch folder of a process other than the writer
+    (:class:`StagedDir`), the same path inside the shared ``<out>.partial``: where a checkpoint that every
+    process must see lives."""
+    path = os.path.abspath(os.fspath(path))
+    for scratch, partial in _SCRATCH.items():
+        if path == scratch or path.startswith(scratch + os.sep):
+            return partial + path[len(scratch):]
+    return path
 
 
 def checkpoint_of(dest: str | os.PathLike, name: str = "ckpt") -> str | None:

@@ -10,6 +10,16 @@ Pitfalls handled here (orbax-checkpoint 0.12.8): the directory is made absolute;
 (``async_save=False``), so a donated buffer is never read after the step that donated it; each step is written
 under its own folder by the manager (no "already exists" errors); a failed read becomes a :class:`JdupError`.
 
+Several processes (:mod:`jdup.distributed`): every process creates the :class:`Checkpointer` and calls every
+method in the same order (orbax's manager synchronises them). Arrays sharded over a global mesh are saved as they
+are (each process writes its shards: the folder must be on a disk every process sees); arrays every process holds
+in full on its own devices (host-local: orbax refuses them on several processes) are saved from process 0 as NumPy
+arrays and put back on the template's devices when restored. :meth:`Checkpointer.latest_step` is process 0's view,
+so every process resumes from the same step. Only process 0 creates the folder. On a process other than the writer,
+a folder inside the stage's private scratch folder (:class:`jdup.atomic.StagedDir`) stands for the shared one of
+the same name (``<out>.partial/<name>``). Ctrl-C and a failure of another process are acted on before and after each
+save (:func:`jdup.distributed.stop_point`); a save itself is never cut half-way.
+
 Example::
 
     with Checkpointer(out / "ckpt", max_to_keep=2) as ck:
@@ -29,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jdup import atomic
+from jdup import atomic, distributed
 from jdup.errors import JdupError
 
 
@@ -45,7 +55,18 @@ def _flat(tree: Any) -> tuple[dict[str, Any], list[str], Any]:
     return flat, names, treedef
 
 
+def _host_local(leaf: Any) -> bool:
+    """A jax.Array held in full by this process alone while several processes run (orbax cannot save those)."""
+    return isinstance(leaf, jax.Array) and jax.process_count() > 1 and leaf.is_fully_addressable
+
+
+def _savable(leaf: Any) -> Any:
+    return np.asarray(jax.device_get(leaf)) if _host_local(leaf) else leaf
+
+
 def _abstract(leaf: Any) -> Any:
+    if _host_local(leaf):
+        return np.empty(leaf.shape, leaf.dtype)
     if isinstance(leaf, jax.Array):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
     if isinstance(leaf, np.ndarray | np.generic):
@@ -71,33 +92,38 @@ class Checkpointer:
         self._ocp = ocp
         self._async = async_save
         self.directory = os.path.abspath(os.fspath(directory))
-        os.makedirs(self.directory, exist_ok=True)
+        self._where = atomic.shared_path(self.directory)  # the folder orbax uses (the same on every process)
+        if distributed.is_writer():
+            os.makedirs(self._where, exist_ok=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         try:
-            self._mngr = ocp.CheckpointManager(self.directory, options=options)
+            self._mngr = ocp.CheckpointManager(self._where, options=options)
         except Exception as e:  # noqa: BLE001
             raise JdupError(f"cannot open the checkpoint folder ({type(e).__name__}: {e})", self.directory) from e
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint step, or None."""
-        return self._mngr.latest_step()
+        """The newest complete checkpoint step, or None (process 0's answer on every process)."""
+        return distributed.broadcast(self._mngr.latest_step() if distributed.is_writer() else None)
 
     def all_steps(self) -> list[int]:
-        return list(self._mngr.all_steps())
+        return distributed.broadcast(list(self._mngr.all_steps()) if distributed.is_writer() else None)
 
     def save(self, step: int, tree: Any, meta: dict | None = None) -> None:
         """Save ``tree`` (any pytree of arrays) and ``meta`` (JSON-able) as checkpoint ``step``."""
+        distributed.stop_point()  # a Ctrl-C or a failed process: stop before writing
         flat, names, _ = _flat(tree)
+        flat = {k: _savable(v) for k, v in flat.items()}
         meta = dict(meta or {})
         meta["_leaves"] = names
         meta["_shapes"] = [[list(np.shape(v)), str(np.asarray(v).dtype) if not isinstance(v, jax.Array)
                             else str(v.dtype)] for v in flat.values()]
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(flat), meta=self._ocp.args.JsonSave(meta))
-        with atomic.deferred_interrupt():  # Ctrl-C lands after the step is fully on disk
+        with distributed.deferred_interrupt():  # Ctrl-C lands after the step is fully on disk
             self._mngr.save(int(step), args=args, force=True)
             if not self._async:
                 self._mngr.wait_until_finished()
+        distributed.stop_point()  # the step is on disk: a Ctrl-C held back (or swallowed earlier) stops here
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Load checkpoint ``step`` (default: the latest) into the structure of ``template``.
@@ -115,8 +141,8 @@ class Checkpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise JdupError("no checkpoint to restore", self.directory)
-        where = os.path.join(self.directory, str(step))
+            raise JdupError("no checkpoint to restore", self._where)
+        where = os.path.join(self._where, str(step))
         ocp = self._ocp
         try:
             meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -139,7 +165,8 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise JdupError(f"cannot read checkpoint arrays ({type(e).__name__}: {e})", where) from e
         state = out["state"]
-        tree = jax.tree_util.tree_unflatten(treedef, [state[k] for k in flat])
+        leaves = [jax.device_put(state[k], v.sharding) if _host_local(v) else state[k] for k, v in flat.items()]
+        tree = jax.tree_util.tree_unflatten(treedef, leaves)
         meta = {k: v for k, v in meta.items() if k not in ("_leaves", "_shapes")}
         return tree, meta
 

@@ -7,6 +7,10 @@ YAML), builds the stage's frozen config dataclass (validating every value) and c
 Every failure is one line on stderr: bad input (:class:`jdup.errors.JdupError`), file-system errors (permission,
 read-only, disk full: the path is named) and usage errors exit with code 2; Ctrl-C prints what was interrupted,
 where its checkpoint is and how to resume, and exits with code 130.
+
+Several processes (``--distributed``, or ``--coordinator HOST:PORT --num-processes N --process-id I``; see
+:mod:`jdup.distributed`): every process runs the same command, only process 0 writes, and all of them leave with the
+same exit code: a failure or Ctrl-C on one process stops the others (one line each, naming the process).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import typer
 
 from jdup import config as config_lib
+from jdup import distributed as dist
 from jdup.errors import Interrupted, JdupError, os_error_message
 
 app = typer.Typer(
@@ -47,7 +52,20 @@ def _setup_logging(level: str) -> None:
 def _main(
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
     distributed: bool = typer.Option(
-        False, help="call jax.distributed.initialize() first (multi-host TPU/GPU; every host runs the same command)"
+        False, help="join a multi-process job first (jax.distributed.initialize: auto-detects TPU slices, SLURM, "
+        "Open MPI, Kubernetes); every process runs the same command, process 0 writes the outputs"
+    ),
+    coordinator: str = typer.Option(
+        None, help="HOST:PORT of process 0 for hosts without a cluster manager (env JDUP_COORDINATOR); implies "
+        "--distributed", show_default=False,
+    ),
+    num_processes: str = typer.Option(
+        None, "--num-processes", help="processes in the job (env JDUP_NUM_PROCESSES); implies --distributed",
+        show_default=False,
+    ),
+    process_id: str = typer.Option(
+        None, "--process-id", help="this process's index, 0 .. N-1 (env JDUP_PROCESS_ID); implies --distributed",
+        show_default=False,
     ),
     compilation_cache: bool = typer.Option(
         None, "--compilation-cache/--no-compilation-cache", show_default=False,
@@ -61,11 +79,11 @@ def _main(
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.debug("compilation cache: %s", runtime.setup(enabled=compilation_cache))  # before any JAX work
-    if distributed:
-        import jax
-
-        jax.distributed.initialize()
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if distributed or dist.requested(coordinator, num_processes, process_id):
+        dist.resolve(coordinator, num_processes, process_id)  # bad values: one line before JAX is imported
+        if log_level.lower() != "debug":  # JAX's C++ logs of a failed join repeat our one line over many lines
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        dist.initialize(coordinator, num_processes, process_id)
 
 
 def _stage_values(stage: str, config: str | None, named: dict[str, Any], extra: list[str],
@@ -120,6 +138,7 @@ def _run_stage(stage: str, config: str | None, named: dict[str, Any], extra: lis
 
 
 def _print_result(result: Any) -> None:
+    result = getattr(result, "record", result)  # a stage's StageResult: its JSON record
     if isinstance(result, dict):
         shown = {k: v for k, v in result.items() if not isinstance(v, (list, dict)) or k in ("layers",)}
         typer.echo(json.dumps(shown, indent=2, default=str))
@@ -234,7 +253,7 @@ def run(
     except KeyboardInterrupt:
         raise Interrupted(f"jdup run {config} was interrupted; run it again to resume (finished stages are "
                           "reused)") from None
-    typer.echo(pipeline.report_markdown(report))
+    typer.echo(pipeline.summary_table(report))
     typer.echo(f"report: {os.path.join(report['out'], 'report.md')}")
 
 
@@ -260,7 +279,7 @@ def sweep(
 @app.command()
 def report(sweep_dir: str = typer.Argument(..., help="a sweep folder")) -> None:
     """Aggregate a sweep folder into CSV/Markdown tables and plots."""
-    from jdup import report as report_lib
+    from jdup.sweep import report as report_lib
 
     try:
         result = report_lib.run_report(sweep_dir)
@@ -276,10 +295,8 @@ def info() -> None:
 
     import jax
 
-    from jdup import models, runtime
-    from jdup.models import registry
-
-    models.import_families()
+    from jdup import runtime
+    from jdup.models import registry  # importing jdup.models registers every family
 
     versions = {}
     for pkg in ("jdup", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers"):
@@ -295,20 +312,45 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jdup`` console script and ``python -m jdup``; returns the exit code.
 
     0 on success; 2 for every failure, printed as ONE line ``jdup: error: ...``; 130 after Ctrl-C, with one line
-    ``jdup: interrupted: ...``.
+    ``jdup: interrupted: ...``. On several processes every process returns the same code (process 0's failure
+    first, else the first failure of another process).
     """
+    restore = dist.install_interrupt_handler()
+    try:
+        code, line = _run(argv)
+        if dist.process_count() > 1:
+            agreed, why = dist.agree_exit(code, _one_line(line or ""))
+            if agreed != code or (agreed and not line):
+                line = ("jdup: interrupted: " if agreed == 130 else "jdup: error: ") + _one_line(why)
+            code = agreed
+    finally:
+        restore()
+    if line:
+        print(line, file=sys.stderr)
+    return code
+
+
+def _one_line(message: str) -> str:
+    message = " ".join(str(message).split())
+    for prefix in ("jdup: error: ", "jdup: interrupted: "):
+        message = message.removeprefix(prefix)
+    return message
+
+
+def _run(argv: list[str] | None) -> tuple[int, str | None]:
+    """Runs the command: ``(exit code, the one line to print or None)``."""
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="jdup")
     except JdupError as e:
         return _fail(str(e))
     except Interrupted as e:
-        print("jdup: interrupted: " + " ".join(e.message.split()), file=sys.stderr)
-        return 130
+        return 130, "jdup: interrupted: " + _one_line(e.message)
     except KeyboardInterrupt:
-        print("jdup: interrupted", file=sys.stderr)
-        return 130
+        return 130, "jdup: interrupted"
+    except dist.PeerFailed as e:
+        return e.code, ("jdup: interrupted: " if e.code == 130 else "jdup: error: ") + _one_line(str(e))
     except SystemExit as e:  # typer/click exits (e.g. --help)
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
+        return (int(e.code or 0) if not isinstance(e.code, str) else 2), None
     except UnicodeDecodeError as e:
         return _fail(f"cannot read text as UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8")
     except OSError as e:  # permission, read-only file system, disk full, ... (typer re-raises them)
@@ -319,32 +361,35 @@ def main(argv: list[str] | None = None) -> int:
         # typer >= 0.2x vendors click as typer._click, whose exceptions are not click's: match by behaviour
         if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
-            return 2
+            return 2, None
         if type(e).__name__ == "Abort":
-            print("jdup: interrupted", file=sys.stderr)
-            return 130
+            return 130, "jdup: interrupted"
+        if dist.process_count() > 1:  # tell the other processes before the traceback
+            dist.abort(2, f"{type(e).__name__}: {e}")
         raise
     if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer turned a Ctrl-C into Exit(130)
-        if rv == 130:
-            print("jdup: interrupted", file=sys.stderr)
-        return rv
-    return 0
+        return rv, "jdup: interrupted" if rv == 130 else None
+    return 0, None
 
 
-def _fail(message: str) -> int:
-    print("jdup: error: " + " ".join(message.split()), file=sys.stderr)  # always one line
-    return 2
+def _fail(message: str) -> tuple[int, str]:
+    return 2, "jdup: error: " + _one_line(message)  # always one line
 
 
 def exit_with(code: int) -> None:
     """Exits with ``code``. After Ctrl-C (130) the process leaves at once, once stdout/stderr are flushed: a
     library's non-daemon worker thread (an async checkpointer, a data loader) must not keep an interrupted process
     alive at interpreter shutdown. Checkpoints are complete by then (saves hold Ctrl-C back until the step is on
-    disk, :func:`jdup.atomic.deferred_interrupt`)."""
-    if code == 130:
+    disk, :func:`jdup.distributed.deferred_interrupt`). On several processes a successful process leaves the job in
+    order (``jax.distributed.shutdown``); a failed one leaves at once (the others were told, and a shutdown would
+    wait for processes that are gone)."""
+    several = dist.process_count() > 1
+    if code == 130 or (code and several):
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
+    if several:
+        dist.shutdown()
     sys.exit(code)
 
 

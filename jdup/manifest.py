@@ -11,7 +11,9 @@ an input folder, its parent must be writable, and an existing non-empty folder m
 stage unless ``overwrite``.
 
 :class:`StageOutput` ties it together for a stage: the checks, the staging folder (:class:`jdup.atomic.StagedDir`)
-and the manifest written last on :meth:`StageOutput.commit`.
+and the manifest written last on :meth:`StageOutput.commit`. On several processes (:mod:`jdup.distributed`) every
+process runs the stage; only process 0 writes (:attr:`StageOutput.writer`): the others write into a private scratch
+folder that is thrown away, and wait at :meth:`StageOutput.commit` until process 0 has committed.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ log = logging.getLogger("jdup")
 
 NAME = "manifest.json"
 FORMAT = 1
-#: Config fields that do not change a stage's result (where it is written, progress bars, checkpoint cadence).
+#: Config fields that do not change a stage's result (where it is written, progress bars, checkpoint cadence,
+#: the device mesh).
 NOT_RESULT = frozenset(
-    {"out", "progress", "resume", "overwrite", "ckpt_every_steps", "keep_checkpoints", "max_steps", "log_every"}
+    {"out", "progress", "resume", "overwrite", "ckpt_every_steps", "keep_checkpoints", "max_steps", "log_every",
+     "mesh"}
 )
 #: Files up to this size are fingerprinted by content; larger ones (weights) by size and modification time.
 HASH_LIMIT = 16 << 20
@@ -320,8 +324,17 @@ class StageOutput:
 
     @property
     def path(self) -> str:
-        """The staging folder to write into."""
+        """The staging folder to write into (a private scratch folder on processes other than the writer)."""
         return self.staged.path
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the output (process 0); the others' files are thrown away."""
+        return self.staged.writer
+
+    def checkpoint_dir(self, name: str = "ckpt") -> str:
+        """``<out>.partial/<name>``, the same folder on every process."""
+        return self.staged.checkpoint_dir(name)
 
     def manifest(self) -> dict:
         if self.expected is None:
@@ -329,11 +342,14 @@ class StageOutput:
         return self.expected
 
     def commit(self, result: Mapping | None = None) -> dict:
-        """Writes ``manifest.json`` (with ``result`` and its seconds) last and moves the folder to ``out``."""
+        """Writes ``manifest.json`` (with ``result`` and its seconds) last and moves the folder to ``out``.
+
+        On several processes every process calls it; process 0 writes and commits once all have finished, and
+        every process returns once the output is in place."""
         extra = {}
         if result is not None and "seconds" in result:
             extra["seconds"] = result["seconds"]
-        m = write(self.path, self.manifest(), **extra)
+        m = write(self.path, self.manifest(), **extra) if self.writer else {**self.manifest(), **extra}
         self.staged.commit()
         return m
 
