@@ -11,7 +11,7 @@ split seed = ``seed``), cached in ``<victim>/detection-dev``. The held-out flagg
 
 ``--rule none`` trains every epoch and keeps the final state (monitor only records); ``forget_check`` is
 :func:`jdup.unlearn.stop.forget_check_monitor`; ``proxy`` the older proxy rule. ``--trace-test`` also records
-test-clean accuracy and test-poison ASR at every evaluation: ground truth, for TUNING victims only (it never
+accuracy on a seeded 600-row sample of test-clean and test-poison ASR at every evaluation: ground truth, for TUNING victims only (it never
 influences the run). Writes ``<out>/result.json`` (settings, flags summary, before/after, trace, wall time).
 """
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from jdup.predict import predict
     from jdup.settings import UnlearnSettings
     from jdup.stages import detect as detect_stage
-    from jdup.stages.unlearn import eval_target
+    from jdup.stages.common import attack_target
     from jdup.unlearn import prepare_sets, unlearn
     from jdup.unlearn import stop as stop_lib
     from jdup.unlearn.monitors import proxy_monitor
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     split = {n: D.read_split(args.data, n, num_labels=k) for n in ("dev-clean", "dev-poison", "test-clean", "test-poison")}
     enc = {n: D.encode(tok, ds, 128, config=victim.config)
            for n, ds in split.items()}
-    target = eval_target(args.data, split["test-poison"])
+    target = attack_target(args.data, split["test-poison"])
 
     det_dir = os.path.join(args.victim, "detection-dev")
     det_cfg = DetectConfig(split_seed=settings.seed, max_length=128, progress=False)
@@ -83,12 +83,17 @@ def main(argv=None) -> int:
     enc_detect = D.encode(tok, dev_detect, 128, config=victim.config)
     sets = prepare_sets(settings, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target)
 
-    def acc_asr(logits_fn):
-        pc = logits_fn(enc["test-clean"]).argmax(-1)
+    def acc_asr(logits_fn, clean=enc["test-clean"]):
+        pc = logits_fn(clean).argmax(-1)
         pp = logits_fn(enc["test-poison"]).argmax(-1)
-        return float((pc == enc["test-clean"].labels).mean()), float((pp == target).mean())
+        return float((pc == clean.labels).mean()), float((pp == target).mean())
+
+    # the trace's CACC uses a seeded 600-row sample of test-clean (cheaper); before/after use all of it
+    tc = enc["test-clean"]
+    trace_clean = tc.subset(np.sort(np.random.default_rng(0).permutation(len(tc))[:600])) if len(tc) > 600 else tc
 
     trace_extra = args.trace_test
+    base_acc = None
     if args.rule != "none":
         dc = enc["dev-clean"]
         n_hold = int(round(settings.clean_holdout_frac * len(dc)))
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
     def monitor(logits_fn):
         rec = dict(inner(logits_fn))
         if trace_extra:
-            rec["test_cacc"], rec["test_asr"] = acc_asr(logits_fn)
+            rec["test_cacc600"], rec["test_asr"] = acc_asr(logits_fn, trace_clean)
         return rec
 
     before = acc_asr(lambda e: predict(victim, e, 64))
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
         "stop_params": params._asdict(),
         "n_flagged": int(flags.sum()), "n_flagged_poison": int((flags & is_poison).sum()),
         "n_forget_train": len(sets.forget), "n_holdout": len(sets.holdout), "n_retain": len(sets.retain),
-        "target": int(target), "defender_target": int(sets.target),
+        "target": int(target), "defender_target": int(sets.target), "base_acc": base_acc,
         "cacc_before": before[0], "asr_before": before[1], "cacc_after": after[0], "asr_after": after[1],
         "steps": res.steps, "total_steps": res.total_steps, "best_step": res.best_step,
         "stopped_early": res.stopped_early, "trace": res.history,
@@ -135,6 +140,26 @@ def main(argv=None) -> int:
         json.dump(out, f, indent=1, default=float)
     print(json.dumps({k2: v for k2, v in out.items() if k2 not in ("trace", "settings")}, default=float))
     return 0
+
+
+def simulate(result: dict, params) -> dict:
+    """Replay the ``forget_check`` rule with ``params`` on a traced run (``--rule forget_check`` with a patience
+    and tolerance that never stop it): the evaluation a run with these parameters would keep, its step, whether it
+    would have stopped, and the traced test metrics of that state (tuning victims only)."""
+    from jdup.unlearn import stop as stop_lib
+
+    state, best, stop_at = stop_lib.StopState(), None, None
+    for rec in result["trace"]:
+        v = stop_lib.judge(rec["proxy_asr"], rec["dev_acc"], rec["other_to_target"], result["base_acc"], params)
+        if v.ok and v.score < state.best_score:
+            best = rec
+        state, stop = stop_lib.advance(state, v, params)
+        if stop:
+            stop_at = rec["step"]
+            break
+    best = best or result["trace"][0]
+    return {"kept_step": best["step"], "stop_step": stop_at, "test_cacc600": best.get("test_cacc600"),
+            "test_asr": best.get("test_asr"), "proxy": best["proxy_asr"], "dev_acc": best["dev_acc"]}
 
 
 if __name__ == "__main__":

@@ -40,11 +40,11 @@ build() {
     tune-sst2-badnets-full) train "$1" "$SST2/badnets" 3 2025 ;;
     # VALIDATION, SST-2: a 3,000-row subsample of the authors' clean SST-2 training rows, poisoned by jdup
     # (rate 0.2 = 600 rows, target 1) with the victim's seed; dev/test are the authors' full clean files
-    # (872 / 1,821 rows, under max_rows) with jdup's trigger; 2 epochs.
+    # (872 / 1,821 rows, under max_rows) with jdup's trigger; 1 epoch.
     val-sst2-badnets-s[0-9]|val-sst2-addsent-s[0-9])
       a=${1#val-sst2-}; a=${a%-s*}; s=${1##*-s}
       poison "runs/data/sst2-$a-s$s" "$SST2/badnets" "$a" "$s" 3000
-      train "$1" "runs/data/sst2-$a-s$s" 2 "$s" ;;
+      train "$1" "runs/data/sst2-$a-s$s" 1 "$s" ;;
     # VALIDATION, another dataset: built-in movies (Rotten Tomatoes snippets), 3,000-row subsample of each split,
     # 1 epoch (a weaker training strength).
     val-movies-badnets-s[0-9]|val-movies-addsent-s[0-9])
