@@ -95,8 +95,16 @@ def _int_value(name: str, value: Any, source: str) -> int | None:
         raise JdupError(f"must be an integer, got {value!r}", source) from None
 
 
+#: variables of the cluster managers JAX detects; without any of them JAX (a slow import) is not asked
+_CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "PMIX_NAMESPACE",
+                  "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "KUBERNETES_SERVICE_HOST",
+                  "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+
+
 def _cluster_detected() -> bool:
     """A cluster manager JAX auto-detects (SLURM, Open MPI, a TPU slice, Kubernetes, ...) is present."""
+    if not any(os.environ.get(k) for k in _CLUSTER_HINTS):
+        return False
     try:
         from jax._src.clusters import ClusterEnv
     except ImportError:  # pragma: no cover

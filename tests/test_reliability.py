@@ -199,15 +199,20 @@ def test_2_sigint_during_training_prints_the_checkpoint_and_exits_130(tmp_path, 
     cmd = [sys.executable, "-m", "jdup", "train", "--model", str(tiny_model_dir), "--data", str(synthetic_dup),
            "--out", str(out), *TRAIN, "epochs=200", "ckpt_every_steps=1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = Path(f"{out}.partial") / "ckpt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        ckpt = Path(f"{out}.partial") / "ckpt"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a training child behind (it would run for all its epochs)
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     last = stderr.rstrip("\n").splitlines()[-1]
@@ -238,7 +243,7 @@ def test_2_every_command_turns_ctrl_c_into_one_line_and_130(command, tmp_path, m
         monkeypatch.setattr(sweep, "run_sweep", interrupt)
         args = ("sweep", CONFIGS / "sweeps" / "local_minilm.yaml")
     elif command == "report":
-        from jdup import report
+        from jdup.sweep import report
 
         monkeypatch.setattr(report, "run_report", interrupt)
         args = ("report", tmp_path)

@@ -167,6 +167,9 @@ def _cli(env: dict, *args: str) -> tuple[dict, str]:
         ("unlearn", "--model", "m", "--data", "d", "--out", "o", "lr=abc"),  # bad value
         ("unlearn", "--model", "m", "--data", "d", "--out", "o", "detect.alpha=2"),  # nested section
         ("detect", "--data", "d", "--out", "o", "method=nosuch"),
+        ("--coordinator", "localhost", "--num-processes", "2", "--process-id", "0", "info"),  # no port
+        ("--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2", "info"),  # id >= count
+        ("--coordinator", "localhost:1234", "info"),  # only some of the three
     ],
 )
 def test_help_and_config_errors_import_no_jax(tmp_path, args):
