@@ -1,6 +1,7 @@
 """The jdup side of the accelerator set (run by ``run_accel_set.py`` in its own process; see that file).
 
-Sections: ``peaks``, ``encoder_forward``, ``decoder_forward``, ``detect``, ``unlearn``, ``sweep``. Each one is
+Sections: ``peaks``, ``encoder_forward``, ``decoder_forward``, ``detect``, ``unlearn``, ``sweep``, ``mesh`` (the
+multi-device rows; ``run_accel_set.py`` runs it in a process of its own). Each one is
 written to the results file as soon as it is done (a crash or a time-out keeps the finished ones); a failing
 section records its error and the next one runs. Public jdup APIs only: ``jdup.models`` (configs, registry,
 ``save_pretrained``), ``jdup.data``, ``jdup.detect.detect``, ``jdup.unlearn.unlearn``,
@@ -273,7 +274,7 @@ def section_sweep(ctx: dict) -> dict:
     import jax
 
     from jdup import data as D
-    from jdup import unlearn as U
+    from jdup import predict as P
     from jdup.sweep import vmapped
 
     s: A.Sizes = ctx["sizes"]
@@ -283,7 +284,7 @@ def section_sweep(ctx: dict) -> dict:
                       config=model.config)  # fmt: skip
     retain = D.encode(tok, _dataset(A.synthetic_rows(s.sweep_rows, 42, vocab, s.max_length)), s.max_length,
                       config=model.config)  # fmt: skip
-    teacher = U.model_logits(model, forget, 64)
+    teacher = P.predict(model, forget, 64)
     out: dict[str, Any] = {"steps_per_cell": s.sweep_steps, "batch_size": s.sweep_batch, "k": {}}
     with jax.default_matmul_precision(PRECISION["float32"]):
         for k in s.sweep_ks:
@@ -318,6 +319,120 @@ def section_sweep(ctx: dict) -> dict:
     return out
 
 
+def _mesh_specs() -> list[str]:
+    """``"1"`` and every device on ``data`` (``"auto"``), when there is more than one device."""
+    import jax
+
+    return ["1", "auto"] if jax.device_count() > 1 else ["1"]
+
+
+def _decoder_mesh_spec() -> str | None:
+    """``2x4`` on 8 devices; ``D x 2`` on another even count of at least 4; else None (not measured)."""
+    import jax
+
+    n = jax.device_count()
+    return "2x4" if n == 8 else (f"{n // 2}x2" if n >= 4 and n % 2 == 0 else None)
+
+
+def section_mesh(ctx: dict) -> dict:
+    """The multi-device rows: DUP detection (rows/s) and the LoRA unlearning step at mesh ``1`` and over every
+    device (``auto``: rows split over ``data``, the model replicated), and a Llama-3.2-3B-shaped bf16 forward on
+    a ``2x4`` mesh (tensor-parallel over ``model``, rows over ``data``; initialised straight into its shards)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jdup import data as D
+    from jdup import detect as J
+    from jdup import mesh as jmesh
+    from jdup import unlearn as U
+    from jdup.models import sharding
+
+    s: A.Sizes = ctx["sizes"]
+    model, tok, _ = _encoder_model(ctx)
+    vocab = model.config.vocab_size
+    out: dict[str, Any] = {"devices": jax.device_count(), "processes": jax.process_count(), "detect": {},
+                           "unlearn": {}}  # fmt: skip
+    calib = _dataset(A.synthetic_rows(s.calib_rows, 21, vocab, s.max_length))
+    scored = _dataset(A.synthetic_rows(s.scored_rows, 22, vocab, s.max_length, poison_frac=0.5))
+    forget = D.encode(tok, _dataset(A.synthetic_rows(s.unlearn_rows, 31, vocab, s.max_length)), s.max_length,
+                      config=model.config)  # fmt: skip
+    retain = D.encode(tok, _dataset(A.synthetic_rows(s.unlearn_rows, 32, vocab, s.max_length)), s.max_length,
+                      config=model.config)  # fmt: skip
+    dcfg = J.DetectConfig(method="dup", batch_size=s.jdup_detect_batch, progress=False, plots=False)
+    ucfg = _unlearn_settings(epochs=s.unlearn_steps, batch_size=s.unlearn_rows, early_stop="none",
+                             ckpt_every_steps=0, progress=False, max_length=s.max_length)  # fmt: skip
+    with jax.default_matmul_precision(PRECISION["float32"]):
+        for spec in _mesh_specs():
+            mesh = jmesh.make_mesh(spec)
+            m = jmesh.put_model(nnx.clone(model), mesh)
+            rec: dict[str, Any] = {"mesh": jmesh.mesh_record(mesh)}
+            try:
+                t0 = time.perf_counter()
+                res = J.detect(m, tok, calib, scored, dcfg, mesh=mesh)
+                rec["first_call_s"] = time.perf_counter() - t0
+                times = []
+                for _ in range(s.detect_reps):
+                    t0 = time.perf_counter()
+                    res = J.detect(m, tok, calib, scored, dcfg, mesh=mesh)
+                    times.append(time.perf_counter() - t0)
+                rec.update(total=C.summarize(times), rows_scored=len(scored), rows_calib=len(calib),
+                           rows_per_s=len(scored) / float(np.median(times)), batch_size=dcfg.batch_size,
+                           auroc=float(res.metrics.get("auroc", float("nan"))))  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - recorded, the next row still runs
+                rec["error"] = f"{type(e).__name__}: {e}"
+            out["detect"][spec] = rec
+            urec: dict[str, Any] = {"mesh": jmesh.mesh_record(mesh)}
+            try:
+                marks: list[float] = []
+                t0 = time.perf_counter()
+                r = U.unlearn(m, forget, retain, ucfg, mesh=mesh,
+                              on_step=lambda info, marks=marks: marks.append(time.perf_counter()))  # fmt: skip
+                steps = np.diff(marks).tolist()
+                urec.update(step_s=C.summarize(steps) if steps else None, steps=int(r.steps),
+                            until_first_step_s=marks[0] - t0 if marks else None, rows_per_step=2 * s.unlearn_rows)  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                urec["error"] = f"{type(e).__name__}: {e}"
+            out["unlearn"][spec] = urec
+            del m
+    spec = _decoder_mesh_spec()
+    if spec is None:
+        out["decoder_forward"] = {"skipped": f"needs an even number of devices >= 4, have {jax.device_count()}"}
+        return out
+    try:
+        _, dec = _configs(s)
+        mesh = jmesh.make_mesh(spec)
+        arch = _models().registry.get(dec.arch)
+        t0 = time.perf_counter()
+        m = sharding.init_sharded(lambda: arch.build(dec, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                                     rngs=nnx.Rngs(0)), mesh, fsdp=False)  # fmt: skip
+        gdef, state = nnx.split(m)
+        jax.block_until_ready(state)
+        init_s = time.perf_counter() - t0
+        bos = dec.bos_token_id if dec.bos_token_id is not None else A.CLS
+        batch = A.token_batch(s.dec_batch, s.dec_len, dec.vocab_size, seed=12, pad_id=dec.pad_token_id or 0,
+                              bos=bos, eos=None)  # fmt: skip
+        b, _ = jmesh.pad_rows({k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
+                              jmesh.data_size(mesh))  # fmt: skip
+        inputs = tuple(jmesh.put_rows(b, mesh)[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
+        with jax.default_matmul_precision(PRECISION["bfloat16"]):
+            t = _time_forward(_forward_fn(gdef), state, inputs, s.fwd_reps, s.fwd_iters)
+        hf = _models().registry.get(dec.arch).config_to_hf(dec)
+        q = m.model.layers[0].self_attn.q_proj.kernel[...]
+        out["decoder_forward"] = t | {
+            "config": s.decoder, "mesh": jmesh.mesh_record(mesh), "dtype": "bfloat16", "init_s": init_s,
+            "batch": int(batch["input_ids"].shape[0]), "padded_len": int(batch["input_ids"].shape[1]),
+            "tokens_real": int(batch["lengths"].sum()),
+            "flops_real": A.decoder_forward_flops(batch["lengths"].tolist(), hf),
+            "q_proj_shard_shape": list(q.addressable_shards[0].data.shape),
+            "param_bytes_per_device": sharding.per_device_bytes(state, mesh, fsdp=False),
+        }  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        out["decoder_forward"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+    return out
+
+
 SECTIONS = {
     "peaks": section_peaks,
     "encoder_forward": section_encoder_forward,
@@ -325,6 +440,7 @@ SECTIONS = {
     "detect": section_detect,
     "unlearn": section_unlearn,
     "sweep": section_sweep,
+    "mesh": section_mesh,
 }
 
 

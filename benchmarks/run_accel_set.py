@@ -17,10 +17,15 @@ random bert-base as an HF folder that the torch side loads, so both run the same
   calibration rows, rows/s (jdup batch 32 bucketed; reference batch 4 as the official detection demo);
 * ``accel_unlearn_step``: one LoRA unlearning step, 32 flagged + 32 clean rows, bert-base (median over the steps
   after the first);
-* ``accel_sweep``: jdup's vmapped sweep step, K = 1, 8, 32 cells per group, time per cell (no reference).
+* ``accel_sweep``: jdup's vmapped sweep step, K = 1, 8, 32 cells per group, time per cell (no reference);
+* ``accel_mesh_detect`` / ``accel_mesh_unlearn_step``: detection rows/s and the unlearning step time on a mesh of
+  one device (``1``) and of every device (``auto``: rows split over ``data``), with the speed-up; and
+  ``accel_mesh_decoder_forward``: a Llama-3.2-3B-shaped bf16 forward on a ``2x4`` mesh (tensor-parallel over
+  ``model``, initialised straight into its shards; ``Dx2`` on other even device counts). jdup only, in a third
+  worker process that sees every device (a dry run simulates 4 CPU devices).
 
 Each row is one JSON line (machine, device, versions, both sides' peaks, raw ratio and the ratio with the peaks
-divided out); a Markdown table is written beside the JSON lines. The whole set is sized for ≤ 8 minutes
+divided out); a Markdown table is written beside the JSON lines. The whole set is sized for ≤ 10 minutes
 including compilation (``--budget-s``: sections that would start after it are skipped and say so).
 ``--dry-run`` runs everything on the CPU with tiny shapes (tests/test_bench_accel.py).
 
@@ -46,8 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import accel_common as A  # noqa: E402
 from benchmarks import common as C  # noqa: E402
 
-SECTIONS = ("peaks", "encoder_forward", "decoder_forward", "detect", "unlearn", "sweep")
+SECTIONS = ("peaks", "encoder_forward", "decoder_forward", "detect", "unlearn", "sweep", "mesh")
 TORCH_RESERVE_S = 150  # of the budget kept for the reference worker (its sections are short)
+MESH_RESERVE_S = 150  # of the budget kept for the multi-device worker (jdup only)
+DRY_DEVICES = 4  # simulated CPU devices of the multi-device worker in a dry run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,7 +72,7 @@ def worker_main(args) -> None:
     W.run(sections, sizes, work, results, args.deadline)
 
 
-def _worker_env(dry: bool) -> dict[str, str]:
+def _worker_env(dry: bool, devices: int | None = None) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))
     }
@@ -75,19 +82,23 @@ def _worker_env(dry: bool) -> dict[str, str]:
     if dry:
         env["JAX_PLATFORMS"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if dry and devices:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
     return env
 
 
-def _run_worker(impl: str, args, work: Path, deadline: float, hard_timeout: float) -> dict:
-    results = work / f"{impl}.json"
+def _run_worker(impl: str, args, work: Path, deadline: float, hard_timeout: float, *, only: str | None = None,
+                tag: str | None = None, devices: int | None = None) -> dict:
+    results = work / f"{tag or impl}.json"
     results.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--only", args.only]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--only", only or args.only]
     cmd += ["--work", str(work), "--results", str(results), "--deadline", str(deadline)]
     cmd += ["--dry-run"] if args.dry_run else []
     t0 = time.perf_counter()
     status: dict[str, Any] = {}
     try:
-        proc = subprocess.run(cmd, env=_worker_env(args.dry_run), cwd=C.REPO, timeout=max(30.0, hard_timeout),
+        proc = subprocess.run(cmd, env=_worker_env(args.dry_run, devices), cwd=C.REPO,
+                              timeout=max(30.0, hard_timeout),
                               capture_output=True, text=True)  # fmt: skip
         status["rc"] = proc.returncode
         if proc.returncode != 0:
@@ -147,7 +158,8 @@ def build_rows(j: dict, t: dict, peaks: dict, sizes: A.Sizes, wanted: set[str] |
     """One record per row of the set (only for the sections in ``wanted``; default all)."""
     wanted = set(SECTIONS) if wanted is None else wanted
     rows = [r for r in _all_rows(j, t, peaks, sizes) if r["bench"].removeprefix("accel_") in wanted
-            or (r["bench"] == "accel_unlearn_step" and "unlearn" in wanted)]  # fmt: skip
+            or (r["bench"] == "accel_unlearn_step" and "unlearn" in wanted)
+            or (r["bench"].startswith("accel_mesh_") and "mesh" in wanted)]  # fmt: skip
     return rows
 
 
@@ -214,6 +226,7 @@ def _all_rows(j: dict, t: dict, peaks: dict, sizes: A.Sizes) -> list[dict]:
         "normalised": C.normalised(tj, tt, _fps(peaks["jax_float32_gflops"]), _fps(peaks["torch_float32_gflops"]),
                                    u_flops),
     })  # fmt: skip
+    rows += _mesh_rows(js.get("mesh") or {})
     sw = js.get("sweep") or {}
     base = ((sw.get("k") or {}).get("1") or {}).get("per_cell_s")
     for k, v in (sw.get("k") or {}).items():
@@ -222,6 +235,40 @@ def _all_rows(j: dict, t: dict, peaks: dict, sizes: A.Sizes) -> list[dict]:
                      "batch_size": sw.get("batch_size"), "speedup_per_cell_vs_k1": C.ratio(base, v["per_cell_s"])})  # fmt: skip
     if not sw.get("k"):
         rows.append({"bench": "accel_sweep", "error": sw.get("error") or sw.get("skipped") or "not run"})
+    return rows
+
+
+def _mesh_rows(m: dict) -> list[dict]:
+    """The multi-device rows: detection and the unlearning step per mesh (with the speed-up over mesh ``1``), the
+    decoder forward on ``2x4``."""
+    if not m or m.get("error") or m.get("skipped"):
+        why = m.get("error") or m.get("skipped") or "not run"
+        return [{"bench": b, "error": why} for b in ("accel_mesh_detect", "accel_mesh_unlearn_step",
+                                                        "accel_mesh_decoder_forward")]  # fmt: skip
+    rows = []
+    base_d = (m.get("detect") or {}).get("1", {}).get("rows_per_s")
+    for spec, r in (m.get("detect") or {}).items():
+        rows.append({"bench": "accel_mesh_detect", "spec": spec, "mesh": r.get("mesh"), "devices": m.get("devices"),
+                     "rows_scored": r.get("rows_scored"), "rows_calib": r.get("rows_calib"),
+                     "total_s": _side(r, "total"), "rows_per_s": r.get("rows_per_s"),
+                     "first_call_s": r.get("first_call_s"), "auroc": r.get("auroc"),
+                     "speedup_vs_mesh_1": C.ratio(r.get("rows_per_s"), base_d), "error": r.get("error")})  # fmt: skip
+    base_u = _side((m.get("unlearn") or {}).get("1"), "step_s")
+    for spec, r in (m.get("unlearn") or {}).items():
+        t = _side(r, "step_s")
+        rows.append({"bench": "accel_mesh_unlearn_step", "spec": spec, "mesh": r.get("mesh"),
+                     "devices": m.get("devices"), "rows_per_step": r.get("rows_per_step"), "step_s": t,
+                     "steps": r.get("steps"), "until_first_step_s": r.get("until_first_step_s"),
+                     "speedup_vs_mesh_1": C.ratio(base_u, t), "error": r.get("error")})  # fmt: skip
+    d = m.get("decoder_forward") or {}
+    t = _side(d)
+    rows.append({"bench": "accel_mesh_decoder_forward", "model": d.get("config"), "mesh": d.get("mesh"),
+                 "dtype": d.get("dtype"), "batch": d.get("batch"), "padded_len": d.get("padded_len"),
+                 "batch_s": t, "first_call_s": d.get("first_call_s"), "init_s": d.get("init_s"),
+                 "tokens_per_s": C.ratio(d.get("tokens_real"), t), "flops_real": d.get("flops_real"),
+                 "param_bytes_per_device": d.get("param_bytes_per_device"),
+                 "q_proj_shard_shape": d.get("q_proj_shard_shape"),
+                 "error": d.get("error") or d.get("skipped")})  # fmt: skip
     return rows
 
 
@@ -270,6 +317,10 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.1f} %"
 
 
+def _meshx(m: dict | None) -> str:
+    return "—" if not m else f"{m.get('data')}x{m.get('model')}"
+
+
 def markdown(rows: list[dict], header: dict) -> str:
     dev = header.get("device") or {}
     p = header["peaks"]
@@ -314,6 +365,21 @@ def markdown(rows: list[dict], header: dict) -> str:
                 f"| LoRA unlearning step, {r.get('rows_per_step')} rows: ms, MFU | {_ms(j['step_s'])}, "
                 f"{_pct(j['mfu_chip_bf16'])} | {_ms(t['step_s'])}, {_pct(t['mfu_chip_bf16'])} | {adv} |"
             )
+        elif b == "accel_mesh_detect" and not r.get("error"):
+            lines.append(
+                f"| DUP detection on mesh {r['spec']} ({_meshx(r.get('mesh'))}): s, rows/s | {_x(r['total_s'])}, "
+                f"{_x(r['rows_per_s'], 0)} ({_x(r['speedup_vs_mesh_1'])}× vs mesh 1) | — | |"
+            )
+        elif b == "accel_mesh_unlearn_step" and not r.get("error"):
+            lines.append(
+                f"| LoRA unlearning step on mesh {r['spec']} ({_meshx(r.get('mesh'))}), {r.get('rows_per_step')} "
+                f"rows: ms | {_ms(r['step_s'])} ({_x(r['speedup_vs_mesh_1'])}× vs mesh 1) | — | |"
+            )
+        elif b == "accel_mesh_decoder_forward" and not r.get("error"):
+            lines.append(
+                f"| decoder forward {r.get('model')} bf16 on mesh {_meshx(r.get('mesh'))}, {r.get('batch')}×"
+                f"{r.get('padded_len')}: ms/batch, tokens/s | {_ms(r['batch_s'])}, {_x(r['tokens_per_s'], 0)} | — | |"
+            )
         elif b == "accel_sweep" and "k" in r:
             lines.append(
                 f"| vmapped sweep, K = {r['k']} cells ({r.get('steps_per_cell')} steps each): s per cell | "
@@ -349,7 +415,7 @@ def main(argv=None) -> list[dict]:
         "--only", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS)
     )
     ap.add_argument("--impl", default="both", choices=["both", "jdup", "torch"])
-    ap.add_argument("--budget-s", type=float, default=450.0, help="sections starting later are skipped")
+    ap.add_argument("--budget-s", type=float, default=600.0, help="sections starting later are skipped")
     ap.add_argument("--out", default=None, help="JSON lines (default: benchmarks/results/accel.jsonl; dry run: "
                     "a temporary folder)")  # fmt: skip
     ap.add_argument("--workdir", default=None, help="models and worker files (default: a temporary folder)")
@@ -375,12 +441,24 @@ def main(argv=None) -> list[dict]:
         j: dict = {"sections": {}}
         t: dict = {"sections": {}}
         budget_end = start_wall + args.budget_s
-        if args.impl in ("both", "jdup"):
-            j_deadline = budget_end - (TORCH_RESERVE_S if args.impl == "both" else 0)
-            j = _run_worker("jdup", args, work, j_deadline, j_deadline - time.time() + 240)
+        wanted = [x for x in args.only.split(",") if x]
+        single = ",".join(x for x in wanted if x != "mesh")
+        if args.impl in ("both", "jdup") and single:
+            j_deadline = budget_end - (TORCH_RESERVE_S if args.impl == "both" else 0) - (
+                MESH_RESERVE_S if "mesh" in wanted else 0)  # fmt: skip
+            j = _run_worker("jdup", args, work, j_deadline, j_deadline - time.time() + 240, only=single)
+        if args.impl in ("both", "jdup") and "mesh" in wanted:  # own process: every device, fresh memory
+            m_deadline = budget_end - (TORCH_RESERVE_S if args.impl == "both" else 0)
+            jm = _run_worker("jdup", args, work, m_deadline, m_deadline - time.time() + 240, only="mesh",
+                             tag="jdup_mesh", devices=DRY_DEVICES)  # fmt: skip
+            j.setdefault("sections", {})["mesh"] = (jm.get("sections") or {}).get("mesh") or {
+                "error": (jm.get("process") or {}).get("error") or "the multi-device worker wrote nothing"}
+            j.setdefault("device", jm.get("device"))
+            j.setdefault("process", jm.get("process"))
+            j["process_mesh"] = jm.get("process")
         j["_work"] = str(work)
-        if args.impl in ("both", "torch"):
-            t = _run_worker("torch", args, work, budget_end - 10, budget_end - time.time() + 180)
+        if args.impl in ("both", "torch") and single:
+            t = _run_worker("torch", args, work, budget_end - 10, budget_end - time.time() + 180, only=single)
         peaks = _peaks_block(j, t)
         peaks["n_peak"] = (((j.get("sections") or {}).get("peaks") or {}).get("bfloat16") or {}).get("n")
         header = {
@@ -392,7 +470,7 @@ def main(argv=None) -> list[dict]:
             "dry_run": args.dry_run,
             "sizes": dataclasses.asdict(sizes),
             "peaks": peaks,
-            "processes": {"jdup": j.get("process"), "torch": t.get("process")},
+            "processes": {"jdup": j.get("process"), "jdup_mesh": j.get("process_mesh"), "torch": t.get("process")},
             "compile_s_by_section": {k: v.get("compile_s") for k, v in (j.get("sections") or {}).items()},
             "set_wall_s": time.perf_counter() - t_start,
         }

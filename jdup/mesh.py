@@ -176,6 +176,15 @@ def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
     return jax.tree.map(lambda x: _put_leaf(x, replicated(mesh)), tree)
 
 
+def commit(tree: Any, mesh: Mesh | None) -> Any:
+    """Every array of ``tree`` not yet spread over the mesh's devices made whole on each of them (e.g. an
+    optimizer's step count, made on the default device by ``tx.init``); arrays already on the mesh keep their
+    layout. None: unchanged."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda x: _put_leaf(x, replicated(mesh), keep=True), tree)
+
+
 def _put_leaf(x, sharding: NamedSharding, keep: bool = False):
     """One leaf onto ``sharding`` (typed PRNG keys through their key data); already there (or, with ``keep``,
     already spread over exactly the mesh's devices): unchanged."""
@@ -262,6 +271,7 @@ __all__ = [
     "AXES",
     "DATA",
     "MODEL",
+    "commit",
     "data_size",
     "gather",
     "make_mesh",

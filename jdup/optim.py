@@ -1,9 +1,9 @@
-"""jdup's optimizers: the one AdamW factory, its two-stream variant, the warm-up schedule, and null-space
-gradient projection as an optax transform (the "P" of UPGP).
+"""jdup's optimizers: the one AdamW factory, its two-stream variant, the warm-up rule and schedule, and
+null-space gradient projection as an optax transform (the "P" of UPGP).
 
 :func:`adamw_chain` is the only optimizer factory (victim training, unlearning, sweeps), :func:`two_stream_chain`
-its UPGP variant (projected forget stream + free retain stream), :func:`linear_warmup_decay` the only schedule.
-The basis estimators are in :mod:`jdup.subspace` (re-exported here).
+its UPGP variant (projected forget stream + free retain stream), :func:`warmup_steps` the only warm-up rule and
+:func:`linear_warmup_decay` the only schedule. The basis estimators are in :mod:`jdup.subspace`.
 
 The transform maps an update ``u`` to ``u - beta * U (U^T u)`` where ``U`` has orthonormal columns spanning the
 directions that must not move (clean-sample gradients, or clean layer inputs). ``U`` lives in the transform's
@@ -28,13 +28,14 @@ complement, so the projection must act on the **final** update: ``clip -> scale_
 scale_by_learning_rate`` (:func:`adamw_chain`). Decoupled weight decay moves parameters along ``-theta``,
 which is not in the complement, so it is either off or added *before* the projection (then it is projected too).
 
-This module imports only jax, optax, numpy and :mod:`jdup.subspace`, so another JAX codebase can take it without
-Flax.
+This module imports only jax, optax and numpy, so another JAX codebase can take it without Flax.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import jax
@@ -49,21 +50,13 @@ __all__ = [
     "get_basis",
     "adamw_chain",
     "two_stream_chain",
-    "TwoStreams",
+    "matrices_only",
     "linear_warmup_decay",
     "warmup_steps",
     "schedule_value",
-    "projected_adamw",
-    "gradient_basis",
-    "representation_basis",
-    "covariance_basis",
-    "energy_rank",
-    "inflora_init",
-    "inflora_from_covariance",
     "project",
     "subspace_cosine",
     "basis_rank",
-    "rank_cap",
 ]
 
 _MODES = ("block", "global", "rows")
@@ -402,9 +395,22 @@ def linear_warmup_decay(peak: Any, total_steps: Any, warmup_steps: Any) -> optax
     return schedule
 
 
-def warmup_steps(total_steps: int, warmup_frac: float) -> int:
-    """``int(warmup_frac * total_steps)``: the warm-up length every jdup optimizer uses."""
-    return int(warmup_frac * total_steps)
+def warmup_steps(total_steps: int, fraction: float) -> int:
+    """The one warm-up rule: ``floor(fraction * total_steps)`` optimizer steps, the product taken on the decimal
+    value of ``fraction`` (``0.7 * 90`` is 63, where binary floating point gives ``62.99999999999999``).
+
+    Unlearning's ``warmup_frac`` of ``T`` steps gives ``int(0.1 T)`` as DUP (``num_warmup_steps =
+    int(0.1 * num_training_steps)``); victim training's ``warmup = 0.6`` of 5 epochs gives its 3 epochs exactly;
+    ``warmup_epochs`` counts in epochs: ``warmup_steps(steps_per_epoch, warmup_epochs)`` (``fraction`` may exceed 1).
+
+    Args:
+      total_steps: the steps the fraction is taken of (Python int).
+      fraction: a non-negative Python float.
+
+    Returns:
+      The warm-up length in optimizer steps.
+    """
+    return math.floor(Fraction(repr(float(fraction))) * int(total_steps))
 
 
 def schedule_value(peak: float, total_steps: int, warmup_steps: int, t: int) -> float:
@@ -412,6 +418,12 @@ def schedule_value(peak: float, total_steps: int, warmup_steps: int, t: int) -> 
     if t < warmup_steps:
         return peak * t / max(warmup_steps, 1)
     return peak * max(0.0, (total_steps - t) / max(total_steps - warmup_steps, 1))
+
+
+def matrices_only(params: Any) -> Any:
+    """Weight-decay mask of the usual Hugging Face grouping: leaves with 2+ dimensions (kernels, embeddings) decay,
+    biases and LayerNorm scales do not (``mask=`` of :func:`adamw_chain`)."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
 def adamw_chain(
@@ -463,31 +475,6 @@ def adamw_chain(
     return optax.chain(*parts)
 
 
-class TwoStreams(NamedTuple):
-    """Two optimizer streams whose updates are added (docs/upgp-method.md §5.6).
-
-    ``forget`` gets the forgetting gradient (``clip -> scale_by_adam -> projection -> -lr*lambda_asr``),
-    ``retain`` the clean-CE gradient (``clip -> scale_by_adam -> -lr*lambda_acc``, never projected), each with its
-    own clip and Adam moments. A single projected stream would project the retain gradient too, and that gradient
-    lies almost entirely in the protected (clean) subspace, so the retain term would be switched off.
-
-    ``update`` takes the pair ``(forget_grads, retain_grads)``; the state is ``(forget_state, retain_state)``
-    (:func:`set_basis` / :func:`get_basis` find the projection state inside it).
-    """
-
-    forget: optax.GradientTransformation
-    retain: optax.GradientTransformation
-
-    def init(self, params):
-        return (self.forget.init(params), self.retain.init(params))
-
-    def update(self, grads, state, params=None):
-        g_forget, g_retain = grads
-        u_f, s_f = self.forget.update(g_forget, state[0], params)
-        u_r, s_r = self.retain.update(g_retain, state[1], params)
-        return jax.tree.map(jnp.add, u_f, u_r), (s_f, s_r)
-
-
 def two_stream_chain(
     forget_lr: float | jax.Array | optax.Schedule,
     retain_lr: float | jax.Array | optax.Schedule,
@@ -495,12 +482,21 @@ def two_stream_chain(
     clip: float | None = 1.0,
     projection: optax.GradientTransformation | None = None,
     retain_projection: optax.GradientTransformation | None = None,
-) -> TwoStreams:
-    """:class:`TwoStreams` of two :func:`adamw_chain` without weight decay (the decay direction ``-theta`` is not
-    in the protected complement).
+) -> optax.GradientTransformation:
+    """Two optimizer streams whose updates are added (docs/upgp-method.md §5.6), as one transform over a
+    **pair-structured gradient**.
 
-    The loss weights belong in the stream learning rates (``lr * lambda``), not on the gradients: Adam is
-    invariant to a gradient scale, so a weight on the gradient would do nothing.
+    ``update((forget_grads, retain_grads), state, params)`` runs the forgetting gradient through
+    ``clip -> scale_by_adam -> projection -> -forget_lr`` and the clean-CE gradient through its own
+    ``clip -> scale_by_adam -> [retain_projection] -> -retain_lr``, each with its own clip and Adam moments, and
+    returns the **sum** of the two updates (one tree with the structure of ``params``). The state is the pair
+    ``(forget_state, retain_state)``; :func:`set_basis` / :func:`get_basis` find the projection state inside it.
+    A single projected stream would project the retain gradient too, and that gradient lies almost entirely in
+    the protected (clean) subspace, so the retain term would be switched off.
+
+    Both streams are :func:`adamw_chain` without weight decay (the decay direction ``-theta`` is not in the
+    protected complement). The loss weights belong in the stream learning rates (``lr * lambda``), not on the
+    gradients: Adam is invariant to a gradient scale, so a weight on the gradient would do nothing.
 
     Args:
       forget_lr, retain_lr: learning rate (or schedule) of each stream.
@@ -510,36 +506,21 @@ def two_stream_chain(
         variant that every update must respect (InfLoRA's frozen down-projections and head bias, the
         representation variant's down-projections kept in the clean complement); ``None`` for a free retain
         stream.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose updates are the pair ``(forget, retain)`` on the way in and one
+      summed update on the way out.
     """
-    return TwoStreams(
-        adamw_chain(forget_lr, clip=clip, projection=projection),
-        adamw_chain(retain_lr, clip=clip, projection=retain_projection),
-    )
+    forget = adamw_chain(forget_lr, clip=clip, projection=projection)
+    retain = adamw_chain(retain_lr, clip=clip, projection=retain_projection)
 
+    def init_fn(params):
+        return (forget.init(params), retain.init(params))
 
-def projected_adamw(
-    learning_rate: float | optax.Schedule,
-    projection: optax.GradientTransformation | None,
-    *,
-    clip: float | None = 1.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-) -> optax.GradientTransformation:
-    """:func:`adamw_chain` with the projection as a positional argument (the earlier name)."""
-    return adamw_chain(
-        learning_rate, weight_decay=weight_decay, clip=clip, projection=projection, b1=b1, b2=b2, eps=eps
-    )
+    def update_fn(grads, state, params=None):
+        g_forget, g_retain = grads
+        u_f, s_f = forget.update(g_forget, state[0], params)
+        u_r, s_r = retain.update(g_retain, state[1], params)
+        return jax.tree.map(jnp.add, u_f, u_r), (s_f, s_r)
 
-
-# The basis estimators live in jdup.subspace; re-exported here for existing callers.
-from jdup.subspace import (  # noqa: E402
-    covariance_basis,
-    energy_rank,
-    gradient_basis,
-    inflora_from_covariance,
-    inflora_init,
-    rank_cap,
-    representation_basis,
-)
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -44,32 +44,12 @@ EVAL_SPLITS = ("dev-clean", "dev-poison", "test-clean", "test-poison")
 # ----------------------------------------------------------------------------------------------------------------
 
 
-#: The one warm-up/decay schedule (Hugging Face ``get_linear_schedule_with_warmup``) lives in :mod:`jdup.optim`.
-linear_warmup_decay = optim.linear_warmup_decay
-_schedule_value = optim.schedule_value
-
-
-def make_optimizer(
-    lr: float, total_steps: int, warmup_steps: int, *, weight_decay: float = 0.0, clip: float | None = 1.0,
-) -> optax.GradientTransformation:
-    """Victim training's optimizer: :func:`jdup.optim.adamw_chain` (global-norm clip, then AdamW with torch
-    defaults) on :func:`jdup.optim.linear_warmup_decay`.
-
-    Weight decay applies to parameters with 2+ dimensions only (kernels, embeddings), as the usual Hugging Face
-    grouping that exempts biases and LayerNorm weights.
-    """
-    return optim.adamw_chain(
-        optim.linear_warmup_decay(lr, total_steps, warmup_steps), weight_decay=weight_decay, clip=clip,
-        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
-    )
-
-
-def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Warm-up length in optimizer steps: ``round(warmup_epochs * steps_per_epoch)`` or ``round(warmup * total)``."""
-    total = steps_per_epoch * cfg.epochs
+def warmup_steps(cfg: TrainSettings, steps_per_epoch: int) -> int:
+    """Warm-up length in optimizer steps by the one rule :func:`jdup.optim.warmup_steps`: ``warmup_epochs`` epochs
+    when set, else the ``warmup`` fraction of all steps (``warmup = 0.6`` of 5 epochs: exactly 3 epochs)."""
     if cfg.warmup_epochs is not None:
-        return round(cfg.warmup_epochs * steps_per_epoch)
-    return round(cfg.warmup * total)
+        return optim.warmup_steps(steps_per_epoch, cfg.warmup_epochs)
+    return optim.warmup_steps(steps_per_epoch * cfg.epochs, cfg.warmup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,7 +91,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
 @functools.lru_cache(maxsize=8)
 def cached_train_step(graphdef, lr: float, total: int, warm: int, weight_decay: float, clip: float | None):
     """``(tx, step)`` shared by runs with the same architecture and optimizer settings (one compile per process)."""
-    tx = make_optimizer(lr, total, warm, weight_decay=weight_decay, clip=clip)
+    # jdup's one optimizer; decay on kernels and embeddings only (the usual Hugging Face grouping)
+    tx = optim.adamw_chain(optim.linear_warmup_decay(lr, total, warm), weight_decay=weight_decay, clip=clip,
+                           mask=optim.matrices_only)
     return tx, make_train_step(graphdef, tx)
 
 
@@ -185,8 +167,201 @@ def evaluate_states(
     return evaluate(logits, encoded, target)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the algorithm: train(model, data, settings) -> TrainResult
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Settings that may change between a stopped run and its continuation (not in the checkpoint fingerprint).
+RESUME_FREE = ("max_steps", "ckpt_every_steps", "progress", "eval_batch_size", "log_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where :func:`train` keeps its resumable checkpoints, and what else must match to resume from them.
+
+    Attributes:
+      directory: orbax checkpoint folder (created; a run resumes from its newest step).
+      identity: JSON-able facts a checkpoint must have been written with besides the settings, the row counts and
+        the target (e.g. the fingerprints of the input files); a mismatch is an error.
+      max_to_keep: step folders kept.
+    """
+
+    directory: str
+    identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    max_to_keep: int = 2
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+      model: the selected model (best evaluation by ``settings.select``); ``None`` when ``stopped``.
+      metrics: evaluation of the selected epoch (``dev_acc``, ``dev_asr``, ``cacc``, ``asr`` of the splits
+        present, ``epoch``, ``step``).
+      best_epoch: the selected epoch (1-based; -1 before any evaluation).
+      history: one evaluation record per evaluated epoch.
+      steps: optimizer steps done; total_steps: steps of the whole schedule.
+      steps_per_epoch, warmup_steps: the schedule.
+      target: the target label ASR was measured against.
+      seconds: training time, over every resumed part of the run.
+      stopped: ``settings.max_steps`` stopped the run before the end (a checkpoint holds it).
+      checkpoint: the checkpoint folder (``None`` without one).
+    """
+
+    model: Any
+    metrics: dict[str, float]
+    best_epoch: int
+    history: list[dict]
+    steps: int
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    target: int
+    seconds: float
+    stopped: bool = False
+    checkpoint: str | None = None
+
+
+def train(
+    model: nnx.Module,
+    data: Mapping[str, D.Encoded],
+    settings: TrainSettings,
+    *,
+    target: int,
+    mesh: Any = None,
+    checkpoint: Checkpoint | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    donate_model: bool = False,
+) -> TrainResult:
+    """Trains ``model`` on ``data["train"]`` and keeps the best evaluated weights (the DUP PLM recipe, above).
+
+    Args:
+      model: the classifier to fine-tune (an NNX module of :mod:`jdup.models`); not modified.
+      data: tokenised splits: ``"train"`` and any of :data:`EVAL_SPLITS` (evaluated after every
+        ``eval_every`` epochs: ``dev_acc``, ``dev_asr``, ``cacc``, ``asr``).
+      settings: :class:`jdup.settings.TrainSettings` (a stage's ``TrainConfig`` is reduced to it).
+      target: the backdoor's target label (for ASR and ``select="dev_mean"``).
+      mesh: the device mesh (``jdup.mesh``); ``None`` = the default device.
+      checkpoint: resumable checkpoints (:class:`Checkpoint`); the run resumes from the newest one when its
+        fingerprint (settings except :data:`RESUME_FREE`, row counts, target, ``identity``) matches, else raises.
+      on_start: called once with the step the loop starts from (0, or the resumed step).
+      on_record: called with each log record: ``{"step", "epoch", "loss", "train_acc", "grad_norm", "lr"}`` every
+        ``log_every`` steps and at epoch ends, ``{"eval": True, ...metrics}`` after each evaluation.
+      donate_model: let the first step reuse ``model``'s parameter buffers (no copy; ``model`` must not be used
+        afterwards). Default: the parameters are copied and ``model`` stays usable.
+
+    Returns:
+      A :class:`TrainResult` (``stopped`` and no model when ``max_steps`` ended the run first).
+    """
+    del mesh  # one device until jdup.mesh places the model and batches (the result does not depend on it)
+    from tqdm.auto import tqdm
+
+    from jdup.checkpoint import Checkpointer, fingerprint
+
+    cfg = settings_of(settings, TrainSettings)
+    t_start = time.perf_counter()
+    train_enc = data["train"]
+    spe = D.num_batches(len(train_enc), cfg.batch_size)
+    total = spe * cfg.epochs
+    warm = warmup_steps(cfg, spe)
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+    tx, step_fn = cached_train_step(graphdef, float(cfg.lr), total, warm, float(cfg.weight_decay),
+                                    float(cfg.clip) if cfg.clip else None)
+    rest = tuple(rest)
+    if not donate_model:  # the train step donates its buffers: copy them so the caller's model stays as it was
+        params = jax.tree.map(jnp.copy, params)
+    opt_state = jax.jit(tx.init)(params)
+    best = jax.device_get(params)
+
+    meta: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_epoch": -1,
+                            "history": [], "elapsed": 0.0, "best_metrics": {}}
+    ck = None
+    if checkpoint is not None:
+        fp = fingerprint({
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE},
+            "rows": {k: len(v) for k, v in data.items()}, "target": int(target), "identity": checkpoint.identity,
+        })
+        meta["fingerprint"] = fp
+        ck = Checkpointer(checkpoint.directory, max_to_keep=checkpoint.max_to_keep)
+        if ck.latest_step() is not None:
+            try:
+                (params, opt_state, best), saved = ck.restore((params, opt_state, best))
+            except BaseException:
+                ck.close()
+                raise
+            if saved.get("fingerprint") != fp:
+                ck.close()
+                raise JdupError("the checkpoint was written with different settings (model, data or "
+                                "hyper-parameters); pass --overwrite (overwrite=true) to discard it and start again, "
+                                "or choose another out folder", ck.directory)
+            meta.update(saved)
+            log.info("resuming from step %d (epoch %d, batch %d)", meta["step"], meta["epoch"], meta["batch"])
+    if on_start is not None:
+        on_start(int(meta["step"]))
+
+    def record(obj):
+        if on_record is not None:
+            on_record(obj)
+
+    elapsed_before = float(meta["elapsed"])
+    pos = LoopPosition(int(meta["step"]), int(meta["epoch"]), int(meta["batch"]))
+    pending: list[dict] = []
+    stopped = False
+    bar = tqdm(total=total, initial=pos.step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    loop = train_steps(step_fn, params, opt_state, rest, train_enc, cfg, pos)
+    try:
+        for params, opt_state, stats, epoch, b_idx, epoch_end in loop:
+            distributed.stop_point()  # Ctrl-C (even one a library swallowed) or another process failed
+            step = pos.step
+            meta.update(step=step, epoch=pos.epoch, batch=pos.batch)
+            pending.append(stats)
+            bar.update(1)
+            if step % max(cfg.log_every, 1) == 0 or epoch_end:
+                host = jax.device_get(pending)
+                loss = float(np.mean([s["loss"] for s in host]))
+                acc = float(sum(s["correct"] for s in host) / max(sum(s["count"] for s in host), 1))
+                record({"step": step, "epoch": epoch + (b_idx + 1) / spe, "loss": loss, "train_acc": acc,
+                        "grad_norm": float(host[-1]["grad_norm"]),
+                        "lr": optim.schedule_value(cfg.lr, total, warm, step - 1)})
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
+                pending = []
+            if epoch_end and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                m = evaluate_states(graphdef, (params, *rest), data, target, cfg.eval_batch_size,
+                                    progress=cfg.progress)
+                m.update(epoch=epoch + 1, step=step)
+                score = m["dev_acc"] if cfg.select == "dev_acc" else (m["dev_acc"] + m["dev_asr"]) / 2
+                if meta["best_score"] is None or score > meta["best_score"]:
+                    meta.update(best_score=score, best_epoch=epoch + 1, best_metrics=m)
+                    best = jax.device_get(params)
+                meta["history"] = [*meta["history"], m]
+                record({"eval": True, **m})
+                log.info("epoch %d: %s", epoch + 1, m)
+            hit_max = cfg.max_steps is not None and step >= cfg.max_steps and step < total
+            if ck is not None and (epoch_end or hit_max or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0)):
+                meta["elapsed"] = elapsed_before + time.perf_counter() - t_start
+                ck.save(meta["step"], (params, opt_state, best), meta)
+            if hit_max:
+                stopped = True
+                break
+    finally:
+        bar.close()
+        if ck is not None:
+            ck.close()
+
+    final = None if stopped else nnx.merge(graphdef, jax.device_put(best), *rest)
+    return TrainResult(
+        model=final, metrics=dict(meta["best_metrics"]), best_epoch=int(meta["best_epoch"]),
+        history=list(meta["history"]), steps=pos.step, total_steps=total, steps_per_epoch=spe,
+        warmup_steps=warm, target=int(target), seconds=elapsed_before + time.perf_counter() - t_start,
+        stopped=stopped, checkpoint=ck.directory if ck is not None else None,
+    )
+
+
 __all__ = [
-    "DTYPES", "EVAL_SPLITS", "LoopPosition", "TrainConfig", "accuracy", "attack_success_rate",
-    "cached_train_step", "evaluate", "evaluate_states", "linear_warmup_decay", "make_optimizer",
-    "make_train_step", "predict", "predict_states", "train_steps", "warmup_steps",
+    "DTYPES", "EVAL_SPLITS", "RESUME_FREE", "Checkpoint", "LoopPosition", "TrainConfig", "TrainResult",
+    "TrainSettings", "accuracy", "attack_success_rate", "cached_train_step", "evaluate", "evaluate_states",
+    "make_train_step", "predict", "predict_states", "train", "train_steps",
+    "warmup_steps",
 ]

@@ -1,4 +1,5 @@
-"""Contract tests for the null-space projection transform and its basis estimators (jdup.optim)."""
+"""Contract tests for jdup.optim (the projection transform, the two-stream transform, the warm-up rule) and the
+basis estimators of jdup.subspace."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jdup import optim
+from jdup import optim, subspace
 
 
 def _orthonormal(key, n, k, width=None):
@@ -119,7 +120,7 @@ def test_projected_adam_keeps_orthogonality_but_projecting_before_adam_does_not(
     grads = _hetero_grads(jax.random.key(7), steps, n)
     params = {"w": jnp.zeros(n)}
 
-    after = optim.projected_adamw(1e-2, optim.project_null_space(max_rank=8, mode="global"), clip=None)
+    after = optim.adamw_chain(1e-2, projection=optim.project_null_space(max_rank=8, mode="global"), clip=None)
     before = optax.chain(optim.project_null_space(max_rank=8, mode="global"), optax.adam(1e-2))
     worst = {}
     for name, tx in (("after", after), ("before", before)):
@@ -134,10 +135,10 @@ def test_projected_adam_keeps_orthogonality_but_projecting_before_adam_does_not(
     assert worst["before"] > 1e-2  # guards the chain order
 
 
-def test_projected_adamw_with_clip_and_decay_stays_orthogonal():
+def test_adamw_chain_with_projection_clip_and_decay_stays_orthogonal():
     n = 40
     basis = _orthonormal(jax.random.key(8), n, 4)
-    tx = optim.projected_adamw(1e-3, optim.project_null_space(max_rank=4), clip=1.0, weight_decay=0.1)
+    tx = optim.adamw_chain(1e-3, projection=optim.project_null_space(max_rank=4), clip=1.0, weight_decay=0.1)
     params = {"w": jax.random.normal(jax.random.key(9), (n,))}
     state = optim.set_basis(tx.init(params), {"w": basis})
     for t in range(5):
@@ -150,7 +151,7 @@ def test_basis_refresh_does_not_recompile():
     u = _tree(jax.random.key(11))
     traces = []
 
-    tx = optim.projected_adamw(1e-3, optim.project_null_space(max_rank=4))
+    tx = optim.adamw_chain(1e-3, projection=optim.project_null_space(max_rank=4))
 
     def step(g, state):
         traces.append(1)
@@ -175,7 +176,7 @@ def test_dtype_is_preserved(dtype):
     bases = _block_bases(jax.random.key(17), u)
     for tx in (
         optim.project_null_space(max_rank=4),
-        optim.projected_adamw(1e-3, optim.project_null_space(4)),
+        optim.adamw_chain(1e-3, projection=optim.project_null_space(4)),
     ):
         state = optim.set_basis(tx.init(u), bases)
         out, _ = jax.jit(tx.update)(u, state, u)
@@ -192,7 +193,7 @@ def test_dtype_is_preserved(dtype):
 def test_set_basis_finds_state_inside_nnx_free_nested_containers_and_errors_without_one():
     params = {"w": jnp.zeros(5)}
     tx = optax.multi_transform(
-        {"p": optim.projected_adamw(1e-3, optim.project_null_space(2)), "q": optax.adam(1e-3)},
+        {"p": optim.adamw_chain(1e-3, projection=optim.project_null_space(2)), "q": optax.adam(1e-3)},
         {"w": "p"},
     )
     state = tx.init(params)
@@ -207,27 +208,27 @@ def test_gradient_basis_spans_the_gradients_and_pads():
     k = 5
     key = jax.random.key(19)
     grads = {"a": jax.random.normal(key, (k, 7, 3)), "b": jax.random.normal(jax.random.key(20), (k, 4))}
-    bases, ranks = optim.gradient_basis(grads, energy_eps=1.0, per_block=True, max_rank=8)
+    bases, ranks = subspace.gradient_basis(grads, energy_eps=1.0, per_block=True, max_rank=8)
     assert bases["a"].shape == (21, 8) and bases["b"].shape == (4, 8)
     assert int(ranks["a"]) == 5 and int(ranks["b"]) == 4
     # every gradient lies in span(U): projecting leaves nothing
     g = grads["a"].reshape(k, -1).T
     np.testing.assert_allclose(g - bases["a"] @ (bases["a"].T @ g), 0.0, atol=1e-5)
     np.testing.assert_allclose(bases["a"].T @ bases["a"], np.diag([1.0] * 5 + [0.0] * 3), atol=1e-5)
-    gb, gr = optim.gradient_basis(grads, energy_eps=1.0, per_block=False, max_rank=6)
+    gb, gr = subspace.gradient_basis(grads, energy_eps=1.0, per_block=False, max_rank=6)
     assert gb.shape == (25, 6) and int(gr) == 5
     # energy threshold drops weak directions
     strong = jnp.stack([jnp.eye(10)[0] * 10.0, jnp.eye(10)[1] * 10.0, jnp.eye(10)[2] * 0.01])
-    _, r = optim.gradient_basis({"w": strong}, energy_eps=0.99, normalize=False)
+    _, r = subspace.gradient_basis({"w": strong}, energy_eps=0.99, normalize=False)
     assert int(r["w"]) == 2
 
 
 def test_energy_rank_rule():
     s = jnp.array([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1 of 14
-    assert int(optim.energy_rank(s, 0.6)) == 1
-    assert int(optim.energy_rank(s, 0.9)) == 2
-    assert int(optim.energy_rank(s, 1.0)) == 3
-    assert int(optim.energy_rank(jnp.zeros(3), 0.9)) == 0
+    assert int(subspace.energy_rank(s, 0.6)) == 1
+    assert int(subspace.energy_rank(s, 0.9)) == 2
+    assert int(subspace.energy_rank(s, 1.0)) == 3
+    assert int(subspace.energy_rank(jnp.zeros(3), 0.9)) == 0
 
 
 @pytest.mark.slow
@@ -238,7 +239,7 @@ def test_representation_basis_protects_clean_inputs():
     x = jax.random.normal(jax.random.key(22), (50, r)) @ mix  # clean inputs live in a 4-dim subspace
     pad = jnp.ones((50,)).at[45:].set(0.0)
     x = x.at[45:].set(100.0)  # padding rows must be ignored
-    u, k = optim.representation_basis(x, energy_eps=0.999999, weights=pad, max_rank=6)
+    u, k = subspace.representation_basis(x, energy_eps=0.999999, weights=pad, max_rank=6)
     assert u.shape == (d, 6) and int(k) == 4
     np.testing.assert_allclose(x[:45] - (x[:45] @ u) @ u.T, 0.0, atol=1e-4)
     # a GPM-projected kernel update leaves clean pre-activations unchanged
@@ -248,7 +249,7 @@ def test_representation_basis_protects_clean_inputs():
     pg, _ = tx.update({"k": g}, state)
     scale = float(jnp.max(jnp.abs(x[:45] @ g)))
     assert float(jnp.max(jnp.abs(x[:45] @ pg["k"]))) <= 1e-5 * scale
-    _, kcap = optim.representation_basis(x[:45], energy_eps=1.0, min_free=10)
+    _, kcap = subspace.representation_basis(x[:45], energy_eps=1.0, min_free=10)
     assert int(kcap) == 2
 
 
@@ -257,9 +258,9 @@ def test_inflora_down_projection_is_orthogonal_and_keeps_clean_preactivations():
     d, r = 16, 3
     clean = jax.random.normal(jax.random.key(24), (40, 5)) @ jax.random.normal(jax.random.key(25), (5, d))
     forget = clean[:10] + 3.0 * jax.random.normal(jax.random.key(26), (10, d))
-    u, k = optim.representation_basis(clean, energy_eps=0.999999, max_rank=8)
+    u, k = subspace.representation_basis(clean, energy_eps=0.999999, max_rank=8)
     assert int(k) == 5
-    a = optim.inflora_init(u, forget, r)
+    a = subspace.inflora_init(u, forget, r)
     assert a.shape == (d, r)
     assert float(jnp.max(jnp.abs(u.T @ a))) <= 1e-5
     np.testing.assert_allclose(a.T @ a, jnp.eye(r), atol=1e-5)
@@ -280,7 +281,7 @@ def test_inflora_down_projection_is_orthogonal_and_keeps_clean_preactivations():
     assert float(jnp.max(jnp.abs(forget @ (a @ b2)))) > 1e-2
 
     # low-rank forget inputs: random complement fill keeps the guarantees
-    a1 = optim.inflora_init(u, forget[:1], r)
+    a1 = subspace.inflora_init(u, forget[:1], r)
     assert float(jnp.max(jnp.abs(u.T @ a1))) <= 1e-5
     np.testing.assert_allclose(a1.T @ a1, jnp.eye(r), atol=1e-5)
 
@@ -306,7 +307,7 @@ def test_projected_step_changes_clean_loss_at_second_order_only():
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         clean_grad = jax.grad(ce)(params, xc, yc)
-        bases, _ = optim.gradient_basis(jax.tree.map(lambda g: g[None], clean_grad), 1.0, per_block=False)
+        bases, _ = subspace.gradient_basis(jax.tree.map(lambda g: g[None], clean_grad), 1.0, per_block=False)
         forget_grad = jax.tree.map(lambda g: -g, jax.grad(ce)(params, xf, yf))  # ascent on the forget set
         tx = optim.project_null_space(max_rank=1, mode="global")
         state = optim.set_basis(tx.init(params), bases)
@@ -337,3 +338,47 @@ def test_subspace_cosine_block_and_invalid_mode():
     assert optim.basis_rank(b) == {"w": 1}
     with pytest.raises(ValueError, match="mode"):
         optim.project_null_space(mode="columns")
+
+
+def test_warmup_rule_keeps_the_recorded_step_counts():
+    """One warm-up rule (floor of the decimal product): DUP unlearning's warmup_frac=0.1 of T steps is int(0.1 T)
+    for every T (what jdup.unlearn computed), and victim training's warmup=0.6 of 5 epochs (or warmup_epochs=3)
+    is exactly 3 epochs for every epoch length (what jdup.train's round() gave)."""
+    for total in range(0, 20001):
+        assert optim.warmup_steps(total, 0.1) == int(0.1 * total)
+    for spe in range(1, 4001):
+        assert optim.warmup_steps(5 * spe, 0.6) == round(0.6 * 5 * spe) == 3 * spe
+        assert optim.warmup_steps(spe, 3.0) == round(3.0 * spe) == 3 * spe
+    # the decimal product, not the binary one: 0.7 * 90 is 62.99999999999999 in floating point
+    assert optim.warmup_steps(90, 0.7) == 63 and int(0.7 * 90) == 62
+    # a fractional product rounds down (training's round() rounded 7.6 up to 8)
+    assert optim.warmup_steps(76, 0.1) == 7
+    assert optim.warmup_steps(0, 0.5) == 0 and optim.warmup_steps(10, 0.0) == 0
+
+
+def test_two_stream_chain_is_a_transform_over_the_pair_of_gradients():
+    """The two-stream optimizer is an optax.GradientTransformation: its update takes (forget, retain) gradients
+    and returns the sum of a projected AdamW update of the first and a free AdamW update of the second, each with
+    its own clip and moments (the same numbers as the two chains run separately, step after step)."""
+    n = 12
+    basis = _orthonormal(jax.random.key(30), n, 3)
+    proj = optim.project_null_space(max_rank=3, mode="global", bases=basis)
+    schedule = optim.linear_warmup_decay(0.1, 6, 2)
+    tx = optim.two_stream_chain(schedule, 0.05, clip=1.0, projection=proj)
+    assert isinstance(tx, optax.GradientTransformation)
+    forget = optim.adamw_chain(schedule, clip=1.0, projection=proj)
+    retain = optim.adamw_chain(0.05, clip=1.0)
+    params = {"w": jnp.zeros(n)}
+    state = tx.init(params)
+    s_f, s_r = forget.init(params), retain.init(params)
+    update = jax.jit(tx.update)
+    for t in range(4):
+        g_f = {"w": 3.0 * jax.random.normal(jax.random.key(31 + t), (n,))}
+        g_r = {"w": jax.random.normal(jax.random.key(41 + t), (n,))}
+        u, state = update((g_f, g_r), state, params)
+        u_f, s_f = forget.update(g_f, s_f, params)
+        u_r, s_r = retain.update(g_r, s_r, params)
+        np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(u_f["w"] + u_r["w"]), rtol=1e-6, atol=1e-9)
+        if t >= 1:  # lr 0 at the first update; afterwards the forget part is orthogonal to the basis, the sum not
+            assert _ratio(u_f, basis, "global") <= 1e-5 and _ratio(u, basis, "global") > 1e-3
+    assert int(optim.get_basis(state).count) == 4  # set_basis / get_basis find the projection inside the pair

@@ -45,12 +45,12 @@ def full_run(tmp_path_factory, tiny_model_dir, synthetic_dup):
 
 
 def test_linear_warmup_decay_matches_hf():
-    s = T.linear_warmup_decay(2e-5, 50, 30)
+    s = optim.linear_warmup_decay(2e-5, 50, 30)
     ours = np.array([float(s(t)) for t in range(52)])
     expected = np.array([2e-5 * (t / 30 if t < 30 else max(0.0, (50 - t) / 20)) for t in range(52)])
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-12)
     assert ours[0] == 0.0 and ours[30] == pytest.approx(2e-5) and ours[50] == 0.0
-    assert float(T.linear_warmup_decay(1.0, 10, 0)(0)) == 1.0
+    assert float(optim.linear_warmup_decay(1.0, 10, 0)(0)) == 1.0
     assert optim.schedule_value(2e-5, 50, 30, 40) == pytest.approx(float(s(40)))
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

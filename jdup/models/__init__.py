@@ -44,14 +44,6 @@ from jdup.models.hub import (
 )
 
 
-def import_families() -> list[str]:
-    """The registered arch names (every family registers when :mod:`jdup.models.hf` is imported, i.e. now).
-
-    Kept for callers written when families were imported lazily.
-    """
-    return registry.names()
-
-
 def tiny_model(
     arch: str = "bert",
     num_labels: int = 2,
@@ -92,7 +84,6 @@ __all__ = [
     "from_gguf",
     "from_pretrained",
     "gguf_to_hf",
-    "import_families",
     "is_gguf",
     "load_state_from_tensors",
     "load_tokenizer",

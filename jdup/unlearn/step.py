@@ -18,8 +18,6 @@ so a sweep cell computes what ``jdup unlearn`` computes.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -29,8 +27,6 @@ import optax
 
 from jdup import optim
 from jdup.unlearn.loss import LossSettings, loss_pieces, objective
-
-TwoStreams = optim.TwoStreams
 
 
 class StepHParams(NamedTuple):
@@ -64,7 +60,8 @@ class OptimizerSpec(NamedTuple):
 
     Attributes:
       total_steps: optimizer steps ``T`` of the whole run.
-      warmup_steps: ``W = int(warmup_frac·T)``; ``lr(t) = lr·t/W`` for ``t < W``, then ``lr·max(0, (T−t)/(T−W))``.
+      warmup_steps: ``W = floor(warmup_frac·T)`` (:func:`jdup.optim.warmup_steps`); ``lr(t) = lr·t/W`` for
+        ``t < W``, then ``lr·max(0, (T−t)/(T−W))``.
       weight_decay: decoupled weight decay on every trainable leaf (single stream only).
       clip: global-norm clip of the raw gradient (0 disables).
       projection: ``None`` (one AdamW stream) or the forget stream's projection (two streams).
@@ -98,13 +95,20 @@ class OptimizerSpec(NamedTuple):
             retain_projection,
         )
 
+    @property
+    def two_streams(self) -> bool:
+        """A projected run: the step feeds :meth:`build`'s transform the pair ``(forget, retain)`` of gradients."""
+        return self.projection is not None
+
     def schedule(self, peak: Any) -> optax.Schedule:
         """:func:`jdup.optim.linear_warmup_decay` of this run for ``peak`` (a float or a traced array)."""
         return optim.linear_warmup_decay(peak, self.total_steps, self.warmup_steps)
 
-    def build(self, hp: StepHParams) -> optax.GradientTransformation | TwoStreams:
-        """The optimizer with ``hp``'s learning rates (traced values are fine: build it inside the step)."""
-        if self.projection is None:
+    def build(self, hp: StepHParams) -> optax.GradientTransformation:
+        """The optimizer with ``hp``'s learning rates (traced values are fine: build it inside the step): one
+        :func:`jdup.optim.adamw_chain`, or with a projection :func:`jdup.optim.two_stream_chain`, whose update
+        takes the pair ``(forget_grads, retain_grads)``."""
+        if not self.two_streams:
             return optim.adamw_chain(self.schedule(hp.lr), weight_decay=self.weight_decay, clip=self.clip)
         return optim.two_stream_chain(
             self.schedule(hp.forget_lr),
@@ -130,8 +134,7 @@ def train_step(graphdef, optimizer, settings: LossSettings, trainable, frozen, o
 
     Args:
       graphdef: the student's graph definition (static).
-      optimizer: an :class:`OptimizerSpec` (static; its learning rates come from ``hp``), or an already built
-        ``optax.GradientTransformation`` / :class:`~jdup.optim.TwoStreams` (used as is: ``hp.lr`` unused).
+      optimizer: an :class:`OptimizerSpec` (static; its learning rates come from ``hp``).
       settings: :class:`~jdup.unlearn.LossSettings` (static).
       trainable, frozen: the student's state (``frozen`` is never differentiated).
       opt_state: the optimizer state (:meth:`OptimizerSpec.init`).
@@ -143,8 +146,8 @@ def train_step(graphdef, optimizer, settings: LossSettings, trainable, frozen, o
       The new trainable state, the new optimizer state and ``metrics``: ``loss``, ``forget``, ``retain`` and
       ``grad_norm`` (of the weighted gradient, before clipping) as device scalars.
     """
-    tx = optimizer.build(hp) if isinstance(optimizer, OptimizerSpec) else optimizer
-    if isinstance(tx, TwoStreams):  # static: projected forget stream + unprojected retain stream
+    tx = optimizer.build(hp)
+    if optimizer.two_streams:  # static: projected forget stream + unprojected retain stream
         return _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key, hp)
 
     def weighted(trainable):
@@ -179,78 +182,3 @@ def _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch
 #: :func:`train_step` jitted with ``graphdef``, ``optimizer`` and ``settings`` static: runs with the same model
 #: structure, step counts and loss settings reuse the compiled step whatever their learning rate and weights.
 jit_train_step = jax.jit(train_step, static_argnums=(0, 1, 2))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Earlier API (a built optimizer with a Python-float learning rate), kept for existing callers
-
-
-@functools.lru_cache(maxsize=32)
-def make_optimizer(
-    lr: float,
-    total_steps: int,
-    *,
-    warmup_frac: float = 0.1,
-    weight_decay: float = 0.01,
-    clip_norm: float = 1.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    projection: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformation:
-    """DUP's optimiser with a fixed peak ``lr``: :func:`jdup.optim.adamw_chain` on the warm-up/decay schedule.
-
-    ``clip_by_global_norm(clip_norm) → scale_by_adam → [projection] → [add_decayed_weights] → −lr(t)``; weight
-    decay is switched off when a projection is given (the decay direction ``−θ`` is not in the protected
-    complement). Cached per argument tuple. New code: :class:`OptimizerSpec` (the lr is traced there).
-    """
-    schedule = optim.linear_warmup_decay(lr, total_steps, optim.warmup_steps(total_steps, warmup_frac))
-    return optim.adamw_chain(
-        schedule,
-        weight_decay=0.0 if projection is not None else weight_decay,
-        clip=clip_norm,
-        projection=projection,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-    )
-
-
-def make_two_stream_optimizer(
-    lr: float,
-    total_steps: int,
-    projection: optax.GradientTransformation,
-    *,
-    lambda_asr: float = 1.0,
-    lambda_acc: float = 1.0,
-    warmup_frac: float = 0.1,
-    clip_norm: float = 1.0,
-    retain_projection: optax.GradientTransformation | None = None,
-) -> TwoStreams:
-    """The optimiser of a projected run with fixed learning rates: :func:`jdup.optim.two_stream_chain` with
-    stream learning rates ``lr·λ_asr`` and ``lr·λ_acc`` (Adam is invariant to a gradient scale, so the loss
-    weights go into the learning rates). New code: :class:`OptimizerSpec` with a ``projection``."""
-    warm = optim.warmup_steps(total_steps, warmup_frac)
-    return optim.two_stream_chain(
-        optim.linear_warmup_decay(lr * lambda_asr, total_steps, warm),
-        optim.linear_warmup_decay(lr * lambda_acc, total_steps, warm),
-        clip=clip_norm,
-        projection=projection,
-        retain_projection=retain_projection,
-    )
-
-
-def make_train_step(
-    graphdef, tx: Any, settings: LossSettings, *, lambda_asr: float = 1.0, lambda_acc: float = 1.0
-) -> Callable:
-    """``step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, metrics)`` for a built ``tx``
-    (:func:`make_optimizer` / :func:`make_two_stream_optimizer`) with fixed loss weights: :data:`jit_train_step`
-    with ``hp`` bound (its learning rates unused: they are in ``tx``)."""
-    if isinstance(tx, OptimizerSpec):
-        raise TypeError("an OptimizerSpec takes its learning rate from hp: call jit_train_step(..., hp)")
-    hp = step_hparams(0.0, lambda_asr, lambda_acc)
-
-    def step(trainable, frozen, opt_state, batch, key):
-        return jit_train_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key, hp)
-
-    return step
