@@ -34,13 +34,21 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-#: The fast-lane plugin marks the end-to-end tests ``slow`` (``pytest -m "not slow"`` is the fast lane, with or
-#: without ``-p tests.fast_lane``); marks select nothing unless ``-m`` is given.
-pytest_plugins = ("tests.fast_lane",)
+from tests.fast_lane import HEAVY_FIXTURES  # noqa: E402  (a plain import: the plugin loads only with -p)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_SST2 = REPO.parent / "shared" / "data" / "sst-2" / "1"
 ALLOW_MISSING_SHARED = "JDUP_ALLOW_MISSING_SHARED"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the trained MiniLM victim may train it first (a session fixture: minutes of CPU on a loaded
+    machine), so they get twice the per-test ``timeout`` of ``pyproject.toml`` unless they set their own."""
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        if default and HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(2 * default))
 
 
 def _shared_data(path: pathlib.Path) -> pathlib.Path:

@@ -1,7 +1,8 @@
 """pytest plugin of the fast lane (``make test-fast`` = ``pytest -p tests.fast_lane -m "not slow" tests``).
 
-``make test`` (CI) runs every test and does not load this plugin. The fast lane leaves out the tests marked
-``slow``; besides the explicit ``@pytest.mark.slow`` marks, this plugin marks as slow:
+Only ``-p tests.fast_lane`` loads it: ``make test`` (CI) runs every test without it, and a plain
+``pytest -m "not slow"`` leaves out only the tests with an explicit ``@pytest.mark.slow``. The fast lane leaves
+out the tests marked ``slow``; besides the explicit marks, this plugin marks as slow:
 
 * every test that requests one of :data:`HEAVY_FIXTURES`: the trained MiniLM victim of
   ``tests/helpers/victim.py`` (2-3 CPU-minutes of training per session unless ``JDUP_TEST_CACHE`` holds it, then

@@ -11,12 +11,14 @@ folder of splits (:func:`read_split`, :func:`read_dup_folder`, :func:`split_path
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from jdup import atomic
 from jdup.data.records import TextDataset, _check_file, _open_text, _parse_int, validate, warn_empty_texts
 from jdup.errors import JdupError
 
@@ -80,14 +82,16 @@ def read_dup_csv(path: str | os.PathLike, num_labels: int | None = None) -> Text
 
 
 def write_dup_csv(ds: TextDataset, path: str | os.PathLike) -> None:
-    """Write ``ds`` in the DUP layout (``,0,1,2`` header, fresh 0..N-1 index), readable by pandas and DUP."""
+    """Write ``ds`` in the DUP layout (``,0,1,2`` header, fresh 0..N-1 index), readable by pandas and DUP; atomically
+    (:func:`jdup.atomic.write_text`)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["", "0", "1", "2"])
-        for i, (t, y, p) in enumerate(zip(ds.texts, ds.labels, ds.poison, strict=True)):
-            w.writerow([i, t, int(y), int(p)])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["", "0", "1", "2"])
+    for i, (t, y, p) in enumerate(zip(ds.texts, ds.labels, ds.poison, strict=True)):
+        w.writerow([i, t, int(y), int(p)])
+    atomic.write_text(path, buf.getvalue())
 
 
 def split_path(folder: str | os.PathLike, name: str, rate: float | str = 0.2) -> str:
