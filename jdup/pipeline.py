@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from jdup import atomic
+from jdup import atomic, plots
 from jdup import config as config_lib
 from jdup.errors import Interrupted, JdupError
 
@@ -269,7 +269,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def report_markdown(report: Mapping) -> str:
+def summary_table(report: Mapping) -> str:
+    """The Markdown table of a ``jdup run``: each stage's headline metrics and the times (``report.md``, stdout)."""
     stages = report.get("stages", {})
     lines = ["| stage | metric | value |", "|---|---|---|"]
     for stage, key, label in _REPORT_ROWS:
@@ -288,36 +289,11 @@ def write_report(report: Mapping, out: str) -> None:
     """Writes ``report.json``, ``report.md`` and ``report.png`` (before/after bars) atomically under ``out``
     (a ``report.png`` of an earlier run without unlearning results is removed)."""
     atomic.write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2, default=str))
-    md = f"# jdup run: {out}\n\n" + report_markdown(report)
+    md = f"# jdup run: {out}\n\n" + summary_table(report)
     atomic.write_text(os.path.join(out, "report.md"), md)
     unlearn = report.get("stages", {}).get("unlearn", {})
     png = os.path.join(out, "report.png")
     if "cacc_after" in unlearn:
-        _plot_before_after(unlearn, png)
+        plots.before_after_bars(unlearn, png)
     elif os.path.exists(png):
         os.remove(png)
-
-
-def _plot_before_after(m: Mapping, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in ("cacc", "asr", "ra") if f"{n}_before" in m and f"{n}_after" in m]
-    before = [m[f"{n}_before"] for n in names]
-    after = [m[f"{n}_after"] for n in names]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="backdoored", color="#c44e52")
-    ax.bar([x + 0.2 for x in xs], after, width=0.4, label="purified", color="#4c72b0")
-    for x, b, a in zip(xs, before, after, strict=True):
-        ax.text(x - 0.2, b + 0.01, f"{b:.2f}", ha="center", fontsize=8)
-        ax.text(x + 0.2, a + 0.01, f"{a:.2f}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [n.upper() for n in names])
-    ax.set_ylim(0, 1.1)
-    ax.set_title("before / after unlearning")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    atomic.save_figure(fig, path, dpi=120)
-    plt.close(fig)

@@ -209,7 +209,7 @@ def test_run_preset_key_and_option(monkeypatch, tmp_path, capsys):
     seen = []
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, **kw: seen.append(pipeline.plan(cfg)) or
                         {"out": str(tmp_path), "stages": {}})
-    monkeypatch.setattr(pipeline, "report_markdown", lambda report: "")
+    monkeypatch.setattr(pipeline, "summary_table", lambda report: "")
     f = tmp_path / "run.yaml"
     f.write_text(f"out: {tmp_path / 'r'}\ndetect:\n  frr: 0.2\nunlearn:\n  epochs: 7\n  batch_size: 16\n")
     assert cli.main(["run", str(f), "--preset", "dup-official", "unlearn.batch_size=8"]) == 0

@@ -1,4 +1,5 @@
-"""Tests of jdup.report: mean ± std over seeds, CSV/Markdown tables, plots, failures (no JAX involved)."""
+"""Tests of `jdup report` (jdup.sweep.report, jdup.sweep.tables): mean ± std over seeds, CSV/Markdown tables,
+plots, failures; and the figures of jdup.plots."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from jdup import report as R
+from jdup import plots
 from jdup.errors import JdupError
+from jdup.sweep import report as R
+from jdup.sweep import tables as T
 
 
 def _rec(cid, attack, lam, seed, cacc, asr, auroc, status="ok", seconds=2.0):
@@ -64,9 +67,9 @@ def sweep_dir(tmp_path):
 
 
 def test_summary_mean_std_over_seeds(sweep_dir):
-    recs = R.read_results(sweep_dir)
+    recs = R.latest_results(sweep_dir)
     assert len(recs) == 5
-    axes, rows = R.summarize(recs)
+    axes, rows = T.summarize(recs)
     assert axes == ["data.dir", "unlearn.lambda_asr"]
     assert len(rows) == 3
     row = next(r for r in rows if r["data.dir"] == "badnets" and r["unlearn.lambda_asr"] == "1")
@@ -149,14 +152,14 @@ def test_results_tables_detection_per_detector_and_purification_per_method(tmp_p
     ]
     (tmp_path / "invocations.jsonl").write_text("".join(json.dumps(i) + "\n" for i in inv) + '{"trunc')
 
-    ordered = R._grid_order(R.read_results(tmp_path), str(tmp_path))
+    ordered = R._grid_order(R.latest_results(tmp_path), str(tmp_path))
     assert [r["id"] for r in ordered] == [r["id"] for r in recs]
-    det = R.detection_rows(ordered)
+    det = T.detection_rows(ordered)
     assert [r["detector"] for r in det] == ["dup (alpha=0.9)", "fisher", "dup (alpha=0.5)"]
     dup = det[0]
     assert dup["n_seeds"] == 2 and dup["auroc_mean"] == pytest.approx(0.85) and dup["auroc_std"] == pytest.approx(0.05)
     assert dup["detect_seconds_mean"] == pytest.approx(6.0)  # one entry per split seed, not per cell
-    pur = R.purification_rows(ordered)
+    pur = T.purification_rows(ordered)
     assert [(r["method"], r["n_seeds"]) for r in pur] == [("dup-faithful", 2), ("defaults", 1)]
     assert pur[0]["ra_after_mean"] == pytest.approx(0.75) and pur[0]["asr_after_std"] == pytest.approx(0.1)
 
@@ -169,3 +172,22 @@ def test_results_tables_detection_per_detector_and_purification_per_method(tmp_p
     assert "| badnets | dup (alpha=0.9) | 2 | 0.850 ± 0.050 | 0.050 ± 0.000 | 0.200 ± 0.000 | 30 ± 0 | 25 ± 0 | 6.0 ± 1.0 |" in md
     assert "| badnets | dup-faithful | 2 | 0.900 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 | 0.870 ± 0.010 | 0.200 ± 0.100 |" in md
     assert md.index("### Detection") < md.index("### Purification") < md.index("## All settings")
+
+
+def test_every_figure_goes_through_jdup_plots(tmp_path):
+    """jdup.plots is the one module that draws (and writes each PNG through jdup.atomic: no temporary left)."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "jdup"
+    drawing = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "matplotlib" in p.read_text())
+    assert drawing == ["plots.py"]
+    y, s = np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])
+    plots.roc_plot(y, s, str(tmp_path / "roc.png"), extra={"md": s[::-1].copy()})
+    plots.score_histogram(s, y, 0.5, str(tmp_path / "hist.png"))
+    plots.before_after_bars(
+        {"cacc_before": 0.9, "cacc_after": 0.88, "asr_before": 1.0, "asr_after": 0.05}, str(tmp_path / "run.png")
+    )
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["hist.png", "roc.png", "run.png"]
+    for n in names:
+        assert (tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

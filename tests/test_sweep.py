@@ -517,8 +517,9 @@ def test_sst2_full_config_structure_end_to_end(synthetic_dup, tiny_model_dir, tm
     import yaml
 
     from jdup import cli
-    from jdup import report as RP
     from jdup.stages.train import TrainConfig, run_train
+    from jdup.sweep import report as RP
+    from jdup.sweep import tables as RT
 
     monkeypatch.chdir(tmp_path)
     victim_out = "runs/victims/synthetic"
@@ -551,12 +552,12 @@ def test_sst2_full_config_structure_end_to_end(synthetic_dup, tiny_model_dir, tm
     assert inv["ok"] == 14 and inv["failed"] == 14 and inv["seconds"] > 0 and inv["machine"]["cpu_count"] >= 1
 
     assert cli.main(["--log-level", "warning", "report", "runs/sweeps/sst2_full"]) == 0
-    ordered = RP._grid_order(RP.read_results(out), str(out))
-    det = {r["detector"]: r for r in RP.detection_rows(ordered)}
+    ordered = RP._grid_order(RP.latest_results(out), str(out))
+    det = {r["detector"]: r for r in RT.detection_rows(ordered)}
     assert set(det) >= {"dup", "dan", "upgp", "fisher"}
     assert all(r["attack"] == "synthetic" and r["n_seeds"] == 2 for r in det.values())  # dup: shared, counted once
     assert all(r["auroc_mean"] is not None and r["far_std"] is not None for r in det.values())
-    pur = RP.purification_rows(ordered)
+    pur = RT.purification_rows(ordered)
     assert [r["method"] for r in pur] == ["dup-faithful", "defaults", "gradient"]
     assert all(r["n_seeds"] == 2 and r["ra_after_mean"] is not None for r in pur)
     md = (out / "report.md").read_text()
