@@ -77,13 +77,17 @@ def _fmt_point(v: Any) -> str:
     return str(v)
 
 
+def _tag(rec: Mapping, name: str) -> str | None:
+    """The cell's ``tags.<name>`` as a string, or ``None`` when it has none (or an empty one)."""
+    value = (rec.get("config", {}).get("tags") or {}).get(name)
+    return str(value) if value else None
+
+
 def attack_label(rec: Mapping) -> str:
     """``tags.attack``, else the data folder's name, else the data source."""
-    cfg = rec.get("config", {})
-    tags = cfg.get("tags") or {}
-    if tags.get("attack"):
-        return str(tags["attack"])
-    d = cfg.get("data", {})
+    if tag := _tag(rec, "attack"):
+        return tag
+    d = rec.get("config", {}).get("data", {})
     if d.get("dir"):
         return os.path.basename(str(d["dir"]).rstrip("/")) or str(d["dir"])
     return str(d.get("source", "?"))
@@ -91,11 +95,9 @@ def attack_label(rec: Mapping) -> str:
 
 def model_label(rec: Mapping) -> str:
     """``tags.model``, else the victim's (or base model's) name."""
-    cfg = rec.get("config", {})
-    tags = cfg.get("tags") or {}
-    if tags.get("model"):
-        return str(tags["model"])
-    m = cfg.get("model", {})
+    if tag := _tag(rec, "model"):
+        return tag
+    m = rec.get("config", {}).get("model", {})
     name = str(m.get("victim") or m.get("name") or "?")
     return os.path.basename(name.rstrip("/")) if "/" in name and not name.startswith("builtin:") else name
 
@@ -103,9 +105,8 @@ def model_label(rec: Mapping) -> str:
 def method_label(rec: Mapping) -> str:
     """``tags.method``, else the defence settings of a cell: its axis values outside
     ``data.*``/``model.*``/``tags.*`` and ``seed``."""
-    tags = rec.get("config", {}).get("tags") or {}
-    if tags.get("method"):
-        return str(tags["method"])
+    if tag := _tag(rec, "method"):
+        return tag
     point = rec.get("point", {})
     parts = []
     for k, v in point.items():
@@ -159,9 +160,7 @@ def _mean_std(recs: Sequence[Mapping], metrics: Sequence[tuple[str, str]]) -> di
 
 def detector_label(rec: Mapping) -> str:
     """``tags.detector``, else the cell's ``detect.method``."""
-    cfg = rec.get("config", {})
-    tags = cfg.get("tags") or {}
-    return str(tags.get("detector") or (cfg.get("detect") or {}).get("method") or "dup")
+    return _tag(rec, "detector") or str((rec.get("config", {}).get("detect") or {}).get("method") or "dup")
 
 
 def detection_rows(records: Sequence[Mapping]) -> list[dict]:
@@ -184,7 +183,7 @@ def detection_rows(records: Sequence[Mapping]) -> list[dict]:
         for r in recs:
             split = r.get("metrics", {}).get("detect_split_seed", r.get("seed"))
             distinct.setdefault(json.dumps(split), r)
-        labelled = next((r for r in recs if (r.get("config", {}).get("tags") or {}).get("detector")), recs[0])
+        labelled = next((r for r in recs if _tag(r, "detector")), recs[0])
         row: dict[str, Any] = {
             "attack": attack_label(recs[0]),
             "model": model_label(recs[0]),
