@@ -215,6 +215,14 @@ def test_run_tiny_end_to_end_then_resume(tmp_path, tiny_model, capsys, monkeypat
         for k in keys:
             assert isinstance(stages[stage][k], (int, float)), (stage, k, stages[stage].get(k))
     assert 0.0 <= stages["detect"]["auroc"] <= 1.0
+    # the report's AUROC is that of the written scores against the poisoned folder's test-detect poison column
+    import numpy as np
+
+    from jdup import data as data_lib
+    from jdup import metrics
+
+    truth = data_lib.read_split(out / "poison", "test-detect").poison.astype(bool)
+    assert stages["detect"]["auroc"] == pytest.approx(metrics.auroc(truth, np.load(out / "detect" / "scores.npy")))
     md = (out / "report.md").read_text()
     assert "victim CACC" in md and "detection AUROC" in md and "ASR after unlearning" in md
     assert stages["train"]["model_dir"].startswith(str(out))

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from jdup import cli, data, detect, fusion, models
+from jdup import cli, data, detect, fusion, metrics, models
 from jdup import config as config_lib
 from jdup.errors import JdupError
 from jdup.sensitivity import UPGPConfig
@@ -66,6 +66,9 @@ def test_cli_routes_method_and_writes_the_dup_outputs(folder, tmp_path, method, 
     if method == "upgp":
         assert res["layers"] == [] and 0.0 <= res["auroc"] <= 1.0
         np.testing.assert_allclose(res["auroc"], res["auroc_upgp"])
+        # the reported AUROC is the AUROC of the written scores against the scored file's poison column
+        truth = data.read_split(root / "data", "test-detect").poison.astype(bool)
+        np.testing.assert_allclose(res["auroc"], metrics.auroc(truth, scores))
     else:
         assert res["layers"] and comp["dup_scores"].shape == (n,)
         assert 0.0 <= scores.min() and scores.max() < 1.0  # mean rank fractions

@@ -246,6 +246,10 @@ def test_reference_detect_on_tiny_bert(tiny_folder, rows, ref):
     assert res["scores"].shape == (n,) and res["preds"].shape == (n,)
     assert len(res["layers"]) == 3 and len(res["ch"]) == res["num_layers"] == 4
     assert 0.0 <= res["auroc"] <= 1.0
+    from sklearn.metrics import roc_auc_score
+
+    truth = [0] * (n // 2) + [1] * (n - n // 2)  # rows: 20 clean then 20 poisoned (the `rows` fixture)
+    assert res["auroc"] == pytest.approx(roc_auc_score(truth, res["scores"]))
     np.testing.assert_array_equal(res["preds"], (res["scores"] > res["threshold"]).astype(int))
     assert all(res["timings"][k] >= 0 for k in ("features", "fits", "scores", "total"))
     # dynamic padding: the batch size does not change CLS features beyond float noise

@@ -12,7 +12,7 @@ import pytest
 
 from jdup import config as config_lib
 from jdup import data as D
-from jdup import fusion, optim, projection, sensitivity, subspace
+from jdup import fusion, metrics, optim, projection, sensitivity, subspace
 from jdup import predict as predict_lib
 from jdup.errors import JdupError
 from jdup.settings import ProjectionOptions, UPGPConfig
@@ -107,6 +107,7 @@ def test_detection_pipeline_and_vmapped_first_order_matches_a_loop(tiny):
     assert det.scores.shape == det.flags.shape == det.sensitivity.shape == (24,)
     assert det.first_order.shape == (24,) and np.all(np.abs(det.first_order) <= 1.0 + 1e-6)
     assert 0 <= det.auroc <= 1 and det.info["perturbations"][0]["steps"] >= 3
+    assert det.auroc == pytest.approx(metrics.auroc(scored.poison.astype(bool), det.scores))  # of the scores it returns
     # the scored rows are labelled by the victim's predictions (scored_labels: predicted): flags lie in the target
     # class of those predictions
     preds = predict_lib.predict(tiny, scored, 64).argmax(-1)
