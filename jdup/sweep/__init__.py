@@ -33,7 +33,7 @@ writes ``results.jsonl``.
 
 Modules: :mod:`~jdup.sweep.grid` (config, expansion, ids, grouping), :mod:`~jdup.sweep.store` (results store),
 :mod:`~jdup.sweep.engine` (running groups, resume), :mod:`~jdup.sweep.vmapped` (the vmapped step over K cells),
-:mod:`~jdup.sweep.report` (result lines and summaries).
+:mod:`~jdup.sweep.report` (result lines and ``jdup report``), :mod:`~jdup.sweep.tables` (the tables of ``jdup report``).
 """
 
 from jdup.sweep.engine import Base, Engine, run_sweep, synthetic_texts
