@@ -90,6 +90,46 @@ def test_everything_on_a_2x4_mesh_equals_one_device():
     assert out.count("OK ") == 4, out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_2x2_mesh_equal_one_device(tmp_path):
+    """Two local processes with 2 devices each, joined by ``jax.distributed``: a 2x2 mesh over both; predictions
+    and features come back whole on each process and equal one device's."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    port = str(_free_port())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "mp", str(i), port, str(tmp_path)], env=env, cwd=root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+    from jdup import data, features, models, predict
+
+    enc = _encoded(data, models)
+    model = models.tiny_model("bert", 2, seed=0)
+    ref = predict.predict(model, enc, 3)
+    ref_f = features.extract_features(model, enc, 3, progress=False)["features"]
+    for i in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"logits_{i}.npy"), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.load(tmp_path / f"features_{i}.npy"), ref_f, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the checks (run as a script in the subprocesses above)
 
@@ -169,6 +209,29 @@ def _check_unlearn(n: int) -> None:
     print("SKIP unlearn")
 
 
+def _encoded(data, models):
+    tok = models.load_tokenizer("builtin:minilm")
+    return data.encode(tok, _data(7), max_length=32, buckets=(8, 16, 32))
+
+
+def _main_process(pid: int, port: str, out: str) -> None:
+    """One of two processes of :func:`test_two_processes_on_a_2x2_mesh_equal_one_device`."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    from jdup import data, features, models, predict
+
+    mesh = jmesh.make_mesh("2x2")
+    assert jax.process_count() == 2 and jmesh.mesh_record(mesh) == {"data": 2, "model": 2}
+    model = jmesh.put_model(models.tiny_model("bert", 2, seed=0), mesh)
+    enc = _encoded(data, models)
+    np.save(os.path.join(out, f"logits_{pid}.npy"), predict.predict(model, enc, 3, mesh=mesh))
+    got = features.extract_features(model, enc, 3, progress=False, mesh=mesh)
+    np.save(os.path.join(out, f"features_{pid}.npy"), got["features"])
+    jax.distributed.shutdown()
+
+
 def _main(n: int, checks: str) -> None:
     import jax
 
@@ -178,4 +241,7 @@ def _main(n: int, checks: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(int(sys.argv[1]), sys.argv[2])
+    if sys.argv[1] == "mp":
+        _main_process(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    else:
+        _main(int(sys.argv[1]), sys.argv[2])
