@@ -380,16 +380,14 @@ def exit_with(code: int) -> None:
     """Exits with ``code``. After Ctrl-C (130) the process leaves at once, once stdout/stderr are flushed: a
     library's non-daemon worker thread (an async checkpointer, a data loader) must not keep an interrupted process
     alive at interpreter shutdown. Checkpoints are complete by then (saves hold Ctrl-C back until the step is on
-    disk, :func:`jdup.distributed.deferred_interrupt`). On several processes a successful process leaves the job in
-    order (``jax.distributed.shutdown``); a failed one leaves at once (the others were told, and a shutdown would
-    wait for processes that are gone)."""
-    several = dist.process_count() > 1
-    if code == 130 or (code and several):
+    disk, :func:`jdup.distributed.deferred_interrupt`). On several processes every process leaves the job in order
+    once all have reported their exit code, or at once when some are gone (:func:`jdup.distributed.leave`)."""
+    if dist.process_count() > 1:
+        dist.leave(code)
+    if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
-    if several:
-        dist.shutdown()
+        os._exit(130)
     sys.exit(code)
 
 

@@ -54,12 +54,16 @@ ENV_TIMEOUT = "JDUP_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
 #: seconds without heartbeats after which JAX declares a process dead
 HEARTBEAT_TIMEOUT_S = 60
+#: seconds a failed process waits for the others to stop too (they may be inside a collective that never ends)
+FAILED_WAIT_S = 60
 #: seconds a barrier or broadcast waits for the slowest process (a long compile, a large export by process 0)
 WAIT_TIMEOUT_S = 24 * 3600
 
 _PREFIX = "jdup/"
 _POLL_S = (0.02, 0.5)  # first and longest pause between two polls of the key-value store
 _STOP_POLL_S = 1.0  # :func:`stop_point` asks the coordination service at most this often
+#: on several processes, every this many steps the loops' :func:`stop_point` is a barrier (stop together)
+SYNC_EVERY_STEPS = 10
 
 
 class PeerFailed(Exception):
@@ -172,17 +176,29 @@ def requested(coordinator: str | None = None, num_processes: Any = None, process
 # Ctrl-C: remembered, so that a swallowed KeyboardInterrupt still stops the run at the next stop_point()
 
 _interrupted = threading.Event()
+_sigints = 0
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
+    global _sigints
     _interrupted.set()
+    _sigints += 1
+    if _sigints == 1 and process_count() > 1:
+        log.warning("Ctrl-C: every process stops at the next step they all reach; Ctrl-C again stops this one "
+                    "at once")
+        return
     raise KeyboardInterrupt
 
 
 def install_interrupt_handler() -> Callable[[], None]:
-    """Installs jdup's SIGINT handler (remember, then raise ``KeyboardInterrupt``); returns a function that puts
-    the previous handler back. Main thread only (elsewhere a no-op)."""
+    """Installs jdup's SIGINT handler; returns a function that puts the previous handler back. Main thread only
+    (elsewhere a no-op). On one process the handler remembers the interrupt, then raises ``KeyboardInterrupt``.
+    On several processes the first Ctrl-C is only remembered: the processes of the job stop together at the next
+    :func:`barrier` or synchronised :func:`stop_point` (one process leaving on its own would leave the others
+    waiting inside a collective); a second Ctrl-C raises at once."""
+    global _sigints
     _interrupted.clear()
+    _sigints = 0
     try:
         old = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread / interpreter
@@ -201,8 +217,9 @@ def interrupted() -> bool:
 
 
 def interrupt_point() -> None:
-    """Raises ``KeyboardInterrupt`` when a Ctrl-C arrived earlier, even if its exception was swallowed."""
-    if _interrupted.is_set():
+    """Raises ``KeyboardInterrupt`` when a Ctrl-C arrived earlier, even if its exception was swallowed (one
+    process; several processes agree on where to stop: :func:`stop_point`)."""
+    if _interrupted.is_set() and process_count() <= 1:
         raise KeyboardInterrupt
 
 
@@ -425,7 +442,6 @@ def _wait(what: str, ready, client, timeout_s: float):
         failed = _aborted(client)
         if failed is not None:
             raise failed
-        interrupt_point()
         if time.monotonic() > deadline:
             raise JdupError(f"jax.distributed: process {process_index()} waited {timeout_s:g} s at {what} for the "
                             "other processes; one of them is stuck or gone")
@@ -434,40 +450,52 @@ def _wait(what: str, ready, client, timeout_s: float):
 
 
 def barrier(name: str, *, timeout_s: float = WAIT_TIMEOUT_S) -> None:
-    """Every process reaches ``name`` before any goes on (a no-op on one process).
+    """Every process reaches ``name`` before any goes on (a no-op on one process). It is also where the
+    processes agree to stop: when any of them got a Ctrl-C, all of them stop here.
 
     Raises:
-      PeerFailed: another process failed or was interrupted meanwhile.
+      KeyboardInterrupt: this process got a Ctrl-C (every process stops at this barrier).
+      PeerFailed: another process failed, or got a Ctrl-C (code 130).
     """
     st = _state()
     if st is None or st.num_processes <= 1:
         return
     n = _next("barrier")
     folder = f"{_PREFIX}barrier/{n}/"
-    st.client.key_value_set(f"{folder}{st.process_id}", name)
+    st.client.key_value_set(f"{folder}{st.process_id}", f"{name}|{int(_interrupted.is_set())}")
 
     def ready():
         try:
             entries = st.client.key_value_dir_get(folder)
         except Exception:  # noqa: BLE001
             return None
-        names = {v for _, v in entries}
+        names = {v.rsplit("|", 1)[0] for _, v in entries}
         if len(names) > 1:
             raise JdupError(f"jax.distributed: the processes run different programs (barrier {n}: {sorted(names)}); "
                             "start every process with the same command")
-        return True if len(entries) >= st.num_processes else None
+        return entries if len(entries) >= st.num_processes else None
 
-    _wait(f"barrier {name!r}", ready, st.client, timeout_s)
+    entries = _wait(f"barrier {name!r}", ready, st.client, timeout_s)
+    stopped = sorted(int(k.rsplit("/", 1)[-1]) for k, v in entries if v.endswith("|1"))
+    if st.process_id in stopped:
+        raise KeyboardInterrupt
+    if stopped:
+        raise PeerFailed(stopped[0], 130, "Ctrl-C")
 
 
 def broadcast(obj: Any, *, timeout_s: float = WAIT_TIMEOUT_S) -> Any:
-    """Process 0's ``obj`` (any picklable object) on every process; the argument of the others is ignored."""
+    """Process 0's ``obj`` (any picklable object) on every process; the argument of the others is ignored.
+
+    Every process must call it at the same place of the same program: a call from another line of code than
+    process 0's raises :class:`JdupError` instead of returning a value meant for another call."""
     st = _state()
     if st is None or st.num_processes <= 1:
         return obj
+    caller = sys._getframe(1)
+    site = f"{caller.f_code.co_filename.rsplit(os.sep, 1)[-1]}:{caller.f_lineno}"
     key = f"{_PREFIX}broadcast/{_next('broadcast')}"
     if st.process_id == 0:
-        st.client.key_value_set_bytes(key, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        st.client.key_value_set_bytes(key, pickle.dumps((site, obj), protocol=pickle.HIGHEST_PROTOCOL))
         return obj
 
     def ready():
@@ -477,15 +505,40 @@ def broadcast(obj: Any, *, timeout_s: float = WAIT_TIMEOUT_S) -> Any:
             return None
         return (data,)
 
-    (data,) = _wait(f"broadcast {key.rsplit('/', 1)[-1]}", ready, st.client, timeout_s)
-    return pickle.loads(data)
+    (data,) = _wait(f"broadcast {key.rsplit('/', 1)[-1]} ({site})", ready, st.client, timeout_s)
+    their_site, value = pickle.loads(data)
+    if their_site != site:
+        raise JdupError(f"jax.distributed: the processes run different programs (process 0 broadcast from "
+                        f"{their_site}, process {st.process_id} expected it at {site}); start every process with "
+                        "the same command and jdup version")
+    return value
 
 
 def run_token() -> str:
-    """A per-run id (12 hex digits) drawn by process 0 and the same on every process; stable for the process."""
+    """A per-run id (12 hex digits) drawn by process 0 and the same on every process; stable for the process.
+
+    (Fetched by :func:`initialize` on every process; it has its own key, so a first call on one process only
+    cannot shift the other collective calls.)"""
     global _token
-    if _token is None:
-        _token = broadcast(uuid.uuid4().hex[:12])
+    if _token is not None:
+        return _token
+    st = _state()
+    if st is None or st.num_processes <= 1:
+        _token = uuid.uuid4().hex[:12]
+        return _token
+    key = f"{_PREFIX}run_token"
+    if st.process_id == 0:
+        _token = uuid.uuid4().hex[:12]
+        st.client.key_value_set(key, _token)
+        return _token
+
+    def ready():
+        try:
+            return st.client.key_value_try_get(key)
+        except Exception:  # noqa: BLE001 - not there yet
+            return None
+
+    _token = str(_wait("the run token", ready, st.client, WAIT_TIMEOUT_S))
     return _token
 
 
@@ -502,13 +555,20 @@ def abort(code: int, message: str = "") -> None:
         log.debug("abort not published: %s", e)
 
 
-def stop_point() -> None:
-    """Raises ``KeyboardInterrupt`` when Ctrl-C arrived (:func:`interrupt_point`) and
-    :class:`PeerFailed` when another process stopped (asked at most once a second). Loops call it every step."""
+def stop_point(step: int | None = None) -> None:
+    """Where a loop may stop; loops call it every step with the step number.
+
+    One process: raises ``KeyboardInterrupt`` when a Ctrl-C arrived (:func:`interrupt_point`). Several
+    processes: every :data:`SYNC_EVERY_STEPS`-th ``step`` is a :func:`barrier` where the processes agree to stop
+    together after a Ctrl-C on any of them; otherwise raises :class:`PeerFailed` when another process has already
+    stopped (asked at most once a second)."""
     global _last_stop_poll
     interrupt_point()
     st = _state()
     if st is None or st.num_processes <= 1:
+        return
+    if step is not None and step % SYNC_EVERY_STEPS == 0:
+        barrier("stop-point")
         return
     now = time.monotonic()
     if now - _last_stop_poll < _STOP_POLL_S:
@@ -519,10 +579,15 @@ def stop_point() -> None:
         raise failed
 
 
-def agree_exit(code: int, message: str = "", *, timeout_s: float = 600) -> tuple[int, str]:
-    """The exit code every process leaves with: this process's ``code`` published, then process 0's code if it
-    failed, else the first failure of another process, else 0. Returns ``(code, message)`` (the message of the
-    process whose code is taken). On one process: ``(code, message)``."""
+def agree_exit(code: int, message: str = "", *, timeout_s: float = 3600) -> tuple[int, str]:
+    """The exit code every process leaves with, and the message that goes with it.
+
+    Publishes this process's ``code`` (and :func:`abort` when it failed), waits until every process has published
+    its own, then takes this process's failure, else process 0's, else the first failure of another process, else
+    0. On one process: ``(code, message)``. A process that is gone (killed) makes the others give up after
+    ``timeout_s`` (or JAX's heartbeats end them first); a failed process waits at most :data:`FAILED_WAIT_S`.
+    """
+    global _reported_all
     st = _state()
     if st is None or st.num_processes <= 1:
         return code, message
@@ -532,24 +597,21 @@ def agree_exit(code: int, message: str = "", *, timeout_s: float = 600) -> tuple
     try:
         client.key_value_set(f"{_PREFIX}exit/{st.process_id}", json.dumps({"code": int(code), "message": message}))
     except Exception as e:  # noqa: BLE001
-        return code or 2, message or f"the coordinator is gone ({' '.join(str(e).split())[:200]})"
-    deadline = time.monotonic() + timeout_s
+        return code or 2, message or f"jax.distributed: the coordinator is gone ({' '.join(str(e).split())[:200]})"
+    # a failed process waits a little for the others to read its abort (process 0 hosts the coordination service)
+    deadline = time.monotonic() + (min(timeout_s, FAILED_WAIT_S) if code else timeout_s)
     codes: dict[int, dict] = {}
     pause = _POLL_S[0]
-    while time.monotonic() < deadline:
+    while True:
         try:
             codes = {int(k.rsplit("/", 1)[-1]): json.loads(v) for k, v in client.key_value_dir_get(_PREFIX + "exit/")}
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the coordinator is gone
             break
-        if len(codes) >= st.num_processes:
+        if len(codes) >= st.num_processes or time.monotonic() > deadline:
             break
-        failed = _aborted(client)
-        if failed is not None and failed.process not in codes:
-            codes[failed.process] = {"code": failed.code, "message": failed.message}
-        if code and len(codes) >= 1:
-            break  # a failing process does not wait for the others
         time.sleep(pause)
         pause = min(pause * 1.5, _POLL_S[1])
+    _reported_all = len(codes) >= st.num_processes
     if code:
         return code, message
     first = codes.get(0)
@@ -558,7 +620,20 @@ def agree_exit(code: int, message: str = "", *, timeout_s: float = 600) -> tuple
     for p, rec in sorted(codes.items()):
         if rec.get("code"):
             return int(rec["code"]), str(PeerFailed(p, rec["code"], rec.get("message", "")))
-    missing = sorted(set(range(st.num_processes)) - set(codes))
-    if missing:
-        return 2, f"jax.distributed: process(es) {missing} did not report an exit status within {timeout_s:g} s"
+    if not _reported_all:
+        missing = sorted(set(range(st.num_processes)) - set(codes))
+        return 2, f"jax.distributed: process(es) {missing} did not finish (killed or stuck)"
     return 0, ""
+
+
+_reported_all = False
+
+
+def leave(code: int) -> None:
+    """Ends this process with ``code`` after :func:`agree_exit`: leaves the job in order when every process
+    reported (a shutdown barrier they all reach), at once otherwise; stdout/stderr are flushed first."""
+    if _state() is not None and (_reported_all or process_count() <= 1):
+        shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
