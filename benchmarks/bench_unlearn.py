@@ -144,6 +144,7 @@ def worker_jdup(args) -> dict:
 
     from jdup import data as D
     from jdup import models
+    from jdup import predict
     from jdup import unlearn as U
 
     C.JaxCompileClock.install()
@@ -190,7 +191,7 @@ def worker_jdup(args) -> dict:
         t0 = time.perf_counter()
         forget = D.encode(tok, ds(forget_rows), max_length=max_length, config=model.config)
         retain = D.encode(tok, ds(retain_rows), max_length=max_length, config=model.config)
-        teacher = U.model_logits(model, forget, cfg.eval_batch_size)
+        teacher = predict.predict(model, forget, cfg.eval_batch_size)
         t1 = time.perf_counter()
         clock = Clock()
         res = U.unlearn(model, forget, retain, cfg, teacher_logits=teacher, on_step=clock)

@@ -11,13 +11,14 @@ split seed = ``seed``), cached in ``<victim>/detection-dev``. The held-out flagg
 
 ``--rule none`` trains every epoch and keeps the final state (monitor only records); ``forget_check`` is
 :func:`jdup.unlearn.stop.forget_check_monitor`; ``proxy`` the older proxy rule. ``--trace-test`` also records
-accuracy on a seeded 600-row sample of test-clean and test-poison ASR at every evaluation: ground truth, for TUNING victims only (it never
+accuracy and ASR on seeded 400-row samples of test-clean and test-poison at every evaluation: ground truth, for TUNING victims only (it never
 influences the run). Writes ``<out>/result.json`` (settings, flags summary, before/after, trace, wall time).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     from jdup.stages.common import attack_target
     from jdup.unlearn import prepare_sets, unlearn
     from jdup.unlearn import stop as stop_lib
-    from jdup.unlearn.monitors import proxy_monitor
+    from jdup.unlearn.monitors import Evaluation, proxy_monitor
 
     stop_fields = set(stop_lib.StopParams._fields)
     u_kw, s_kw = {}, {}
@@ -83,14 +84,15 @@ def main(argv=None) -> int:
     enc_detect = D.encode(tok, dev_detect, 128, config=victim.config)
     sets = prepare_sets(settings, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target)
 
-    def acc_asr(logits_fn, clean=enc["test-clean"]):
+    def acc_asr(logits_fn, clean=enc["test-clean"], poison=enc["test-poison"]):
         pc = logits_fn(clean).argmax(-1)
-        pp = logits_fn(enc["test-poison"]).argmax(-1)
+        pp = logits_fn(poison).argmax(-1)
         return float((pc == clean.labels).mean()), float((pp == target).mean())
 
-    # the trace's CACC uses a seeded 600-row sample of test-clean (cheaper); before/after use all of it
-    tc = enc["test-clean"]
-    trace_clean = tc.subset(np.sort(np.random.default_rng(0).permutation(len(tc))[:600])) if len(tc) > 600 else tc
+    def sample(e, n=400):  # the trace uses seeded 400-row samples of test-clean / test-poison (cheaper)
+        return e.subset(np.sort(np.random.default_rng(0).permutation(len(e))[:n])) if len(e) > n else e
+
+    trace_clean, trace_poison = sample(enc["test-clean"]), sample(enc["test-poison"])
 
     trace_extra = args.trace_test
     base_acc = None
@@ -110,13 +112,14 @@ def main(argv=None) -> int:
 
         def inner(logits_fn):  # records only; the decreasing score keeps the final state
             count[0] += 1
-            return {"score": -float(count[0]), "ok": True, "stop": False}
+            return Evaluation(-float(count[0]), True, False)
 
     def monitor(logits_fn):
-        rec = dict(inner(logits_fn))
-        if trace_extra:
-            rec["test_cacc600"], rec["test_asr"] = acc_asr(logits_fn, trace_clean)
-        return rec
+        ev = inner(logits_fn)
+        if not trace_extra:
+            return ev
+        traced = collections.namedtuple("TracedEvaluation", [*ev._fields, "test_cacc600", "test_asr"])
+        return traced(*ev, *acc_asr(logits_fn, trace_clean))
 
     before = acc_asr(lambda e: predict(victim, e, 64))
     tu = time.perf_counter()
@@ -158,8 +161,8 @@ def simulate(result: dict, params) -> dict:
             stop_at = rec["step"]
             break
     best = best or result["trace"][0]
-    return {"kept_step": best["step"], "stop_step": stop_at, "test_cacc600": best.get("test_cacc600"),
-            "test_asr": best.get("test_asr"), "proxy": best["proxy_asr"], "dev_acc": best["dev_acc"]}
+    return {"kept_step": best["step"], "stop_step": stop_at, "test_cacc400": best.get("test_cacc400"),
+            "test_asr400": best.get("test_asr400"), "proxy": best["proxy_asr"], "dev_acc": best["dev_acc"]}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import pytest
 
 from jdup import sweep as S
 from jdup.errors import JdupError
-from jdup.sweep import vmapped as V
+from jdup.unlearn.loop import stack_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,7 +178,7 @@ def test_stack_batches_pads_to_the_longest():
             "teacher_logits": np.zeros((2, 2), np.float32),
         }
 
-    out, padded = V.stack_batches([batch(8), batch(16), batch(16)], pad_id=0)
+    out, padded = stack_batches([batch(8), batch(16), batch(16)], pad_id=0)
     assert out["input_ids"].shape == (3, 4, 16) and out["teacher_logits"].shape == (3, 2, 2)
     assert padded == [True, False, False]
     assert out["attention_mask"][0, :, 8:].sum() == 0 and out["attention_mask"][0, :, :8].all()

@@ -15,6 +15,7 @@ from jdup import lora, optim
 from jdup import unlearn as U
 from jdup.errors import JdupError
 from jdup.models import tiny_model
+from jdup.predict import predict
 from jdup.stages import unlearn as S
 
 TINY = dict(
@@ -130,10 +131,10 @@ def test_step_changes_only_adapters_and_head(victim):
     spec = U.OptimizerSpec(10, 0)
     hp = U.step_hparams(1e-2)
     forget, retain = _encoded(8, 1, trigger=7), _encoded(8, 2)
-    teacher = U.model_logits(victim, forget, 8)
+    teacher = predict(victim, forget, 8)
     before_frozen = jax.tree.map(np.asarray, st.frozen)
     before_trainable = [np.asarray(v[...]) for _, v in nnx.to_flat_state(st.trainable)]
-    tr, opt_state = st.trainable, tx.init(st.trainable)
+    tr, opt_state = st.trainable, spec.init(st.trainable)
     for i in range(2):
         fb = U.forget_batch_at(forget, 4, i, 0)
         cb = U.clean_batch_at(retain, 4, i, 0)
@@ -149,7 +150,7 @@ def test_step_changes_only_adapters_and_head(victim):
     for old, (path, new) in zip(before_trainable, nnx.to_flat_state(tr), strict=True):
         assert not np.array_equal(old, np.asarray(new[...])), path
     # and the victim (teacher) is untouched: its logits are those used as teacher
-    np.testing.assert_array_equal(U.model_logits(victim, forget, 8), teacher)
+    np.testing.assert_array_equal(predict(victim, forget, 8), teacher)
 
 
 @pytest.mark.slow
@@ -162,7 +163,7 @@ def test_traced_step_matches_the_fixed_optimizer_and_vmaps_over_cells(victim):
     st = U.build_student(victim, cfg)
     settings = U.LossSettings.from_config(cfg, 1)
     forget, retain = _encoded(8, 1, trigger=7), _encoded(8, 2)
-    teacher = U.model_logits(victim, forget, 8)
+    teacher = predict(victim, forget, 8)
     batch = U.joint_batch(U.forget_batch_at(forget, 4, 0, 0), teacher, U.clean_batch_at(retain, 4, 0, 0))
     spec = U.OptimizerSpec.from_config(cfg, 10)
     fixed = optim.adamw_chain(
@@ -190,8 +191,9 @@ def test_traced_step_matches_the_fixed_optimizer_and_vmaps_over_cells(victim):
             st.graphdef, spec, settings, tr_b, st.frozen, os_b, batch, U.step_key(cfg.seed, t), hp
         )
         assert float(m_a["loss"]) == float(m_b["loss"])
-    # equal up to float32 rounding (two differently fused programs: the parameters differ by at most an ulp or so)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), tr_a, tr_b)
+    # equal up to float32 rounding of two differently fused programs (the tolerance of the vmapped cells below; a
+    # wrong learning rate or weight would move the parameters by ~1e-3)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), tr_a, tr_b)
 
     # two cells (lr, lambdas, seeds differ) in one vmapped step == each cell's own step
     hps = U.step_hparams(np.array([3e-3, 1e-2]), np.array([0.3, 1.0]), np.array([0.7, 2.0]))
@@ -230,17 +232,17 @@ def test_loss_pieces_are_consistent_with_losses(victim):
     st = U.build_student(victim, cfg)
     settings = U.LossSettings.from_config(cfg, 1)
     forget, retain = _encoded(5, 3), _encoded(6, 4)
-    teacher = U.model_logits(victim, forget, 8) + 0.5
+    teacher = predict(victim, forget, 8) + 0.5
     b = U.joint_batch(next(D.batches(forget, 4, start=1)), teacher, next(D.batches(retain, 4)))
     f, r = U.loss_pieces(st.graphdef, st.trainable, st.frozen, b, None, settings)
     # forget batch 2 has 1 valid row (row 4); clean batch rows 0..3
-    s_forget = U.model_logits(victim, forget.subset([4]), 8)
+    s_forget = predict(victim, forget.subset([4]), 8)
     from jdup import losses
 
     np.testing.assert_allclose(
         float(f), -float(losses.kl_batchmean(teacher[4:5], s_forget)), rtol=1e-4, atol=1e-6
     )
-    s_clean = U.model_logits(victim, retain.subset([0, 1, 2, 3]), 8)
+    s_clean = predict(victim, retain.subset([0, 1, 2, 3]), 8)
     np.testing.assert_allclose(float(r), float(losses.cross_entropy(s_clean, retain.labels[:4])), rtol=1e-4)
 
 
@@ -252,7 +254,7 @@ def test_fused_and_two_forward_batches_agree(victim):
     forget, retain = _encoded(6, 9), _encoded(6, 10)
     forget.lengths[:] = np.minimum(forget.lengths, 8)  # flagged batch in bucket 8, clean batch in bucket 12
     forget.attention_mask[:, 8:] = 0
-    teacher = U.model_logits(victim, forget, 8)
+    teacher = predict(victim, forget, 8)
     fb, cb = next(D.batches(forget, 4)), next(D.batches(retain, 4))
     assert fb["input_ids"].shape[1] != cb["input_ids"].shape[1]
     a = U.loss_pieces(st.graphdef, st.trainable, st.frozen, U.joint_batch(fb, teacher, cb), None, settings)
@@ -349,7 +351,7 @@ def test_monitor_keeps_best_state_and_stops(victim):
 
     def monitor(logits_fn):
         s = next(scores)
-        return {"score": s, "ok": s != 0.2, "stop": s < 0.1}
+        return U.Evaluation(score=s, ok=s != 0.2, stop=s < 0.1)
 
     res = U.unlearn(victim, forget, retain, cfg, monitor=monitor)
     assert res.stopped_early and res.steps == 4 and res.best_step == 4
@@ -394,7 +396,7 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     purified = models.from_pretrained(out / "model")
     tok = models.load_tokenizer(out / "model")
     tc = D.encode(tok, D.read_split(synthetic_dup, "test-clean"), 32)
-    acc = float((U.model_logits(purified, tc, 8).argmax(-1) == tc.labels).mean())
+    acc = float((predict(purified, tc, 8).argmax(-1) == tc.labels).mean())
     assert abs(acc - m["cacc_after"]) < 1e-9
     # a given detection folder is reused as is
     cfg2 = dataclasses.replace(cfg, out=str(tmp_path / "again"), detection=str(out / "detection"), epochs=0)
@@ -411,7 +413,9 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     m3 = S.run_unlearn(dataclasses.replace(cfg2, data=str(bare), out=str(tmp_path / "bare"), detection=None,
                                           epochs=1))
     assert m3["asr_before"] is None and m3["asr_after"] is None and m3["ra_after"] is None
-    assert m3["target"] == m["target"] and m3["defender_target"] in (0, 1)  # target from poison_config.json
+    assert m3["target"] == m["target"]  # the evaluation target from poison_config.json
+    # the defender's target comes from the victim's predictions on the same flags, not from test-poison
+    assert m3["n_flagged"] == m["n_flagged"] and m3["defender_target"] == m["defender_target"]
     assert m3["cacc_before"] == m["cacc_before"] and m3["steps"] > 0
     (bare / "poison_config.json").unlink(missing_ok=True)
     with pytest.raises(JdupError, match="test-poison"):  # the oracle rule needs the attack's target

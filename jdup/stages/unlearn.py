@@ -37,7 +37,8 @@ from jdup.detect import DetectConfig
 from jdup.errors import JdupError
 from jdup.settings import UnlearnConfig
 from jdup.stages import detect as detect_stage
-from jdup.unlearn import model_logits, prepare_sets, unlearn
+from jdup.predict import predict
+from jdup.unlearn import prepare_sets, unlearn
 
 log = logging.getLogger("jdup.unlearn")
 
@@ -133,10 +134,10 @@ def evaluate_model(
 ) -> dict:
     """CACC (test-clean), ASR (test-poison → target) and RA (test-poison vs true labels); ASR and RA are
     ``None`` without test-poison rows (``tp`` or ``target`` ``None``)."""
-    pc = model_logits(model, tc, batch_size, progress, f"eval {tag}: test-clean").argmax(-1)
+    pc = predict(model, tc, batch_size, progress=progress, desc=f"eval {tag}: test-clean").argmax(-1)
     out = {"cacc": metrics_lib.accuracy(pc, tc.labels), "asr": None, "ra": None}
     if tp is not None and target is not None:
-        pp = model_logits(model, tp, batch_size, progress, f"eval {tag}: test-poison").argmax(-1)
+        pp = predict(model, tp, batch_size, progress=progress, desc=f"eval {tag}: test-poison").argmax(-1)
         out["asr"] = metrics_lib.attack_success_rate(pp, target)
         out["ra"] = metrics_lib.accuracy(pp, ra_labels) if ra_labels is not None else None
     return out

@@ -7,7 +7,8 @@
 * :mod:`~jdup.unlearn.step`: :func:`train_step` (pure; the sweep vmaps it), :data:`jit_train_step`,
   :class:`OptimizerSpec` (static) and :class:`StepHParams` (traced learning rate and loss weights);
 * :mod:`~jdup.unlearn.monitors`: the stop rules and :func:`prepare_sets` (forget/holdout/retain from the flags);
-* :mod:`~jdup.unlearn.loop`: :func:`unlearn`, :class:`StepInfo`, :class:`UnlearnResult`.
+* :mod:`~jdup.unlearn.loop`: :func:`unlearn` (one run) and :func:`run_cells` (K runs, the sweep), both the one
+  loop over a :class:`LoopState`; :class:`StepInfo`, :class:`UnlearnResult`.
 
 Files (model, data folder, detection, metrics, the exported model) belong to the ``jdup unlearn`` stage,
 :mod:`jdup.stages.unlearn` (``UnlearnConfig``, ``run_unlearn``); this package reads and writes none, except the
@@ -24,10 +25,23 @@ from jdup.data.batching import (
     with_pad_multiple,
 )
 from jdup.unlearn.config import EARLY_STOP, UnlearnSettings
-from jdup.unlearn.loop import StepInfo, UnlearnResult, model_logits, predict_logits, unlearn
+from jdup.unlearn.loop import (
+    Cell,
+    CellParams,
+    LoopState,
+    Placement,
+    StepInfo,
+    UnlearnResult,
+    make_cell,
+    run_cells,
+    unlearn,
+)
 from jdup.unlearn.loss import LossSettings, joint_batch, loss_pieces, objective, student_logits
 from jdup.unlearn.monitors import (
+    Evaluation,
     Monitor,
+    OracleEvaluation,
+    ProxyEvaluation,
     UnlearnSets,
     infer_target,
     oracle_monitor,
@@ -72,8 +86,12 @@ __all__ = [
     "StepInfo",
     "UnlearnResult",
     "unlearn",
-    "predict_logits",
-    "model_logits",
+    "Cell",
+    "CellParams",
+    "LoopState",
+    "Placement",
+    "make_cell",
+    "run_cells",
     "BatchPlan",
     "clean_batch_at",
     "forget_batch_at",

@@ -16,9 +16,38 @@ from flax import nnx
 from jdup import data as D
 from jdup import predict as predict_lib
 
-Monitor = Callable[[Callable[[D.Encoded], np.ndarray]], dict]
-"""``monitor(logits_fn) -> {"score": float (lower is better), "ok": bool, "stop": bool, ...}``; ``logits_fn``
-gives the current student's deterministic logits on any :class:`jdup.data.Encoded`."""
+
+class Evaluation(NamedTuple):
+    """What a stop rule says about one state (:data:`Monitor`). A monitor may return any NamedTuple with these
+    three fields first; its other fields are measurements, recorded in the run's history."""
+
+    score: float  # lower is better: the loop keeps the state with the lowest score among ok evaluations
+    ok: bool = True  # the state is acceptable (e.g. clean accuracy did not fall too far)
+    stop: bool = False  # the run may stop here
+
+
+class ProxyEvaluation(NamedTuple):
+    """:func:`proxy_monitor`'s :class:`Evaluation`."""
+
+    score: float  # = proxy_asr
+    ok: bool  # dev_acc >= base_acc - max_acc_drop
+    stop: bool  # ok and proxy_asr <= asr_stop
+    proxy_asr: float  # fraction of the held-out flagged rows predicted as the target
+    dev_acc: float  # accuracy on the held-out labelled clean rows
+
+
+class OracleEvaluation(NamedTuple):
+    """:func:`oracle_monitor`'s :class:`Evaluation`."""
+
+    score: float  # = dev_asr_oracle
+    ok: bool
+    stop: bool  # dev_asr_oracle <= asr_threshold
+    dev_asr_oracle: float  # ASR on the ground-truth dev-poison rows
+
+
+Monitor = Callable[[Callable[[D.Encoded], np.ndarray]], Evaluation]
+"""``monitor(logits_fn) -> Evaluation`` (or a NamedTuple starting with ``score, ok, stop``); ``logits_fn`` gives
+the current student's deterministic logits on any :class:`jdup.data.Encoded`."""
 
 
 def proxy_monitor(
@@ -36,29 +65,21 @@ def proxy_monitor(
     trigger); ``ok`` = clean accuracy ≥ ``base_acc − max_acc_drop``; ``stop`` = ``ok`` and score ≤ ``asr_stop``.
     """
 
-    def monitor(logits_fn):
+    def monitor(logits_fn) -> ProxyEvaluation:
         acc = float((logits_fn(clean).argmax(-1) == clean.labels).mean()) if len(clean) else 1.0
         score = float((logits_fn(holdout).argmax(-1) == target).mean()) if len(holdout) else 0.0
         ok = acc >= base_acc - max_acc_drop - 1e-9
-        return {
-            "score": score,
-            "proxy_asr": score,
-            "dev_acc": acc,
-            "ok": ok,
-            "stop": ok and score <= asr_stop,
-        }
+        return ProxyEvaluation(score, ok, ok and score <= asr_stop, score, acc)
 
     return monitor
 
 
 def oracle_monitor(dev_poison: D.Encoded, target: int, asr_threshold: float) -> Monitor:
-    """jdup's research rule ``oracle_dev_poison``, an ORACLE: ASR on ground-truth dev-poison; stop once ≤
-    ``asr_threshold``. Not the official loop, which checks the same ASR once after all epochs and cannot change
-    its result (docs/dup-method.md §3.6)."""
+    """The official rule (docs/dup-method.md §3.6), an ORACLE: ASR on ground-truth dev-poison; stop once ≤ ``asr_threshold``."""
 
-    def monitor(logits_fn):
+    def monitor(logits_fn) -> OracleEvaluation:
         asr = float((logits_fn(dev_poison).argmax(-1) == target).mean()) if len(dev_poison) else 0.0
-        return {"score": asr, "dev_asr_oracle": asr, "ok": True, "stop": asr <= asr_threshold}
+        return OracleEvaluation(asr, True, asr <= asr_threshold, asr)
 
     return monitor
 

@@ -112,8 +112,21 @@ def held_out_rates(pred: np.ndarray, labels: np.ndarray, target: int) -> tuple[f
     return acc, other
 
 
+class ForgetCheckEvaluation(NamedTuple):
+    """What :func:`forget_check_monitor` returns (a :class:`jdup.unlearn.Evaluation` with the measurements)."""
+
+    score: float
+    ok: bool
+    stop: bool
+    forgotten: bool
+    proxy_asr: float
+    dev_acc: float
+    other_to_target: float
+    threshold: float
+
+
 def forget_check_monitor(holdout, clean, target: int, base_acc: float, params: StopParams) -> Callable:
-    """The rule as a monitor for :func:`jdup.unlearn.unlearn`: ``monitor(logits_fn) -> dict`` with ``score``,
+    """The rule as a monitor for :func:`jdup.unlearn.unlearn`: ``monitor(logits_fn) -> ForgetCheckEvaluation``: ``score``,
     ``ok`` and ``stop`` (the loop keeps the ok state with the lowest score) and the measured ``proxy_asr``,
     ``dev_acc``, ``other_to_target``, ``threshold``, ``forgotten``.
 
@@ -131,15 +144,8 @@ def forget_check_monitor(holdout, clean, target: int, base_acc: float, params: S
         proxy = float((logits_fn(holdout).argmax(-1) == target).mean()) if len(holdout) else 0.0
         verdict = judge(proxy, acc, other, base_acc, params)
         state[0], stop = advance(state[0], verdict, params)
-        return {
-            "score": verdict.score,
-            "ok": verdict.ok,
-            "stop": stop,
-            "forgotten": verdict.forgotten,
-            "proxy_asr": proxy,
-            "dev_acc": acc,
-            "other_to_target": other,
-            "threshold": forget_threshold(other, params),
-        }
+        return ForgetCheckEvaluation(
+            verdict.score, verdict.ok, stop, verdict.forgotten, proxy, acc, other, forget_threshold(other, params)
+        )
 
     return monitor
