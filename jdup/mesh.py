@@ -176,6 +176,16 @@ def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
     return jax.tree.map(lambda x: _put_leaf(x, replicated(mesh)), tree)
 
 
+def put(tree: Any, sharding: Any) -> Any:
+    """Host or device arrays of ``tree`` laid out as ``sharding`` (one sharding for every leaf, or a matching tree
+    of them) on any number of processes (host values must be the same on every process); None: unchanged."""
+    if sharding is None:
+        return tree
+    if isinstance(sharding, NamedSharding):
+        return jax.tree.map(lambda x: _put_leaf(x, sharding), tree)
+    return jax.tree.map(_put_leaf, tree, sharding)
+
+
 def commit(tree: Any, mesh: Mesh | None) -> Any:
     """Every array of ``tree`` not yet spread over the mesh's devices made whole on each of them (e.g. an
     optimizer's step count, made on the default device by ``tx.init``); arrays already on the mesh keep their
@@ -277,6 +287,7 @@ __all__ = [
     "make_mesh",
     "mesh_record",
     "pad_rows",
+    "put",
     "put_host",
     "put_model",
     "put_replicated",

@@ -201,12 +201,85 @@ def _check_detect(n: int) -> None:
     print("OK detect")
 
 
+def _train_once(spec: str):
+    """A few victim-training steps of a tiny BERT (dropout on, a last batch of 4 rows) on mesh ``spec``."""
+    from flax import nnx
+
+    from jdup import data, models, train
+    from jdup.settings import TrainSettings
+
+    mesh = jmesh.make_mesh(spec)
+    tok = models.load_tokenizer("builtin:minilm")
+    enc = {k: data.encode(tok, _data(n_rows, seed), max_length=32, buckets=(16, 32))
+           for k, n_rows, seed in (("train", 22, 3), ("dev-clean", 8, 4))}  # fmt: skip
+    settings = TrainSettings(epochs=2, batch_size=6, lr=1e-3, warmup=0.0, max_length=32, buckets=(16, 32),
+                             eval_batch_size=6, log_every=1, ckpt_every_steps=0, progress=False)  # fmt: skip
+    records: list = []
+    model = models.tiny_model("bert", 2, seed=0)
+    assert model.config.hidden_dropout_prob > 0  # the masks are part of what is compared
+    res = train.train(jmesh.put_model(model, mesh), enc, settings, target=1, mesh=mesh, on_record=records.append)
+    losses = [r["loss"] for r in records if "loss" in r]
+    params = nnx.state(res.model, nnx.Param)
+    return losses, jmesh.gather(params), res
+
+
 def _check_train(n: int) -> None:
-    print("SKIP train")
+    import jax
+
+    ref_losses, ref_params, _ = _train_once("1")
+    assert len(ref_losses) == 8
+    for spec in _meshes(n):
+        losses, params, res = _train_once(spec)
+        leaf = jax.tree.leaves(nnx_params(res.model))[0]
+        assert leaf.sharding.device_set == set(jmesh.make_mesh(spec).devices.flat), leaf.sharding
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, atol=1e-5)
+        a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)]) for p in (params, ref_params))
+        diff = np.abs(a - b)
+        # AdamW divides by sqrt(v): an entry whose gradient is at rounding level can move by ~lr either way;
+        # a wrong gradient (e.g. padding rows in the loss) moves most entries
+        assert diff.max() <= 2 * 8 * 1e-3 and np.mean(diff > 1e-5) < 1e-3, (diff.max(), np.mean(diff > 1e-5))
+    print("OK train")
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
+
+
+def _unlearn_once(spec: str, projection: str):
+    """Four LoRA unlearning steps (dropout on; 5 flagged + 5 clean rows a step, which 4 devices do not divide) of
+    a tiny BERT on mesh ``spec``."""
+    from jdup import data, models, unlearn
+
+    mesh = jmesh.make_mesh(spec)
+    tok = models.load_tokenizer("builtin:minilm")
+    forget, retain = (data.encode(tok, _data(n_rows, seed), max_length=32, buckets=(16, 32))
+                      for n_rows, seed in ((10, 5), (14, 6)))  # fmt: skip
+    settings = unlearn.UnlearnSettings(
+        epochs=2, batch_size=5, lr=1e-3, warmup_frac=0.0, lora_rank=4, lora_alpha=8.0, early_stop="none",
+        projection=projection, projection_options={"k": 4, "basis_batch_size": 4, "refresh": 2},
+        ckpt_every_steps=0, progress=False,
+    )  # fmt: skip
+    model = jmesh.put_model(models.tiny_model("bert", 2, seed=0), mesh)
+    res = unlearn.unlearn(model, forget, retain, settings, target_label=1, mesh=mesh)
+    losses = [r["loss"] for r in res.log]
+    return losses, jmesh.gather(nnx_params(res.merged)), res
 
 
 def _check_unlearn(n: int) -> None:
-    print("SKIP unlearn")
+    import jax
+
+    for projection in ("none", "gradient"):
+        ref_losses, ref_params, _ = _unlearn_once("1", projection)
+        assert len(ref_losses) == 4
+        for spec in _meshes(n):
+            losses, params, res = _unlearn_once(spec, projection)
+            np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, atol=1e-5)
+            a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)]) for p in (params, ref_params))
+            diff = np.abs(a - b)
+            assert diff.max() <= 2 * 4 * 1e-3 and np.mean(diff > 1e-5) < 1e-3, (diff.max(), np.mean(diff > 1e-5))
+    print("OK unlearn")
 
 
 def _encoded(data, models):
