@@ -245,3 +245,65 @@ def test_ctrl_c_on_one_process_stops_both_with_130(tmp_path, tiny_model_dir, syn
     partial = Path(f"{out}.partial")
     assert not out.exists() and (partial / "ckpt").is_dir()  # kept to resume
     assert not (partial / ".jdup-owner").exists() and not list(partial.glob("*.tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ownership of unfinished outputs and temporary files across hosts that share a disk (in process)
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_a_live_partial_of_another_host_is_never_touched(tmp_path, caplog):
+    from jdup import atomic
+    from jdup.errors import JdupError
+
+    dest = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    (partial / "ckpt").mkdir(parents=True)
+    (partial / "ckpt" / "state").write_text("theirs")
+    (partial / atomic.OWNER).write_text("other-host.example 4242 0123456789ab\n")
+    with pytest.raises(JdupError, match="a jdup run on host other-host.example \\(pid 4242\\)"):
+        atomic.StagedDir(dest, resume=True, keep="ckpt", writer=True).open()
+    assert (partial / "ckpt" / "state").read_text() == "theirs" and (partial / atomic.OWNER).exists()
+    _age(partial / atomic.OWNER, atomic.OWNER_FRESH_S + 60)  # its heartbeat stopped long ago: a dead run
+    with atomic.StagedDir(dest, resume=True, keep="ckpt", writer=True) as staged:
+        assert staged.resumed and (partial / "ckpt" / "state").exists()
+        owner = (partial / atomic.OWNER).read_text().split()
+        assert owner[:2] == [socket.gethostname(), str(os.getpid())] and len(owner) == 3  # host pid run-token
+
+
+def test_temporary_files_are_removed_only_when_certainly_dead(tmp_path):
+    from jdup import atomic
+
+    here, other = atomic.host_tag(), atomic.host_tag("other-host.example")
+    dead = 2**22 + 12345  # above the default pid_max: never a live process
+    names = {
+        f"a.json.tmp-{dead}-{here}-abcdef12": True,  # this host, dead pid
+        f"b.json.tmp-{os.getppid()}-{here}-abcdef12": False,  # this host, live pid
+        f"c.json.tmp-{dead}-{other}-abcdef12": False,  # another host, recent: maybe alive
+        f"d.json.tmp-{dead}-{other}-abcdef12.npy": True,  # another host, a day old (aged below)
+        f"e.json.tmp-{dead}": True,  # old-style name: this host's
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    _age(tmp_path / f"d.json.tmp-{dead}-{other}-abcdef12.npy", atomic.FOREIGN_STALE_S + 60)
+    removed = {Path(p).name for p in atomic.clean_temp_files(tmp_path)}
+    assert removed == {n for n, gone in names.items() if gone}
+    assert atomic.tmp_name(tmp_path / "f.json").endswith(f".tmp-{os.getpid()}-{here}-{atomic._run_tag()}")
+
+
+def test_a_process_other_than_the_writer_creates_nothing_in_the_output(tmp_path):
+    from jdup import atomic
+
+    dest = tmp_path / "out"
+    with atomic.StagedDir(dest, resume=True, keep="ckpt", writer=False) as staged:
+        scratch = Path(staged.path)
+        assert scratch.is_dir() and not str(scratch).startswith(str(tmp_path))
+        (scratch / "metrics.json").write_text("{}")  # what a stage writes goes to the scratch folder
+        assert staged.checkpoint_dir() == f"{dest}.partial{os.sep}ckpt"
+        assert atomic.shared_path(scratch / "ckpt") == f"{dest}.partial{os.sep}ckpt"
+        staged.commit()
+    assert list(tmp_path.iterdir()) == [] and not scratch.exists()
