@@ -118,8 +118,8 @@ def main(argv=None) -> int:
         ev = inner(logits_fn)
         if not trace_extra:
             return ev
-        traced = collections.namedtuple("TracedEvaluation", [*ev._fields, "test_cacc600", "test_asr"])
-        return traced(*ev, *acc_asr(logits_fn, trace_clean))
+        traced = collections.namedtuple("TracedEvaluation", [*ev._fields, "test_cacc400", "test_asr400"])
+        return traced(*ev, *acc_asr(logits_fn, trace_clean, trace_poison))
 
     before = acc_asr(lambda e: predict(victim, e, 64))
     tu = time.perf_counter()

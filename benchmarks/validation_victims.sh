@@ -16,7 +16,7 @@ SST2=${SST2:-../shared/data/sst-2/1}          # the DUP authors' SST-2 folders (
 # Victim training recipe shared by all victims (docs/results.md, "Full-size SST-2 victims").
 TRAIN="lr=1e-4 warmup=0.1 max_length=128 group_by_length=true batch_size=32 target=1 progress=false"
 
-VICTIMS="tune-sst2-badnets-full
+VICTIMS="tune-sst2-badnets-s1 tune-sst2-badnets-full
 val-sst2-badnets-s2 val-sst2-badnets-s3 val-sst2-badnets-s4
 val-sst2-addsent-s2 val-sst2-addsent-s3 val-sst2-addsent-s4
 val-movies-badnets-s2 val-movies-addsent-s2"
@@ -38,6 +38,10 @@ build() {
   case "$1" in
     # TUNING: the full-size SST-2 BadNets victim (authors' dirty/0.2 file, 6,920 rows, 3 epochs, seed 2025).
     tune-sst2-badnets-full) train "$1" "$SST2/badnets" 3 2025 ;;
+    # TUNING, small: the recipe of the SST-2 validation victims below at seed 1 (3,000 rows, 1 epoch).
+    tune-sst2-badnets-s1)
+      poison "runs/data/sst2-badnets-s1" "$SST2/badnets" badnets 1 3000
+      train "$1" "runs/data/sst2-badnets-s1" 1 1 ;;
     # VALIDATION, SST-2: a 3,000-row subsample of the authors' clean SST-2 training rows, poisoned by jdup
     # (rate 0.2 = 600 rows, target 1) with the victim's seed; dev/test are the authors' full clean files
     # (872 / 1,821 rows, under max_rows) with jdup's trigger; 1 epoch.
