@@ -144,7 +144,7 @@ def detection(root: Path, folder: Path, s: dict, args) -> dict:
         out[f"far_{method}"] = res.metrics["far"]
         out[f"seconds_{method}"] = time.perf_counter() - t
         if method == "upgp":
-            out["upgp_perturbation_steps"] = [p["steps"] for p in res.extra["upgp_info"]["perturbations"]]
+            out["upgp_perturbation_steps"] = [p["steps"] for p in res.upgp.info["perturbations"]]
     out["n_scored"] = int(len(scored))
     out["n_poison"] = int(scored.poison.sum())
     path.write_text(json.dumps(out, indent=2))

@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from jdup import atomic, plots
+from jdup import atomic, distributed, plots
 from jdup import config as config_lib
 from jdup.errors import Interrupted, JdupError
 
@@ -213,9 +213,11 @@ def run_pipeline(cfg: Mapping, *, source: str = "config", origins: Mapping[str, 
     (default) a stage whose output folder holds a manifest matching its config and inputs is reused; any
     difference (a changed setting, a rerun upstream stage) reruns it, and so everything downstream.
 
-    Returns the report dict ``{"stages": {stage: metrics}, "out", "seconds", "stage_seconds", "reused"}``.
+    Returns the report dict ``{"stages": {stage: metrics}, "out", "seconds", "stage_seconds", "reused"}`` (each
+    stage's metrics are the ``record`` of its :class:`jdup.stages.common.StageResult`).
     """
     from jdup import manifest
+    from jdup.stages.common import StageResult, as_stage_result
 
     if overwrite is not None:
         cfg = {**cfg, "overwrite": overwrite}
@@ -226,40 +228,42 @@ def run_pipeline(cfg: Mapping, *, source: str = "config", origins: Mapping[str, 
     for stage, stage_cfg in p["stages"].items():
         manifest.check_output(stage, stage_cfg.out, stage_inputs(stage, stage_cfg),
                               overwrite=overwrite or bool(getattr(stage_cfg, "overwrite", False)))
-    os.makedirs(out, exist_ok=True)
-    atomic.clean_temp_files(out)
+    if distributed.is_writer():  # several processes: only process 0 writes (jdup.distributed)
+        os.makedirs(out, exist_ok=True)
+        atomic.clean_temp_files(out)
     t0 = time.perf_counter()
-    results: dict[str, dict] = {}
+    results: dict[str, StageResult] = {}
     reused: list[str] = []
     for stage, stage_cfg in p["stages"].items():
         stage_out = os.path.abspath(os.fspath(stage_cfg.out))
         expected = manifest.make(stage, stage_cfg, stage_inputs(stage, stage_cfg))
-        if resume and os.path.isdir(stage_out):
-            same, why = manifest.matches(stage_out, expected)
+        if resume and distributed.broadcast(os.path.isdir(stage_out)):  # process 0 decides for every process
+            same, why = distributed.broadcast(manifest.matches(stage_out, expected))
             if same:
                 log.info("%s: already done with these settings and inputs (%s), reusing it", stage, stage_out)
-                results[stage] = _load_result(stage, stage_out)
+                results[stage] = as_stage_result(stage, stage_out, _load_result(stage, stage_out), reused=True)
                 reused.append(stage)
                 continue
             log.warning("%s: rerunning, the existing output differs: %s", stage, why)
         log.info("%s: %s", stage, json.dumps(config_lib.to_dict(stage_cfg), default=str))
         _, fn = stage_classes(stage)
         try:
-            results[stage] = fn(stage_cfg)
+            results[stage] = as_stage_result(stage, stage_out, fn(stage_cfg))
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(stage, stage_out, f"jdup run {source}") +
                               " (finished stages are reused)") from None
-        if isinstance(results[stage], Mapping) and results[stage].get("stopped"):
-            raise JdupError(f"{stage} stopped at step {results[stage].get('step')} (max_steps) before finishing; "
-                            "rerun to continue from its checkpoint", stage_out)
+        if results[stage].stopped:
+            raise JdupError(f"{stage} stopped at step {results[stage].record.get('step')} (max_steps) before "
+                            "finishing; rerun to continue from its checkpoint", stage_out)
         got = manifest.read(stage_out)
-        if os.path.isdir(stage_out) and (got is None or got.get("key") != expected["key"]):
+        if distributed.is_writer() and os.path.isdir(stage_out) and (got is None or got.get("key") != expected["key"]):
             # a stage function that writes no manifest of its own (a plugged-in or legacy one)
-            manifest.write(stage_out, expected, seconds=results[stage].get("seconds"))
-    stage_seconds = sum(float(r.get("seconds") or 0.0) for r in results.values() if isinstance(r, Mapping))
+            manifest.write(stage_out, expected, seconds=results[stage].seconds)
+    stage_seconds = sum(float(r.seconds or 0.0) for r in results.values())
     report = {"out": out, "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds, "reused": reused,
-              "stages": results}
-    write_report(report, out)
+              "stages": {stage: dict(r.record) for stage, r in results.items()}}
+    if distributed.is_writer():
+        write_report(report, out)
     return report
 
 

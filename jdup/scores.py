@@ -52,20 +52,30 @@ class Scorer(NamedTuple):
 # Small helpers
 
 
+def _xp(*xs: Any) -> Any:
+    """The array namespace of a decision function: NumPy when every input is a host array or number (the host-side
+    float64 decision of :func:`jdup.detect.decide`, computed exactly as NumPy does), else ``jax.numpy`` (device
+    arrays, tracers under ``jit``)."""
+    host = all(isinstance(x, (np.ndarray, np.generic, float, int)) for x in xs)
+    return np if host else jnp
+
+
 def _matmul(a: Array, b: Array) -> Array:
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def aggregate(x: Array, agg: Agg = "mean", axis: int = -1) -> Array:
-    """Reduces per-layer scores: ``"mean"`` (DUP's default), ``"max"`` (DUP's fallback, DAN), ``"min"``, ``"sum"``."""
+    """Reduces per-layer scores: ``"mean"`` (DUP's default), ``"max"`` (DUP's fallback, DAN), ``"min"``, ``"sum"``.
+    NumPy in, NumPy out; JAX otherwise (as every decision function below)."""
+    xp = _xp(x)
     if agg == "mean":
-        return jnp.mean(x, axis=axis)
+        return xp.mean(x, axis=axis)
     if agg == "max":
-        return jnp.max(x, axis=axis)
+        return xp.max(x, axis=axis)
     if agg == "min":
-        return jnp.min(x, axis=axis)
+        return xp.min(x, axis=axis)
     if agg == "sum":
-        return jnp.sum(x, axis=axis)
+        return xp.sum(x, axis=axis)
     raise ValueError(f"unknown aggregation {agg!r}; use mean, max, min or sum")
 
 
@@ -435,7 +445,9 @@ def spectral(layers: str | Sequence[int] | None = None, method: Literal["gram", 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Normalisation, fusion, threshold
+# Normalisation, fusion, threshold: the decision of jdup.detect. Each function computes with NumPy when its inputs
+# are NumPy arrays or numbers (what jdup.detect passes: float64 host scalars of the scoring pass) and with
+# jax.numpy otherwise (usable under jit).
 
 
 class ZStats(NamedTuple):
@@ -447,24 +459,26 @@ class ZStats(NamedTuple):
 
 def fit_zscore(x: Array, axis: int = 0, min_std: float = 1e-6, mask: Array | None = None) -> ZStats:
     """Mean/std (ddof 0) along ``axis``; a std below ``min_std`` is replaced by 1 (as DUP)."""
+    xp = _xp(x) if mask is None else _xp(x, mask)
     if mask is None:
-        mean = jnp.mean(x, axis=axis)
-        std = jnp.std(x, axis=axis)
+        mean = xp.mean(x, axis=axis)
+        std = xp.std(x, axis=axis)
     else:
         w = (
-            jnp.expand_dims(mask.astype(x.dtype), tuple(range(1, x.ndim)))
+            xp.expand_dims(mask.astype(x.dtype), tuple(range(1, x.ndim)))
             if axis == 0
             else mask.astype(x.dtype)
         )
-        n = jnp.sum(w, axis=axis)
-        mean = jnp.sum(x * w, axis=axis) / n
-        std = jnp.sqrt(jnp.sum(w * (x - jnp.expand_dims(mean, axis)) ** 2, axis=axis) / n)
-    return ZStats(mean, jnp.where(std < min_std, jnp.ones_like(std), std))
+        n = xp.sum(w, axis=axis)
+        mean = xp.sum(x * w, axis=axis) / n
+        std = xp.sqrt(xp.sum(w * (x - xp.expand_dims(mean, axis)) ** 2, axis=axis) / n)
+    return ZStats(mean, xp.where(std < min_std, xp.ones_like(std), std))
 
 
 def zscore(stats: ZStats, x: Array) -> Array:
     """``(x − mean) / std`` (broadcast along the last axes)."""
-    return (x - jnp.broadcast_to(stats.mean, x.shape)) / jnp.broadcast_to(stats.std, x.shape)
+    xp = _xp(x, stats.mean, stats.std)
+    return (x - xp.broadcast_to(stats.mean, x.shape)) / xp.broadcast_to(stats.std, x.shape)
 
 
 def fuse(z_md: Array, z_ss: Array, alpha: float = 0.9) -> Array:
@@ -474,7 +488,12 @@ def fuse(z_md: Array, z_ss: Array, alpha: float = 0.9) -> Array:
 
 def threshold_at_frr(scores: Array, frr: float = 0.05) -> Array:
     """The ``100·(1 − frr)``-th percentile (linear interpolation, as ``np.percentile``) of clean scores."""
-    return jnp.percentile(scores, (1.0 - frr) * 100.0, method="linear")
+    return threshold_at_percentile(scores, (1.0 - frr) * 100.0)
+
+
+def threshold_at_percentile(scores: Array, q: float) -> Array:
+    """The ``q``-th percentile (linear interpolation) of ``scores`` (DUP's purification mode: of the scored set)."""
+    return _xp(scores).percentile(scores, q, method="linear")
 
 
 def flag(scores: Array, threshold: Array) -> Array:

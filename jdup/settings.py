@@ -403,7 +403,7 @@ class ProjectionOptions:
         check_range(self, "log_every", 0)
 
 
-EARLY_STOP = ("none", "proxy", "oracle_dev_poison")
+EARLY_STOP = ("none", "proxy", "forget_check", "oracle_dev_poison")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,7 +461,8 @@ class UnlearnSettings:
     #                         the same (the dropout masks follow the padded shape); 0 = every multiple
 
     # --- early stopping (docs/dup-method.md §3.6, §10.4)
-    early_stop: str = "none"  # none (default and official: every epoch) | proxy (defender-side) | oracle_dev_poison
+    early_stop: str = "none"  # none (default and official: every epoch) | proxy (defender-side) | forget_check
+    #                           (defender-side, jdup.unlearn.stop: epochs is a cap) | oracle_dev_poison
     #                           (jdup's research option, not the official rule: ground-truth dev-poison ASR checked
     #                           every eval, best state kept; the official loop checks once after the run)
     eval_every_steps: int = 0  # how often the stop rule is evaluated; 0 = once per epoch
@@ -471,8 +472,13 @@ class UnlearnSettings:
     proxy_asr_stop: float = 0.1  # proxy: stop once this fraction (or less) of the held-out flagged rows is
     #                               predicted as the target
     max_cacc_drop: float = (
-        0.03  # proxy: a state is acceptable only if held-out clean accuracy fell by <= this
+        0.03  # proxy, forget_check: a state is acceptable only if held-out clean accuracy fell by <= this
     )
+    forget_ratio: float = 0.5  # forget_check: forgotten once the held-out flagged rows go to the target at most
+    #                            this fraction of the rate at which held-out clean rows of the other classes do ...
+    forget_floor: float = 0.02  # ... or at most this fraction of them (whichever is larger)
+    stop_patience: int = 2  # forget_check: evaluations without a better kept state, once one has forgotten,
+    #                         before stopping
     clean_holdout_frac: float = 0.2  # proxy: fraction of dev-clean held out of the CE set to measure accuracy
     #                                   honestly (accuracy on the CE rows themselves is optimistic); 0 = measure
     #                                   on the CE rows
@@ -504,6 +510,9 @@ class UnlearnSettings:
         check_range(self, "pad_min_steps", 0)
         check_range(self, "holdout_frac", 0, 1, hi_open=True)
         check_range(self, "clean_holdout_frac", 0, 1, hi_open=True)
+        check_range(self, "forget_ratio", 0)
+        check_range(self, "forget_floor", 0, 1)
+        check_range(self, "stop_patience", 1)
         check_range(self, "warmup_frac", 0, 1)
         check_range(self, "lora_dropout", 0, 1, hi_open=True)
         check(self, "temperature", self.temperature > 0, "must be > 0")

@@ -12,15 +12,19 @@ step compiles once per bucket. Dropout keys are ``fold_in(key(seed), step)`` and
 ``(seed, epoch)`` (:func:`train_steps`), so a loop resumed from a saved ``(step, epoch, batch)`` position replays
 exactly what an uninterrupted run does.
 
-The ``jdup train`` stage (files, checkpoints, ``metrics.jsonl``, model export, ``run_train``) is
-:mod:`jdup.stages.train`.
+:func:`train` is the whole algorithm in memory (victim training, model selection, resumable checkpoints):
+``train(model, data, settings, target=...) -> TrainResult``. The ``jdup train`` stage (reading the data folder,
+``metrics.jsonl``, model export, ``run_train``) is :mod:`jdup.stages.train`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +33,13 @@ import optax
 from flax import nnx
 
 from jdup import data as D
-from jdup import optim
+from jdup import distributed, optim
+from jdup.errors import JdupError
 from jdup.metrics import accuracy, attack_success_rate
 from jdup.predict import MODEL_INPUTS, predict, predict_states
-from jdup.settings import TrainConfig
+from jdup.settings import TrainConfig, TrainSettings, settings_of
+
+log = logging.getLogger("jdup.train")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 EVAL_SPLITS = ("dev-clean", "dev-poison", "test-clean", "test-poison")
@@ -112,7 +119,7 @@ def train_steps(
     opt_state,
     rest: tuple,
     encoded: D.Encoded,
-    cfg: TrainConfig,
+    cfg: TrainSettings,
     pos: LoopPosition | None = None,
 ) -> Iterator[tuple]:
     """Runs the epoch loop from ``pos`` and yields after every optimizer step.
@@ -313,8 +320,8 @@ def train(
     loop = train_steps(step_fn, params, opt_state, rest, train_enc, cfg, pos)
     try:
         for params, opt_state, stats, epoch, b_idx, epoch_end in loop:
-            distributed.stop_point()  # Ctrl-C (even one a library swallowed) or another process failed
             step = pos.step
+            distributed.stop_point(step)  # Ctrl-C (even one a library swallowed) or another process stopped
             meta.update(step=step, epoch=pos.epoch, batch=pos.batch)
             pending.append(stats)
             bar.update(1)

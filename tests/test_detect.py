@@ -130,6 +130,77 @@ def test_alpha_extremes_purification_mode_and_dan(tiny_bert, small_sets, tiny_re
     assert rd.threshold == pytest.approx(np.percentile(rd.val_scores, 95.0))
 
 
+def _numpy_decision(per_layer, ss, n_val, cfg):
+    """The host decision as plain NumPy (the reference jdup.detect.decide must reproduce bit for bit)."""
+
+    def zfit(x):
+        mean, std = x.mean(0), x.std(0)
+        return mean, np.where(std < 1e-6, 1.0, std)
+
+    per_layer = np.asarray(per_layer, np.float64)
+    if cfg.method in ("dup", "fisher"):
+        md = per_layer.mean(1) if cfg.agg == "mean" else per_layer.max(1)
+        s = np.asarray(ss, np.float64)
+    else:
+        m, sd = zfit(per_layer[:n_val])
+        z = (per_layer - m) / sd
+        md = z.max(1) if cfg.dan_agg == "max" else z.mean(1)
+        s = np.zeros_like(md)
+    (mm, ms), (sm, ssd) = zfit(md[:n_val]), zfit(s[:n_val])
+    z_md, z_ss = (md - mm) / ms, (s - sm) / ssd
+    if cfg.method == "fisher":
+        from jdup import fusion
+
+        fused = fusion.fisher_scores([md, s], n_val)
+    else:
+        alpha = cfg.alpha if cfg.method == "dup" else 1.0
+        fused = alpha * z_md + (1.0 - alpha) * z_ss
+    val, sc = fused[:n_val], fused[n_val:]
+    if cfg.purification_mode:
+        tau = float(np.percentile(sc, cfg.purification_percentile))
+    else:
+        tau = float(np.percentile(val, (1.0 - cfg.frr) * 100.0))
+    return sc, sc > tau, tau, z_md, z_ss
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="dup"),
+        dict(method="dup", agg="max", alpha=0.7, frr=0.1),
+        dict(method="fisher"),
+        dict(method="dan"),
+        dict(method="dan", dan_agg="mean"),
+        dict(method="dup", purification_mode=True, purification_percentile=73.0),
+    ],
+)
+def test_decision_through_jdup_scores_is_bit_identical_to_numpy(kw):
+    """`decide` runs jdup.scores' decision functions; on host float64 scalars it gives exactly NumPy's numbers."""
+    rng = np.random.default_rng(11)
+    per_layer, ss = rng.gamma(2.0, size=(900, 4)), rng.normal(size=900)
+    per_layer[:, 2] = 3.0  # a constant layer: its std is replaced by 1, as in DUP
+    cfg = detect.DetectSettings(**kw)
+    d = detect.decide(per_layer, ss, 400, cfg)
+    sc, flags, tau, z_md, z_ss = _numpy_decision(per_layer, ss, 400, cfg)
+    assert np.array_equal(d.scores, sc) and np.array_equal(d.flags, flags) and d.threshold == tau
+    assert np.array_equal(d.z_md, z_md) and np.array_equal(d.z_ss, z_ss)
+    assert 0 < d.flags.sum() < len(d.flags)
+
+
+def test_scores_decision_functions_run_on_device_too():
+    """The same functions on JAX arrays (float32 on device) agree with the host decision to float32 rounding."""
+    import jax.numpy as jnp
+
+    from jdup import scores as S
+
+    rng = np.random.default_rng(5)
+    val, sc = rng.normal(size=300), rng.normal(size=500)
+    host = S.flag(S.zscore(S.fit_zscore(sc[:300]), sc), S.threshold_at_frr(val, 0.05))
+    dev = S.flag(S.zscore(S.fit_zscore(jnp.asarray(sc[:300])), jnp.asarray(sc)), S.threshold_at_frr(jnp.asarray(val)))
+    assert isinstance(host, np.ndarray) and not isinstance(dev, np.ndarray)
+    assert np.mean(np.asarray(dev) == host) > 0.99
+
+
 def test_bad_settings_raise_jdup_error(tiny_bert, small_sets):
     import dataclasses
 

@@ -140,3 +140,40 @@ def test_plots_after_the_timing_and_opt_in_for_unlearning(tmp_path, tiny_model_d
     _, info = detect_stage.detect_dev(model, str(tiny_model_dir), str(folder), str(tmp_path / "dev2"),
                                       {**opts, "plots": True})
     assert (tmp_path / "dev2" / "roc.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `jdup unlearn` reads its data once: detection in memory on the splits it read, flags kept in memory
+
+
+def test_unlearn_reads_the_splits_once_and_detects_in_memory(tmp_path, tiny_model_dir, sets, monkeypatch):
+    import json
+
+    from jdup.settings import UnlearnConfig
+    from jdup.stages import unlearn as unlearn_stage
+
+    calib, scored = sets
+    folder = tmp_path / "data"
+    clean, poison = scored.subset(np.arange(60)), scored.subset(np.arange(60, 100))
+    data.write_dup_csv(calib, folder / "dev-clean.csv")
+    data.write_dup_csv(poison.subset(np.arange(20)), folder / "dev-poison.csv")
+    data.write_dup_csv(clean, folder / "test-clean.csv")
+    data.write_dup_csv(poison, folder / "test-poison.csv")
+    reads, encodes, loads = [], [], []
+    real_read, real_encode, real_load = data.read_split, data.encode, np.load
+    monkeypatch.setattr(data, "read_split", lambda f, name, *a, **kw: reads.append(name) or real_read(f, name, *a, **kw))
+    monkeypatch.setattr(data, "encode", lambda tok, ds, *a, **kw: encodes.append(len(ds)) or real_encode(tok, ds, *a, **kw))
+    monkeypatch.setattr(np, "load", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
+    cfg = UnlearnConfig(model=str(tiny_model_dir), data=str(folder), out=str(tmp_path / "out"), epochs=1,
+                        batch_size=8, max_length=32, progress=False, ckpt_every_steps=0, allow_empty_forget=True,
+                        detect={"batch_size": 16, "max_length": 32, "buckets": [16, 32], "frr": 0.3})
+    res = unlearn_stage.run_unlearn(cfg)
+    assert sorted(reads) == ["dev-clean", "dev-poison", "test-clean", "test-poison"]  # each split read once
+    assert not loads  # the flags never go through flags.npy
+    # unlearning tokenises the four splits once; detection its calibration half and V ∪ dev-detect (its own length)
+    assert sorted(encodes) == sorted([96, 20, 60, 40, 48, 48 + 96 + 20])  # no second tokenisation of dev-detect
+    assert res.stage == "unlearn" and res.record["n_flagged"] == res["n_flagged"] > 0
+    det = json.loads((tmp_path / "out" / "detection" / "detection.json").read_text())
+    assert det["n_scored"] == 96 + 20 and det["mesh"] == res.record["mesh"] and det["process_count"] == 1
+    flags = real_load(tmp_path / "out" / "detection" / "flags.npy")
+    assert int(flags.sum()) == res.record["n_flagged"]

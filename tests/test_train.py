@@ -115,7 +115,8 @@ def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_
     out = tmp_path / "resumed"
     first = ST.run_train(_cfg(tiny_model_dir, synthetic_dup, out, ckpt_every_steps=4, max_steps=13))
     ckpt = Path(f"{out}.partial") / "ckpt"  # an unfinished run lives in <out>.partial until it completes
-    assert first == {"stopped": True, "step": 13, "total_steps": 40, "checkpoint": str(ckpt)}
+    assert first.stopped and first.out is None
+    assert first.record == {"stopped": True, "step": 13, "total_steps": 40, "checkpoint": str(ckpt)}
     assert not (out / "metrics.json").exists() and not (out / "model").exists()
     with Checkpointer(ckpt) as ck:
         assert ck.latest_step() == 13 and 12 in ck.all_steps()
@@ -127,6 +128,40 @@ def test_resume_after_stop_matches_uninterrupted(full_run, tmp_path, tiny_model_
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert second["cacc"] == full["cacc"] and second["asr"] == full["asr"]
+
+
+@pytest.mark.slow
+def test_in_memory_train_is_the_stage_without_files(full_run, tiny_model_dir, synthetic_dup):
+    """jdup.train.train on the splits the stage reads gives the stage's trajectory and selected weights exactly,
+    takes the settings only (no path), and leaves the caller's model as it was."""
+    from jdup import models
+
+    _, full = full_run
+    cfg = _cfg(tiny_model_dir, synthetic_dup, "unused", ckpt_every_steps=0)
+    settings = cfg.settings()
+    assert type(settings) is T.TrainSettings and not hasattr(settings, "out") and not hasattr(settings, "data")
+    splits = D.read_dup_folder(str(synthetic_dup), cfg.rate, ("train",) + T.EVAL_SPLITS, num_labels=2)
+    model = models.from_pretrained(str(tiny_model_dir), num_labels=2, seed=settings.seed)
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    enc = {k: D.encode(tok, v, settings.max_length, settings.buckets, config=model.config) for k, v in splits.items()}
+    before = jax.device_get(nnx_params(model))
+    records = []
+    res = T.train(model, enc, cfg, target=full["target"], on_record=records.append)  # a TrainConfig is reduced
+    assert isinstance(res, T.TrainResult) and not res.stopped and res.checkpoint is None
+    assert res.steps == full["steps"] and res.best_epoch == full["best_epoch"]
+    assert res.history == full["history"]
+    assert res.metrics["cacc"] == full["cacc"] and res.metrics["asr"] == full["asr"]
+    assert sum("loss" in r for r in records) == 40 and sum(bool(r.get("eval")) for r in records) == 4
+    after = jax.device_get(nnx_params(model))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+    logits = T.predict(res.model, enc["test-clean"])
+    assert T.accuracy(logits.argmax(-1), enc["test-clean"].labels) == pytest.approx(full["cacc"])
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
 
 
 @pytest.mark.slow

@@ -57,6 +57,17 @@ class Encoded:
                 return b
         return self.buckets[-1]
 
+    @staticmethod
+    def concat(parts: Sequence[Encoded]) -> Encoded:
+        """The rows of ``parts`` in order, as one :class:`Encoded` (the same arrays :func:`encode` gives for the
+        concatenated texts: every row is padded to the same ``max_length``). Buckets and pad id of the first."""
+        first = parts[0]
+        if any(p.max_length != first.max_length for p in parts):
+            raise ValueError("cannot concatenate encodings of different max_length")
+        cat = {k: np.concatenate([getattr(p, k) for p in parts])
+               for k in ("input_ids", "attention_mask", "token_type_ids", "lengths", "labels", "poison")}
+        return dataclasses.replace(first, **cat, num_truncated=sum(p.num_truncated for p in parts))
+
     def subset(self, index: Sequence[int] | np.ndarray) -> Encoded:
         """Rows ``index`` as a new :class:`Encoded` (same buckets)."""
         i = np.asarray(index, np.int64)

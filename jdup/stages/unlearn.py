@@ -2,42 +2,45 @@
 
 ``jdup unlearn --model M --data DIR --out OUT [--detection DET]``:
 
-1. Load the backdoored victim (the *teacher*, frozen) and the DUP data folder (dev-clean, dev-poison, test-clean,
-   test-poison).
-2. Detect on ``dev-detect = dev-clean ‖ dev-poison`` (calibrated on dev-clean) with :mod:`jdup.stages.detect`
-   (:func:`detect_config` gives its settings), or reuse ``--detection``. The flagged rows (true and false
-   positives) are the forget set; dev-clean with its labels is the retain set (:func:`jdup.unlearn.prepare_sets`).
-3. Unlearn in memory (:func:`jdup.unlearn.unlearn`: LoRA student, ``λ_asr·forget + λ_acc·CE``, AdamW, optional
-   UPGP projection, early stopping).
-4. Merge the adapters (exact), evaluate CACC / ASR / RA before and after on test-clean / test-poison, write
-   ``OUT/model/`` (Hugging Face format), ``OUT/metrics.json``, ``OUT/history.json`` and
-   ``OUT/detection/flags.npy``; each file atomically (:mod:`jdup.atomic`). Orbax checkpoints under ``OUT/ckpt``
-   let a killed run resume.
+1. Load the backdoored victim (the *teacher*, frozen) and read the DUP data folder once (dev-clean, dev-poison,
+   test-clean, test-poison).
+2. Detect in memory on ``dev-detect = dev-clean ‖ dev-poison`` (calibrated on dev-clean; :func:`detect_config`
+   gives the settings) and write ``OUT/detection/`` from the result (:func:`jdup.stages.detect.detect_and_write`),
+   or reuse ``--detection``. The flagged rows (true and false positives) are the forget set; dev-clean with its
+   labels is the retain set (:func:`jdup.unlearn.prepare_sets`).
+3. Unlearn in memory (:func:`jdup.unlearn.unlearn` with ``cfg.settings()``: LoRA student,
+   ``λ_asr·forget + λ_acc·CE``, AdamW, optional UPGP projection, early stopping).
+4. Merge the adapters (exact), evaluate CACC / ASR / RA before and after on test-clean / test-poison
+   (:func:`jdup.evaluate.evaluate_model`), write ``OUT/model/`` (Hugging Face format), ``OUT/metrics.json`` and
+   ``OUT/history.json``, each file atomically (:mod:`jdup.atomic`). Orbax checkpoints under ``OUT/ckpt`` let a
+   killed run resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdup import atomic, manifest, models
+from jdup import atomic, distributed, manifest, models
 from jdup import config as config_lib
 from jdup import data as D
 from jdup import lora as lora_lib
-from jdup import metrics as metrics_lib
 from jdup.detect import DetectConfig
 from jdup.errors import JdupError
+from jdup.evaluate import evaluate_model, robust_labels
 from jdup.settings import UnlearnConfig
 from jdup.stages import detect as detect_stage
-from jdup.predict import predict
+from jdup.stages.common import StageResult, attack_target, run_record, stage_mesh, write_record
 from jdup.unlearn import prepare_sets, unlearn
 
 log = logging.getLogger("jdup.unlearn")
@@ -70,24 +73,6 @@ def _check_config(cfg: UnlearnConfig) -> None:
     config_lib.validate(cfg, source="unlearn")
 
 
-def eval_target(data_dir: str, test_poison: D.TextDataset | None, required: bool = True) -> int | None:
-    """The attack's target label for evaluation: ``poison_config.json`` if present, else the majority label of
-    test-poison (every test-poison row is labelled with the target). Without either: an error, or ``None`` when
-    ``required`` is false (a defender's folder without test-poison: no ASR/RA is reported)."""
-    meta = os.path.join(data_dir, "poison_config.json")
-    if os.path.isfile(meta):
-        try:
-            with open(meta) as f:
-                return int(json.load(f)["target"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    if test_poison is None or len(test_poison) == 0:
-        if not required:
-            return None
-        raise JdupError("test-poison is empty, cannot infer the target label", data_dir)
-    return int(np.bincount(test_poison.labels).argmax())
-
-
 def _read_eval_splits(cfg: UnlearnConfig, num_labels: int) -> dict[str, D.TextDataset | None]:
     """dev-clean, dev-poison, test-clean and test-poison of ``cfg.data``. test-poison is optional (a defender
     rarely has triggered test rows): when its file is missing or has no rows it is ``None``, and unlearning
@@ -103,44 +88,6 @@ def _read_eval_splits(cfg: UnlearnConfig, num_labels: int) -> dict[str, D.TextDa
         tp = None
     splits["test-poison"] = tp
     return splits
-
-
-def robust_labels(
-    test_clean: D.TextDataset, test_poison: D.TextDataset, target: int, where: str
-) -> np.ndarray | None:
-    """True labels of the test-poison rows: row i is the poisoned copy of the i-th non-target test-clean row
-    (docs/dup-method.md §5.1). ``None`` (RA not computed) when the counts do not line up."""
-    true = test_clean.labels[test_clean.labels != target]
-    if len(true) != len(test_poison):
-        log.warning(
-            "%s: %d non-target test-clean rows but %d test-poison rows; RA not computed",
-            where,
-            len(true),
-            len(test_poison),
-        )
-        return None
-    return true
-
-
-def evaluate_model(
-    model: nnx.Module,
-    tc: D.Encoded,
-    tp: D.Encoded | None,
-    target: int | None,
-    ra_labels,
-    batch_size: int,
-    progress: bool,
-    tag: str,
-) -> dict:
-    """CACC (test-clean), ASR (test-poison → target) and RA (test-poison vs true labels); ASR and RA are
-    ``None`` without test-poison rows (``tp`` or ``target`` ``None``)."""
-    pc = predict(model, tc, batch_size, progress=progress, desc=f"eval {tag}: test-clean").argmax(-1)
-    out = {"cacc": metrics_lib.accuracy(pc, tc.labels), "asr": None, "ra": None}
-    if tp is not None and target is not None:
-        pp = predict(model, tp, batch_size, progress=progress, desc=f"eval {tag}: test-poison").argmax(-1)
-        out["asr"] = metrics_lib.attack_success_rate(pp, target)
-        out["ra"] = metrics_lib.accuracy(pp, ra_labels) if ra_labels is not None else None
-    return out
 
 
 def _load_flags(folder: str, n: int) -> np.ndarray:
@@ -170,23 +117,17 @@ def _load_flags(folder: str, n: int) -> np.ndarray:
     return flags
 
 
-def run_detection(cfg: UnlearnConfig, model: nnx.Module, out_dir: str) -> np.ndarray:
-    """Detect on dev-clean ‖ dev-poison (calibrated on dev-clean) with :func:`jdup.stages.detect.detect_dev` and
-    :func:`detect_config`; the detection stage writes its files into ``out_dir``."""
-    flags, _ = detect_stage.detect_dev(model, cfg.model, cfg.data, out_dir, detect_config(cfg))
-    return np.asarray(flags, bool)
-
-
-def run_unlearn(cfg: UnlearnConfig) -> dict:
+def run_unlearn(cfg: UnlearnConfig) -> StageResult:
     """``jdup unlearn``: detect, unlearn, merge, evaluate, export. See the module docstring.
 
     Writes (atomically) ``OUT/model/`` (purified classifier, Hugging Face format, with the victim's tokenizer),
     ``OUT/metrics.json``, ``OUT/history.json`` (per-step log and stop-rule evaluations) and, when detecting,
-    ``OUT/detection/flags.npy``.
+    ``OUT/detection/`` (the files of ``jdup detect``).
 
     Returns:
-      The metrics dict: ``cacc_before``, ``asr_before``, ``ra_before``, ``cacc_after``, ``asr_after``, ``ra_after``,
-      ``n_flagged``, ``n_flagged_poison``, ``seconds`` and run details.
+      A :class:`jdup.stages.common.StageResult` whose ``record`` is ``metrics.json``: ``cacc_before``,
+      ``asr_before``, ``ra_before``, ``cacc_after``, ``asr_after``, ``ra_after``, ``n_flagged``,
+      ``n_flagged_poison``, ``seconds``, ``mesh``, ``process_count`` and run details.
     """
     _check_config(cfg)
     # --out is checked before any work; the output is built in <out>.partial (checkpoints in <out>.partial/ckpt,
@@ -220,50 +161,93 @@ def _given_detection(cfg: UnlearnConfig, output: manifest.StageOutput, n: int) -
     return _load_flags(folder, n)
 
 
-def _flags(cfg: UnlearnConfig, output: manifest.StageOutput, victim: nnx.Module, n: int) -> tuple[np.ndarray, str]:
+def _flags(cfg: UnlearnConfig, output: manifest.StageOutput, victim: nnx.Module, tokenizer: Any,
+           splits: dict[str, D.TextDataset | None], dev_detect: D.TextDataset, mesh: Any) -> tuple[np.ndarray, str]:
     """Flags over dev-clean ‖ dev-poison and where they came from: ``--detection``, a finished or interrupted
-    detection of this output whose manifest matches this run's detection settings, or a new detection."""
+    detection of this output whose manifest matches this run's detection settings, or a new detection, run in
+    memory on the splits already read (its folder written from the result)."""
+    n = len(dev_detect)
     if cfg.detection:
         return _given_detection(cfg, output, n), os.path.abspath(os.fspath(cfg.detection))
     work = os.path.join(output.path, "detection")
-    expected = detect_stage.dev_manifest(_dev_detect_config(cfg, work))
+    dcfg = _dev_detect_config(cfg, work)
+    expected = detect_stage.dev_manifest(dcfg)
     if cfg.resume and not cfg.overwrite:
-        for folder in (work, os.path.join(output.out, "detection")):
+        reuse = None  # process 0 decides (the others' `work` is a scratch folder): all run the same program
+        for folder in (work, os.path.join(output.out, "detection")) if output.writer else ():
             if not os.path.isdir(folder):
                 continue
             same, why = manifest.matches(folder, expected)
             if same:
-                log.info("unlearn: reusing the detection in %s (same settings, model and data)", folder)
-                if folder != work:
-                    shutil.copytree(folder, work)
-                return _load_flags(work, n), folder
+                reuse = folder
+                break
             log.info("unlearn: detecting again, %s differs: %s", folder, why)
+        reuse = distributed.broadcast(reuse)
+        if reuse is not None:
+            log.info("unlearn: reusing the detection in %s (same settings, model and data)", reuse)
+            if output.writer and reuse != work:
+                shutil.copytree(reuse, work)
+            return _load_flags(work if output.writer else reuse, n), reuse
     shutil.rmtree(work, ignore_errors=True)
-    flags = run_detection(cfg, victim, work)
+    calib = splits["dev-clean"]
+    if dcfg.calib_set != "dev-clean":
+        calib = D.read_split(cfg.data, dcfg.calib_set, num_labels=int(victim.config.num_labels))
+    res, _ = detect_stage.detect_and_write(dcfg, victim, tokenizer, calib, dev_detect, work,
+                                           t0=time.perf_counter(), plots=False, mesh=mesh)
+    manifest.write(work, expected)  # last: the folder is complete (a rerun may reuse it)
+    flags = np.asarray(res.flags, bool)
     if len(flags) != n:
         raise JdupError(f"detection returned {len(flags)} flags for {n} rows")
     return flags, "detected"
 
 
-def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> dict:
+def _guard_checkpoint(cfg: UnlearnConfig, output: manifest.StageOutput, flags: np.ndarray) -> str:
+    """The checkpoint folder of this run. The unlearning loop fingerprints its checkpoints from the algorithm's
+    settings and set sizes; what the stage adds (the input files, the flags, the tokenisation, the dtype) is kept
+    next to it, and a checkpoint written for other ones is discarded."""
+    ckpt = os.path.join(output.path, "ckpt")
+    identity = {
+        "inputs": {k: v["fingerprint"] for k, v in output.manifest()["inputs"].items()},
+        "flags": hashlib.sha256(np.packbits(np.asarray(flags, bool)).tobytes()).hexdigest()[:16],
+        "n_flags": int(len(flags)), "max_length": int(cfg.max_length), "dtype": cfg.dtype,
+    }
+    path = os.path.join(output.path, "ckpt-inputs.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            same = json.load(f) == identity
+    except (OSError, ValueError):
+        same = False
+    if not same and os.path.isdir(ckpt):
+        log.info("unlearn: not resuming %s (written for other inputs, flags or tokenisation)", ckpt)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    atomic.write_json(path, identity)
+    return ckpt
+
+
+def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResult:
     t0 = time.perf_counter()
     out = output.path  # the staging folder; output.out is where the finished output goes
+    settings = cfg.settings()
+    mesh = stage_mesh(cfg.mesh)
 
+    # read once: the model, its tokenizer, the four splits (tokenised once at max_length)
     victim = models.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
     tok = models.load_tokenizer(cfg.model)
     k = victim.config.num_labels
     splits = _read_eval_splits(cfg, k)
     enc = {n: D.encode(tok, ds, cfg.max_length, config=victim.config) if ds is not None else None
            for n, ds in splits.items()}
-    target = eval_target(cfg.data, splits["test-poison"], required=cfg.early_stop == "oracle_dev_poison")
+    target = attack_target(cfg.data, splits["test-poison"], required=cfg.early_stop == "oracle_dev_poison")
     ra_labels = None
     if splits["test-poison"] is not None:
         ra_labels = robust_labels(splits["test-clean"], splits["test-poison"], target, cfg.data)
 
-    # 1. detection over dev-detect = dev-clean ‖ dev-poison
-    n_detect = len(splits["dev-clean"]) + len(splits["dev-poison"])
+    # 1. detection over dev-detect = dev-clean ‖ dev-poison, in memory
+    dev_detect = D.TextDataset.concat([splits["dev-clean"], splits["dev-poison"]],
+                                      os.path.join(os.fspath(cfg.data), "dev-detect"))
+    n_detect = len(dev_detect)
     t_det = time.perf_counter()
-    flags, flags_from = _flags(cfg, output, victim, n_detect)
+    flags, flags_from = _flags(cfg, output, victim, tok, splits, dev_detect, mesh)
     if not flags.any() and not cfg.allow_empty_forget:
         raise JdupError(f"detection flagged none of the {n_detect} dev-clean ‖ dev-poison rows, so there is nothing "
                         "to unlearn; lower the detection threshold (e.g. detect.frr=0.2) or set "
@@ -273,23 +257,15 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> dict:
     is_poison = np.concatenate(
         [np.zeros(len(splits["dev-clean"]), bool), np.ones(len(splits["dev-poison"]), bool)]
     )
-    dev_detect = D.TextDataset.concat([splits["dev-clean"], splits["dev-poison"]], "dev-detect")
-    enc_detect = D.encode(tok, dev_detect, cfg.max_length, config=victim.config)
+    enc_detect = D.Encoded.concat([enc["dev-clean"], enc["dev-poison"]])
 
     # 2. forget set (training part + held-out part for the proxy rule), retain set, teacher, monitor
-    sets = prepare_sets(cfg, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target)
+    sets = prepare_sets(settings, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target)
 
     # 3. before
-    before = evaluate_model(
-        victim,
-        enc["test-clean"],
-        enc["test-poison"],
-        target,
-        ra_labels,
-        cfg.eval_batch_size,
-        cfg.progress,
-        "before",
-    )
+    eval_kw = dict(batch_size=cfg.eval_batch_size, progress=cfg.progress, mesh=mesh)
+    before = evaluate_model(victim, enc["test-clean"], enc["test-poison"], target, ra_labels, tag="before",
+                            **eval_kw)
 
     # 4. unlearn (the UPGP projection, if any, is built by unlearn() on its student)
     t_un = time.perf_counter()
@@ -297,35 +273,27 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> dict:
         victim,
         sets.forget,
         sets.retain,
-        cfg,
+        settings,
         teacher_logits=sets.teacher,
         target_label=sets.target,
         monitor=sets.monitor,
-        ckpt_dir=os.path.join(out, "ckpt"),
+        ckpt_dir=_guard_checkpoint(cfg, output, flags),
     )
     un_seconds = time.perf_counter() - t_un
 
     # 5. after
-    after = evaluate_model(
-        res.merged,
-        enc["test-clean"],
-        enc["test-poison"],
-        target,
-        ra_labels,
-        cfg.eval_batch_size,
-        cfg.progress,
-        "after",
-    )
+    after = evaluate_model(res.merged, enc["test-clean"], enc["test-poison"], target, ra_labels, tag="after",
+                           **eval_kw)
     models.save_pretrained(res.merged, os.path.join(out, "model"), tokenizer_src=tok)
 
     fl = flags.astype(bool)
-    metrics = {
-        "cacc_before": before["cacc"],
-        "asr_before": before["asr"],
-        "ra_before": before["ra"],
-        "cacc_after": after["cacc"],
-        "asr_after": after["asr"],
-        "ra_after": after["ra"],
+    record = {
+        "cacc_before": before.cacc,
+        "asr_before": before.asr,
+        "ra_before": before.ra,
+        "cacc_after": after.cacc,
+        "asr_after": after.asr,
+        "ra_after": after.ra,
         "n_flagged": int(fl.sum()),
         "flags_from": flags_from,
         "n_flagged_poison": int((fl & is_poison).sum()),
@@ -348,24 +316,18 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> dict:
         "trainable_params": lora_lib.count_params(res.student.trainable),
         "detect_seconds": det_seconds,
         "unlearn_seconds": un_seconds,
+        **run_record(mesh),
         "seconds": time.perf_counter() - t0,
     }
     atomic.write_json(
         os.path.join(out, "history.json"), {"evals": res.history, "steps": res.log}, default=float
     )
-    atomic.write_json(os.path.join(out, "metrics.json"), metrics, default=float)
+    record = write_record(os.path.join(out, "metrics.json"), record)
     shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
-    output.commit(metrics)
-    log.info("unlearn: %s", metrics)
-    return metrics
+    os.remove(os.path.join(out, "ckpt-inputs.json"))
+    output.commit(record)
+    log.info("unlearn: %s", record)
+    return StageResult("unlearn", output.out, record, record["seconds"])
 
 
-__all__ = [
-    "UnlearnConfig",
-    "detect_config",
-    "run_unlearn",
-    "run_detection",
-    "evaluate_model",
-    "eval_target",
-    "robust_labels",
-]
+__all__ = ["UnlearnConfig", "detect_config", "run_unlearn"]

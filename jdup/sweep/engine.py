@@ -13,7 +13,7 @@ work cells have in common, and calls the functions ``jdup unlearn`` (:mod:`jdup.
 3. :func:`jdup.unlearn.prepare_sets` gives each cell its forget/hold-out/retain rows, teacher logits, inferred
    target and stop rule. Cells of a group (equal but for ``seed``/``lr``/``lambda_asr``/``lambda_acc``) whose
    sets have the same shape are unlearned together (:func:`jdup.sweep.vmapped.unlearn_group`), and each merged
-   student is evaluated with :func:`jdup.stages.unlearn.evaluate_model`.
+   student is evaluated with :func:`jdup.evaluate.evaluate_model`.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class Base:
     enc: dict  # split -> jdup.data.Encoded (unlearning / evaluation tokenisation)
     dev_detect: Any  # TextDataset dev-clean ‖ dev-poison
     enc_detect: Any  # its Encoded
-    target: int  # the attack's target label, for ASR (jdup.stages.unlearn.eval_target)
+    target: int  # the attack's target label, for ASR (jdup.stages.common.attack_target)
     ra_labels: Any  # true labels of test-poison rows (robust accuracy) or None
     seconds: dict
     cache: dict = dataclasses.field(default_factory=dict)  # detections, teacher logits, before-metrics
@@ -289,7 +289,8 @@ class Engine:
 
         from jdup import data as D
         from jdup import models as M
-        from jdup.stages import unlearn as stage
+        from jdup.evaluate import robust_labels
+        from jdup.stages.common import attack_target
 
         key = grid.base_key(c)
         if key in self.bases:
@@ -304,7 +305,7 @@ class Engine:
                 raise JdupError("data.dir is required for data.source=dup (a DUP-layout attack folder)")
             data_dir = os.path.abspath(c.data.dir)
             texts = {s: D.read_split(data_dir, s, num_labels=c.data.num_labels) for s in SPLITS}
-            target = stage.eval_target(data_dir, texts["test-poison"])
+            target = attack_target(data_dir, texts["test-poison"])
         elif c.data.source == "synthetic":
             data_dir, texts, target = "", synthetic_texts(c.data), c.data.target_label
         else:
@@ -336,7 +337,7 @@ class Engine:
             dev_detect=dev_detect,
             enc_detect=D.encode(tok, dev_detect, n, config=model.config),
             target=int(target),
-            ra_labels=stage.robust_labels(texts["test-clean"], texts["test-poison"], target, where),
+            ra_labels=robust_labels(texts["test-clean"], texts["test-poison"], target, where),
             seconds={"load": time.perf_counter() - t0},
         )
         self.bases[key] = base
@@ -396,11 +397,11 @@ class Engine:
     def _evaluate(self, base: Base, model: Any, batch_size: int, tag: str) -> dict:
         from jdup import metrics as MT
         from jdup import predict
-        from jdup.stages import unlearn as stage
+        from jdup.evaluate import evaluate_model
 
         enc = base.enc
-        ev = stage.evaluate_model(
-            model, enc["test-clean"], enc["test-poison"], base.target, base.ra_labels, batch_size, False, tag
+        ev = evaluate_model(
+            model, enc["test-clean"], enc["test-poison"], base.target, base.ra_labels, batch_size=batch_size, tag=tag
         )
         dev_asr = None
         if len(enc["dev-poison"]):

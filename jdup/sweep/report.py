@@ -72,13 +72,13 @@ def detection_metrics(dev: Any, test: Any, dev_is_poison: np.ndarray, test_is_po
     return out
 
 
-def victim_metrics(ev: dict, dev_asr: float, suffix: str) -> dict:
-    """``cacc_<suffix>``, ``asr_<suffix>``, ``ra_<suffix>`` (from :func:`jdup.stages.unlearn.evaluate_model`) and
+def victim_metrics(ev: Any, dev_asr: float, suffix: str) -> dict:
+    """``cacc_<suffix>``, ``asr_<suffix>``, ``ra_<suffix>`` (a :class:`jdup.evaluate.Evaluation`) and
     ``dev_asr_<suffix>`` (dev-poison predicted as the target)."""
     return {
-        f"cacc_{suffix}": ev["cacc"],
-        f"asr_{suffix}": ev["asr"],
-        f"ra_{suffix}": ev["ra"],
+        f"cacc_{suffix}": ev.cacc,
+        f"asr_{suffix}": ev.asr,
+        f"ra_{suffix}": ev.ra,
         f"dev_asr_{suffix}": dev_asr,
     }
 

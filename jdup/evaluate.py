@@ -1,0 +1,96 @@
+"""How well a classifier does on the clean and the triggered test rows: CACC, ASR and RA, in memory.
+
+``jdup unlearn`` measures its victim before and its purified model after with :func:`evaluate_model`, and every
+sweep cell does the same, so their numbers are one computation:
+
+* CACC: accuracy on ``test-clean``;
+* ASR: share of ``test-poison`` rows predicted as the attack's target label;
+* RA (robust accuracy): accuracy on ``test-poison`` against the rows' true labels (:func:`robust_labels`).
+
+The attack's target label of a data folder (``poison_config.json`` or the majority label of ``test-poison``) is
+read by the stages (:func:`jdup.stages.common.attack_target`); the target a *defender* infers from the victim's
+predictions on the flagged rows is :func:`jdup.unlearn.infer_target`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from jdup import data as D
+from jdup import metrics as metrics_lib
+from jdup import predict as predict_lib
+
+log = logging.getLogger("jdup.evaluate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate_model` measures; ``asr``/``ra`` are ``None`` without triggered test rows (and ``ra``
+    also when the true labels of those rows are unknown)."""
+
+    cacc: float
+    asr: float | None = None
+    ra: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+
+def robust_labels(
+    test_clean: D.TextDataset, test_poison: D.TextDataset, target: int, where: str = "data"
+) -> np.ndarray | None:
+    """True labels of the test-poison rows: row i is the poisoned copy of the i-th non-target test-clean row
+    (docs/dup-method.md §5.1). ``None`` (RA not computed) when the counts do not line up."""
+    true = test_clean.labels[test_clean.labels != target]
+    if len(true) != len(test_poison):
+        log.warning(
+            "%s: %d non-target test-clean rows but %d test-poison rows; RA not computed",
+            where,
+            len(true),
+            len(test_poison),
+        )
+        return None
+    return true
+
+
+def evaluate_model(
+    model: Any,
+    test_clean: D.Encoded,
+    test_poison: D.Encoded | None,
+    target: int | None,
+    ra_labels: np.ndarray | None = None,
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+    tag: str = "",
+    mesh: Any = None,
+) -> Evaluation:
+    """CACC on ``test_clean``; ASR (→ ``target``) and RA (vs ``ra_labels``) on ``test_poison`` when it and the
+    target are given.
+
+    Args:
+      model: the classifier (a :mod:`jdup.models` NNX module).
+      test_clean, test_poison: tokenised splits (:func:`jdup.data.encode`).
+      target: the attack's target label.
+      ra_labels: true labels of ``test_poison`` (:func:`robust_labels`); ``None``: no RA.
+      batch_size, progress: of the forward passes; ``tag`` names them in progress bars.
+      mesh: the device mesh (``jdup.mesh``); ``None`` = the default device.
+    """
+    del mesh  # one device until jdup.mesh shards the forward passes (the logits do not depend on it)
+    prefix = f"eval {tag}: " if tag else "eval "
+    pc = predict_lib.predict(model, test_clean, batch_size, progress=progress, desc=prefix + "test-clean")
+    cacc = metrics_lib.accuracy(pc.argmax(-1), test_clean.labels)
+    if test_poison is None or target is None:
+        return Evaluation(cacc)
+    pp = predict_lib.predict(model, test_poison, batch_size, progress=progress, desc=prefix + "test-poison")
+    pred = pp.argmax(-1)
+    asr = metrics_lib.attack_success_rate(pred, target)
+    ra = metrics_lib.accuracy(pred, ra_labels) if ra_labels is not None else None
+    return Evaluation(cacc, asr, ra)
+
+
+__all__ = ["Evaluation", "evaluate_model", "robust_labels"]
