@@ -59,3 +59,35 @@ def test_held_out_rates():
     acc, other = stop.held_out_rates(np.array([1, 1, 0, 0]), np.array([0, 1, 0, 1]), target=1)
     assert acc == 0.5 and other == 0.5
     assert stop.held_out_rates(np.array([1]), np.array([1]), 1) == (1.0, 0.0)
+
+
+def test_prepare_sets_wires_forget_check():
+    """early_stop=forget_check holds out flagged and clean rows and returns the rule's monitor."""
+    from jdup import data as D
+    from jdup.models import tiny_model
+    from jdup.settings import UnlearnSettings
+    from jdup.unlearn import prepare_sets
+
+    def enc(n, seed, seq=10):
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(5, 60, (n, seq)).astype(np.int32)
+        ids[:, 0] = 2
+        labels = rng.integers(0, 2, n).astype(np.int32)
+        lengths = np.full(n, seq, np.int32)
+        return D.Encoded(ids, np.ones_like(ids), np.zeros_like(ids), lengths, labels, np.zeros(n, np.int8), (8, seq), 0)
+
+    victim = tiny_model("bert", 2, seed=4)
+    dev_clean, dev_poison = enc(20, 1), enc(10, 2)
+    dev_detect = enc(30, 3)
+    flags = np.zeros(30, bool)
+    flags[20:] = True
+    cfg = UnlearnSettings(early_stop="forget_check", progress=False, eval_batch_size=8, target_label=1)
+    sets = prepare_sets(cfg, victim, dev_detect, flags, dev_clean, dev_poison, eval_target=1)
+    assert len(sets.holdout) == 2 and len(sets.forget) == 8  # round(0.2 * 10) held out
+    assert len(sets.retain) == 16  # round(0.2 * 20) clean rows held out of the CE set
+    ev = sets.monitor(lambda e: np.tile(np.array([[0.0, 1.0]], np.float32), (len(e), 1)))
+    assert isinstance(ev, stop.ForgetCheckEvaluation)
+    assert ev.proxy_asr == 1.0 and not ev.forgotten  # every held-out flagged row still goes to target 1
+    none = prepare_sets(UnlearnSettings(progress=False, eval_batch_size=8), victim, dev_detect, flags, dev_clean,
+                        dev_poison, eval_target=1)
+    assert none.monitor is None and len(none.holdout) == 0 and len(none.forget) == 10

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jdup import data as D
 from jdup import predict as predict_lib
+from jdup.unlearn.stop import StopParams, forget_check_monitor
 
 
 class Evaluation(NamedTuple):
@@ -96,7 +97,7 @@ class UnlearnSets(NamedTuple):
 
     Attributes:
       forget: flagged rows trained on.
-      holdout: flagged rows held out for the proxy rule (empty unless ``early_stop == "proxy"``).
+      holdout: flagged rows held out for the stop rule (empty unless ``early_stop`` is ``proxy`` or ``forget_check``).
       retain: labelled clean rows of the CE term (dev-clean minus the clean holdout).
       teacher: ``[len(forget), K]`` victim logits on ``forget``.
       target: the defender's target label (``cfg.target_label`` or :func:`infer_target`).
@@ -131,7 +132,7 @@ def prepare_sets(
       dev_poison: tokenised dev-poison (only for the ``oracle_dev_poison`` rule).
       eval_target: the attack's true target (only for the ``oracle_dev_poison`` rule).
 
-    Flagged rows held out for the proxy rule: ``round(holdout_frac · n_flagged)`` drawn with
+    Flagged rows held out for the proxy and forget_check rules: ``round(holdout_frac · n_flagged)`` drawn with
     ``default_rng([seed, 7])``; clean rows held out of the CE set: ``round(clean_holdout_frac · n_clean)`` drawn
     with ``default_rng([seed, 11])`` (none if that leaves no CE rows).
     """
@@ -150,7 +151,8 @@ def prepare_sets(
     )
     target = cfg.target_label if cfg.target_label is not None else infer_target(teacher_all, k)
     perm = np.random.default_rng([cfg.seed, 7]).permutation(len(flagged_idx))
-    n_hold = int(round(cfg.holdout_frac * len(flagged_idx))) if cfg.early_stop == "proxy" else 0
+    held_out = cfg.early_stop in ("proxy", "forget_check")
+    n_hold = int(round(cfg.holdout_frac * len(flagged_idx))) if held_out else 0
     hold_pos, train_pos = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
     forget = dev_detect.subset(flagged_idx[train_pos])
     holdout = dev_detect.subset(flagged_idx[hold_pos])
@@ -158,7 +160,7 @@ def prepare_sets(
 
     monitor = None
     retain = dev_clean
-    if cfg.early_stop == "proxy":
+    if held_out:
         clean_check = retain
         n_clean_hold = int(round(cfg.clean_holdout_frac * len(retain)))
         if 0 < n_clean_hold < len(retain):
@@ -170,14 +172,18 @@ def prepare_sets(
                 predict_lib.predict(victim, clean_check, cfg.eval_batch_size).argmax(-1) == clean_check.labels
             ).mean()
         )
-        monitor = proxy_monitor(
-            holdout,
-            clean_check,
-            target,
-            base_acc,
-            asr_stop=cfg.proxy_asr_stop,
-            max_acc_drop=cfg.max_cacc_drop,
-        )
+        if cfg.early_stop == "forget_check":
+            params = StopParams(cfg.forget_ratio, cfg.forget_floor, cfg.max_cacc_drop, cfg.stop_patience)
+            monitor = forget_check_monitor(holdout, clean_check, target, base_acc, params)
+        else:
+            monitor = proxy_monitor(
+                holdout,
+                clean_check,
+                target,
+                base_acc,
+                asr_stop=cfg.proxy_asr_stop,
+                max_acc_drop=cfg.max_cacc_drop,
+            )
     elif cfg.early_stop == "oracle_dev_poison":
         monitor = oracle_monitor(dev_poison, eval_target, cfg.asr_threshold)
     return UnlearnSets(forget, holdout, retain, teacher, int(target), monitor)
