@@ -205,14 +205,17 @@ def install_interrupt_handler() -> Callable[[], None]:
         return lambda: None
 
     def restore() -> None:
+        global _sigints
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGINT, old)
+        _interrupted.clear()  # a later library call in this process starts afresh
+        _sigints = 0
 
     return restore
 
 
 def interrupted() -> bool:
-    """Whether a Ctrl-C arrived since :func:`install_interrupt_handler` (or inside :func:`deferred_interrupt`)."""
+    """Whether a Ctrl-C arrived while jdup's handler (:func:`install_interrupt_handler`) was installed."""
     return _interrupted.is_set()
 
 
@@ -233,8 +236,7 @@ def deferred_interrupt() -> Iterator[None]:
     got: list[int] = []
 
     def hold(signum: int, frame: Any) -> None:
-        got.append(signum)
-        _interrupted.set()
+        got.append(signum)  # handed to the previous handler at the end (jdup's remembers it)
 
     try:
         old = signal.signal(signal.SIGINT, hold)

@@ -47,12 +47,13 @@ def child_env(tmp: Path, **extra: str) -> dict:
 class Job:
     """``n`` jdup processes of one job, started together; :meth:`wait` returns ``[(rc, stderr), ...]``."""
 
-    def __init__(self, n: int, args, tmp: Path, *, per_process=None, env=None, start: range | None = None):
+    def __init__(self, n: int, args, tmp: Path, *, per_process=None, env=None, start: range | None = None,
+                 log_level: str = "warning"):
         port = free_port()
         self.procs = []
         for i in start if start is not None else range(n):
             extra = list((per_process or {}).get(i, ()))
-            cmd = [sys.executable, "-m", "jdup", "--log-level", "warning", "--coordinator", f"localhost:{port}",
+            cmd = [sys.executable, "-m", "jdup", "--log-level", log_level, "--coordinator", f"localhost:{port}",
                    "--num-processes", str(n), "--process-id", str(i), *map(os.fspath, args), *extra]
             self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env or child_env(tmp), stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True))
@@ -137,13 +138,14 @@ def test_a_process_that_never_joins_fails_in_bounded_time_naming_it(tmp_path):
 # written once, equal to one process; a failing process stops the job
 
 
-def test_two_processes_write_the_output_once_and_leave_nothing(tmp_path, synthetic_jsonl):
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_several_processes_write_the_output_once_and_leave_nothing(n, tmp_path, synthetic_jsonl):
     args = ["poison", "--clean", synthetic_jsonl, "--attack", "badnets", "--rate", "0.2", "--target", "1",
             "seed=3"]
     assert cli.main(["--log-level", "warning", *map(os.fspath, args), "--out", os.fspath(tmp_path / "one")]) == 0
-    job = Job(2, [*args, "--out", tmp_path / "two"], tmp_path)
+    job = Job(n, [*args, "--out", tmp_path / "two"], tmp_path)
     results = job.wait()
-    assert [rc for rc, _ in results] == [0, 0], results
+    assert [rc for rc, _ in results] == [0] * n, results
     skip = ("manifest.json", "poison_config.json", "metrics.json")  # these name their own folder
     assert tree(tmp_path / "two", skip) == tree(tmp_path / "one", skip)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
@@ -212,8 +214,9 @@ def test_unlearn_on_two_processes_killed_once_resumes_to_the_one_process_result(
     finally:
         job.kill()
     assert not out.exists() and ckpt.is_dir()
-    results = Job(2, [*args, "--out", out], tmp_path).wait()
+    results = Job(2, [*args, "--out", out], tmp_path, log_level="info").wait()
     assert [rc for rc, _ in results] == [0, 0], results
+    assert all("unlearn: resumed at step" in err for _, err in results), results  # from the checkpoint
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((out / "metrics.json").read_text())
     for k in ("cacc_after", "asr_after", "steps", "n_flagged"):
@@ -307,3 +310,32 @@ def test_a_process_other_than_the_writer_creates_nothing_in_the_output(tmp_path)
         assert atomic.shared_path(scratch / "ckpt") == f"{dest}.partial{os.sep}ckpt"
         staged.commit()
     assert list(tmp_path.iterdir()) == [] and not scratch.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C on one process: an interrupt whose exception a library swallowed still stops the loop
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_loop_at_its_next_step():
+    from jdup import distributed
+
+    restore = distributed.install_interrupt_handler()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the handler raises in here...
+            pytest.fail("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            pass  # ...and a library swallows it (a finaliser, a callback)
+        with pytest.raises(KeyboardInterrupt):
+            distributed.stop_point(7)
+        with distributed.deferred_interrupt():  # held back while a checkpoint is written, raised after
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            held = True
+        pytest.fail("the held-back Ctrl-C was not raised")
+    except KeyboardInterrupt:
+        assert held
+    finally:
+        restore()
+    distributed.stop_point(8)  # the handler is gone: a later library call starts afresh
