@@ -455,6 +455,8 @@ def test_console_script_help_and_exit_code():
     assert done.returncode == 0, done.stderr
     for command in ("poison", "train", "detect", "unlearn", "run", "sweep", "report", "info"):
         assert command in done.stdout
+    for option in ("--distributed", "--coordinator", "--num-processes", "--process-id"):  # joining a job
+        assert option in done.stdout
     done = subprocess.run(
         [sys.executable, "-m", "jdup", "run", "no/such/config.yaml"],
         capture_output=True,
