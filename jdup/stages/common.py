@@ -24,7 +24,7 @@ import numpy as np
 
 from jdup import atomic
 from jdup import data as D
-from jdup.errors import JdupError
+from jdup.errors import Invalid, JdupError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,25 +90,22 @@ def attack_target(data_dir: str, test_poison: D.TextDataset | None, *, required:
 
 
 def stage_mesh(spec: str = "auto") -> Any:
-    """The device mesh of a stage's ``mesh`` setting (``jdup.mesh.make_mesh``), or ``None`` (the default device)
-    where this installation has no :mod:`jdup.mesh`."""
+    """The device mesh of a stage's ``mesh`` setting (:func:`jdup.mesh.make_mesh`); a spec the devices cannot
+    satisfy is a :class:`JdupError` naming the ``mesh`` key."""
+    from jdup import mesh as mesh_lib
+
     try:
-        from jdup import mesh as mesh_lib  # noqa: PLC0415 (optional until the mesh module lands)
-    except ImportError:
-        return None
-    return mesh_lib.make_mesh(spec)
+        return mesh_lib.make_mesh(spec)
+    except Invalid as e:
+        raise JdupError(str(e), "config:mesh") from None
 
 
 def run_record(mesh: Any = None) -> dict[str, Any]:
     """``{"mesh": {"data": D, "model": M}, "process_count": P}`` of a run on ``mesh`` (``None``: one device)."""
-    if mesh is None:
-        shape = {"data": 1, "model": 1}
-    else:
-        sizes = dict(getattr(mesh, "shape", {}))
-        shape = {"data": int(sizes.get("data", 1)), "model": int(sizes.get("model", 1))}
-    import jax
+    from jdup import distributed
+    from jdup import mesh as mesh_lib
 
-    return {"mesh": shape, "process_count": int(jax.process_count())}
+    return {"mesh": mesh_lib.mesh_record(mesh), "process_count": int(distributed.process_count())}
 
 
 def json_record(x: Any) -> Any:

@@ -278,6 +278,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         target_label=sets.target,
         monitor=sets.monitor,
         ckpt_dir=_guard_checkpoint(cfg, output, flags),
+        mesh=mesh,
     )
     un_seconds = time.perf_counter() - t_un
 
