@@ -433,6 +433,8 @@ def export_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     Raises:
       JdupError: a parameter no key rule covers (e.g. unmerged LoRA adapters).
     """
+    from jdup import mesh as mesh_lib  # jdup.mesh imports jdup.models.sharding (this package)
+
     cfg = model.config
     arch = registry.get(cfg.arch)
     index = _RuleIndex(arch.key_rules(cfg))
@@ -443,7 +445,8 @@ def export_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
             uncovered.append(jpath)
             continue
         rule, hf = hit
-        out[hf] = np.ascontiguousarray(rule.transform.to_hf(np.asarray(jnp.asarray(leaf, jnp.float32))))
+        # whole on every process, also from a model split over several hosts' devices
+        out[hf] = np.ascontiguousarray(rule.transform.to_hf(mesh_lib.gather(jnp.asarray(leaf, jnp.float32))))
     if uncovered:
         raise JdupError(
             f"cannot export parameters with no Hugging Face name (merge LoRA adapters first?): "

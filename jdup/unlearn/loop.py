@@ -31,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jdup import data as D
 from jdup import distributed
 from jdup import lora as lora_lib
+from jdup import mesh as mesh_lib
 from jdup import predict as predict_lib
 from jdup import projection as projection_lib
 from jdup.errors import JdupError
@@ -144,11 +146,21 @@ class Placement(NamedTuple):
       cells: sharding of per-cell leaves (leading cell axis), e.g. over a sweep's ``sweep`` mesh axis.
       rows: sharding of the batch's model inputs ``[K, B, S]`` (e.g. rows over ``data``); ``None``: as ``cells``.
       replicated: sharding of the frozen weights.
+      mesh: the :mod:`jdup.mesh` mesh of one run (:func:`unlearn` with ``mesh=``): the frozen weights keep the
+        layout :func:`jdup.mesh.put_state` gives them, the model inputs of each step are padded to a multiple of
+        its ``data`` axis (copies of a row at the end, which the loss never reads), and evaluations run on it.
     """
 
     cells: Any = None
     rows: Any = None
     replicated: Any = None
+    mesh: Any = None
+
+    @classmethod
+    def of_mesh(cls, mesh: Any) -> Placement:
+        """One run on a ``("data", "model")`` mesh: per-cell state whole on every device, rows over ``data``."""
+        return cls(cells=mesh_lib.replicated(mesh), rows=NamedSharding(mesh, PartitionSpec(None, mesh_lib.DATA)),
+                   mesh=mesh)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,7 +303,28 @@ def cell_of(tree: Any, i: int) -> Any:
 
 
 def _put(tree: Any, sharding: Any) -> Any:
-    return tree if sharding is None else jax.device_put(tree, sharding)
+    return mesh_lib.put(tree, sharding)  # host values to global arrays on any number of processes
+
+
+def pad_inputs(part: dict, multiple: int) -> dict:
+    """A :func:`~jdup.unlearn.joint_batch` whose model inputs have a multiple of ``multiple`` rows (to split them
+    over a mesh's ``data`` axis): copies of their first row appended at the end, which the loss never reads (it
+    takes the first rows of each stream), so the real rows keep their positions and dropout masks."""
+    out = dict(part)
+    if "forget_inputs" in part:
+        for name in ("forget_inputs", "retain_inputs"):
+            out[name] = mesh_lib.pad_rows(part[name], multiple)[0]
+    else:
+        out.update(mesh_lib.pad_rows({k: part[k] for k in MODEL_INPUTS}, multiple)[0])
+    return out
+
+
+def place_student(student: Student, mesh: Any) -> Student:
+    """``student`` with its trainable and frozen state on ``mesh`` (:func:`jdup.mesh.put_state`; arrays already
+    spread over the mesh stay as they are), written into its model too (so the merge at the end runs there)."""
+    trainable, frozen = mesh_lib.put_state((student.trainable, student.frozen), mesh, keep=True)
+    nnx.update(student.model, trainable, frozen)
+    return student._replace(trainable=trainable, frozen=frozen)
 
 
 def _set_cell(stacked: Any, i: int, tree: Any, sharding: Any) -> Any:
@@ -302,7 +335,7 @@ def _set_cell(stacked: Any, i: int, tree: Any, sharding: Any) -> Any:
     def put(s, x):
         h = _to_host(s).copy()
         h[i] = np.asarray(x)
-        return jax.device_put(h, sharding)
+        return _put(h, sharding)
 
     return jax.tree.map(put, stacked, tree)
 
@@ -347,21 +380,25 @@ def make_cell(
     retain_projection: optax.GradientTransformation | None = None,
     on_step: Callable[[StepInfo], dict | None] | None = None,
     student: Student | None = None,
+    mesh: Any = None,
 ) -> Cell:
     """One run's :class:`Cell` (the arguments of :func:`unlearn`): teacher logits (one jitted pass when ``None``),
     the target (``cfg.target_label`` or :func:`~jdup.unlearn.infer_target`), the student
     (:func:`~jdup.unlearn.build_student`), and, when ``projection`` and ``on_step`` are ``None`` and
     ``cfg.projection`` names a variant, the projection and its hook (:func:`jdup.projection.build_projection` on
-    this student); the hook's ``prepare_student`` gives the starting state."""
+    this student); the hook's ``prepare_student`` gives the starting state. ``mesh``: the teacher pass and the
+    student on it (:func:`place_student`)."""
     if teacher_logits is None:
         teacher_logits = predict_lib.predict(
-            model, forget, cfg.eval_batch_size, progress=cfg.progress, desc="teacher logits"
+            model, forget, cfg.eval_batch_size, progress=cfg.progress, desc="teacher logits", mesh=mesh
         )
     if target_label is None:
         target_label = cfg.target_label
     if target_label is None:
         target_label = infer_target(teacher_logits, model.config.num_labels)
     student = build_student(model, cfg) if student is None else student
+    if mesh is not None:
+        student = place_student(student, mesh)
     total = D.forget_batches_per_epoch(len(forget), cfg.batch_size) * cfg.epochs
     if total and len(retain):
         if projection is None and on_step is None and cfg.projection not in ("", "none", None):
@@ -499,7 +536,12 @@ def run_cells(
         trainable = _stack([starts[i] for i in idx], place.cells)
         opt_state = _stack([specs[i].init(starts[i]) for i in idx], place.cells)
         state = LoopState(trainable, opt_state, trainable)
-    frozen = _put(c0.student.frozen, place.replicated)
+    if place.mesh is not None:  # the frozen weights by the mesh's rules (a model axis splits them)
+        frozen = mesh_lib.put_state(c0.student.frozen, place.mesh, keep=True)
+    else:
+        frozen = _put(c0.student.frozen, place.replicated)
+    take = cell_of if place.mesh is None else (lambda tree, i: jax.tree.map(lambda x: x[i], tree))  # stay on it
+    rows_multiple = mesh_lib.data_size(place.mesh)
     params = CellParams(
         _put(np.asarray([cells[i].settings.seed for i in idx], np.int32), place.cells),
         _put(
@@ -523,10 +565,10 @@ def run_cells(
         for i, c in enumerate(cells):
             if tally.stopped[i]:
                 continue
-            tr_i = cell_of(state.trainable, i)
+            tr_i = take(state.trainable, i)
             ev = c.monitor(
                 lambda enc, tr_i=tr_i, c=c: predict_lib.predict_states(
-                    graphdef, (tr_i, c.student.frozen), enc, c.settings.eval_batch_size
+                    graphdef, (tr_i, c.student.frozen), enc, c.settings.eval_batch_size, mesh=place.mesh
                 )
             )
             histories[i].append({**ev._asdict(), "step": at_step})
@@ -571,11 +613,14 @@ def run_cells(
                 )
                 for i in idx
             ]
+            if rows_multiple > 1:
+                parts = [pad_inputs(p, rows_multiple) for p in parts]
             batch, padded = stack_batches(parts, pad_id)
             for i in range(k_real):
                 padded_steps[i] += int(padded[i] and not tally.stopped[i])
             batch = {
-                n: _put(v, place.rows if n in MODEL_INPUTS and place.rows is not None else place.cells)
+                n: _put(v, place.rows if n in (*MODEL_INPUTS, "forget_inputs", "retain_inputs")
+                        and place.rows is not None else place.cells)
                 for n, v in batch.items()
             }
             state, m = step_fn(state, frozen, batch, params, step)
@@ -588,12 +633,12 @@ def run_cells(
                     if hook is None or tally.stopped[i]:
                         continue
                     c = cells[i]
-                    opt_i = cell_of(state.opt_state, i)
+                    opt_i = take(state.opt_state, i)
                     extra = hook(
                         StepInfo(
                             step,
                             logs[i][-1],
-                            Student(c.student.model, graphdef, cell_of(state.trainable, i), c.student.frozen),
+                            Student(c.student.model, graphdef, take(state.trainable, i), c.student.frozen),
                             opt_i,
                         )
                     )
@@ -640,7 +685,7 @@ def run_cells(
     results = []
     final = final_state(state, monitored)
     for i, c in enumerate(cells):
-        tr = cell_of(final, i)
+        tr = take(final, i)
         nnx.update(c.student.model, tr)
         best_step = int(tally.best_step[i]) if monitored else int(tally.steps[i])
         results.append(
@@ -673,6 +718,7 @@ def unlearn(
     ckpt_dir: str | None = None,
     retain_projection: optax.GradientTransformation | None = None,
     student: Student | None = None,
+    mesh: Any = None,
 ) -> UnlearnResult:
     """Unlearn the flagged rows ``forget`` while keeping accuracy on the labelled clean rows ``retain``.
 
@@ -699,6 +745,10 @@ def unlearn(
         trainable`` method, it is called once before the first step and its result is the starting state.
       ckpt_dir: orbax checkpoint folder (resumes from it when ``cfg.resume`` and it matches).
       student: the student to train (default :func:`~jdup.unlearn.build_student` of ``model`` and ``cfg``).
+      mesh: a :mod:`jdup.mesh` mesh: the rows of each step split over its ``data`` axis (padded to a multiple
+        of it), the frozen weights by its ``model`` rules, the adapters and optimizer state whole on every
+        device; ``None``: the default device. The trajectory does not depend on it (same batches and dropout
+        masks; only the order of the sums inside a step changes).
 
     Returns:
       An :class:`UnlearnResult`.
@@ -715,5 +765,7 @@ def unlearn(
         retain_projection=retain_projection,
         on_step=on_step,
         student=student,
+        mesh=mesh,
     )
-    return run_cells([cell], ckpt_dir=ckpt_dir)[0]
+    placement = Placement.of_mesh(mesh) if mesh is not None else None
+    return run_cells([cell], placement=placement, ckpt_dir=ckpt_dir)[0]

@@ -78,11 +78,11 @@ def loss_pieces(graphdef, trainable, frozen, batch: dict, key: jax.Array | None,
     b = batch["teacher_logits"].shape[0]
     if "retain_inputs" in batch:  # two forward passes, each at its own bucket length
         kf, kr = (None, None) if key is None else jax.random.split(key)
-        forget_logits = student_logits(graphdef, trainable, frozen, batch["forget_inputs"], kf, settings)
-        retain_logits = student_logits(graphdef, trainable, frozen, batch["retain_inputs"], kr, settings)
+        forget_logits = student_logits(graphdef, trainable, frozen, batch["forget_inputs"], kf, settings)[:b]
+        retain_logits = student_logits(graphdef, trainable, frozen, batch["retain_inputs"], kr, settings)[:b]
     else:  # one forward pass on [flagged; clean]
         logits = student_logits(graphdef, trainable, frozen, batch, key, settings)
-        forget_logits, retain_logits = logits[:b], logits[b:]
+        forget_logits, retain_logits = logits[:b], logits[b : 2 * b]  # rows after 2B: padding (jdup.mesh)
     forget = losses.forget_loss(
         settings.forget_loss,
         forget_logits,
