@@ -118,10 +118,13 @@ def test_frr_on_held_out_clean_rows_matches_frr(method, frr):
 
 # ------------------------------------------------------------------------ end to end: the defaults on MiniLM
 
-#: Measured on the shared MiniLM test victim (tests/helpers/victim.py) with every unlearning default, on the
-#: project's 2-core VM: see test_defaults_purify_the_badnets_test_victim's docstring.
-DEFAULTS_MAX_ASR = 0.20
-DEFAULTS_MAX_CACC_DROP = 0.03
+#: Bounds for the defaults on the shared MiniLM test victim (tests/helpers/victim.py: CACC 0.845, ASR 0.913 on
+#: the reduced BadNets folder). Measured 2026-12-06 on the 2-core shared VM (defaults: fisher, suppress_target,
+#: 8 epochs, no stop rule): 116 flagged (108 poisoned), 32 steps, ASR 0.913 -> 0.100, CACC 0.845 -> 0.820.
+#: The bounds sit about two binomial standard errors above the measured values (150 test-poison rows: 0.025;
+#: 200 test-clean rows: ~0.01 on a paired drop). Remeasure them when the defaults change.
+DEFAULTS_MAX_ASR = 0.15
+DEFAULTS_MAX_CACC_DROP = 0.04
 
 
 @pytest.mark.slow
@@ -140,5 +143,6 @@ def test_defaults_purify_the_badnets_test_victim(badnets_victim, tmp_path):
         "cacc_before", "cacc_after", "asr_before", "asr_after", "n_flagged", "n_flagged_poison", "steps",
         "defender_target", "seconds")})
     assert m["asr_before"] > 0.8 and m["defender_target"] == m["target"] == 1
+    assert m["n_flagged_poison"] >= 0.85 * m["n_flagged"] > 0  # measured 108 of 116
     assert m["asr_after"] <= DEFAULTS_MAX_ASR
     assert m["cacc_after"] >= m["cacc_before"] - DEFAULTS_MAX_CACC_DROP
