@@ -14,16 +14,16 @@ The poisoning itself is in memory and pure (:mod:`jdup.attacks`); this module re
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 
-from jdup import atomic, manifest
 from jdup import config as config_lib
 from jdup import data as D
+from jdup import manifest
 from jdup.attacks import ADDSENT_SENTENCE, BADNETS_TRIGGERS, make_attack, poison_splits
 from jdup.errors import JdupError, check, check_one_of, check_range, check_set
+from jdup.stages.common import StageResult, write_record
 
 
 def write_dup_folder(splits: dict[str, D.TextDataset], out: str | os.PathLike, rate: float) -> None:
@@ -116,13 +116,14 @@ def load_clean_source(cfg: PoisonConfig) -> dict[str, D.TextDataset]:
     return splits
 
 
-def run_poison(cfg: PoisonConfig) -> dict:
+def run_poison(cfg: PoisonConfig) -> StageResult:
     """Poison clean data and write a DUP-layout folder atomically (built in ``<out>.partial``, then renamed over
     ``out``; ``manifest.json`` last).
 
     Returns:
-      ``{"out", "attack", "rate", "target", "seed", "num_labels", "counts": {split: rows},
-      "poisoned_train_rows", ...}`` (also written to ``<out>/poison_config.json`` and ``<out>/metrics.json``).
+      A :class:`jdup.stages.common.StageResult` whose ``record`` is ``{"out", "attack", "rate", "target", "seed",
+      "num_labels", "counts": {split: rows}, "poisoned_train_rows", ...}`` (also written to
+      ``<out>/poison_config.json`` and ``<out>/metrics.json``).
     """
     config_lib.validate(cfg)
     output = manifest.StageOutput("poison", cfg, {"source": cfg.source})
@@ -153,6 +154,6 @@ def run_poison(cfg: PoisonConfig) -> dict:
     with output:
         write_dup_folder(splits, output.path, cfg.rate)
         for name in ("poison_config.json", "metrics.json"):
-            atomic.write_text(os.path.join(output.path, name), json.dumps(result, indent=2))
+            result = write_record(os.path.join(output.path, name), result)
         output.commit(result)
-    return result
+    return StageResult("poison", out, result)
