@@ -478,6 +478,9 @@ def barrier(name: str, *, timeout_s: float = WAIT_TIMEOUT_S) -> None:
         return entries if len(entries) >= st.num_processes else None
 
     entries = _wait(f"barrier {name!r}", ready, st.client, timeout_s)
+    if st.process_id == 0 and n > 2:  # every process is past barrier n - 1, so nobody reads n - 2 any more
+        with contextlib.suppress(Exception):
+            st.client.key_value_delete(f"{_PREFIX}barrier/{n - 2}/")
     stopped = sorted(int(k.rsplit("/", 1)[-1]) for k, v in entries if v.endswith("|1"))
     if st.process_id in stopped:
         raise KeyboardInterrupt
