@@ -274,6 +274,9 @@ def sweep(
         raise Interrupted(f"sweep {config} was interrupted; finished cells are kept in its results.jsonl; run the "
                           "same command again to resume") from None
     _print_result(result)
+    if result["failed"]:  # a failed cell is an error of the command (its line in results.jsonl says why)
+        raise JdupError(f"{result['failed']} of {result['ran']} cells failed (status error in {result['results']}; "
+                        "rerun_failed=true runs them again)", config)
 
 
 @app.command()

@@ -275,6 +275,74 @@ def test_sweep_cells_equal_jdup_unlearn(tiny_model_dir, synthetic_dup, tmp_path)
     assert any(r["metrics"]["asr_after"] < r["metrics"]["asr_before"] for r in recs.values())
 
 
+#: (early_stop, projection) pairs: every stop rule and every projection, each through the sweep and `jdup unlearn`.
+RULE_CASES = [
+    ("proxy", "none"),
+    ("oracle_dev_poison", "none"),
+    ("none", "gradient"),
+    ("none", "representation"),
+    ("proxy", "inflora"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("early_stop,projection", RULE_CASES)
+def test_sweep_cell_equals_jdup_unlearn_for_every_rule(
+    early_stop, projection, tiny_model_dir, synthetic_dup, tmp_path
+):
+    """A vmapped group of two cells (seed 0 / lr 0.06, seed 1 / lr 0.08) against `jdup unlearn` of the second cell,
+    for each stop rule and each projection. The stop rules evaluate every step and accept the first evaluated
+    state (thresholds at 1), so the run stops after its first step, and the kept state is the best of steps 0 and
+    1; projected cells carry their own bases (each cell's student has its own LoRA init). The victim is the
+    untrained tiny model (equality does not need a backdoor); ``pad_multiple = max_length`` gives every batch one
+    length, so the group pads nothing."""
+    from jdup.stages import unlearn as U
+
+    small = {"k": 4, "basis_batch_size": 4, "repr_rows": 32, "forget_rows": 32, "probe_rows": 8, "refresh": 1}
+    unlearn = {"epochs": 2, "batch_size": 4, "lora_rank": 4, "lora_alpha": 8.0, "eval_batch_size": 32}
+    unlearn.update(ckpt_every_steps=0, pad_multiple=32, early_stop=early_stop, projection=projection)
+    unlearn.update(eval_every_steps=1, asr_threshold=1.0, proxy_asr_stop=1.0, max_cacc_drop=1.0)
+    unlearn.update(projection_options=small)
+    detect = {"top_k": 1, "frr": 0.2, "batch_size": 32, "split_seed": 7}
+    cfg = {
+        "name": "rules",
+        "fixed": {
+            "data": {"source": "dup", "dir": str(synthetic_dup), "max_length": 32},
+            "model": {"name": str(tiny_model_dir)},
+            "detect": detect,
+            "unlearn": unlearn,
+        },
+        "axes": {"seed,unlearn.lr": [[0, 0.06], [1, 0.08]]},
+        "progress": False,
+    }
+    cells = S.expand(cfg)
+    summary = S.run_sweep(cfg, tmp_path / "sweep")
+    assert summary["ok"] == 2, [r.get("error") for r in S.read_results(tmp_path / "sweep")]
+    rec = {r["id"]: r for r in S.read_results(tmp_path / "sweep")}[cells[1].id]
+    assert rec["time"]["vmapped_cells"] == 2 and rec["time"]["padded_steps"] == 0
+    out = tmp_path / "unlearn"
+    want = U.run_unlearn(
+        U.UnlearnConfig(
+            model=str(tiny_model_dir), data=str(synthetic_dup), out=str(out), max_length=32, seed=1, lr=0.08,
+            progress=False, **unlearn, detect=detect,
+        )
+    )
+    got = rec["metrics"]
+    assert want["n_flagged"] == got["n_flagged"] > 0 and want["defender_target"] == got["defender_target"]
+    for k in ("cacc_after", "asr_after", "ra_after"):
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5, err_msg=k)
+    for k in ("steps", "total_steps", "best_step", "stopped_early", "n_forget_train", "n_holdout", "n_retain"):
+        assert got[k] == want[k], k
+    hist = json.loads((out / "history.json").read_text())
+    np.testing.assert_allclose(got["loss_last"], hist["steps"][-1]["loss"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["retain_last"], hist["steps"][-1]["retain"], rtol=0, atol=1e-5)
+    if early_stop != "none":  # the rule ran and stopped the run after its first step
+        assert got["stopped_early"] and got["steps"] == 1 < got["total_steps"]
+        assert [e["step"] for e in hist["evals"]] == [0, 1]
+    else:
+        assert got["steps"] == got["total_steps"] > 1
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 _WORKER = textwrap.dedent(
@@ -462,6 +530,80 @@ def test_bad_data_folder_fails_its_cells_only(tmp_path):
         S.run_sweep({"axes": {"seed": [0]}})
 
 
+def test_a_failed_cell_is_an_error_of_jdup_sweep(tmp_path, capsys):
+    """`jdup sweep` exits 2 when a cell of this invocation failed (its line in results.jsonl says why)."""
+    import yaml
+
+    from jdup import cli
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["axes"] = {"data.dir": [str(tmp_path / "missing")]}
+    cfg["fixed"]["data"] = {"source": "dup"}
+    path = tmp_path / "fail.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["--log-level", "warning", "sweep", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "1 of 1 cells failed" in capsys.readouterr().err
+    (rec,) = S.read_results(tmp_path / "out")
+    assert rec["status"] == "error" and rec["process_count"] == 1
+
+
+def _victim_sweep(synthetic_dup, tiny_model_dir) -> dict:
+    """Two cells (seeds 0, 1) of a sweep that trains its victim first (`model.train_victim`), tiny sizes."""
+    train = dict(epochs=1, batch_size=16, lr=1e-2, warmup=0.1, seed=3, progress=False)
+    unlearn = {"epochs": 1, "batch_size": 8, "lora_rank": 2, "lora_alpha": 4.0, "eval_batch_size": 64}
+    unlearn.update(ckpt_every_steps=0, pad_multiple=32, early_stop="proxy", proxy_asr_stop=0.0)
+    return {
+        "name": "victim",
+        "fixed": {
+            "data": {"source": "dup", "dir": str(synthetic_dup), "max_length": 32},
+            "model": {"name": str(tiny_model_dir), "train_victim": True, "train": train},
+            "detect": {"top_k": 1, "frr": 0.2, "batch_size": 64, "split_seed": 7},
+            "unlearn": unlearn,
+        },
+        "axes": {"seed": [0, 1]},
+        "progress": False,
+    }
+
+
+@pytest.mark.slow
+def test_sweep_training_its_victim_on_two_processes_equals_one_process(tmp_path, synthetic_dup, tiny_model_dir):
+    """The same sweep (victim trained first, then two cells vmapped) by one process and by two local processes
+    joined with --coordinator: every process trains the victim on the global mesh and process 0 writes it; the
+    to-do list is process 0's. Both exit 0, each result line is written once, with the numbers of one process
+    (to 1e-5), the mesh and the process count; no `.partial` is left."""
+    import yaml
+
+    from jdup import cli
+    from tests.test_multiprocess import Job, child_env, leftovers
+
+    path = tmp_path / "victim.yaml"
+    path.write_text(yaml.safe_dump(_victim_sweep(synthetic_dup, tiny_model_dir)))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(["--log-level", "warning", "sweep", str(path), "--out", str(one)]) == 0
+    results = Job(2, ["sweep", path, "--out", two], tmp_path, env=child_env(tmp_path)).wait(timeout=1500)
+    assert [rc for rc, _ in results] == [0, 0], results
+    a = {r["id"]: r for r in S.read_results(one)}
+    lines = (two / "results.jsonl").read_text().splitlines()
+    b = {r["id"]: r for r in map(json.loads, lines)}
+    assert len(lines) == 2 and set(a) == set(b)  # written once, by process 0
+    for cid, r in b.items():
+        assert r["status"] == "ok" and a[cid]["status"] == "ok", r.get("error")
+        assert r["process_count"] == 2 and a[cid]["process_count"] == 1
+        assert r["mesh"]["sweep"] * r["mesh"]["data"] == 2 and r["mesh"]["model"] == 1
+        assert r["time"]["vmapped_cells"] == 2
+        for k in ("cacc_before", "asr_before", "cacc_after", "asr_after", "loss_last", "auroc"):
+            np.testing.assert_allclose(r["metrics"][k], a[cid]["metrics"][k], rtol=0, atol=1e-5, err_msg=k)
+        for k in ("n_flagged", "steps", "best_step", "stopped_early", "defender_target"):
+            assert r["metrics"][k] == a[cid]["metrics"][k], k
+    victims = two / "victims"
+    assert leftovers(victims) == [] and len(list(victims.iterdir())) == 1
+    assert (next(victims.iterdir()) / "model").is_dir()
+    # a second run finds every cell done (process 0's results) and the victim trained: nothing runs again
+    again = Job(2, ["sweep", path, "--out", two], tmp_path, env=child_env(tmp_path)).wait(timeout=600)
+    assert [rc for rc, _ in again] == [0, 0], again
+    assert (two / "results.jsonl").read_text().splitlines() == lines
+
+
 # ----------------------------------------------------------------------------------------------- sst2_full
 
 
@@ -528,7 +670,8 @@ def test_sst2_full_config_structure_end_to_end(synthetic_dup, tiny_model_dir, tm
     path = tmp_path / "sst2_full_reduced.yaml"
     path.write_text(yaml.safe_dump(_reduced_sst2_full(str(synthetic_dup), f"{victim_out}/model")))
 
-    assert cli.main(["--log-level", "warning", "sweep", str(path), "axes.seed=[1,2]"]) == 0
+    # the missing victim's cells fail, and a failed cell is an error of the command (exit 2)
+    assert cli.main(["--log-level", "warning", "sweep", str(path), "axes.seed=[1,2]"]) == 2
     out = tmp_path / "runs" / "sweeps" / "sst2_full"
     recs = S.read_results(out)
     assert len(recs) == 28

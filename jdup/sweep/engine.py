@@ -26,7 +26,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -72,6 +72,8 @@ def run_sweep(
     """
     import jax
 
+    from jdup import distributed
+
     if source is None:
         source = os.fspath(cfg) if isinstance(cfg, (str, os.PathLike)) else "sweep config"
     cfg = grid.load_sweep_config(cfg, source)
@@ -79,20 +81,26 @@ def run_sweep(
     if not out:
         raise JdupError("the sweep needs an output folder (`out:` in the config or --out)", source)
     out = os.path.abspath(os.fspath(out))
-    writer = jax.process_index() == 0
+    writer = distributed.is_writer()
     store = ResultsStore(out, writer=writer)
     cells = grid.expand(cfg, source)
     if writer:
         plan = {"config": config_lib.to_dict(cfg), "cells": [{"id": c.id, "point": c.point} for c in cells]}
         atomic.write_text(os.path.join(out, "sweep.json"), _json(plan, indent=1))
-    done = store.read()
-    finished = {cid for cid, r in done.items() if r.get("status") == "ok" or not cfg.rerun_failed}
+    # Process 0's results decide what is left, so that every process runs the same cells (hosts with their own
+    # disks may hold different results.jsonl files)
+    finished = None
+    if writer:
+        done = store.read()
+        finished = sorted(cid for cid, r in done.items() if r.get("status") == "ok" or not cfg.rerun_failed)
+    finished = set(distributed.broadcast(finished))
     todo = [c for c in cells if c.id not in finished]
     skipped = len(cells) - len(todo)
     log.info("sweep %s: %d cells, %d already finished, %d to run", cfg.name, len(cells), skipped, len(todo))
     t0 = time.perf_counter()
     counter = {"ok": 0, "failed": 0}
     versions_now = versions()
+    processes = int(jax.process_count())
 
     def record(cell: Cell, status: str, metrics: dict | None, timing: dict, err=None, tb=None) -> None:
         rec = {
@@ -104,6 +112,12 @@ def run_sweep(
             "config": config_lib.to_dict(cell.config),
             "metrics": metrics or {},
             "time": timing,
+            "mesh": {
+                "sweep": int(timing.get("mesh_sweep", 1)),
+                "data": int(timing.get("mesh_data", 1)),
+                "model": 1,
+            },
+            "process_count": processes,
             "versions": versions_now,
             "host": socket.gethostname(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -171,6 +185,14 @@ def _json(obj: Any, indent: int | None = None) -> str:
 # Bases
 
 
+class Detection(NamedTuple):
+    """A detection shared by the cells with its settings (:meth:`Engine.detection`)."""
+
+    flags: np.ndarray  # bool [len(dev-detect)]: the rows unlearning forgets
+    metrics: dict  # the result line's detection columns (jdup.sweep.report.detection_metrics)
+    seconds: float  # wall time of the two detect calls
+
+
 @dataclasses.dataclass
 class Base:
     """What the cells of one base key share."""
@@ -186,7 +208,8 @@ class Base:
     target: int  # the attack's target label, for ASR (jdup.stages.common.attack_target)
     ra_labels: Any  # true labels of test-poison rows (robust accuracy) or None
     seconds: dict
-    cache: dict = dataclasses.field(default_factory=dict)  # detections, teacher logits, before-metrics
+    detections: dict[str, Detection] = dataclasses.field(default_factory=dict)  # canonical DetectConfig JSON ->
+    before: dict[int, dict] = dataclasses.field(default_factory=dict)  # eval batch size -> victim's metrics
 
 
 def _cap(ds: Any, max_rows: int, seed: int) -> np.ndarray:
@@ -348,11 +371,20 @@ class Engine:
         self.bases.pop(key, None)
 
     def _train_victim(self, c: CellConfig, key: str) -> str:
+        """``victims/<key>/model``, trained first by the ``jdup train`` stage when process 0 does not find it.
+
+        On several processes every process runs the stage (it trains on the global mesh; process 0 writes, the
+        others wait for the commit) and then reads the model folder, so the sweep folder must be on a disk every
+        process sees."""
+        from jdup import distributed
         from jdup.stages import train as train_stage
 
         out = os.path.join(self.out, "victims", key)
         model_dir = os.path.join(out, "model")
-        if os.path.isfile(os.path.join(out, "metrics.json")) and os.path.isdir(model_dir):
+        found = None
+        if distributed.is_writer():
+            found = os.path.isfile(os.path.join(out, "metrics.json")) and os.path.isdir(model_dir)
+        if distributed.broadcast(found):
             return model_dir
         if c.data.source != "dup":
             raise JdupError(
@@ -362,14 +394,14 @@ class Engine:
         return model_dir
 
     # ---------------------------------------------------------------------------------------------- shared work
-    def detection(self, base: Base, cfg: Any) -> dict:
+    def detection(self, base: Base, cfg: Any) -> Detection:
         """A detection (:func:`jdup.detect.detect` with the :class:`DetectConfig` ``cfg``, cached per setting):
         flags over dev-detect and the metric columns."""
         from jdup import data as D
         from jdup import detect as detect_lib
 
-        key = ("detect", grid.canonical_json(config_lib.to_dict(cfg)))
-        if key not in base.cache:
+        key = grid.canonical_json(config_lib.to_dict(cfg))
+        if key not in base.detections:
             t0 = time.perf_counter()
             calib = base.texts["dev-clean"]
             dev = detect_lib.detect(base.model, base.tokenizer, calib, base.dev_detect, cfg)
@@ -380,19 +412,14 @@ class Engine:
             dev_poison = np.asarray(base.dev_detect.poison).astype(bool)
             metrics = R.detection_metrics(dev, test, dev_poison, np.asarray(test_detect.poison).astype(bool))
             metrics["detect_split_seed"] = int(cfg.split_seed)
-            base.cache[key] = {
-                "flags": np.asarray(dev.flags, bool),
-                "metrics": metrics,
-                "seconds": time.perf_counter() - t0,
-            }
-        return base.cache[key]
+            base.detections[key] = Detection(np.asarray(dev.flags, bool), metrics, time.perf_counter() - t0)
+        return base.detections[key]
 
     def before(self, base: Base, eval_batch_size: int) -> dict:
         """The victim's CACC/ASR/RA (and dev-poison ASR) before unlearning."""
-        key = ("before", eval_batch_size)
-        if key not in base.cache:
-            base.cache[key] = self._evaluate(base, base.model, eval_batch_size, "before")
-        return base.cache[key]
+        if eval_batch_size not in base.before:
+            base.before[eval_batch_size] = self._evaluate(base, base.model, eval_batch_size, "before")
+        return base.before[eval_batch_size]
 
     def _evaluate(self, base: Base, model: Any, batch_size: int, tag: str) -> dict:
         from jdup import metrics as MT
@@ -447,8 +474,8 @@ class Engine:
         ucfgs = [self._unlearn_config(base, c) for c in cells]
         dets = [self.detection(base, detect_config(u)) for u in ucfgs]
         before = self.before(base, ucfgs[0].eval_batch_size)
-        common = [{**before, **d["metrics"], "target": base.target} for d in dets]
-        extras = [{"detect_seconds": d["seconds"]} for d in dets]
+        common = [{**before, **d.metrics, "target": base.target} for d in dets]
+        extras = [{"detect_seconds": d.seconds} for d in dets]
         if not cells[0].config.unlearn.enabled:
             return list(zip(common, extras, strict=True))
         t0 = time.perf_counter()
@@ -458,7 +485,7 @@ class Engine:
                 u,
                 base.model,
                 base.enc_detect,
-                d["flags"],
+                d.flags,
                 base.enc["dev-clean"],
                 base.enc["dev-poison"],
                 base.target,
