@@ -34,6 +34,7 @@ from flax import nnx
 
 from jdup import data as D
 from jdup import distributed, optim
+from jdup import mesh as mesh_lib
 from jdup.errors import JdupError
 from jdup.metrics import accuracy, attack_success_rate
 from jdup.predict import MODEL_INPUTS, predict, predict_states
@@ -121,6 +122,7 @@ def train_steps(
     encoded: D.Encoded,
     cfg: TrainSettings,
     pos: LoopPosition | None = None,
+    mesh: Any = None,
 ) -> Iterator[tuple]:
     """Runs the epoch loop from ``pos`` and yields after every optimizer step.
 
@@ -128,6 +130,8 @@ def train_steps(
     ``cfg.group_by_length``), started at ``pos.batch`` in the first epoch; the dropout key of step ``t`` is
     ``fold_in(key(cfg.seed), t)``. So a loop restarted from a saved position and state replays an uninterrupted
     run exactly. ``pos`` is updated in place before each yield (``epoch``/``batch`` point at the next batch).
+    With a ``mesh`` (:mod:`jdup.mesh`) each batch is padded to a multiple of its ``data`` axis (copies marked
+    invalid: no weight in the loss) and its rows are split over ``data``; the real rows keep their dropout masks.
 
     Yields:
       ``(params, opt_state, stats, epoch, batch_index, epoch_end)``; ``stats`` are device scalars
@@ -142,6 +146,8 @@ def train_steps(
                             sort_by_length=cfg.group_by_length)
         for b_idx, batch in enumerate(batches, start=start):
             inputs = {k: batch[k] for k in (*MODEL_INPUTS, "labels", "valid")}
+            if mesh is not None:
+                inputs = mesh_lib.put_rows(mesh_lib.pad_rows(inputs, mesh_lib.data_size(mesh))[0], mesh)
             params, opt_state, stats = step_fn(params, opt_state, rest, inputs, key, np.int32(pos.step))
             pos.step += 1
             epoch_end = b_idx + 1 == spe
@@ -166,10 +172,11 @@ def evaluate(logits: dict[str, np.ndarray], encoded: dict[str, D.Encoded], targe
 
 def evaluate_states(
     graphdef, states: tuple, encoded: dict[str, D.Encoded], target: int, batch_size: int = 64, *,
-    progress: bool = False,
+    progress: bool = False, mesh: Any = None,
 ) -> dict[str, float]:
     """:func:`evaluate` of a split model on the evaluation splits of ``encoded`` (:data:`EVAL_SPLITS`)."""
-    logits = {k: predict_states(graphdef, states, encoded[k], batch_size, progress=progress, desc=f"eval {k}")
+    logits = {k: predict_states(graphdef, states, encoded[k], batch_size, progress=progress, desc=f"eval {k}",
+                                mesh=mesh)
               for k in EVAL_SPLITS if k in encoded}
     return evaluate(logits, encoded, target)
 
@@ -262,7 +269,6 @@ def train(
     Returns:
       A :class:`TrainResult` (``stopped`` and no model when ``max_steps`` ended the run first).
     """
-    del mesh  # one device until jdup.mesh places the model and batches (the result does not depend on it)
     from tqdm.auto import tqdm
 
     from jdup.checkpoint import Checkpointer, fingerprint
@@ -277,10 +283,13 @@ def train(
     tx, step_fn = cached_train_step(graphdef, float(cfg.lr), total, warm, float(cfg.weight_decay),
                                     float(cfg.clip) if cfg.clip else None)
     rest = tuple(rest)
+    if mesh is not None:  # whole over the mesh's data axis, split over model by jdup.models.sharding's rules
+        params, rest = mesh_lib.put_state((params, rest), mesh, keep=True)
     if not donate_model:  # the train step donates its buffers: copy them so the caller's model stays as it was
         params = jax.tree.map(jnp.copy, params)
-    opt_state = jax.jit(tx.init)(params)
-    best = jax.device_get(params)
+    # on a mesh, an eager init lays the moments out like their parameters (a jitted one would put them on one device)
+    opt_state = jax.jit(tx.init)(params) if mesh is None else mesh_lib.commit(tx.init(params), mesh)
+    best = mesh_lib.gather(params)
 
     meta: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_epoch": -1,
                             "history": [], "elapsed": 0.0, "best_metrics": {}}
@@ -317,7 +326,7 @@ def train(
     pending: list[dict] = []
     stopped = False
     bar = tqdm(total=total, initial=pos.step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-    loop = train_steps(step_fn, params, opt_state, rest, train_enc, cfg, pos)
+    loop = train_steps(step_fn, params, opt_state, rest, train_enc, cfg, pos, mesh)
     try:
         for params, opt_state, stats, epoch, b_idx, epoch_end in loop:
             step = pos.step
@@ -336,12 +345,12 @@ def train(
                 pending = []
             if epoch_end and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 m = evaluate_states(graphdef, (params, *rest), data, target, cfg.eval_batch_size,
-                                    progress=cfg.progress)
+                                    progress=cfg.progress, mesh=mesh)
                 m.update(epoch=epoch + 1, step=step)
                 score = m["dev_acc"] if cfg.select == "dev_acc" else (m["dev_acc"] + m["dev_asr"]) / 2
                 if meta["best_score"] is None or score > meta["best_score"]:
                     meta.update(best_score=score, best_epoch=epoch + 1, best_metrics=m)
-                    best = jax.device_get(params)
+                    best = mesh_lib.gather(params)
                 meta["history"] = [*meta["history"], m]
                 record({"eval": True, **m})
                 log.info("epoch %d: %s", epoch + 1, m)
@@ -357,7 +366,9 @@ def train(
         if ck is not None:
             ck.close()
 
-    final = None if stopped else nnx.merge(graphdef, jax.device_put(best), *rest)
+    final = None
+    if not stopped:
+        final = nnx.merge(graphdef, jax.device_put(best) if mesh is None else mesh_lib.put_state(best, mesh), *rest)
     return TrainResult(
         model=final, metrics=dict(meta["best_metrics"]), best_epoch=int(meta["best_epoch"]),
         history=list(meta["history"]), steps=pos.step, total_steps=total, steps_per_epoch=spe,
