@@ -189,16 +189,25 @@ def _flags(cfg: UnlearnConfig, output: manifest.StageOutput, victim: nnx.Module,
                 shutil.copytree(reuse, work)
             return _load_flags(work if output.writer else reuse, n), reuse
     shutil.rmtree(work, ignore_errors=True)
-    calib = splits["dev-clean"]
-    if dcfg.calib_set != "dev-clean":
-        calib = D.read_split(cfg.data, dcfg.calib_set, num_labels=int(victim.config.num_labels))
-    res, _ = detect_stage.detect_and_write(dcfg, victim, tokenizer, calib, dev_detect, work,
-                                           t0=time.perf_counter(), plots=False, mesh=mesh)
-    manifest.write(work, expected)  # last: the folder is complete (a rerun may reuse it)
-    flags = np.asarray(res.flags, bool)
+    flags = run_detection(dcfg, victim, tokenizer, splits, dev_detect, work, mesh=mesh, manifest_=expected)
     if len(flags) != n:
         raise JdupError(f"detection returned {len(flags)} flags for {n} rows")
     return flags, "detected"
+
+
+def run_detection(dcfg: DetectConfig, victim: nnx.Module, tokenizer: Any, splits: dict[str, D.TextDataset | None],
+                  dev_detect: D.TextDataset, folder: str, *, mesh: Any = None, manifest_: dict | None = None
+                  ) -> np.ndarray:
+    """The built-in detection: :func:`jdup.detect.detect` on ``dev_detect`` calibrated on the dev-clean split
+    already read, in memory; its files are written into ``folder`` from the result (manifest last). Returns the
+    flags."""
+    calib = splits["dev-clean"]
+    if dcfg.calib_set != "dev-clean":
+        calib = D.read_split(dcfg.data, dcfg.calib_set, num_labels=int(victim.config.num_labels))
+    res, _ = detect_stage.detect_and_write(dcfg, victim, tokenizer, calib, dev_detect, folder,
+                                           t0=time.perf_counter(), plots=False, mesh=mesh)
+    manifest.write(folder, manifest_ or detect_stage.dev_manifest(dcfg))  # last: the folder is complete
+    return np.asarray(res.flags, bool)
 
 
 def _guard_checkpoint(cfg: UnlearnConfig, output: manifest.StageOutput, flags: np.ndarray) -> str:
@@ -231,7 +240,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     mesh = stage_mesh(cfg.mesh)
 
     # read once: the model, its tokenizer, the four splits (tokenised once at max_length)
-    victim = models.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
+    victim = models.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], mesh=mesh)  # straight into its shards
     tok = models.load_tokenizer(cfg.model)
     k = victim.config.num_labels
     splits = _read_eval_splits(cfg, k)
@@ -331,4 +340,4 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     return StageResult("unlearn", output.out, record, record["seconds"])
 
 
-__all__ = ["UnlearnConfig", "detect_config", "run_unlearn"]
+__all__ = ["UnlearnConfig", "detect_config", "run_detection", "run_unlearn"]
