@@ -343,6 +343,25 @@ def test_unlearn_resumes_after_a_kill(victim, tmp_path):
     )
 
 
+def test_checkpoint_fingerprint_comes_from_the_algorithm_settings_only():
+    """Files (out, model, data) and settings that do not change the numbers leave the fingerprint alone; an
+    algorithm setting, the set sizes or the target change it."""
+    from jdup.unlearn.loop import settings_fingerprint
+
+    forget, retain = _encoded(4, 1), _encoded(6, 2)
+
+    def fp(cfg, target=1, n_forget=4):
+        cell = U.Cell(cfg, forget.subset(np.arange(n_forget)), retain, np.zeros((n_forget, 2)), target, None)
+        return settings_fingerprint(cell)
+
+    base = fp(S.UnlearnConfig(**TINY, out="a", model="m1", data="d1"))
+    assert fp(S.UnlearnConfig(**TINY, out="b", model="m1", data="d1")) == base
+    assert fp(S.UnlearnConfig(**{**TINY, "progress": True, "eval_batch_size": 64}, out="b")) == base
+    assert fp(U.UnlearnSettings(**TINY)) == base
+    assert fp(U.UnlearnSettings(**{**TINY, "lr": 1e-3})) != base
+    assert fp(U.UnlearnSettings(**TINY), target=0) != base and fp(U.UnlearnSettings(**TINY), n_forget=3) != base
+
+
 @pytest.mark.slow
 def test_monitor_keeps_best_state_and_stops(victim):
     cfg = S.UnlearnConfig(**{**TINY, "epochs": 4, "eval_every_steps": 1})

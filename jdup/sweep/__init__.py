@@ -17,19 +17,21 @@ An axis may also set several keys together: ``{attack: [{data.dir: A, model.vict
 values are mappings of dotted keys; its name is only a label), or ``{"data.dir,model.victim": [[A, VA], ...]}``.
 
 Every cell is one ``jdup unlearn`` run (:func:`grid.stage_unlearn_config` gives its exact config): the same
-detection (:func:`jdup.detect.detect`), the same inferred target, hold-out splits and stop rule, the same
-batches, loss, optimizer and step (:mod:`jdup.unlearn`), the same evaluation. The sweep only shares work: one
-victim and tokenisation per base, one detection per setting, and K cells that differ in ``seed``/``lr``/
-``lambda_asr``/``lambda_acc`` trained by one ``jax.jit(jax.vmap(step))`` over the library step, sharded over a
-``sweep x data`` device mesh (:mod:`jdup.sweep.vmapped`).
+detection (:func:`jdup.detect.detect`), the same inferred target, hold-out splits and stop rule, and the same
+unlearning loop (:func:`jdup.unlearn.run_cells`: batches, step, evaluations, kept state, history; ``jdup unlearn``
+runs it with one cell). The sweep only shares work: one victim and tokenisation per base, one detection per
+setting, and K cells that differ in ``seed``/``lr``/``lambda_asr``/``lambda_acc`` run by that loop together, its
+step ``jax.jit(jax.vmap(...))`` over the library step, sharded over a ``sweep x data`` device mesh
+(:mod:`jdup.sweep.vmapped`; projected cells too, each with its own bases).
 
 Every finished cell appends one JSON line to ``<out>/results.jsonl`` (:mod:`jdup.sweep.store`): its id, full
 resolved config, seed, versions, metrics and time. A restarted sweep skips ids already ``ok`` there; a cell that
 raises is recorded with ``status: error`` and its traceback, and the other cells go on (a failing group is
 retried cell by cell).
 
-Multi-host TPU slices: run the same command on every host with ``jdup --distributed sweep CONFIG``; only process 0
-writes ``results.jsonl``.
+Several hosts: run the same command on every host (``jdup --distributed sweep CONFIG``, or ``--coordinator``/
+``--num-processes``/``--process-id``); process 0's ``results.jsonl`` decides what is left to run (sent to every
+process), and only process 0 writes.
 
 Modules: :mod:`~jdup.sweep.grid` (config, expansion, ids, grouping), :mod:`~jdup.sweep.store` (results store),
 :mod:`~jdup.sweep.engine` (running groups, resume), :mod:`~jdup.sweep.vmapped` (the vmapped step over K cells),
