@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jdup import atomic, manifest, models
+from jdup import atomic, manifest, models, runtime
 from jdup import config as config_lib
 from jdup import data as data_lib
 from jdup import plots as plots_lib
@@ -61,7 +61,7 @@ def run_detect(cfg: DetectConfig) -> StageResult:
         t0 = time.perf_counter()
         mesh = stage_mesh(cfg.mesh)
         dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-        model = models.from_pretrained(cfg.model, dtype=dtype)
+        model = models.from_pretrained(cfg.model, dtype=dtype, mesh=mesh)  # straight into its shards
         tokenizer = models.load_tokenizer(cfg.model)
         num_labels = int(model.config.num_labels)
         calib = data_lib.read_split(cfg.data, cfg.calib_set, num_labels=num_labels)
@@ -128,18 +128,22 @@ def detect_and_write(
     :func:`write_detection` into ``folder``. ``t0`` is when the stage started (``seconds`` counts from it, loading
     included); ``plots`` is the default of ``cfg.plots = None``."""
     t_load = time.perf_counter() - t0
+    compile0 = runtime.compile_totals()
     res = detect(model, tokenizer, calib, scored, cfg.settings(), mesh=mesh)
-    record = write_detection(folder, cfg, res, scored, t0=t0, t_load=t_load, plots=plots, mesh=mesh)
+    record = write_detection(folder, cfg, res, scored, t0=t0, t_load=t_load, plots=plots, mesh=mesh,
+                             compile_s=runtime.compile_since(compile0))
     return res, record
 
 
 def write_detection(
     folder: str, cfg: DetectConfig, res: DetectionResult, scored: data_lib.TextDataset, *, t0: float,
-    t_load: float = 0.0, plots: bool = True, mesh: Any = None,
+    t_load: float = 0.0, plots: bool = True, mesh: Any = None, compile_s: dict | None = None,
 ) -> dict:
     """Writes a detection's files from its in-memory result: ``scores.npy``, ``flags.npy``, ``components.npz``,
     the plots (``cfg.plots``, default ``plots``; drawn after the timing, ``seconds_plots``) and ``detection.json``
-    last. Returns the ``detection.json`` record."""
+    last. Returns the ``detection.json`` record. ``compile_s``: the JAX compilation work during the detection
+    (:func:`jdup.runtime.compile_since`), recorded as ``seconds_compile``."""
+    t_write = time.perf_counter()
     out = os.path.abspath(folder)
     os.makedirs(out, exist_ok=True)
     atomic.write_npy(os.path.join(out, "scores.npy"), res.scores.astype(np.float32))
@@ -167,6 +171,9 @@ def write_detection(
         **per_method,
     )
     seconds = time.perf_counter() - t0  # detection, without the plots
+    t_write = time.perf_counter() - t_write
+    age = runtime.process_seconds()
+    startup = None if age is None else max(0.0, age - (time.perf_counter() - t0))
     y = np.asarray(scored.poison).astype(bool)
     t_plots = time.perf_counter()
     want_plots, drawn = (plots if cfg.plots is None else cfg.plots), []
@@ -191,6 +198,11 @@ def write_detection(
         "seconds": seconds,
         "seconds_load": t_load,
         "seconds_plots": time.perf_counter() - t_plots,
+        # where a call's time goes (docs/performance.md): process start to t0 (interpreter, imports, CLI), writing
+        # the arrays, JAX tracing / lowering / compiling or loading cached executables (inside the passes)
+        "seconds_startup": startup,
+        "seconds_write": t_write,
+        "seconds_compile": compile_s,
         "timings": res.timings,
         "n_calibration": int(len(res.calib_index)),
         "n_validation": int(len(res.val_index)),

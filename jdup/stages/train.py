@@ -63,7 +63,8 @@ def _run_train(cfg: TrainConfig, output: manifest.StageOutput) -> StageResult:
     target = cfg.target if cfg.target is not None else attack_target(cfg.data, splits["test-poison"])
     if not 0 <= target < cfg.num_labels:
         raise JdupError(f"target label {target} is out of range for num_labels={cfg.num_labels}", "config:target")
-    model = models.from_pretrained(cfg.model, num_labels=cfg.num_labels, dtype=DTYPES[cfg.dtype], seed=cfg.seed)
+    model = models.from_pretrained(cfg.model, num_labels=cfg.num_labels, dtype=DTYPES[cfg.dtype], seed=cfg.seed,
+                                    mesh=mesh)  # straight into its shards
     if model.config.num_labels != cfg.num_labels:
         raise JdupError(f"the model has {model.config.num_labels} classes but num_labels={cfg.num_labels}",
                         cfg.model)

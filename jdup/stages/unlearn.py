@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdup import atomic, distributed, manifest, models
+from jdup import atomic, distributed, manifest, models, runtime
 from jdup import config as config_lib
 from jdup import data as D
 from jdup import lora as lora_lib
@@ -235,6 +235,8 @@ def _guard_checkpoint(cfg: UnlearnConfig, output: manifest.StageOutput, flags: n
 
 def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResult:
     t0 = time.perf_counter()
+    age, compile0 = runtime.process_seconds(), runtime.compile_totals()
+    phases: dict[str, Any] = {"startup": age}  # where the call's time goes (docs/performance.md)
     out = output.path  # the staging folder; output.out is where the finished output goes
     settings = cfg.settings()
     mesh = stage_mesh(cfg.mesh)
@@ -251,6 +253,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     if splits["test-poison"] is not None:
         ra_labels = robust_labels(splits["test-clean"], splits["test-poison"], target, cfg.data)
 
+    phases["load"] = time.perf_counter() - t0
     # 1. detection over dev-detect = dev-clean ‖ dev-poison, in memory
     dev_detect = D.TextDataset.concat([splits["dev-clean"], splits["dev-poison"]],
                                       os.path.join(os.fspath(cfg.data), "dev-detect"))
@@ -269,12 +272,16 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     enc_detect = D.Encoded.concat([enc["dev-clean"], enc["dev-poison"]])
 
     # 2. forget set (training part + held-out part for the proxy rule), retain set, teacher, monitor
+    t = time.perf_counter()
     sets = prepare_sets(settings, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target)
+    phases["prepare"] = time.perf_counter() - t
 
     # 3. before
+    t = time.perf_counter()
     eval_kw = dict(batch_size=cfg.eval_batch_size, progress=cfg.progress, mesh=mesh)
     before = evaluate_model(victim, enc["test-clean"], enc["test-poison"], target, ra_labels, tag="before",
                             **eval_kw)
+    phases["before"] = time.perf_counter() - t
 
     # 4. unlearn (the UPGP projection, if any, is built by unlearn() on its student)
     t_un = time.perf_counter()
@@ -292,9 +299,14 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     un_seconds = time.perf_counter() - t_un
 
     # 5. after
+    t = time.perf_counter()
     after = evaluate_model(res.merged, enc["test-clean"], enc["test-poison"], target, ra_labels, tag="after",
                            **eval_kw)
+    phases["after"] = time.perf_counter() - t
+    t = time.perf_counter()
     models.save_pretrained(res.merged, os.path.join(out, "model"), tokenizer_src=tok)
+    phases["save"] = time.perf_counter() - t
+    phases["compile"] = runtime.compile_since(compile0)  # inside the phases above (tracing, XLA or cache load)
 
     fl = flags.astype(bool)
     record = {
@@ -326,6 +338,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         "trainable_params": lora_lib.count_params(res.student.trainable),
         "detect_seconds": det_seconds,
         "unlearn_seconds": un_seconds,
+        "seconds_phases": {"detect": det_seconds, "unlearn": un_seconds, **phases},
         **run_record(mesh),
         "seconds": time.perf_counter() - t0,
     }
