@@ -38,7 +38,7 @@ from jdup import data as D
 from jdup import lora as lora_lib
 from jdup import losses, optim, subspace
 from jdup.errors import Invalid, JdupError
-from jdup.predict import MODEL_INPUTS
+from jdup.predict import MODEL_INPUTS, model_inputs
 from jdup.sensitivity import mean_grad
 from jdup.settings import PROJECTIONS, ProjectionOptions
 
@@ -142,7 +142,7 @@ def module_input_covariances(
     total: dict[str, np.ndarray] = {}
     with _CAPTURE_LOCK:
         for b in D.batches(rows, batch_size, sort_by_length=True):
-            batch = {kk: b[kk] for kk in MODEL_INPUTS}
+            batch = model_inputs(b)
             batch["mask"] = b["valid"].astype(np.float32)
             covs = _input_covariances(graphdef, tuple(states), batch)
             for p, c in covs.items():

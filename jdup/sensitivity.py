@@ -42,7 +42,7 @@ from jdup import lora as lora_lib
 from jdup import losses, metrics, optim
 from jdup.errors import Invalid, JdupError
 from jdup.fusion import flag_low_tail, robust_z
-from jdup.predict import MODEL_INPUTS, predict_states
+from jdup.predict import MODEL_INPUTS, model_inputs, predict_states
 from jdup.settings import UPGPConfig
 
 #: LoRA target names of the query and value projections (BERT/RoBERTa; Llama/Qwen2 and BART).
@@ -190,7 +190,7 @@ def learn_perturbation(
     epoch = 0
     while t < cfg.max_steps:
         for b in D.batches(flipped, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch):
-            batch = {kk: b[kk] for kk in MODEL_INPUTS}
+            batch = model_inputs(b)
             batch["labels"], batch["mask"] = b["labels"], b["valid"].astype(np.float32)
             trainable, opt_state, loss = step(trainable, frozen, opt_state, batch)
             t += 1
@@ -352,7 +352,7 @@ def first_order_scores(
     direction = None
     total = 0
     for b in D.batches(flipped, eval_batch_size, sort_by_length=True):
-        batch = {kk: b[kk] for kk in MODEL_INPUTS}
+        batch = model_inputs(b)
         batch["labels"], batch["mask"] = b["labels"], b["valid"].astype(np.float32)
         n = int(b["valid"].sum())
         g = jax.tree.map(lambda x, n=n: -x * n, mean_grad(graphdef, tr0, frozen, batch))

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jdup import lora as lora_lib
 from jdup import losses
-from jdup.predict import MODEL_INPUTS
+from jdup.predict import MODEL_INPUTS, model_inputs
 
 
 class LossSettings(NamedTuple):
@@ -124,8 +124,8 @@ def joint_batch(
     s = max(forget_batch["input_ids"].shape[1], clean_batch["input_ids"].shape[1])
     out = {}
     if not fused:
-        out["forget_inputs"] = {k: forget_batch[k] for k in MODEL_INPUTS}
-        out["retain_inputs"] = {k: clean_batch[k] for k in MODEL_INPUTS}
+        out["forget_inputs"] = model_inputs(forget_batch)
+        out["retain_inputs"] = model_inputs(clean_batch)
     for k in MODEL_INPUTS if fused else ():
         parts = []
         for b in (forget_batch, clean_batch):
