@@ -16,6 +16,7 @@ runs on one process and on several joined by ``jax.distributed`` (each process t
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from typing import Any
 
@@ -27,6 +28,7 @@ from jdup.errors import Invalid
 from jdup.models.sharding import DATA, MODEL, state_shardings
 
 AXES = (DATA, MODEL)
+log = logging.getLogger("jdup.mesh")
 
 _SPEC = re.compile(r"^\s*(\d+)\s*(?:x\s*(\d+)\s*)?$", re.IGNORECASE)
 
@@ -66,7 +68,7 @@ def make_mesh(spec: str | int | Mesh | None = "auto") -> Mesh:
         return Mesh(np.asarray(jax.local_devices()[:1], dtype=object).reshape(1, 1), AXES)
     plain = not isinstance(spec, str) or "x" not in spec.lower()  # "N": N devices on data
     if plain and data < n and jax.process_count() == 1:
-        return Mesh(np.asarray(devices[:data], dtype=object).reshape(data, 1), AXES)
+        return _check_rng(Mesh(np.asarray(devices[:data], dtype=object).reshape(data, 1), AXES))
     if data * model != n:
         raise Invalid(
             "mesh",
@@ -80,7 +82,16 @@ def make_mesh(spec: str | int | Mesh | None = "auto") -> Mesh:
         grid = mesh_utils.create_device_mesh((data, model), devices=devices)
     except Exception:  # noqa: BLE001 - any failure of the optional optimisation
         grid = np.asarray(devices, dtype=object).reshape(data, model)
-    return Mesh(grid, AXES)
+    return _check_rng(Mesh(grid, AXES))
+
+
+def _check_rng(mesh: Mesh) -> Mesh:
+    """Dropout masks are the same on every mesh only with JAX's partitionable threefry (the default since JAX
+    0.5): its bits for a row do not depend on how many rows a (padded) batch has, nor on how they are split."""
+    if mesh.shape[DATA] > 1 and not jax.config.jax_threefry_partitionable:
+        log.warning("jax_threefry_partitionable is off: dropout masks of padded batches differ from one device's; "
+                    "set jax.config.update('jax_threefry_partitionable', True)")
+    return mesh
 
 
 def mesh_record(mesh: Mesh | None) -> dict[str, int]:
