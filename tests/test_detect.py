@@ -316,3 +316,29 @@ def test_e2e_addsent(addsent_victim, tmp_path):
     # the default detector uses the spectral score's tail where DUP's alpha = 0.9 mutes it (observed 0.937)
     default = _e2e(addsent_victim, tmp_path / "default")
     assert default["method"] == "fisher" and default["auroc"] > max(0.9, res["auroc"]) and default["frr"] < 0.2
+
+
+@pytest.mark.parametrize("stage", ["train", "detect", "unlearn"])
+def test_stage_configs_reduce_to_settings_without_paths(stage):
+    """Each stage config = the algorithm's settings + files/mesh/output options; `.settings()` has no path, and a
+    malformed `mesh` fails at build time naming the key."""
+    import dataclasses
+
+    from jdup import config as config_lib
+    from jdup import settings as S
+
+    cfg_cls, set_cls = {"train": (S.TrainConfig, S.TrainSettings), "detect": (S.DetectConfig, S.DetectSettings),
+                        "unlearn": (S.UnlearnConfig, S.UnlearnSettings)}[stage]
+    cfg = config_lib.build(cfg_cls, {"model": "m", "data": "d", "out": "o", "mesh": "2x4"}, source="test")
+    settings = cfg.settings()
+    assert type(settings) is set_cls and dataclasses.is_dataclass(settings)
+    names = {f.name for f in dataclasses.fields(settings)}
+    assert not names & {"model", "data", "out", "mesh", "overwrite", "plots", "score_set", "detection"}
+    assert all(getattr(settings, n) == getattr(cfg, n) for n in names)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 1
+    for ok in ("auto", "1", "8", "2x4"):
+        config_lib.build(cfg_cls, {"mesh": ok}, source="test")
+    for bad in ("2x", "x4", "0", "two", "2x4x1"):
+        with pytest.raises(JdupError, match="mesh"):
+            config_lib.build(cfg_cls, {"mesh": bad}, source="test")
