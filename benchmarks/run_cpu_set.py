@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,10 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="HF folder (default: cached MiniLM BadNets victim)")
     ap.add_argument("--out", default=str(C.RESULTS / "cpu.jsonl"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--official-dir", default=None,
+                    help="--only cli: a prepared checkout of the official DUP code, timed beside jdup and the reference "
+                    "(bench_cli.py --official-dir; its --official-*-cmd options through --cli-args)")
+    ap.add_argument("--cli-args", default="", help="--only cli: more bench_cli.py arguments (one shell-quoted string)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per benchmark")
     ap.add_argument("--only", default="forward,detect,parity,memory,unlearn", help="comma-separated subset")
     ap.add_argument(
@@ -88,7 +93,9 @@ def main(argv=None) -> None:
     if "unlearn" in only:
         bench_unlearn.main(common + quick_reps + (["--limit", "128"] if args.quick else []))
     if "cli" in only:
-        bench_cli.main(["--model", model, "--out", str(out)] + (["--parts", "detect"] if args.quick else []))
+        extra = (["--parts", "detect"] if args.quick else []) + shlex.split(args.cli_args)
+        extra += ["--official-dir", args.official_dir] if args.official_dir else []
+        bench_cli.main(["--model", model, "--out", str(out)] + extra)
     print(f"# CPU set done in {time.perf_counter() - t0:.0f} s; results in {out}", file=sys.stderr)
     report.main([str(out)])
 

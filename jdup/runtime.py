@@ -222,3 +222,69 @@ def describe() -> dict:
         out["entries"] = sum(1 for p in files if p.name.endswith("-cache"))
         out["bytes"] = sum(p.stat().st_size for p in files)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# where a call's time goes: process start-up and JAX compilation (what the stage records show per phase)
+
+#: jax.monitoring duration events -> keys of :func:`compile_totals` (``compile_s`` is XLA compilation OR loading
+#: the executable from the persistent cache; ``cache_load_s`` is the loading part alone)
+_COMPILE_DURATIONS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "compile_s",
+    "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load_s",
+}
+_COMPILE_COUNTS = {
+    "/jax/core/compile/backend_compile_duration": "programs",
+    "/jax/compilation_cache/cache_hits": "cache_hits",
+    "/jax/compilation_cache/cache_misses": "cache_misses",
+}
+_compile_totals: dict[str, float] | None = None
+
+
+def compile_totals() -> dict[str, float]:
+    """Running totals of this process's JAX compilation work since the first call (which installs the
+    ``jax.monitoring`` listeners; it imports JAX): ``trace_s``, ``lower_s``, ``compile_s`` (XLA compile or
+    persistent-cache load), ``cache_load_s``, ``programs``, ``cache_hits``, ``cache_misses``. Subtract two
+    snapshots (:func:`compile_since`) for the work of one phase."""
+    global _compile_totals
+    if _compile_totals is None:
+        from jax import monitoring
+
+        totals = dict.fromkeys([*_COMPILE_DURATIONS.values(), *_COMPILE_COUNTS.values()], 0.0)
+
+        def on_duration(event: str, duration: float, **_: object) -> None:
+            if event in _COMPILE_DURATIONS:
+                totals[_COMPILE_DURATIONS[event]] += duration
+            if event in _COMPILE_COUNTS:
+                totals[_COMPILE_COUNTS[event]] += 1
+
+        def on_event(event: str, **_: object) -> None:
+            if event in _COMPILE_COUNTS:
+                totals[_COMPILE_COUNTS[event]] += 1
+
+        monitoring.register_event_duration_secs_listener(on_duration)
+        monitoring.register_event_listener(on_event)
+        _compile_totals = totals
+    return dict(_compile_totals)
+
+
+def compile_since(before: dict[str, float]) -> dict[str, float]:
+    """:func:`compile_totals` now minus the snapshot ``before`` (counts as integers)."""
+    now = compile_totals()
+    return {k: (int(v - before.get(k, 0)) if k in _COMPILE_COUNTS.values() else v - before.get(k, 0.0))
+            for k, v in now.items()}
+
+
+def process_seconds() -> float | None:
+    """Wall seconds since this process started (interpreter start-up and imports included), from
+    ``/proc/self/stat``; None where that is not available."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

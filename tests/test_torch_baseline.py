@@ -214,19 +214,29 @@ def test_bench_cli_runs_both_sides(tiny_folder, tiny_data, tmp_path):
     from benchmarks import bench_cli
 
     out = tmp_path / "cli.jsonl"
+    official = tmp_path / "official"  # a stand-in for a prepared checkout of the official code
+    official.mkdir()
+    (official / "fake.py").write_text("import sys, time; time.sleep(0.2); print(sys.argv[1:])\n")
     recs = bench_cli.main([
         "--model", str(tiny_folder), "--data", str(tiny_data), "--reps", "1", "--inprocess-reps", "0",
         "--epochs", "1", "--workdir", str(tmp_path / "work"), "--out", str(out), "--jax-cache-env",
+        "--official-dir", str(official), "--official-detect-cmd", "{python} fake.py {model} {out}",
+        "--official-unlearn-cmd", "{python} fake.py {data}",
     ])  # fmt: skip
     assert [r["bench"] for r in recs] == ["cli_detect", "cli_unlearn"]
     for r in recs:
-        calls = r["jdup"]["calls"] + r["torch"]["calls"]
+        calls = r["jdup"]["calls"] + r["torch"]["calls"] + r["official"]["calls"]
         assert all(c["rc"] == 0 for c in calls), [c.get("stderr_tail") for c in calls]
+        assert r["summary"]["official_first_s"] >= 0.2
+        for c in r["jdup"]["calls"]:  # each jdup call's phases, from its own record
+            assert c["phases"]["startup"] if r["bench"] == "cli_unlearn" else c["phases"]["seconds_startup"]
         assert r["summary"]["all_calls_ok"] and r["summary"]["jdup_first_s"] > 0
         assert r["peaks"]["jax_gflops"] > 0 and r["peaks"]["torch_gflops"] > 0
         assert r["normalised"]["first"]["speedup_raw"] > 0
         assert r["jdup"]["calls"][0]["cache_entries"] >= 0
     assert recs[1]["targets"]["unlearn_speedup"]["target"] == 2.0
+    assert recs[1]["targets"]["unlearn_speedup"]["against"] == "official"
+    assert recs[0]["targets"]["detect_speedup_repeat"]["target"] == 5.0
     assert len(out.read_text().splitlines()) == 2 and json.loads(out.read_text().splitlines()[0])["machine"]
 
 
