@@ -78,15 +78,16 @@ def evaluate_model(
       target: the attack's target label.
       ra_labels: true labels of ``test_poison`` (:func:`robust_labels`); ``None``: no RA.
       batch_size, progress: of the forward passes; ``tag`` names them in progress bars.
-      mesh: the device mesh (``jdup.mesh``); ``None`` = the default device.
+      mesh: the device mesh (:mod:`jdup.mesh`; rows split over its ``data`` axis); ``None`` = the default device.
+        The numbers do not depend on it.
     """
-    del mesh  # one device until jdup.mesh shards the forward passes (the logits do not depend on it)
     prefix = f"eval {tag}: " if tag else "eval "
-    pc = predict_lib.predict(model, test_clean, batch_size, progress=progress, desc=prefix + "test-clean")
+    pc = predict_lib.predict(model, test_clean, batch_size, progress=progress, desc=prefix + "test-clean", mesh=mesh)
     cacc = metrics_lib.accuracy(pc.argmax(-1), test_clean.labels)
     if test_poison is None or target is None:
         return Evaluation(cacc)
-    pp = predict_lib.predict(model, test_poison, batch_size, progress=progress, desc=prefix + "test-poison")
+    pp = predict_lib.predict(model, test_poison, batch_size, progress=progress, desc=prefix + "test-poison",
+                             mesh=mesh)
     pred = pp.argmax(-1)
     asr = metrics_lib.attack_success_rate(pred, target)
     ra = metrics_lib.accuracy(pred, ra_labels) if ra_labels is not None else None
