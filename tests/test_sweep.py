@@ -29,7 +29,7 @@ import pytest
 
 from jdup import sweep as S
 from jdup.errors import JdupError
-from jdup.unlearn.loop import stack_batches
+from jdup.unlearn.cells import stack_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

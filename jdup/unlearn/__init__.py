@@ -8,7 +8,9 @@
   :class:`OptimizerSpec` (static) and :class:`StepHParams` (traced learning rate and loss weights);
 * :mod:`~jdup.unlearn.monitors`: the stop rules and :func:`prepare_sets` (forget/holdout/retain from the flags);
 * :mod:`~jdup.unlearn.loop`: :func:`unlearn` (one run) and :func:`run_cells` (K runs, the sweep), both the one
-  loop over a :class:`LoopState`; :class:`StepInfo`, :class:`UnlearnResult`.
+  loop; :class:`StepInfo`, :class:`UnlearnResult`;
+* :mod:`~jdup.unlearn.cells`: the loop's device state :class:`LoopState` and the pure pieces it vmaps over K
+  cells (one step, the kept state, the final state), the batch stacking and :class:`Placement`.
 
 Files (model, data folder, detection, metrics, the exported model) belong to the ``jdup unlearn`` stage,
 :mod:`jdup.stages.unlearn` (``UnlearnConfig``, ``run_unlearn``); this package reads and writes none, except the
@@ -24,12 +26,10 @@ from jdup.data.batching import (
     forget_batches_per_epoch,
     with_pad_multiple,
 )
+from jdup.unlearn.cells import CellParams, LoopState, Placement
 from jdup.unlearn.config import EARLY_STOP, UnlearnSettings
 from jdup.unlearn.loop import (
     Cell,
-    CellParams,
-    LoopState,
-    Placement,
     StepInfo,
     UnlearnResult,
     make_cell,

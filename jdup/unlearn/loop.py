@@ -1,37 +1,28 @@
 """The unlearning loop, written once for K runs ("cells"): ``jdup unlearn`` runs it with K = 1, a sweep group
 with K > 1 (:mod:`jdup.sweep.vmapped`).
 
-The device part is pure functions over a :class:`LoopState` whose leaves carry a leading cell axis ``[K, ...]``:
-
-* :func:`cell_step` — one optimizer step of one cell (:func:`jdup.unlearn.train_step` with the cell's dropout key
-  :func:`~jdup.unlearn.step_key` and :class:`~jdup.unlearn.StepHParams`); :func:`cells_step` runs it over K cells
-  (``jax.jit(jax.vmap(cell_step))``; for K = 1 the same function on the one cell, without ``vmap``);
-* :func:`keep_best` — the kept ("best") state: the current state of the cells whose evaluation beat their best;
-* :func:`final_state` — what a run returns: the kept state with a stop rule, else the last state.
-
-The host part, :func:`run_cells`, is the same Python for every K: the batches of each cell (its own
+:func:`run_cells` is the host part, the same Python for every K: the batches of each cell (its own
 :class:`jdup.data.BatchPlan`), when to evaluate (every ``eval_every_steps``, 0: each epoch, and at the end), the
-stop rule's decision per cell (:func:`judge`: the lowest ``score`` among ``ok`` evaluations is kept; a cell stops
-once an evaluation says ``stop`` before the last step), the history and the per-step log, the ``on_step`` hooks
-(the UPGP projection's basis refresh), checkpoints and the final state. A stopped cell is no longer evaluated;
+stop rule's decision per cell (:func:`jdup.unlearn.cells.judge`: the lowest ``score`` among ``ok`` evaluations is
+kept; a cell stops once an evaluation after a step says ``stop`` before the last step), the history and the
+per-step log, the ``on_step`` hooks (the UPGP projection's basis refresh), checkpoints and the final state. Its
+device part is the pure functions of :mod:`jdup.unlearn.cells` over a :class:`~jdup.unlearn.cells.LoopState`
+(one step of every cell, ``jax.vmap``-ed; the kept state; the final state). A stopped cell is no longer evaluated;
 the loop ends when every cell stopped or the last step ran. :func:`unlearn` is one cell of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import shutil
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jdup import data as D
 from jdup import distributed
@@ -42,9 +33,27 @@ from jdup import projection as projection_lib
 from jdup.errors import JdupError
 from jdup.predict import MODEL_INPUTS
 from jdup.settings import UnlearnSettings
+from jdup.unlearn.cells import (
+    CellParams,
+    LoopState,
+    Placement,
+    Tally,
+    cell_of,
+    cells_step,
+    final_state,
+    judge,
+    keep_best_cells,
+    pad_inputs,
+    place,
+    place_student,
+    set_cell,
+    stack_batches,
+    stack_cells,
+    to_host,
+)
 from jdup.unlearn.loss import LossSettings, joint_batch
-from jdup.unlearn.monitors import Evaluation, Monitor, infer_target
-from jdup.unlearn.step import OptimizerSpec, step_hparams, step_key, train_step
+from jdup.unlearn.monitors import Monitor, infer_target
+from jdup.unlearn.step import OptimizerSpec, step_hparams
 from jdup.unlearn.student import Student, build_student
 
 log = logging.getLogger("jdup.unlearn")
@@ -116,234 +125,6 @@ class Cell(NamedTuple):
     projection: optax.GradientTransformation | None = None
     retain_projection: optax.GradientTransformation | None = None
     on_step: Callable[[StepInfo], dict | None] | None = None
-
-
-class CellParams(NamedTuple):
-    """The traced per-cell numbers of a step (leading cell axis ``[K]``)."""
-
-    seed: Any  # int32: the cell's seed (dropout key step_key(seed, t))
-    hp: Any  # jdup.unlearn.StepHParams: peak learning rate and loss weights
-
-
-class LoopState(NamedTuple):
-    """The device state of K runs; every leaf has a leading cell axis ``[K, ...]``.
-
-    Attributes:
-      trainable: current trainable state (adapters + head).
-      opt_state: optimizer state (with the projection bases of a projected run).
-      best: the kept trainable state (the starting state until an evaluation beats it).
-    """
-
-    trainable: Any
-    opt_state: Any
-    best: Any
-
-
-class Placement(NamedTuple):
-    """Where the loop puts its arrays (``None`` everywhere: JAX's default device).
-
-    Attributes:
-      cells: sharding of per-cell leaves (leading cell axis), e.g. over a sweep's ``sweep`` mesh axis.
-      rows: sharding of the batch's model inputs ``[K, B, S]`` (e.g. rows over ``data``); ``None``: as ``cells``.
-      replicated: sharding of the frozen weights.
-      mesh: the :mod:`jdup.mesh` mesh of one run (:func:`unlearn` with ``mesh=``): the frozen weights keep the
-        layout :func:`jdup.mesh.put_state` gives them, the model inputs of each step are padded to a multiple of
-        its ``data`` axis (copies of a row at the end, which the loss never reads), and evaluations run on it.
-    """
-
-    cells: Any = None
-    rows: Any = None
-    replicated: Any = None
-    mesh: Any = None
-
-    @classmethod
-    def of_mesh(cls, mesh: Any) -> Placement:
-        """One run on a ``("data", "model")`` mesh: per-cell state whole on every device, rows over ``data``."""
-        return cls(cells=mesh_lib.replicated(mesh), rows=NamedSharding(mesh, PartitionSpec(None, mesh_lib.DATA)),
-                   mesh=mesh)  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pure pieces (one cell; vmapped over K)
-
-
-def cell_step(
-    graphdef, spec: OptimizerSpec, settings: LossSettings, state: LoopState, frozen, batch, params, t
-):
-    """One optimizer step of one cell ``-> (state, metrics)`` (:func:`jdup.unlearn.train_step`)."""
-    trainable, opt_state, metrics = train_step(
-        graphdef,
-        spec,
-        settings,
-        state.trainable,
-        frozen,
-        state.opt_state,
-        batch,
-        step_key(params.seed, t),
-        params.hp,
-    )
-    return state._replace(trainable=trainable, opt_state=opt_state), metrics
-
-
-@functools.lru_cache(maxsize=16)
-def cells_step(graphdef, spec: OptimizerSpec, settings: LossSettings, k: int) -> Callable:
-    """``(state[K], frozen, batch[K], params[K], t) -> (state[K], metrics[K])``: :func:`cell_step` over K
-    cells, jitted. K > 1: ``jax.vmap``; K = 1: the one cell's step on the unstacked arrays (the program
-    ``jdup unlearn`` has always compiled)."""
-
-    def one(state, frozen, batch, params, t):
-        return cell_step(graphdef, spec, settings, state, frozen, batch, params, t)
-
-    if k > 1:
-        return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0, None)))
-
-    def single(state, frozen, batch, params, t):
-        def first(tree):
-            return jax.tree.map(lambda x: x[0], tree)
-
-        out = one(first(state), frozen, first(batch), first(params), t)
-        return jax.tree.map(lambda x: x[None], out)
-
-    return jax.jit(single)
-
-
-def keep_best(state: LoopState, better) -> LoopState:
-    """The kept state becomes the current one where ``better`` (one cell; vmapped by :data:`keep_best_cells`)."""
-    return state._replace(
-        best=jax.tree.map(lambda new, old: jnp.where(better, new, old), state.trainable, state.best)
-    )
-
-
-keep_best_cells = jax.jit(jax.vmap(keep_best))
-
-
-def final_state(state: LoopState, monitored: bool) -> Any:
-    """What a run returns: the kept state when a stop rule evaluated it, else the last state."""
-    return state.best if monitored else state.trainable
-
-
-class Tally(NamedTuple):
-    """The host side of the stop rule for K cells (NumPy ``[K]``; float64 scores, compared as the monitor gave
-    them)."""
-
-    best_score: np.ndarray  # lowest score of an ok evaluation (inf: none yet)
-    best_step: np.ndarray  # its step (0: the starting state)
-    stopped: np.ndarray  # the stop rule fired
-    steps: np.ndarray  # steps taken (frozen at the stop)
-
-    @classmethod
-    def start(cls, k: int) -> Tally:
-        return cls(np.full(k, np.inf), np.zeros(k, np.int64), np.zeros(k, bool), np.zeros(k, np.int64))
-
-
-def judge(tally: Tally, i: int, ev: Evaluation, at_step: int, total: int) -> bool:
-    """Records cell ``i``'s evaluation at ``at_step`` in ``tally`` (in place); True when its state is the new
-    kept state (``ok`` and a lower score than the kept one). The cell stops when ``ev.stop`` after a step and
-    before the last one (the evaluation of the starting state never stops a run)."""
-    better = bool(ev.ok) and float(ev.score) < tally.best_score[i]
-    if better:
-        tally.best_score[i], tally.best_step[i] = float(ev.score), at_step
-    if ev.stop and 0 < at_step < total:
-        tally.stopped[i] = True
-    return better
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batches of K cells
-
-
-def _pad_cols(x: np.ndarray, s: int, fill: int) -> np.ndarray:
-    return x if x.shape[1] == s else np.pad(x, ((0, 0), (0, s - x.shape[1])), constant_values=fill)
-
-
-def stack_batches(batches: list[dict], pad_id: int) -> tuple[dict, list[bool]]:
-    """Stacks the K cells' library batches on a new leading axis; model inputs of different lengths are padded
-    to the longest (``pad_id`` / mask 0). Returns ``(batch, padded)`` with ``padded[i]`` True when cell ``i``'s
-    batch was lengthened."""
-    padded = [False] * len(batches)
-
-    def stack(parts: list[dict]) -> dict:
-        out = {}
-        for key, first in parts[0].items():
-            if isinstance(first, dict):
-                out[key] = stack([p[key] for p in parts])
-            elif key in MODEL_INPUTS:
-                s = max(p[key].shape[1] for p in parts)
-                for i, p in enumerate(parts):
-                    padded[i] |= p[key].shape[1] < s
-                fill = pad_id if key == "input_ids" else 0
-                out[key] = np.stack([_pad_cols(p[key], s, fill) for p in parts])
-            else:
-                out[key] = np.stack([p[key] for p in parts])
-        return out
-
-    return stack(batches), padded
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Host helpers
-
-
-def _to_host(x: Any) -> np.ndarray:
-    """A (possibly multi-host sharded) array as NumPy on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def _one_device(x: Any) -> bool:
-    return isinstance(x, jax.Array) and len(x.sharding.device_set) == 1
-
-
-def cell_of(tree: Any, i: int) -> Any:
-    """Cell ``i`` of a stacked tree, on the default device."""
-    return jax.tree.map(lambda x: x[i] if _one_device(x) else jnp.asarray(_to_host(x)[i]), tree)
-
-
-def _put(tree: Any, sharding: Any) -> Any:
-    return mesh_lib.put(tree, sharding)  # host values to global arrays on any number of processes
-
-
-def pad_inputs(part: dict, multiple: int) -> dict:
-    """A :func:`~jdup.unlearn.joint_batch` whose model inputs have a multiple of ``multiple`` rows (to split them
-    over a mesh's ``data`` axis): copies of their first row appended at the end, which the loss never reads (it
-    takes the first rows of each stream), so the real rows keep their positions and dropout masks."""
-    out = dict(part)
-    if "forget_inputs" in part:
-        for name in ("forget_inputs", "retain_inputs"):
-            out[name] = mesh_lib.pad_rows(part[name], multiple)[0]
-    else:
-        out.update(mesh_lib.pad_rows({k: part[k] for k in MODEL_INPUTS}, multiple)[0])
-    return out
-
-
-def place_student(student: Student, mesh: Any) -> Student:
-    """``student`` with its trainable and frozen state on ``mesh`` (:func:`jdup.mesh.put_state`; arrays already
-    spread over the mesh stay as they are), written into its model too (so the merge at the end runs there)."""
-    trainable, frozen = mesh_lib.put_state((student.trainable, student.frozen), mesh, keep=True)
-    nnx.update(student.model, trainable, frozen)
-    return student._replace(trainable=trainable, frozen=frozen)
-
-
-def _set_cell(stacked: Any, i: int, tree: Any, sharding: Any) -> Any:
-    """``stacked`` with cell ``i`` replaced by ``tree``."""
-    if sharding is None:
-        return jax.tree.map(lambda s, x: s.at[i].set(jnp.asarray(x, s.dtype)), stacked, tree)
-
-    def put(s, x):
-        h = _to_host(s).copy()
-        h[i] = np.asarray(x)
-        return _put(h, sharding)
-
-    return jax.tree.map(put, stacked, tree)
-
-
-def _stack(trees: Sequence[Any], sharding: Any) -> Any:
-    if len(trees) == 1 and sharding is None:
-        return jax.tree.map(lambda x: jnp.asarray(x)[None], trees[0])
-    return _put(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees), sharding)
 
 
 def settings_fingerprint(cell: Cell) -> dict:
@@ -461,7 +242,7 @@ def run_cells(
 
     from jdup.checkpoint import Checkpointer, fingerprint
 
-    place = placement or Placement()
+    where = placement or Placement()
     check_group(cells)
     k_real, c0 = len(cells), cells[0]
     cfg0 = c0.settings
@@ -496,10 +277,10 @@ def run_cells(
     if ckpt_dir and cfg0.ckpt_every_steps > 0:
         ck = Checkpointer(ckpt_dir, max_to_keep=1)
         if cfg0.resume and ck.latest_step() is not None:
-            tr0 = _stack([starts[i] for i in idx], place.cells)
+            tr0 = stack_cells([starts[i] for i in idx], where.cells)
             template = {
                 "trainable": tr0,
-                "opt": _stack([specs[i].init(starts[i]) for i in idx], place.cells),
+                "opt": stack_cells([specs[i].init(starts[i]) for i in idx], where.cells),
                 "best": tr0,
             }
             try:
@@ -533,25 +314,27 @@ def run_cells(
             if step == 0:
                 starts[i] = prepared
     if state is None:
-        trainable = _stack([starts[i] for i in idx], place.cells)
-        opt_state = _stack([specs[i].init(starts[i]) for i in idx], place.cells)
+        trainable = stack_cells([starts[i] for i in idx], where.cells)
+        opt_state = stack_cells([specs[i].init(starts[i]) for i in idx], where.cells)
         state = LoopState(trainable, opt_state, trainable)
-    if place.mesh is not None:  # the frozen weights by the mesh's rules (a model axis splits them)
-        frozen = mesh_lib.put_state(c0.student.frozen, place.mesh, keep=True)
+    if where.mesh is not None:  # the frozen weights by the mesh's rules (a model axis splits them)
+        frozen = mesh_lib.put_state(c0.student.frozen, where.mesh, keep=True)
     else:
-        frozen = _put(c0.student.frozen, place.replicated)
-    take = cell_of if place.mesh is None else (lambda tree, i: jax.tree.map(lambda x: x[i], tree))  # stay on it
-    rows_multiple = mesh_lib.data_size(place.mesh)
+        frozen = place(c0.student.frozen, where.replicated)
+    take = (
+        cell_of if where.mesh is None else (lambda tree, i: jax.tree.map(lambda x: x[i], tree))
+    )  # stay on it
+    rows_multiple = mesh_lib.data_size(where.mesh)
     params = CellParams(
-        _put(np.asarray([cells[i].settings.seed for i in idx], np.int32), place.cells),
-        _put(
+        place(np.asarray([cells[i].settings.seed for i in idx], np.int32), where.cells),
+        place(
             step_hparams(
                 *(
                     np.asarray([getattr(cells[i].settings, n) for i in idx])
                     for n in ("lr", "lambda_asr", "lambda_acc")
                 )
             ),
-            place.cells,
+            where.cells,
         ),
     )
     step_fn = cells_step(graphdef, spec, settings, k)
@@ -568,14 +351,14 @@ def run_cells(
             tr_i = take(state.trainable, i)
             ev = c.monitor(
                 lambda enc, tr_i=tr_i, c=c: predict_lib.predict_states(
-                    graphdef, (tr_i, c.student.frozen), enc, c.settings.eval_batch_size, mesh=place.mesh
+                    graphdef, (tr_i, c.student.frozen), enc, c.settings.eval_batch_size, mesh=where.mesh
                 )
             )
             histories[i].append({**ev._asdict(), "step": at_step})
             better[i] = judge(tally, i, ev, at_step, total)
             log.info("unlearn eval @%d%s: %s", at_step, f" cell {i}" if k_real > 1 else "", ev)
         if better.any():
-            state = keep_best_cells(state, _put(better, place.cells))
+            state = keep_best_cells(state, place(better, where.cells))
 
     if monitored and step == 0 and not histories[0]:
         evaluate(0)
@@ -586,7 +369,7 @@ def run_cells(
 
     def flush() -> None:
         for t, m in pending:
-            host = {n: _to_host(v) for n, v in m.items()}
+            host = {n: to_host(v) for n, v in m.items()}
             for i in range(k_real):
                 if t < tally.steps[i]:
                     logs[i].append(
@@ -619,8 +402,12 @@ def run_cells(
             for i in range(k_real):
                 padded_steps[i] += int(padded[i] and not tally.stopped[i])
             batch = {
-                n: _put(v, place.rows if n in (*MODEL_INPUTS, "forget_inputs", "retain_inputs")
-                        and place.rows is not None else place.cells)
+                n: place(
+                    v,
+                    where.rows
+                    if n in (*MODEL_INPUTS, "forget_inputs", "retain_inputs") and where.rows is not None
+                    else where.cells,
+                )
                 for n, v in batch.items()
             }
             state, m = step_fn(state, frozen, batch, params, step)
@@ -645,7 +432,7 @@ def run_cells(
                     if extra and "opt_state" in extra:
                         extra = dict(extra)
                         state = state._replace(
-                            opt_state=_set_cell(state.opt_state, i, extra.pop("opt_state"), place.cells)
+                            opt_state=set_cell(state.opt_state, i, extra.pop("opt_state"), where.cells)
                         )
                     if extra:
                         logs[i][-1].update({n: _plain(v) for n, v in extra.items()})
