@@ -565,6 +565,38 @@ def _victim_sweep(synthetic_dup, tiny_model_dir) -> dict:
     }
 
 
+def test_two_processes_run_process_0s_to_do_list_and_fail_together(tmp_path):
+    """Hosts with their own disks: process 0's results.jsonl has every cell finished, process 1's folder is empty
+    (different --out per process stands for per-host disks). Process 1 runs process 0's to-do list (nothing), so
+    both exit 0 at once and nothing is written on process 1's side (it never writes). Then a sweep whose cells
+    fail: both processes exit 2."""
+    import yaml
+
+    from tests.test_multiprocess import Job, child_env
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    done, empty = tmp_path / "host0", tmp_path / "host1"
+    store = S.ResultsStore(done)
+    for c in S.expand(TINY):
+        store.append({"id": c.id, "status": "ok", "metrics": {}})
+    before = (done / "results.jsonl").read_text()
+    per = {0: ["--out", str(done)], 1: ["--out", str(empty)]}
+    results = Job(2, ["sweep", path], tmp_path, per_process=per, env=child_env(tmp_path)).wait(timeout=300)
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert (done / "results.jsonl").read_text() == before
+    assert not (empty / "results.jsonl").exists() or not (empty / "results.jsonl").read_text()
+
+    bad = json.loads(json.dumps(TINY))
+    bad["axes"] = {"data.dir": [str(tmp_path / "missing")]}
+    bad["fixed"]["data"] = {"source": "dup"}
+    path.write_text(yaml.safe_dump(bad))
+    results = Job(2, ["sweep", path, "--out", tmp_path / "bad"], tmp_path, env=child_env(tmp_path)).wait(timeout=300)
+    assert [rc for rc, _ in results] == [2, 2], results
+    (rec,) = S.read_results(tmp_path / "bad")  # written once
+    assert rec["status"] == "error" and rec["process_count"] == 2
+
+
 @pytest.mark.slow
 def test_sweep_training_its_victim_on_two_processes_equals_one_process(tmp_path, synthetic_dup, tiny_model_dir):
     """The same sweep (victim trained first, then two cells vmapped) by one process and by two local processes
