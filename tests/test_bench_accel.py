@@ -76,7 +76,7 @@ def test_rows_and_markdown_without_results():
 
 @pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path):
-    """``run_accel_set.py --dry-run``: every section of both workers runs on the CPU and every row is complete."""
+    """``run_accel_set.py --dry-run``: every section of the workers runs on the CPU and every row is complete."""
     torch_ok = all(
         __import__("importlib").util.find_spec(m) is not None
         for m in ("torch", "transformers", "peft", "sklearn")
@@ -94,7 +94,7 @@ def test_dry_run_end_to_end(tmp_path):
         by.setdefault(r["bench"], []).append(r)
     assert set(by) == {
         "accel_peaks", "accel_encoder_forward", "accel_decoder_forward", "accel_detect", "accel_unlearn_step",
-        "accel_sweep",
+        "accel_sweep", "accel_mesh_detect", "accel_mesh_unlearn_step", "accel_mesh_decoder_forward",
     }  # fmt: skip
     for r in rows:  # every line: machine, versions, both peaks, precision pin
         assert r["machine"]["cpu"] and r["machine"]["cores"] >= 1 and r["versions"]["jax"]
@@ -126,5 +126,18 @@ def test_dry_run_end_to_end(tmp_path):
         assert u[side]["step_s"] > 0 and u[side]["steps"] == A.DRY.unlearn_steps
     assert sorted(r["k"] for r in by["accel_sweep"]) == list(A.DRY.sweep_ks)
     assert all(r["per_cell_s"] > 0 for r in by["accel_sweep"])
+    # the multi-device rows: their own worker on 4 simulated CPU devices
+    for name in ("accel_mesh_detect", "accel_mesh_unlearn_step"):
+        assert {r["spec"]: r["mesh"] for r in by[name]} == {"1": {"data": 1, "model": 1}, "auto": {"data": 4, "model": 1}}
+        for r in by[name]:
+            assert r["error"] is None, r["error"]
+            assert r["devices"] == 4 and r["speedup_vs_mesh_1"] > 0
+    assert all(r["rows_per_s"] > 0 and r["rows_scored"] == A.DRY.scored_rows for r in by["accel_mesh_detect"])
+    assert all(r["step_s"] > 0 and r["steps"] == A.DRY.unlearn_steps for r in by["accel_mesh_unlearn_step"])
+    (dec,) = by["accel_mesh_decoder_forward"]
+    assert dec["error"] is None and dec["mesh"] == {"data": 2, "model": 2} and dec["batch_s"] > 0
+    hidden = dec["q_proj_shard_shape"][0]
+    assert dec["q_proj_shard_shape"] == [hidden, hidden // 2]  # q_proj [in, out@model]: split over model = 2
     md = out.with_suffix(".md").read_text()
     assert "DRY RUN" in md and "vmapped sweep" in md and "Not measured" not in md
+    assert "DUP detection on mesh auto (4x1)" in md and "on mesh 2x2" in md
