@@ -146,6 +146,7 @@ def test_plots_after_the_timing_and_opt_in_for_unlearning(tmp_path, tiny_model_d
 # `jdup unlearn` reads its data once: detection in memory on the splits it read, flags kept in memory
 
 
+@pytest.mark.slow
 def test_unlearn_reads_the_splits_once_and_detects_in_memory(tmp_path, tiny_model_dir, sets, monkeypatch):
     import json
 
