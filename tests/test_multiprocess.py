@@ -44,6 +44,19 @@ def child_env(tmp: Path, **extra: str) -> dict:
     return env
 
 
+def launch(cmd: list, env: dict, log: Path) -> subprocess.Popen:
+    """A child whose output goes to files (pipes could fill while the test waits for another process)."""
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+    p.log = log
+    return p
+
+
+def finish(p: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    rc = p.wait(timeout=timeout)
+    return rc, Path(f"{p.log}.err").read_text()
+
+
 class Job:
     """``n`` jdup processes of one job, started together; :meth:`wait` returns ``[(rc, stderr), ...]``."""
 
@@ -55,16 +68,14 @@ class Job:
             extra = list((per_process or {}).get(i, ()))
             cmd = [sys.executable, "-m", "jdup", "--log-level", log_level, "--coordinator", f"localhost:{port}",
                    "--num-processes", str(n), "--process-id", str(i), *map(os.fspath, args), *extra]
-            self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env or child_env(tmp), stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE, text=True))
+            self.procs.append(launch(cmd, env or child_env(tmp), tmp / f"job{port}-{i}"))
 
     def wait(self, timeout: float = 600) -> list[tuple[int, str]]:
         deadline = time.time() + timeout
         out = []
         try:
             for p in self.procs:
-                _, err = p.communicate(timeout=max(1.0, deadline - time.time()))
-                out.append((p.returncode, err))
+                out.append(finish(p, max(1.0, deadline - time.time())))
         finally:
             self.kill()
         return out
@@ -73,7 +84,7 @@ class Job:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+                p.wait()
 
 
 def last_line(err: str) -> str:
@@ -153,6 +164,39 @@ def test_several_processes_write_the_output_once_and_leave_nothing(n, tmp_path, 
     assert m["key"] == json.loads((tmp_path / "one" / "manifest.json").read_text())["key"]
     assert leftovers(tmp_path) == []
     assert list((tmp_path / "tmp").iterdir()) == []  # process 1's scratch folder is gone
+
+
+@pytest.mark.slow
+def test_distributed_keeps_jax_auto_detection(tmp_path, synthetic_jsonl):
+    """``--distributed`` alone joins through JAX's cluster detection (here a SLURM job step faked on one machine:
+    JAX derives the coordinator port from the job id)."""
+    rng = np.random.default_rng()
+    for _ in range(100):  # JAX's SLURM port range: 61440 + job id % 4096
+        job_id = int(rng.integers(0, 2**12))
+        port = job_id + 65535 - 2**12 + 1
+        with socket.socket() as probe:
+            try:
+                probe.bind(("localhost", port))
+                break
+            except OSError:
+                continue
+    args = ["poison", "--clean", synthetic_jsonl, "--attack", "badnets", "--out", tmp_path / "out"]
+    procs = []
+    try:
+        for i in range(2):
+            env = child_env(tmp_path, SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                            SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
+            procs.append(launch([sys.executable, "-m", "jdup", "--log-level", "info", "--distributed",
+                                 *map(os.fspath, args)], env, tmp_path / f"slurm-{i}"))
+        results = [finish(p, 300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert "jax.distributed: process 1 of 2" in results[1][1], results[1][1]
+    assert (tmp_path / "out" / "manifest.json").is_file() and leftovers(tmp_path) == []
 
 
 def test_one_failing_process_stops_both_with_one_line_each(tmp_path, synthetic_jsonl):
