@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdup import aot
 from jdup import mesh as mesh_lib
 from jdup import predict as predict_lib
 from jdup.models.common import CLS_TRIM_ARCHS, Output
@@ -216,7 +217,10 @@ def _forward_fn(graphdef, arch: str, how: str, call_kw: tuple) -> Callable:
         feats = pooled_features(out, mask, arch, how)
         return feats, out.logits.astype(jnp.float32), jnp.sum(mask != 0, axis=-1).astype(jnp.int32)
 
-    return jax.jit(fwd)
+    # executables kept across processes (a repeated `jdup detect` neither traces nor lowers the forward again)
+    return aot.keep_compiled(
+        jax.jit(fwd), lambda: f"features.forward {aot.stable_repr(graphdef)} {arch} {how} {call_kw}"
+    )
 
 
 def _cached(key: Hashable, make: Callable[[], Callable]) -> Callable:

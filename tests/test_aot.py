@@ -1,0 +1,79 @@
+"""jdup.aot: executables of the feature forward kept across processes, with bit-identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from jdup import runtime
+    runtime.setup(cache_dir=sys.argv[2])
+    from jdup import features, models
+    model = models.from_pretrained(sys.argv[1])
+    fn, state = features.make_batch_fn(model, pooling="cls")
+    rng = np.random.default_rng(0)
+    before = runtime.compile_totals()
+    outs = []
+    for length in (16, 24, 16):  # two shapes, one of them twice
+        ids = rng.integers(5, 1000, (4, length)).astype(np.int32)
+        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        outs.append(np.asarray(fn(state, batch, None)["features"]).tolist())
+    from jdup import data, predict
+    ds = data.TextDataset(["a fine movie", "awful , really bad acting and a plot that goes nowhere"] * 3, [0, 1] * 3,
+                          [0, 0] * 3, "t")
+    enc = data.encode(models.load_tokenizer(sys.argv[1]), ds, 64, config=model.config)
+    outs.append(predict.predict(model, enc, 4).tolist())  # the evaluation / teacher forward
+    print(json.dumps({"outs": outs, "compile": runtime.compile_since(before)}))
+    """
+)
+
+
+def _child(model: Path, cache: Path, keep: bool = True) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JDUP_COMPILATION_CACHE", "JDUP_KEEP"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    if not keep:
+        env["JDUP_KEEP_EXECUTABLES"] = "0"
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(cache)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_loads_the_forward_without_tracing_it(tiny_model_dir, tmp_path):
+    cache = tmp_path / "xla"
+    first = _child(tiny_model_dir, cache)
+    files = sorted((cache / "aot").glob("*.exe"))
+    assert len(files) == 3  # one executable per input shape of the feature forward, one of the logits forward
+    second = _child(tiny_model_dir, cache)
+    plain = _child(tiny_model_dir, tmp_path / "other", keep=False)
+    assert not (tmp_path / "other" / "aot").exists()
+    for got in (second, plain):  # the same binary or a fresh compilation: identical numbers
+        for a, b in zip(first["outs"], got["outs"], strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the loaded forward is neither traced nor lowered again: fewer programs compiled or looked up
+    assert second["compile"]["programs"] <= first["compile"]["programs"] - 3
+    assert second["compile"]["trace_s"] < first["compile"]["trace_s"]
+
+
+@pytest.mark.slow
+def test_a_damaged_file_is_replaced(tiny_model_dir, tmp_path):
+    cache = tmp_path / "xla"
+    first = _child(tiny_model_dir, cache)
+    for f in (cache / "aot").glob("*.exe"):
+        f.write_bytes(b"not an executable")
+    again = _child(tiny_model_dir, cache)
+    for a, b in zip(first["outs"], again["outs"], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(f.stat().st_size > 100 for f in (cache / "aot").glob("*.exe"))
