@@ -143,8 +143,7 @@ def worker_jdup(args) -> dict:
     from flax import nnx
 
     from jdup import data as D
-    from jdup import models
-    from jdup import predict
+    from jdup import models, predict
     from jdup import unlearn as U
 
     C.JaxCompileClock.install()
