@@ -126,7 +126,14 @@ def _load_or_compile(jitted: Callable, key: Callable[[], str], name: list[str], 
             return exe
         except Exception as e:  # truncated, stale or foreign file: compile and replace it
             log.debug("aot: ignoring %s (%s)", path, e)
+    from jdup import runtime
+
+    before = runtime.compile_totals()
     exe = jitted.lower(*args).compile()
+    if runtime.compile_since(before)["cache_hits"]:
+        # loaded from the compilation cache: XLA:CPU does not serialise such an executable completely (a later
+        # process fails with "Function ... not found" when it runs it), so only fresh compilations are kept
+        return exe
     try:
         from jdup import atomic
 
