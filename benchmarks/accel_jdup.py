@@ -25,10 +25,8 @@ PRECISION = {"float32": "highest", "bfloat16": "default"}
 
 
 def _models():
-    from jdup import models as M
+    from jdup import models as M  # importing jdup.models registers every family
 
-    if hasattr(M, "import_families"):
-        M.import_families()
     return M
 
 
@@ -229,7 +227,7 @@ def section_detect(ctx: dict) -> dict:
         "first_call_s": first,
         "rows_scored": len(scored),
         "rows_calib": len(calib),
-        "auroc": float(res.metrics.get("auroc", float("nan"))) if hasattr(res, "metrics") else None,
+        "auroc": float(res.metrics.get("auroc", float("nan"))),
         "batch_size": cfg.batch_size,
         "jax_default_matmul_precision": PRECISION["float32"],
         "tokens_real": sum(A.token_lengths(calib)) + sum(A.token_lengths(scored)),
