@@ -312,7 +312,7 @@ def section_sweep(ctx: dict) -> dict:
             res, info = vmapped.unlearn_group(model, runs)
             t = time.perf_counter() - t0
             out["k"][str(k)] = {"group_s": t, "per_cell_s": t / k, "first_group_s": first, "steps": res[0].steps,
-                                "mesh_sweep": info.get("mesh_sweep"), "padded_k": info.get("padded_k")}  # fmt: skip
+                                "mesh_sweep": info.mesh_sweep, "padded_k": info.padded_k}  # fmt: skip
     out["devices"] = jax.device_count()
     return out
 

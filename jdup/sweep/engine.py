@@ -511,10 +511,10 @@ class Engine:
                     "train_seconds": t_train,
                     "eval_seconds": time.perf_counter() - t2,
                     "vmapped_cells": len(part),
-                    "mesh_sweep": info["mesh_sweep"],
-                    "mesh_data": info["mesh_data"],
-                    "padded_k": info["padded_k"],
-                    "padded_steps": info["padded_steps"][j],
+                    "mesh_sweep": info.mesh_sweep,
+                    "mesh_data": info.mesh_data,
+                    "padded_k": info.padded_k,
+                    "padded_steps": info.padded_steps[j],
                 }
                 out[i] = ({**common[i], **after, **R.unlearn_metrics(res, runs[i])}, timing)
         return out

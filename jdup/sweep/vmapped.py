@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -47,6 +47,15 @@ class CellRun:
 
     cfg: Any  # jdup.stages.unlearn.UnlearnConfig (or UnlearnSettings)
     sets: Any  # jdup.unlearn.UnlearnSets: forget, holdout, retain, teacher, target, monitor
+
+
+class GroupInfo(NamedTuple):
+    """How :func:`unlearn_group` ran a group (recorded in each cell's timing)."""
+
+    mesh_sweep: int  # devices on the ``sweep`` mesh axis
+    mesh_data: int  # devices on the ``data`` mesh axis
+    padded_k: int  # cells computed (the group padded to a multiple of ``mesh_sweep``)
+    padded_steps: list[int]  # per cell: steps whose batch was padded to another cell's longer length
 
 
 def compatible(runs: list[CellRun]) -> list[list[int]]:
@@ -101,10 +110,9 @@ def unlearn_group(
     mesh_sweep: int = 0,
     mesh_data: int = 1,
     progress: bool = False,
-) -> tuple[list[Any], dict]:
+) -> tuple[list[Any], GroupInfo]:
     """Unlearns every cell of a group with :func:`jdup.unlearn.run_cells`; returns one
-    :class:`jdup.unlearn.UnlearnResult` per cell and run info (``mesh_sweep``, ``mesh_data``, ``padded_k``,
-    ``padded_steps`` per cell)."""
+    :class:`jdup.unlearn.UnlearnResult` per cell and the :class:`GroupInfo`."""
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -143,10 +151,4 @@ def unlearn_group(
             replicated=NamedSharding(mesh, P()),
         )
     results = U.run_cells(cells, placement=placement, pad_cells=k - k_real, progress=progress)
-    info = {
-        "mesh_sweep": n_sweep,
-        "mesh_data": n_data,
-        "padded_k": k,
-        "padded_steps": [r.padded_steps for r in results],
-    }
-    return results, info
+    return results, GroupInfo(n_sweep, n_data, k, [r.padded_steps for r in results])
