@@ -532,8 +532,8 @@ def test_8_unlearning_with_nothing_flagged_stops_unless_allowed(tmp_path, tiny_m
     import numpy as np
 
     unlearn_stage = stage_module("unlearn")
-    monkeypatch.setattr(unlearn_stage, "run_detection", lambda cfg, model, folder: np.zeros(
-        len(unlearn_stage.D.read_split(cfg.data, "dev-detect")), bool))
+    monkeypatch.setattr(unlearn_stage, "run_detection", lambda cfg, model, tokenizer, splits, dev_detect, folder,
+                        **kw: np.zeros(len(dev_detect), bool))
     out = tmp_path / "un"
     args = ("unlearn", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out, *UNLEARN)
     assert jdup(*args) == 2
