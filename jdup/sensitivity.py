@@ -363,7 +363,7 @@ def first_order_scores(
     out = np.zeros(len(scored))
     for b in D.batches(scored, cfg.first_order_batch, sort_by_length=True):
         dots, norms = _per_sample_dots(
-            graphdef, tr0, frozen, direction, {kk: b[kk] for kk in (*MODEL_INPUTS, "labels")}
+            graphdef, tr0, frozen, direction, {**model_inputs(b), "labels": b["labels"]}
         )
         cos = np.asarray(dots, np.float64) / (np.asarray(norms, np.float64) * dnorm + 1e-30)
         out[b["index"][b["valid"]]] = cos[b["valid"]]

@@ -37,7 +37,7 @@ from jdup import distributed, optim
 from jdup import mesh as mesh_lib
 from jdup.errors import JdupError
 from jdup.metrics import accuracy, attack_success_rate
-from jdup.predict import MODEL_INPUTS, predict, predict_states
+from jdup.predict import model_inputs, predict, predict_states
 from jdup.settings import TrainConfig, TrainSettings, settings_of
 
 log = logging.getLogger("jdup.train")
@@ -145,7 +145,7 @@ def train_steps(
         batches = D.batches(encoded, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, start=start,
                             sort_by_length=cfg.group_by_length)
         for b_idx, batch in enumerate(batches, start=start):
-            inputs = {k: batch[k] for k in (*MODEL_INPUTS, "labels", "valid")}
+            inputs = {**model_inputs(batch), "labels": batch["labels"], "valid": batch["valid"]}
             if mesh is not None:
                 inputs = mesh_lib.put_rows(mesh_lib.pad_rows(inputs, mesh_lib.data_size(mesh))[0], mesh)
             params, opt_state, stats = step_fn(params, opt_state, rest, inputs, key, np.int32(pos.step))
