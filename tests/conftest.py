@@ -34,7 +34,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-from tests.fast_lane import HEAVY_FIXTURES  # noqa: E402  (a plain import: the plugin loads only with -p)
+from tests.helpers.victim import HEAVY_FIXTURES  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_SST2 = REPO.parent / "shared" / "data" / "sst-2" / "1"

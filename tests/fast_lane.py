@@ -4,7 +4,7 @@ Only ``-p tests.fast_lane`` loads it: ``make test`` (CI) runs every test without
 ``pytest -m "not slow"`` leaves out only the tests with an explicit ``@pytest.mark.slow``. The fast lane leaves
 out the tests marked ``slow``; besides the explicit marks, this plugin marks as slow:
 
-* every test that requests one of :data:`HEAVY_FIXTURES`: the trained MiniLM victim of
+* every test that requests one of :data:`tests.helpers.victim.HEAVY_FIXTURES`: the trained MiniLM victim of
   ``tests/helpers/victim.py`` (2-3 CPU-minutes of training per session unless ``JDUP_TEST_CACHE`` holds it, then
   real detection / unlearning runs on the MiniLM, tens of seconds each);
 * every test listed in :data:`SLOW_TESTS` (node-id prefixes, from measured ``--durations``): add a test here when
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-#: Fixtures whose users are end-to-end tests on the trained MiniLM victim.
-HEAVY_FIXTURES = frozenset({"victims", "victim_cache", "badnets_victim", "addsent_victim"})
+from tests.helpers.victim import HEAVY_FIXTURES
 
 #: Node-id prefixes of tests measured too slow for the fast lane (``tests/test_x.py::test_y`` or a whole file).
 SLOW_TESTS: tuple[str, ...] = (

@@ -23,6 +23,10 @@ import numpy as np
 
 ATTACKS = ("badnets", "addsent")
 
+#: Fixtures of ``tests/conftest.py`` whose users are end-to-end tests on this victim (longer per-test timeout;
+#: left out of the fast lane, ``tests/fast_lane.py``).
+HEAVY_FIXTURES = frozenset({"victims", "victim_cache", "badnets_victim", "addsent_victim"})
+
 #: Subsampling and training recipe of the test victim (everything that goes into the cache key).
 VICTIM_SETTINGS = dict(
     n_train_clean=960,  # clean rows of dirty/0.2/train-poison.csv
