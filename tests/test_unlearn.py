@@ -362,6 +362,13 @@ def test_checkpoint_fingerprint_comes_from_the_algorithm_settings_only():
     assert fp(U.UnlearnSettings(**TINY), target=0) != base and fp(U.UnlearnSettings(**TINY), n_forget=3) != base
 
 
+def test_a_cell_holds_the_algorithm_settings_without_paths(victim):
+    """A stage config given to the loop is reduced to its UnlearnSettings (no model, data or out reach it)."""
+    cfg = S.UnlearnConfig(**TINY, out="o", model="m", data="d")
+    cell = U.make_cell(victim, _encoded(4, 1), _encoded(6, 2), cfg, teacher_logits=np.zeros((4, 2)), target_label=1)
+    assert type(cell.settings) is U.UnlearnSettings and cell.settings == cfg.settings()
+
+
 @pytest.mark.slow
 def test_monitor_keeps_best_state_and_stops(victim):
     cfg = S.UnlearnConfig(**{**TINY, "epochs": 4, "eval_every_steps": 1})

@@ -32,7 +32,7 @@ from jdup import predict as predict_lib
 from jdup import projection as projection_lib
 from jdup.errors import JdupError
 from jdup.predict import MODEL_INPUTS
-from jdup.settings import UnlearnSettings
+from jdup.settings import UnlearnSettings, settings_of
 from jdup.unlearn.cells import (
     CellParams,
     LoopState,
@@ -103,7 +103,7 @@ class Cell(NamedTuple):
     """One run's inputs to the loop (:func:`make_cell`).
 
     Attributes:
-      settings: an :class:`~jdup.unlearn.UnlearnSettings` (or a stage config carrying its fields).
+      settings: the run's :class:`~jdup.unlearn.UnlearnSettings` (a stage config is reduced to it: no paths).
       forget, retain: the tokenised flagged rows and labelled clean rows.
       teacher: ``[len(forget), K]`` victim logits on ``forget``.
       target: the defender's target label.
@@ -169,6 +169,7 @@ def make_cell(
     ``cfg.projection`` names a variant, the projection and its hook (:func:`jdup.projection.build_projection` on
     this student); the hook's ``prepare_student`` gives the starting state. ``mesh``: the teacher pass and the
     student on it (:func:`place_student`)."""
+    cfg = settings_of(cfg, UnlearnSettings)  # a stage's UnlearnConfig: its algorithm settings only
     if teacher_logits is None:
         teacher_logits = predict_lib.predict(
             model, forget, cfg.eval_batch_size, progress=cfg.progress, desc="teacher logits", mesh=mesh
