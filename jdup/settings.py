@@ -79,7 +79,7 @@ class TrainSettings:
     batch_size: int = 32
     # Peak learning rate of AdamW.
     lr: float = 2e-5
-    # Linear warm-up length as a fraction of all steps (DUP: 3 of 5 epochs = 0.6)...
+    # Linear warm-up length as a fraction of all steps, rounded down (DUP: 3 of 5 epochs = 0.6)...
     warmup: float = 0.6
     # ...or in epochs (overrides `warmup` when set).
     warmup_epochs: float | None = None
