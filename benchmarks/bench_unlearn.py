@@ -71,6 +71,23 @@ def _epoch_flops(folder: Path, forget, retain, batch_size: int, steps: int) -> t
     return C.lora_train_flops(fwd), {"sequences": len(lengths), "tokens": int(sum(lengths))}
 
 
+def _throughput(args, steps, train, step_all, losses, flops, counts, padded, peak, rss_before) -> dict:
+    """The fields both workers report from their timed runs (``train``: summary of the train-steps time)."""
+    return {
+        "step_s": C.summarize(step_all),
+        "samples_per_s": steps * 2 * args.batch_size / train["median"],
+        "losses_last_run": losses,
+        "flops_model_epoch": flops,
+        "flop_counts": counts,
+        "padded_tokens_epoch": padded,
+        "peak": peak,
+        "achieved_flops_per_s": flops / train["min"],
+        "mfu": flops / train["min"] / peak["flops_per_s"],
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": C.peak_rss_mb(),
+    }
+
+
 def worker_torch(args) -> dict:
     import psutil
     import torch
@@ -122,17 +139,7 @@ def worker_torch(args) -> dict:
             "train_steps": train,
             "merge": C.summarize([t["merge"] for t in tim]),
         },
-        "step_s": C.summarize(step_all),
-        "samples_per_s": steps * 2 * args.batch_size / train["median"],
-        "losses_last_run": runs[-1]["losses"],
-        "flops_model_epoch": flops,
-        "flop_counts": counts,
-        "padded_tokens_epoch": padded,
-        "peak": peak,
-        "achieved_flops_per_s": flops / train["min"],
-        "mfu": flops / train["min"] / peak["flops_per_s"],
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": C.peak_rss_mb(),
+        **_throughput(args, steps, train, step_all, runs[-1]["losses"], flops, counts, padded, peak, rss_before),
     }
 
 
@@ -224,7 +231,7 @@ def worker_jdup(args) -> dict:
     # padded tokens of the joint batches the steps processed (the same plan U.unlearn follows)
     f_enc = D.encode(tok, ds(forget_rows), max_length=max_length, config=model.config)
     r_enc = D.encode(tok, ds(retain_rows), max_length=max_length, config=model.config)
-    plan = (getattr(D, "BatchPlan", None) or U.BatchPlan).from_config(f_enc, r_enc, cfg)
+    plan = D.BatchPlan.from_config(f_enc, r_enc, cfg)
     padded, lengths = 0, []
     for s in range(steps):
         n = U.joint_batch(plan.forget_batch(s), np.zeros((len(f_enc), 2)), plan.clean_batch(s))["input_ids"]
@@ -244,17 +251,7 @@ def worker_jdup(args) -> dict:
         "stages": {
             k: C.summarize([r[k] for r in runs]) for k in ("prepare", "setup", "train_steps", "merge")
         },
-        "step_s": C.summarize(step_all),
-        "samples_per_s": steps * 2 * args.batch_size / train["median"],
-        "losses_last_run": runs[-1]["losses"],
-        "flops_model_epoch": flops,
-        "flop_counts": counts,
-        "padded_tokens_epoch": padded,
-        "peak": peak,
-        "achieved_flops_per_s": flops / train["min"],
-        "mfu": flops / train["min"] / peak["flops_per_s"],
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": C.peak_rss_mb(),
+        **_throughput(args, steps, train, step_all, runs[-1]["losses"], flops, counts, padded, peak, rss_before),
     }
 
 

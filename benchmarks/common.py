@@ -304,24 +304,18 @@ def normalised_from_peaks(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# jdup API helpers (names that move while the library is restructured)
+# jdup API helpers
 
 
 def jdup_unlearn_settings(stage: bool = False, **kw):
-    """jdup's in-memory unlearning settings (``jdup.unlearn.UnlearnSettings``; ``jdup.unlearn.UnlearnConfig``
-    in older trees) with the given fields it has. ``stage=True``: the ``jdup unlearn`` stage config
-    (``jdup.stages.unlearn.UnlearnConfig``: the settings plus files and ``max_length``) when it exists."""
+    """jdup's in-memory unlearning settings (:class:`jdup.settings.UnlearnSettings`) with the given fields it has
+    (others are ignored). ``stage=True``: the ``jdup unlearn`` stage config (:class:`jdup.settings.UnlearnConfig`:
+    the settings plus files, detection and ``max_length``)."""
     import dataclasses
-    import importlib
 
-    from jdup import unlearn as U
+    from jdup.settings import UnlearnConfig, UnlearnSettings
 
-    cls = getattr(U, "UnlearnSettings", None) or U.UnlearnConfig
-    if stage:
-        try:
-            cls = importlib.import_module("jdup.stages.unlearn").UnlearnConfig
-        except (ImportError, AttributeError):
-            pass
+    cls = UnlearnConfig if stage else UnlearnSettings
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in kw.items() if k in names})
 
