@@ -108,10 +108,10 @@ def test_unlearn_on_4_devices_equals_one_device():
 
 @pytest.mark.slow
 def test_a_2x4_mesh_equals_one_device():
-    """8 devices as 2 x 4 (weights split four ways): predict, features, detection, unlearning with the gradient
-    projection (training's tensor-parallel case is the 2x2 mesh above)."""
-    out = _run(8, "predict,detect,unlearn")
-    assert out.count("OK ") == 3, out
+    """8 devices as 2 x 4 (weights split four ways): predict, features, detection (training's and unlearning's
+    tensor-parallel case is the 2x2 mesh above; ``python tests/test_mesh.py 8 train,unlearn`` runs them on 2x4)."""
+    out = _run(8, "predict,detect")
+    assert out.count("OK ") == 2, out
 
 
 def _free_port() -> int:
@@ -235,7 +235,7 @@ def _check_detect(n: int) -> None:
 
     tok = models.load_tokenizer("builtin:minilm")
     calib, scored = _data(48, 1), _data(30, 2)
-    cfg = detect.DetectConfig(method="dup", batch_size=6, max_length=32, buckets=(16, 32), progress=False)
+    cfg = detect.DetectSettings(method="dup", batch_size=6, max_length=32, buckets=(16, 32), progress=False)
     ref = detect.detect(models.tiny_model("bert", 2, seed=0), tok, calib, scored, cfg, mesh=jmesh.make_mesh("1"))
     for spec in _meshes(n):
         mesh = jmesh.make_mesh(spec)
