@@ -212,7 +212,7 @@ def section_detect(ctx: dict) -> dict:
     vocab = model.config.vocab_size
     calib = A.synthetic_rows(s.calib_rows, 21, vocab, s.max_length)
     scored = A.synthetic_rows(s.scored_rows, 22, vocab, s.max_length, poison_frac=0.5)
-    cfg = J.DetectConfig(method="dup", batch_size=s.jdup_detect_batch, progress=False, plots=False)
+    cfg = J.DetectSettings(method="dup", batch_size=s.jdup_detect_batch, progress=False)
     with jax.default_matmul_precision(PRECISION["float32"]):
         t0 = time.perf_counter()
         res = J.detect(model, tok, _dataset(calib), _dataset(scored), cfg)
@@ -358,7 +358,7 @@ def section_mesh(ctx: dict) -> dict:
                       config=model.config)  # fmt: skip
     retain = D.encode(tok, _dataset(A.synthetic_rows(s.unlearn_rows, 32, vocab, s.max_length)), s.max_length,
                       config=model.config)  # fmt: skip
-    dcfg = J.DetectConfig(method="dup", batch_size=s.jdup_detect_batch, progress=False, plots=False)
+    dcfg = J.DetectSettings(method="dup", batch_size=s.jdup_detect_batch, progress=False)
     ucfg = _unlearn_settings(epochs=s.unlearn_steps, batch_size=s.unlearn_rows, early_stop="none",
                              ckpt_every_steps=0, progress=False, max_length=s.max_length)  # fmt: skip
     with jax.default_matmul_precision(PRECISION["float32"]):
