@@ -177,9 +177,9 @@ def worker_jdup(args) -> dict:
 
         plain = F.model_call_kwargs
         F.model_call_kwargs = lambda arch, pooling, trim=True: plain(arch, pooling, False)
-    cfg = J.DetectConfig(
+    cfg = J.DetectSettings(
         method="dup",  # the reference implements DUP's own fusion
-        alpha=args.alpha, batch_size=args.jdup_batch_size, progress=False, plots=False, **extra
+        alpha=args.alpha, batch_size=args.jdup_batch_size, progress=False, **extra
     )
     peak = C.matmul_peak("jax", "float32")
     rss_before = psutil.Process().memory_info().rss / 2**20

@@ -135,8 +135,8 @@ def detection(root: Path, folder: Path, s: dict, args) -> dict:
     out: dict = {}
     for method in ("fisher", "dup", "dan", "upgp", "ensemble"):
         t = time.perf_counter()
-        cfg = detect.DetectConfig(
-            method=method, max_length=s["max_length"], progress=False, plots=False, upgp=upgp_opts
+        cfg = detect.DetectSettings(
+            method=method, max_length=s["max_length"], progress=False, upgp=upgp_opts
         )
         res = detect.detect(victim, tok, calib, scored, cfg)
         out[f"auroc_{method}"] = res.metrics["auroc"]

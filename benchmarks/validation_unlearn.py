@@ -40,9 +40,8 @@ def main(argv=None) -> int:
 
     from jdup import data as D
     from jdup import models
-    from jdup.detect import DetectConfig
     from jdup.predict import predict
-    from jdup.settings import UnlearnSettings
+    from jdup.settings import DetectSettings, UnlearnSettings
     from jdup.stages import detect as detect_stage
     from jdup.stages.common import attack_target
     from jdup.unlearn import prepare_sets, unlearn
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
     target = attack_target(args.data, split["test-poison"])
 
     det_dir = os.path.join(args.victim, "detection-dev")
-    det_cfg = DetectConfig(split_seed=settings.seed, max_length=128, progress=False)
+    det_cfg = DetectSettings(split_seed=settings.seed, max_length=128, progress=False)
     td = time.perf_counter()
     if os.path.isfile(os.path.join(det_dir, "flags.npy")):
         flags = np.load(os.path.join(det_dir, "flags.npy")).astype(bool)

@@ -48,7 +48,7 @@ from jdup import scores as S
 from jdup.errors import Invalid, JdupError
 from jdup.predict import predict
 from jdup.sensitivity import UPGPConfig
-from jdup.settings import DUP_PASS, METHODS, DetectConfig, DetectSettings, LayerSpec, settings_of
+from jdup.settings import DUP_PASS, METHODS, DetectSettings, LayerSpec, settings_of
 
 
 def upgp_config(cfg: DetectSettings) -> UPGPConfig:
@@ -553,7 +553,6 @@ def _metrics(scored, sc, flags, z_md, z_ss, preds, cfg: DetectSettings) -> dict[
 
 __all__ = [
     "METHODS",
-    "DetectConfig",
     "DetectSettings",
     "DetectionResult",
     "Decision",

@@ -182,7 +182,7 @@ class UPGPConfig:
     """Settings of UPGP sensitivity detection (docs/dup-method.md §8.1 defaults, adapted to LoRA on small encoders).
 
     These are the keys of the ``upgp:`` section of a detect config. Inputs, truncation length, batch size of the
-    forward passes and progress bars come from the detect config itself (``jdup.detect.DetectConfig``).
+    forward passes and progress bars come from the detection settings themselves (:class:`DetectSettings`).
     """
 
     # --- perturbation (Stage A)

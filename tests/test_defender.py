@@ -75,7 +75,7 @@ def test_fisher_flags_ignore_the_label_and_poison_columns(tiny_bert, synthetic_d
     rng = np.random.default_rng(0)
     shuffled = D.TextDataset(scored.texts, rng.permutation(scored.labels), rng.permutation(scored.poison))
     assert (shuffled.poison != scored.poison).any() and (shuffled.labels != scored.labels).any()
-    cfg = detect.DetectConfig(max_length=32, progress=False, frr=0.2)
+    cfg = detect.DetectSettings(max_length=32, progress=False, frr=0.2)
     assert cfg.method == "fisher"  # the default
     a = detect.detect(model, tok, calib, scored, cfg)
     b = detect.detect(model, tok, calib, shuffled, cfg)
@@ -108,7 +108,7 @@ def test_frr_on_held_out_clean_rows_matches_frr(method, frr):
     state = md.fit(cal, rng.integers(0, 2, n_cal))
     per_layer = np.asarray(md.score_layers(state, rest))
     ss = np.asarray(scores.spectral().score(scores.spectral().fit(cal), rest))
-    d = detect.decide(per_layer, ss, n_val, detect.DetectConfig(method=method, frr=frr))
+    d = detect.decide(per_layer, ss, n_val, detect.DetectSettings(method=method, frr=frr))
     observed = float(d.flags.mean())
     se = math.sqrt(frr * (1 - frr) * (1 / n_val + 1 / n_test))
     assert abs(observed - frr) <= 4 * se, (observed, frr, se)

@@ -44,7 +44,7 @@ def small_sets(sst2_dir):
     return calib, scored
 
 
-CFG = detect.DetectConfig(method="dup", batch_size=16, max_length=32, buckets=(16, 32), progress=False)
+CFG = detect.DetectSettings(method="dup", batch_size=16, max_length=32, buckets=(16, 32), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_run_detect_writes_outputs(tmp_path, small_sets):
     data.write_dup_csv(calib, folder / "dev-clean.csv")
     data.write_dup_csv(scored, folder / "test-detect.csv")
     out = tmp_path / "out"
-    cfg = detect.DetectConfig(
+    cfg = detect_stage.DetectConfig(
         model=str(model_dir),
         data=str(folder),
         out=str(out),
@@ -275,7 +275,7 @@ def test_run_detect_writes_outputs(tmp_path, small_sets):
 
 
 def _e2e(victim, tmp_path, **kw):
-    cfg = detect.DetectConfig(
+    cfg = detect_stage.DetectConfig(
         model=victim["model"],
         data=victim["data"],
         out=str(tmp_path / "det"),

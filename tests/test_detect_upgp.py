@@ -84,7 +84,7 @@ def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
     model, tok = models.from_pretrained(root / "model"), models.load_tokenizer(root / "model")
     calib = data.read_split(root / "data", "dev-clean")
     scored = data.read_split(root / "data", "test-detect")
-    cfg = detect.DetectConfig(
+    cfg = detect.DetectSettings(
         method="ensemble",
         batch_size=16,
         max_length=32,
@@ -106,7 +106,7 @@ def test_library_ensemble_is_the_rank_mean_of_dup_and_upgp(folder):
     np.testing.assert_array_equal(res.flags, res.scores > res.threshold)
     assert res.metrics["auroc"] == pytest.approx(metrics.auroc(scored.poison.astype(bool), res.scores))
     # the DUP half is DUP's own detection
-    dup = detect.detect(model, tok, calib, scored, detect.DetectConfig(**{**cfg.__dict__, "method": "dup"}))
+    dup = detect.detect(model, tok, calib, scored, detect.DetectSettings(**{**cfg.__dict__, "method": "dup"}))
     np.testing.assert_allclose(x.dup_scores, dup.scores, rtol=1e-6, atol=1e-6)
 
 
@@ -128,7 +128,7 @@ def test_unlearning_detection_accepts_the_methods(folder, tmp_path):
     )
     assert flags.shape == (n_dev,) and info["n_scored"] == n_dev and info["method"] == "upgp"
     assert info["config"]["upgp"]["max_steps"] == 4
-    assert detect.upgp_config(detect.DetectConfig(split_seed=3)).seed == 3  # seed follows split_seed
+    assert detect.upgp_config(detect.DetectSettings(split_seed=3)).seed == 3  # seed follows split_seed
 
 
 def test_bad_method_and_upgp_options_raise_clear_errors(folder, tmp_path, capsys):
@@ -139,9 +139,9 @@ def test_bad_method_and_upgp_options_raise_clear_errors(folder, tmp_path, capsys
     assert _cli(root, tmp_path / "bad2", "upgp", "upgp.no_such_option=1") == 2
     assert "no_such_option" in capsys.readouterr().err
     with pytest.raises(JdupError, match="max_length"):  # carried from the detect config, not an upgp option
-        config_lib.build(detect.DetectConfig, {"method": "upgp", "upgp": {"max_length": 64}})
+        config_lib.build(detect_stage.DetectConfig, {"method": "upgp", "upgp": {"max_length": 64}})
     with pytest.raises(JdupError, match="unknown detection method"):
-        detect.detect(None, None, None, None, detect.DetectConfig(method="nope"))  # type: ignore[arg-type]
+        detect.detect(None, None, None, None, detect.DetectSettings(method="nope"))  # type: ignore[arg-type]
     assert not (tmp_path / "bad2").exists()  # options are checked before the model is loaded
 
 
@@ -223,7 +223,7 @@ def test_upgp_flags_the_target_class_of_the_badnets_victim(badnets_victim):
     tok = models.load_tokenizer(badnets_victim["model"])
     calib = data.read_split(badnets_victim["data"], "dev-clean", num_labels=2)
     scored = data.read_split(badnets_victim["data"], "test-detect", num_labels=2)
-    cfg = detect.DetectConfig(
+    cfg = detect.DetectSettings(
         method="upgp", max_length=48, progress=False, upgp=UPGPConfig(n_perturbations=1, first_order=False)
     )
     res = detect.detect(model, tok, calib, scored, cfg)
@@ -279,7 +279,7 @@ def test_decide_redecides_one_scoring_pass(folder):
     model, tok = models.from_pretrained(root / "model"), models.load_tokenizer(root / "model")
     calib = data.read_split(root / "data", "dev-clean")
     scored = data.read_split(root / "data", "test-detect")
-    base = detect.DetectConfig(batch_size=16, max_length=32, buckets=(16, 32), progress=False)
+    base = detect.DetectSettings(batch_size=16, max_length=32, buckets=(16, 32), progress=False)
     for method in ("dup", "dan"):
         res = detect.detect(model, tok, calib, scored, dataclasses.replace(base, method=method))
         layers = np.concatenate([res.val_md_layers, res.md_layers])

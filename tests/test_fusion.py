@@ -58,7 +58,7 @@ def test_decide_fisher_uses_the_dup_pass_scalars():
     """`decide` with method fisher: threshold at the 1 - frr quantile of the validation rows' fused scores."""
     rng = np.random.default_rng(3)
     per_layer, ss = rng.gamma(3.0, size=(700, 3)), rng.normal(size=700)
-    cfg = detect.DetectConfig(method="fisher", frr=0.1)
+    cfg = detect.DetectSettings(method="fisher", frr=0.1)
     d = detect.decide(per_layer, ss, 300, cfg)
     np.testing.assert_allclose(np.r_[d.val_scores, d.scores], fusion.fisher_scores([per_layer.mean(1), ss], 300))
     assert d.threshold == pytest.approx(np.percentile(d.val_scores, 90.0))

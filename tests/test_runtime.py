@@ -204,7 +204,8 @@ def test_settings_keep_their_public_homes():
     from jdup.stages import unlearn as unlearn_stage
 
     assert train.TrainConfig is train_stage.TrainConfig is settings.TrainConfig
-    assert detect.DetectConfig is detect_stage.DetectConfig is settings.DetectConfig
+    assert detect_stage.DetectConfig is settings.DetectConfig and detect.DetectSettings is settings.DetectSettings
+    assert not hasattr(detect, "DetectConfig")  # the in-memory algorithm takes settings, never a stage config
     assert sensitivity.UPGPConfig is settings.UPGPConfig and projection.ProjectionOptions is settings.ProjectionOptions
     assert unlearn.UnlearnSettings is settings.UnlearnSettings and unlearn_stage.UnlearnConfig is settings.UnlearnConfig
     assert losses.FORGET_LOSSES == settings.FORGET_LOSSES and features.POOLINGS is settings.POOLINGS

@@ -40,7 +40,7 @@ def sets(sst2_dir):
 
 
 def test_detection_buckets_from_the_histogram_change_only_rounding(tiny_bert, sets, monkeypatch):
-    cfg = detect.DetectConfig(batch_size=8, max_length=64, progress=False, bucket_min_rows=0)
+    cfg = detect.DetectSettings(batch_size=8, max_length=64, progress=False, bucket_min_rows=0)
     shapes: list[int] = []
     real_batches = data.batches
 
@@ -109,7 +109,7 @@ def test_unlearning_plan_merges_sparse_lengths_keeping_the_rows():
 def test_unlearn_settings_default():
     from jdup.settings import UnlearnSettings
 
-    assert UnlearnSettings().pad_min_steps == 8 and detect.DetectConfig().bucket_min_rows == 128
+    assert UnlearnSettings().pad_min_steps == 8 and detect.DetectSettings().bucket_min_rows == 128
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_plots_after_the_timing_and_opt_in_for_unlearning(tmp_path, tiny_model_d
     data.write_dup_csv(scored.subset(np.arange(60, 80)), folder / "dev-poison.csv")
     kw = dict(model=str(tiny_model_dir), data=str(folder), batch_size=16, max_length=32, progress=False)
     out = tmp_path / "out"
-    res = detect_stage.run_detect(detect.DetectConfig(out=str(out), **kw))  # plots=None: yes for jdup detect
+    res = detect_stage.run_detect(detect_stage.DetectConfig(out=str(out), **kw))  # plots=None: yes for jdup detect
     assert (out / "roc.png").is_file() and (out / "hist.png").is_file()
     on_disk = json.loads((out / "detection.json").read_text())
     assert on_disk["seconds_plots"] > 0 and on_disk["seconds"] == res["seconds"]

@@ -301,7 +301,7 @@ def test_auroc_parity_with_jdup_faithful(tiny_folder, rows, ref):
 
     jm = models.from_pretrained(tiny_folder)
     jt = models.load_tokenizer(tiny_folder)
-    cfg = J.DetectConfig(method="dup", batch_size=8, fit_dtype="float64", ss_method="svd", progress=False, plots=False)
+    cfg = J.DetectSettings(method="dup", batch_size=8, fit_dtype="float64", ss_method="svd", progress=False)
     got = J.detect(jm, jt, ds(dev), ds(scored), cfg)
     assert list(got.layers) == list(ref["layers"])
     assert abs(got.metrics["auroc"] - ref["auroc"]) <= 0.005

@@ -23,8 +23,9 @@ from jdup import atomic, manifest, models, runtime
 from jdup import config as config_lib
 from jdup import data as data_lib
 from jdup import plots as plots_lib
-from jdup.detect import DetectConfig, DetectionResult, detect
+from jdup.detect import DetectionResult, detect
 from jdup.errors import JdupError
+from jdup.settings import DetectConfig, DetectSettings
 from jdup.stages.common import StageResult, run_record, stage_mesh, write_record
 
 log = logging.getLogger("jdup.detect")
@@ -72,12 +73,15 @@ def run_detect(cfg: DetectConfig) -> StageResult:
     return StageResult("detect", output.out, record, record["seconds"])
 
 
-def detect_config_for(options: DetectConfig | dict | None, **where: Any) -> DetectConfig:
-    """A :class:`DetectConfig` from a config or a mapping of its fields (``seed`` is accepted as an alias of
-    ``split_seed``) with the I/O fields ``where`` set."""
+def detect_config_for(options: DetectSettings | dict | None, **where: Any) -> DetectConfig:
+    """A :class:`DetectConfig` from a config, the algorithm's :class:`DetectSettings` or a mapping of their fields
+    (``seed`` is accepted as an alias of ``split_seed``) with the I/O fields ``where`` set."""
     where = {k: os.fspath(v) for k, v in where.items()}
     if isinstance(options, DetectConfig):
         return dataclasses.replace(options, **where)
+    if isinstance(options, DetectSettings):
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(DetectSettings)}
+        return DetectConfig(**fields, **where)
     opts = dict(options or {})
     if "seed" in opts:
         opts.setdefault("split_seed", opts.pop("seed"))
@@ -85,7 +89,7 @@ def detect_config_for(options: DetectConfig | dict | None, **where: Any) -> Dete
 
 
 def detect_dev(
-    model, model_path: str, data: str, out: str, options: DetectConfig | dict | None = None, *, mesh: Any = None
+    model, model_path: str, data: str, out: str, options: DetectSettings | dict | None = None, *, mesh: Any = None
 ) -> tuple[np.ndarray, dict]:
     """Detection on ``dev-detect = dev-clean ‖ dev-poison`` (calibrated on ``dev-clean``) for a model already in
     memory, written to ``out`` as ``jdup unlearn`` writes its ``detection/`` folder (manifest included).
@@ -95,8 +99,8 @@ def detect_dev(
       model_path: where its tokenizer lives (a folder or ``builtin:`` name).
       data: DUP data folder.
       out: output folder (same files as :func:`run_detect`).
-      options: a :class:`DetectConfig` (its method, feature and decision fields are used), or a mapping of
-        :class:`DetectConfig` fields.
+      options: :class:`DetectSettings` (or a :class:`DetectConfig`: its method, feature and decision fields are
+        used), or a mapping of :class:`DetectConfig` fields.
       mesh: the device mesh (``None``: the default device).
 
     Returns:

@@ -35,10 +35,9 @@ from jdup import atomic, distributed, manifest, models, runtime
 from jdup import config as config_lib
 from jdup import data as D
 from jdup import lora as lora_lib
-from jdup.detect import DetectConfig
 from jdup.errors import JdupError
 from jdup.evaluate import evaluate_model, robust_labels
-from jdup.settings import UnlearnConfig
+from jdup.settings import DetectConfig, UnlearnConfig
 from jdup.stages import detect as detect_stage
 from jdup.stages.common import StageResult, attack_target, run_record, stage_mesh, write_record
 from jdup.unlearn import prepare_sets, unlearn
