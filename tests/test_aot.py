@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -40,9 +41,18 @@ CHILD = textwrap.dedent(
 )
 
 
-def _child(model: Path, cache: Path, keep: bool = True) -> dict:
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A copy of the package: the file names hash jdup's source, which must not change between the children
+    (other work on the checkout would make every child compile afresh)."""
+    out = tmp_path_factory.mktemp("src")
+    shutil.copytree(REPO / "jdup", out / "jdup", ignore=shutil.ignore_patterns("__pycache__"))
+    return out
+
+
+def _child(model: Path, cache: Path, src: Path, keep: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JDUP_COMPILATION_CACHE", "JDUP_KEEP"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(src))
     if not keep:
         env["JDUP_KEEP_EXECUTABLES"] = "0"
     proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(cache)], capture_output=True, text=True,
@@ -51,17 +61,17 @@ def _child(model: Path, cache: Path, keep: bool = True) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_loads_the_forward_without_tracing_it(tiny_model_dir, tmp_path):
+def test_second_process_loads_the_forward_without_tracing_it(tiny_model_dir, tmp_path, src):
     cache = tmp_path / "xla"
-    first = _child(tiny_model_dir, cache)
+    first = _child(tiny_model_dir, cache, src)
     files = sorted((cache / "aot").glob("*.exe"))
     assert len(files) == 3  # one executable per input shape of the feature forward, one of the logits forward
-    second = _child(tiny_model_dir, cache)
-    plain = _child(tiny_model_dir, tmp_path / "other", keep=False)
+    second = _child(tiny_model_dir, cache, src)
+    plain = _child(tiny_model_dir, tmp_path / "other", src, keep=False)
     assert not (tmp_path / "other" / "aot").exists()
     # an executable loaded from the compilation cache is not kept (XLA:CPU serialises it incompletely: running it
     # in a later process failed with "Function ... not found")
-    hit = _child(tiny_model_dir, tmp_path / "other")
+    hit = _child(tiny_model_dir, tmp_path / "other", src)
     assert not list((tmp_path / "other").glob("aot/*.exe"))
     for got in (second, plain, hit):  # the same binary or a fresh compilation: identical numbers
         for a, b in zip(first["outs"], got["outs"], strict=True):
@@ -72,12 +82,12 @@ def test_second_process_loads_the_forward_without_tracing_it(tiny_model_dir, tmp
 
 
 @pytest.mark.slow
-def test_a_damaged_file_is_replaced(tiny_model_dir, tmp_path):
+def test_a_damaged_file_is_replaced(tiny_model_dir, tmp_path, src):
     cache = tmp_path / "xla"
-    first = _child(tiny_model_dir, cache)
+    first = _child(tiny_model_dir, cache, src)
     for f in (cache / "aot").glob("*.exe"):
         f.write_bytes(b"not an executable")
-    again = _child(tiny_model_dir, cache)
+    again = _child(tiny_model_dir, cache, src)
     for a, b in zip(first["outs"], again["outs"], strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert all(f.stat().st_size > 100 for f in (cache / "aot").glob("*.exe"))
