@@ -12,7 +12,7 @@ definition and the pass's static options), the arguments' tree structure, shapes
 ``jdup`` module, the JAX / jaxlib versions, the device kind, ``XLA_FLAGS`` and the JAX settings that change a
 trace. It is used only where that identifies the program: the compilation cache is on, one process, one device
 (anything else calls the jitted function as it is); ``JDUP_KEEP_EXECUTABLES=0`` turns it off. A file that cannot be
-read or loaded is ignored and replaced.
+read or loaded is removed.
 """
 
 from __future__ import annotations
@@ -124,8 +124,9 @@ def _load_or_compile(jitted: Callable, key: Callable[[], str], name: list[str], 
             exe = se.deserialize_and_load(blob, in_tree, out_tree)
             os.utime(path)  # recently used: kept by the eviction below
             return exe
-        except Exception as e:  # truncated, stale or foreign file: compile and replace it
-            log.debug("aot: ignoring %s (%s)", path, e)
+        except Exception as e:  # truncated, stale or foreign file: removed, compiled again (and kept if fresh)
+            log.debug("aot: removing %s (%s)", path, e)
+            path.unlink(missing_ok=True)
     from jdup import runtime
 
     before = runtime.compile_totals()
