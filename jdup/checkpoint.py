@@ -31,9 +31,11 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -41,6 +43,24 @@ import numpy as np
 
 from jdup import atomic, distributed
 from jdup.errors import JdupError
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where a resumable loop (:func:`jdup.train.train`, :func:`jdup.unlearn.unlearn`) keeps its checkpoints, and
+    what else must match to resume from them.
+
+    Attributes:
+      directory: orbax checkpoint folder (created; a run resumes from its newest step).
+      identity: JSON-able facts a checkpoint must have been written with besides the algorithm's settings and
+        set sizes (e.g. the fingerprints of the input files). Training: a mismatch is an error; unlearning: the
+        run starts over.
+      max_to_keep: step folders kept (``None``: the loop's own, 2 for training, 1 for unlearning).
+    """
+
+    directory: str
+    identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    max_to_keep: int | None = None
 
 
 def fingerprint(obj: Any) -> str:

@@ -35,6 +35,7 @@ from flax import nnx
 from jdup import data as D
 from jdup import distributed, optim
 from jdup import mesh as mesh_lib
+from jdup.checkpoint import Checkpoint
 from jdup.errors import JdupError
 from jdup.metrics import accuracy, attack_success_rate
 from jdup.predict import model_inputs, predict, predict_states
@@ -189,22 +190,6 @@ def evaluate_states(
 RESUME_FREE = ("max_steps", "ckpt_every_steps", "progress", "eval_batch_size", "log_every")
 
 
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """Where :func:`train` keeps its resumable checkpoints, and what else must match to resume from them.
-
-    Attributes:
-      directory: orbax checkpoint folder (created; a run resumes from its newest step).
-      identity: JSON-able facts a checkpoint must have been written with besides the settings, the row counts and
-        the target (e.g. the fingerprints of the input files); a mismatch is an error.
-      max_to_keep: step folders kept.
-    """
-
-    directory: str
-    identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    max_to_keep: int = 2
-
-
 @dataclasses.dataclass
 class TrainResult:
     """What :func:`train` returns.
@@ -300,7 +285,7 @@ def train(
             "rows": {k: len(v) for k, v in data.items()}, "target": int(target), "identity": checkpoint.identity,
         })
         meta["fingerprint"] = fp
-        ck = Checkpointer(checkpoint.directory, max_to_keep=checkpoint.max_to_keep)
+        ck = Checkpointer(checkpoint.directory, max_to_keep=checkpoint.max_to_keep or 2)
         if ck.latest_step() is not None:
             try:
                 (params, opt_state, best), saved = ck.restore((params, opt_state, best))
@@ -378,7 +363,7 @@ def train(
 
 
 __all__ = [
-    "DTYPES", "EVAL_SPLITS", "RESUME_FREE", "Checkpoint", "LoopPosition", "TrainConfig", "TrainResult",
+    "DTYPES", "EVAL_SPLITS", "RESUME_FREE", "LoopPosition", "TrainConfig", "TrainResult",
     "TrainSettings", "accuracy", "attack_success_rate", "cached_train_step", "evaluate", "evaluate_states",
     "make_train_step", "predict", "predict_states", "train", "train_steps",
     "warmup_steps",

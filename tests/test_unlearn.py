@@ -13,6 +13,7 @@ from flax import nnx
 from jdup import data as D
 from jdup import lora, optim
 from jdup import unlearn as U
+from jdup.checkpoint import Checkpoint
 from jdup.errors import JdupError
 from jdup.models import tiny_model
 from jdup.predict import predict
@@ -332,8 +333,8 @@ def test_unlearn_resumes_after_a_kill(victim, tmp_path):
 
     ck = str(tmp_path / "ckpt")
     with pytest.raises(Kill):
-        U.unlearn(victim, forget, retain, cfg, on_step=killer, ckpt_dir=ck)
-    resumed = U.unlearn(victim, forget, retain, cfg, ckpt_dir=ck)
+        U.unlearn(victim, forget, retain, cfg, on_step=killer, checkpoint=Checkpoint(ck))
+    resumed = U.unlearn(victim, forget, retain, cfg, checkpoint=Checkpoint(ck))
     assert resumed.steps == ref.steps == 9
     assert [r["step"] for r in resumed.log] == list(range(1, 10))
     jax.tree.map(

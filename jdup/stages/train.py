@@ -19,9 +19,10 @@ import time
 from jdup import atomic, manifest
 from jdup import config as config_lib
 from jdup import data as D
+from jdup.checkpoint import Checkpoint
 from jdup.errors import JdupError
 from jdup.stages.common import StageResult, attack_target, run_record, stage_mesh, write_record
-from jdup.train import DTYPES, EVAL_SPLITS, Checkpoint, TrainConfig, train
+from jdup.train import DTYPES, EVAL_SPLITS, TrainConfig, train
 
 log = logging.getLogger("jdup.train")
 

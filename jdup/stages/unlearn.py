@@ -35,6 +35,7 @@ from jdup import atomic, distributed, manifest, models, runtime
 from jdup import config as config_lib
 from jdup import data as D
 from jdup import lora as lora_lib
+from jdup.checkpoint import Checkpoint
 from jdup.errors import JdupError
 from jdup.evaluate import evaluate_model, robust_labels
 from jdup.settings import DetectConfig, UnlearnConfig
@@ -292,7 +293,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         teacher_logits=sets.teacher,
         target_label=sets.target,
         monitor=sets.monitor,
-        ckpt_dir=_guard_checkpoint(cfg, output, flags),
+        checkpoint=Checkpoint(_guard_checkpoint(cfg, output, flags), max_to_keep=1),
         mesh=mesh,
     )
     un_seconds = time.perf_counter() - t_un

@@ -30,6 +30,7 @@ from jdup import lora as lora_lib
 from jdup import mesh as mesh_lib
 from jdup import predict as predict_lib
 from jdup import projection as projection_lib
+from jdup.checkpoint import Checkpoint
 from jdup.errors import JdupError
 from jdup.predict import MODEL_INPUTS
 from jdup.settings import UnlearnSettings, settings_of
@@ -224,7 +225,7 @@ def run_cells(
     *,
     placement: Placement | None = None,
     pad_cells: int = 0,
-    ckpt_dir: str | None = None,
+    checkpoint: Checkpoint | None = None,
     progress: bool | None = None,
 ) -> list[UnlearnResult]:
     """Unlearns K cells together (K = 1: :func:`unlearn`); one :class:`UnlearnResult` per cell.
@@ -235,8 +236,9 @@ def run_cells(
       placement: where the stacked arrays live (default: JAX's default device).
       pad_cells: copies of the last cell appended to the stacked arrays (e.g. to fill a mesh axis); they are
         computed and dropped (never evaluated, no hook, no result).
-      ckpt_dir: orbax checkpoint folder; resumes from it when the first cell's ``resume`` is set and the
-        fingerprint (:func:`settings_fingerprint` of every cell) matches.
+      checkpoint: resumable checkpoints (:class:`jdup.checkpoint.Checkpoint`, written every
+        ``ckpt_every_steps``); resumes from them when the first cell's ``resume`` is set and the fingerprint
+        (:func:`settings_fingerprint` of every cell, and ``checkpoint.identity`` when given) matches.
       progress: a tqdm bar (default: the first cell's ``progress``).
     """
     from tqdm.auto import tqdm
@@ -274,9 +276,13 @@ def run_cells(
     state = None
 
     fp = fingerprint([settings_fingerprint(c) for c in cells] if k_real > 1 else settings_fingerprint(c0))
+    if checkpoint is not None and checkpoint.identity:
+        fp = fingerprint({"settings": fp, "identity": dict(checkpoint.identity)})
     ck = None
+    ckpt_dir = checkpoint.directory if checkpoint is not None else None
+    keep = (checkpoint.max_to_keep or 1) if checkpoint is not None else 1
     if ckpt_dir and cfg0.ckpt_every_steps > 0:
-        ck = Checkpointer(ckpt_dir, max_to_keep=1)
+        ck = Checkpointer(ckpt_dir, max_to_keep=keep)
         if cfg0.resume and ck.latest_step() is not None:
             tr0 = stack_cells([starts[i] for i in idx], where.cells)
             template = {
@@ -303,7 +309,7 @@ def run_cells(
                 log.warning("unlearn: not resuming (%s); starting over", e)
                 ck.close()
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
-                ck = Checkpointer(ckpt_dir, max_to_keep=1)
+                ck = Checkpointer(ckpt_dir, max_to_keep=keep)
                 state, step = None, 0
 
     # A hook may move the initial adapters first (jdup.projection: LoRA A into the clean complement). It is told
@@ -503,7 +509,7 @@ def unlearn(
     monitor: Monitor | None = None,
     projection: optax.GradientTransformation | None = None,
     on_step: Callable[[StepInfo], dict | None] | None = None,
-    ckpt_dir: str | None = None,
+    checkpoint: Checkpoint | None = None,
     retain_projection: optax.GradientTransformation | None = None,
     student: Student | None = None,
     mesh: Any = None,
@@ -531,7 +537,9 @@ def unlearn(
         log record (scalars), except its ``"opt_state"`` entry, which replaces the optimizer state (e.g. after a
         projection-basis refresh with ``jdup.optim.set_basis``). If the hook has a ``prepare_student(Student) ->
         trainable`` method, it is called once before the first step and its result is the starting state.
-      ckpt_dir: orbax checkpoint folder (resumes from it when ``cfg.resume`` and it matches).
+      checkpoint: resumable checkpoints (:class:`jdup.checkpoint.Checkpoint`, the form
+        :func:`jdup.train.train` takes; written every ``cfg.ckpt_every_steps``); the run resumes from them when
+        ``cfg.resume`` is set and they were written with the same settings (and ``checkpoint.identity``).
       student: the student to train (default :func:`~jdup.unlearn.build_student` of ``model`` and ``cfg``).
       mesh: a :mod:`jdup.mesh` mesh: the rows of each step split over its ``data`` axis (padded to a multiple
         of it), the frozen weights by its ``model`` rules, the adapters and optimizer state whole on every
@@ -556,4 +564,4 @@ def unlearn(
         mesh=mesh,
     )
     placement = Placement.of_mesh(mesh) if mesh is not None else None
-    return run_cells([cell], placement=placement, ckpt_dir=ckpt_dir)[0]
+    return run_cells([cell], placement=placement, checkpoint=checkpoint)[0]
