@@ -238,6 +238,16 @@ def test_train_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, syn
     assert leftovers(tmp_path) == [] and list((tmp_path / "tmp").iterdir()) == []
 
 
+def wait_for_first_checkpoint(job: Job, ckpt: Path, timeout: float = 400) -> None:
+    """Wait until ``ckpt`` holds a saved step while every process of ``job`` is still running."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in job.procs):
+        if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
+            break
+        time.sleep(0.2)
+    assert all(p.poll() is None for p in job.procs), job.wait()
+
+
 @pytest.mark.slow
 def test_unlearn_on_two_processes_killed_once_resumes_to_the_one_process_result(tmp_path, tiny_model_dir,
                                                                                synthetic_dup):
@@ -247,12 +257,7 @@ def test_unlearn_on_two_processes_killed_once_resumes_to_the_one_process_result(
     job = Job(2, [*args, "--out", out], tmp_path)
     ckpt = Path(f"{out}.partial") / "ckpt"
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline and all(p.poll() is None for p in job.procs):
-            if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
-                break
-            time.sleep(0.2)
-        assert all(p.poll() is None for p in job.procs), job.wait()
+        wait_for_first_checkpoint(job, ckpt)
         for p in job.procs:
             p.send_signal(signal.SIGKILL)
     finally:
@@ -276,12 +281,7 @@ def test_ctrl_c_on_one_process_stops_both_with_130(tmp_path, tiny_model_dir, syn
     job = Job(2, args, tmp_path)
     ckpt = Path(f"{out}.partial") / "ckpt"
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline and all(p.poll() is None for p in job.procs):
-            if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
-                break
-            time.sleep(0.2)
-        assert all(p.poll() is None for p in job.procs), job.wait()
+        wait_for_first_checkpoint(job, ckpt)
         job.procs[1].send_signal(signal.SIGINT)
         (rc0, err0), (rc1, err1) = job.wait(timeout=180)
     finally:
