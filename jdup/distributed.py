@@ -190,6 +190,20 @@ def _on_sigint(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An ``sys.unraisablehook`` that drops the ``KeyboardInterrupt`` of a remembered Ctrl-C when Python could not
+    raise it (the signal landed in a garbage-collection callback, e.g. JAX's ``_xla_gc_callback``, or a
+    ``__del__``: Python would print "Exception ignored in ..." with a traceback and go on). The interrupt is not
+    lost: the next :func:`interrupt_point` / :func:`stop_point` raises it. Anything else goes to ``previous``."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _interrupted.is_set():
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def install_interrupt_handler() -> Callable[[], None]:
     """Installs jdup's SIGINT handler; returns a function that puts the previous handler back. Main thread only
     (elsewhere a no-op). On one process the handler remembers the interrupt, then raises ``KeyboardInterrupt``.
@@ -203,11 +217,14 @@ def install_interrupt_handler() -> Callable[[], None]:
         old = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread / interpreter
         return lambda: None
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable(old_hook)
 
     def restore() -> None:
         global _sigints
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGINT, old)
+        sys.unraisablehook = old_hook
         _interrupted.clear()  # a later library call in this process starts afresh
         _sigints = 0
 

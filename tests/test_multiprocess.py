@@ -383,3 +383,38 @@ def test_a_swallowed_ctrl_c_still_stops_the_loop_at_its_next_step():
     finally:
         restore()
     distributed.stop_point(8)  # the handler is gone: a later library call starts afresh
+
+
+def test_a_ctrl_c_landing_in_a_finaliser_prints_no_traceback_and_still_stops(capsys):
+    # Python cannot raise from a garbage-collection callback or a __del__ (JAX's _xla_gc_callback is one): it
+    # prints "Exception ignored in ... Traceback ..." and goes on. jdup's handler drops that print for the
+    # remembered Ctrl-C; the next stop point raises it. Other unraisable errors still reach the previous hook.
+    from jdup import distributed
+
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    restore = distributed.install_interrupt_handler()
+
+    class RaisesInDel:
+        def __init__(self, action):
+            self.action = action
+
+        def __del__(self):
+            self.action()
+
+    def fail():
+        raise ValueError("a real error in a finaliser")
+
+    try:
+        RaisesInDel(lambda: signal.raise_signal(signal.SIGINT))  # the handler runs inside __del__
+        assert distributed.interrupted()
+        assert "Traceback" not in capsys.readouterr().err and seen == []
+        with pytest.raises(KeyboardInterrupt):
+            distributed.stop_point(3)
+        RaisesInDel(fail)
+        assert [type(u.exc_value) for u in seen] == [ValueError]
+    finally:
+        restore()
+        assert sys.unraisablehook == seen.append  # restore() puts back what was installed before
+        sys.unraisablehook = previous
