@@ -419,6 +419,9 @@ class UnlearnSettings:
     lambda_acc: float = 1.0  # weight of CE on labelled clean dev batches (official: 1)
     forget_loss: str = "suppress_target"  # suppress_target (default; −log(1 − p_target + eps), bounded) | kl
     #                                       (official, −KL(p_T‖p_S), unbounded; zero gradient at the start) | kl_capped
+    forget_drop: float = 0.0  # each step, drop every inner token of each flagged row with this probability
+    #                           (first and last tokens kept) before the forgetting term, so forgetting carries
+    #                           over to the trigger in other contexts; 0 = off (jdup.unlearn.loss.drop_tokens)
     temperature: float = 1.0  # softmax temperature of the KL terms (official: 1, no temperature)
     kl_cap: float = 2.0  # kl_capped: per-sample cap on the KL being maximised (nats)
     suppress_eps: float = 1e-4  # suppress_target: −log(1 − p_target + eps)
@@ -514,6 +517,7 @@ class UnlearnSettings:
         check_range(self, "forget_floor", 0, 1)
         check_range(self, "stop_patience", 1)
         check_range(self, "warmup_frac", 0, 1)
+        check_range(self, "forget_drop", 0, 1, hi_open=True)
         check_range(self, "lora_dropout", 0, 1, hi_open=True)
         check(self, "temperature", self.temperature > 0, "must be > 0")
         try:

@@ -52,7 +52,7 @@ from jdup.unlearn.cells import (
     stack_cells,
     to_host,
 )
-from jdup.unlearn.loss import LossSettings, joint_batch
+from jdup.unlearn.loss import LossSettings, forget_augment_at, joint_batch
 from jdup.unlearn.monitors import Monitor, infer_target
 from jdup.unlearn.step import OptimizerSpec, step_hparams
 from jdup.unlearn.student import Student, build_student
@@ -400,6 +400,7 @@ def run_cells(
                     cells[i].teacher,
                     plans[i].clean_batch(step),
                     cells[i].settings.fused_step,
+                    forget_augment_at(cells[i].settings, step, pad_id),
                 )
                 for i in idx
             ]

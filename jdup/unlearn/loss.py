@@ -16,6 +16,7 @@ from flax import nnx
 
 from jdup import lora as lora_lib
 from jdup import losses
+from jdup.models.common import CLS_TRIM_ARCHS
 from jdup.predict import MODEL_INPUTS, model_inputs
 
 
@@ -29,6 +30,9 @@ class LossSettings(NamedTuple):
     target_label: int = 1
     lora_dropout: bool = True
     model_dropout: bool = True
+    # a [CLS]-head encoder computes its last layer at [CLS] only (the row the loss reads; same dropout masks as
+    # the full layer, so the same numbers up to float rounding); False: every position
+    trim_last_layer: bool = True
 
     @classmethod
     def from_config(cls, cfg: Any, target_label: int) -> LossSettings:
@@ -47,16 +51,18 @@ class LossSettings(NamedTuple):
 def student_logits(graphdef, trainable, frozen, batch: dict, key: jax.Array | None, settings: LossSettings):
     """Logits of the student on ``batch`` (dropout on when ``key`` is given and the settings ask for it)."""
     model = nnx.merge(graphdef, trainable, frozen)
+    trim = settings.trim_last_layer and getattr(getattr(model, "config", None), "arch", None) in CLS_TRIM_ARCHS
+    kw = {"last_layer_positions": "cls"} if trim else {}
     if key is None:
-        return model(*(batch[k] for k in MODEL_INPUTS), deterministic=True).logits
+        return model(*(batch[k] for k in MODEL_INPUTS), deterministic=True, **kw).logits
     k_lora, k_model = jax.random.split(key)
     with lora_lib.lora_dropout(k_lora if settings.lora_dropout else None):
         if settings.model_dropout:
             out = model(
-                *(batch[k] for k in MODEL_INPUTS), deterministic=False, rngs=nnx.Rngs(dropout=k_model)
+                *(batch[k] for k in MODEL_INPUTS), deterministic=False, rngs=nnx.Rngs(dropout=k_model), **kw
             )
         else:
-            out = model(*(batch[k] for k in MODEL_INPUTS), deterministic=True)
+            out = model(*(batch[k] for k in MODEL_INPUTS), deterministic=True, **kw)
     return out.logits
 
 
@@ -102,8 +108,59 @@ def objective(forget, retain, lambda_asr, lambda_acc):
     return lambda_asr * forget + lambda_acc * retain
 
 
+class ForgetAugment(NamedTuple):
+    """How the flagged rows of one step are perturbed before the forward pass (:func:`forget_augment_at`).
+
+    Attributes:
+      drop: probability that each inner token of a flagged row (every real token but the first and the last, e.g.
+        BERT's ``[CLS]``/``[SEP]``) is removed; the remaining tokens close up and the row is right-padded again.
+      rng: the step's random generator.
+      pad_id: the id written into the positions freed at the end of a row (masked out).
+    """
+
+    drop: float
+    rng: np.random.Generator
+    pad_id: int = 0
+
+
+def forget_augment_at(cfg: Any, step: int, pad_id: int = 0) -> ForgetAugment | None:
+    """The augmentation of step ``step`` (0-based) of a run with settings ``cfg`` (``forget_drop``, ``seed``), or
+    ``None`` when ``forget_drop`` is 0. The generator is ``default_rng([seed, 17, step])``, so a resumed run and a
+    sweep cell draw the same tokens as a single run."""
+    drop = float(getattr(cfg, "forget_drop", 0.0) or 0.0)
+    if drop <= 0.0:
+        return None
+    return ForgetAugment(drop, np.random.default_rng([int(cfg.seed), 17, int(step)]), int(pad_id))
+
+
+def drop_tokens(batch: dict, drop: float, rng: np.random.Generator, pad_id: int = 0) -> dict:
+    """A copy of ``batch`` (a :func:`jdup.data.batches` batch) where each inner real token of each row is removed
+    with probability ``drop`` (the first and last real tokens always stay); the kept tokens keep their order, move
+    left, and the row is padded on the right (``pad_id``, attention 0). Shapes are unchanged, so the step compiles
+    no new lengths. Forgetting a flagged row in many partial contexts makes it depend on what the rows share (the
+    trigger) rather than on the rows' own words."""
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]).astype(bool)
+    b, s = ids.shape
+    pos = np.arange(s)[None, :]
+    length = mask.sum(1, keepdims=True)
+    inner = mask & (pos > 0) & (pos < length - 1)
+    keep = mask & ~(inner & (rng.random((b, s)) < drop))
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept positions first, in their order
+    out = dict(batch)
+    new_mask = np.take_along_axis(keep, order, 1)
+    out["input_ids"] = np.where(new_mask, np.take_along_axis(ids, order, 1), pad_id).astype(ids.dtype)
+    out["attention_mask"] = new_mask.astype(np.asarray(batch["attention_mask"]).dtype)
+    tt = np.asarray(batch["token_type_ids"])
+    out["token_type_ids"] = np.where(new_mask, np.take_along_axis(tt, order, 1), 0).astype(tt.dtype)
+    return out
+
+
 def joint_batch(
-    forget_batch: dict, teacher_logits: np.ndarray, clean_batch: dict, fused: bool = True
+    forget_batch: dict,
+    teacher_logits: np.ndarray,
+    clean_batch: dict,
+    fused: bool = True,
+    augment: ForgetAugment | None = None,
 ) -> dict:
     """Concatenate a flagged batch and a clean batch into one model batch padded to the longer length.
 
@@ -116,11 +173,15 @@ def joint_batch(
       teacher_logits: ``[N_forget, K]`` teacher logits of all flagged rows.
       clean_batch: a batch of labelled clean rows.
       fused: one concatenated batch (default) or the two batches apart.
+      augment: perturb the flagged rows first (:func:`forget_augment_at`; ``None``: as they are). The teacher
+        logits stay those of the unperturbed rows (``suppress_target`` does not read them).
 
     Returns:
       dict of numpy arrays: model inputs ``[2B, S]``, ``teacher_logits [B, K]``, ``labels [B]``,
       ``forget_mask [B]`` and ``retain_mask [B]`` (float32 row masks).
     """
+    if augment is not None and augment.drop > 0:
+        forget_batch = drop_tokens(forget_batch, augment.drop, augment.rng, augment.pad_id)
     s = max(forget_batch["input_ids"].shape[1], clean_batch["input_ids"].shape[1])
     out = {}
     if not fused:

@@ -1,0 +1,107 @@
+"""Forget-set augmentation (``forget_drop``): token dropping on flagged batches, its per-step generator, the joint
+batch, and a tiny unlearning run that it changes."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jdup import data as D
+from jdup import unlearn as U
+from jdup.errors import Invalid
+from jdup.models import tiny_model
+from jdup.settings import UnlearnSettings
+from jdup.unlearn.loss import drop_tokens, forget_augment_at
+
+
+def _batch(lengths, seq=16, seed=0):
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    ids = np.zeros((b, seq), np.int32)
+    mask = np.zeros((b, seq), np.int32)
+    for i, k in enumerate(lengths):
+        ids[i, :k] = rng.integers(5, 1000, k)
+        ids[i, 0], ids[i, k - 1] = 101, 102
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+            "labels": np.zeros(b, np.int32), "valid": np.ones(b, bool), "index": np.arange(b)}
+
+
+def test_drop_tokens_keeps_ends_order_and_shape():
+    b = _batch([16, 9, 3, 2])
+    out = drop_tokens(b, 0.5, np.random.default_rng(1), pad_id=0)
+    assert out["input_ids"].shape == b["input_ids"].shape
+    for i in range(4):
+        n_old, n_new = int(b["attention_mask"][i].sum()), int(out["attention_mask"][i].sum())
+        old, new = list(b["input_ids"][i, :n_old]), list(out["input_ids"][i, :n_new])
+        assert new[0] == 101 and new[-1] == 102  # first and last real tokens stay
+        it = iter(old)
+        assert all(t in it for t in new)  # a subsequence: order kept, nothing invented
+        assert out["attention_mask"][i, :n_new].all() and not out["attention_mask"][i, n_new:].any()
+        assert (out["input_ids"][i, n_new:] == 0).all()  # right-padded with pad_id
+    assert out["attention_mask"][2].sum() == 3 and out["attention_mask"][3].sum() == 2  # no inner token to drop
+    assert out["attention_mask"][0].sum() < 16  # something was dropped from the long row
+    assert out["labels"] is b["labels"] and out["index"] is b["index"]
+
+
+def test_drop_tokens_rate():
+    b = _batch([64] * 64, seq=64)
+    out = drop_tokens(b, 0.3, np.random.default_rng(0))
+    dropped = 1 - (out["attention_mask"].sum() - 2 * 64) / (62 * 64)
+    assert 0.27 < dropped < 0.33
+    same = drop_tokens(b, 0.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(same["input_ids"], b["input_ids"])
+
+
+def test_forget_augment_at_is_per_step_and_off_by_default():
+    assert forget_augment_at(UnlearnSettings(), 3) is None
+    cfg = UnlearnSettings(forget_drop=0.4, seed=5)
+    b = _batch([16] * 8)
+    a1 = drop_tokens(b, 0.4, forget_augment_at(cfg, 3).rng)
+    a2 = drop_tokens(b, 0.4, forget_augment_at(cfg, 3).rng)
+    a3 = drop_tokens(b, 0.4, forget_augment_at(cfg, 4).rng)
+    np.testing.assert_array_equal(a1["input_ids"], a2["input_ids"])  # a resumed run draws the same tokens
+    assert not np.array_equal(a1["input_ids"], a3["input_ids"])
+    with pytest.raises(Invalid):
+        UnlearnSettings(forget_drop=1.0).validate()
+
+
+def test_joint_batch_augments_only_the_flagged_rows():
+    fb, cb = _batch([16] * 4, seed=1), _batch([12] * 4, seed=2)
+    teacher = np.arange(8, dtype=np.float32).reshape(4, 2)
+    plain = U.joint_batch(fb, teacher, cb)
+    aug = U.joint_batch(fb, teacher, cb, True, forget_augment_at(UnlearnSettings(forget_drop=0.5), 0))
+    assert not np.array_equal(aug["input_ids"][:4], plain["input_ids"][:4])
+    np.testing.assert_array_equal(aug["input_ids"][4:], plain["input_ids"][4:])
+    np.testing.assert_array_equal(aug["attention_mask"][4:], plain["attention_mask"][4:])
+    np.testing.assert_array_equal(aug["teacher_logits"], plain["teacher_logits"])
+    unfused = U.joint_batch(fb, teacher, cb, False, forget_augment_at(UnlearnSettings(forget_drop=0.5), 0))
+    np.testing.assert_array_equal(unfused["forget_inputs"]["input_ids"], aug["input_ids"][:4])
+
+
+def _encoded(n, seed, seq=12):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, seq + 1, n).astype(np.int32)
+    ids = np.zeros((n, seq), np.int32)
+    mask = np.zeros((n, seq), np.int32)
+    for i, k in enumerate(lengths):
+        ids[i, :k] = rng.integers(5, 60, k)
+        ids[i, 0], ids[i, k - 1] = 2, 3
+        mask[i, :k] = 1
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    return D.Encoded(ids, mask, np.zeros_like(ids), lengths, labels, np.zeros(n, np.int8), (8, seq), 0)
+
+
+def test_unlearning_with_forget_drop_runs_and_differs():
+    victim = tiny_model("bert", 2, seed=4)
+    forget, retain = _encoded(12, 1), _encoded(16, 2)
+    base = dict(lora_rank=4, lora_alpha=8.0, batch_size=4, epochs=2, eval_batch_size=8, progress=False,
+                ckpt_every_steps=0, target_label=1)
+    r0 = U.unlearn(victim, forget, retain, UnlearnSettings(**base))
+    r1 = U.unlearn(victim, forget, retain, UnlearnSettings(**base, forget_drop=0.5))
+    r1b = U.unlearn(victim, forget, retain, dataclasses.replace(UnlearnSettings(**base), forget_drop=0.5))
+    f0 = [r["forget"] for r in r0.log]
+    f1 = [r["forget"] for r in r1.log]
+    assert len(f0) == len(f1) == 6 and np.isfinite(f1).all()
+    assert f0[0] != f1[0]  # the first step already sees other rows
+    np.testing.assert_allclose(f1, [r["forget"] for r in r1b.log], rtol=1e-6)  # deterministic
