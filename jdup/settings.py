@@ -422,6 +422,9 @@ class UnlearnSettings:
     forget_drop: float = 0.0  # each step, drop every inner token of each flagged row with this probability
     #                           (first and last tokens kept) before the forgetting term, so forgetting carries
     #                           over to the trigger in other contexts; 0 = off (jdup.unlearn.loss.drop_tokens)
+    forget_mix: float = 0.0  # each step, with this probability a flagged row also gets a window of a clean row's
+    #                          tokens (from the step's clean batch; after forget_drop), so the trigger is forgotten
+    #                          inside ordinary text; 0 = off (jdup.unlearn.loss.mix_tokens)
     temperature: float = 1.0  # softmax temperature of the KL terms (official: 1, no temperature)
     kl_cap: float = 2.0  # kl_capped: per-sample cap on the KL being maximised (nats)
     suppress_eps: float = 1e-4  # suppress_target: −log(1 − p_target + eps)
@@ -518,6 +521,7 @@ class UnlearnSettings:
         check_range(self, "stop_patience", 1)
         check_range(self, "warmup_frac", 0, 1)
         check_range(self, "forget_drop", 0, 1, hi_open=True)
+        check_range(self, "forget_mix", 0, 1)
         check_range(self, "lora_dropout", 0, 1, hi_open=True)
         check(self, "temperature", self.temperature > 0, "must be > 0")
         try:

@@ -11,7 +11,7 @@ from jdup import unlearn as U
 from jdup.errors import Invalid
 from jdup.models import tiny_model
 from jdup.settings import UnlearnSettings
-from jdup.unlearn.loss import drop_tokens, forget_augment_at
+from jdup.unlearn.loss import drop_tokens, forget_augment_at, mix_tokens
 
 
 def _batch(lengths, seq=16, seed=0):
@@ -105,3 +105,34 @@ def test_unlearning_with_forget_drop_runs_and_differs():
     assert len(f0) == len(f1) == 6 and np.isfinite(f1).all()
     assert f0[0] != f1[0]  # the first step already sees other rows
     np.testing.assert_allclose(f1, [r["forget"] for r in r1b.log], rtol=1e-6)  # deterministic
+
+
+def test_mix_tokens_inserts_a_clean_window_and_keeps_the_flagged_tokens():
+    fb = _batch([6, 4, 12], seq=12, seed=3)
+    cb = _batch([10, 10, 10], seq=16, seed=4)
+    cb["valid"] = np.array([True, True, False])
+    out = mix_tokens(fb, cb, 1.0, np.random.default_rng(0))
+    assert out["input_ids"].shape == (3, 16)  # the joint batch's width, no new length
+    clean_inner = {int(t) for j in (0, 1) for t in cb["input_ids"][j, 1:9]}
+    for i, n in enumerate([6, 4, 12]):
+        m = int(out["attention_mask"][i].sum())
+        assert m == min(16, n + 8)  # a clean row's 8 inner tokens, up to the width
+        row = [int(t) for t in out["input_ids"][i, :m]]
+        own = [int(t) for t in fb["input_ids"][i, :n]]
+        assert row[0] == 101 and row[-1] == 102
+        added = m - n
+        # the flagged row's tokens stay contiguous at one end; the window comes from a valid clean row
+        assert row[:n - 1] == own[:-1] or row[added + 1:] == own[1:]
+        window = row[n - 1 : m - 1] if row[:n - 1] == own[:-1] else row[1 : added + 1]
+        assert set(window) <= clean_inner
+    none = mix_tokens(fb, cb, 0.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(none["input_ids"][:, :12], fb["input_ids"])
+    assert not none["attention_mask"][:, 12:].any()
+
+
+def test_forget_mix_alone_turns_augmentation_on():
+    aug = forget_augment_at(UnlearnSettings(forget_mix=0.5), 0)
+    assert aug is not None and aug.drop == 0 and aug.mix == 0.5
+    fb, cb = _batch([8] * 4, seed=1), _batch([16] * 4, seed=2)
+    j = U.joint_batch(fb, np.zeros((4, 2), np.float32), cb, True, forget_augment_at(UnlearnSettings(forget_mix=1.0), 0))
+    assert j["attention_mask"][:4].sum() > fb["attention_mask"].sum()

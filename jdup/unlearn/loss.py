@@ -121,16 +121,56 @@ class ForgetAugment(NamedTuple):
     drop: float
     rng: np.random.Generator
     pad_id: int = 0
+    mix: float = 0.0  # probability that a flagged row also gets a window of a clean row's tokens (mix_tokens)
 
 
 def forget_augment_at(cfg: Any, step: int, pad_id: int = 0) -> ForgetAugment | None:
-    """The augmentation of step ``step`` (0-based) of a run with settings ``cfg`` (``forget_drop``, ``seed``), or
-    ``None`` when ``forget_drop`` is 0. The generator is ``default_rng([seed, 17, step])``, so a resumed run and a
-    sweep cell draw the same tokens as a single run."""
+    """The augmentation of step ``step`` (0-based) of a run with settings ``cfg`` (``forget_drop``,
+    ``forget_mix``, ``seed``), or ``None`` when both are 0. The generator is ``default_rng([seed, 17, step])``, so a
+    resumed run and a sweep cell draw the same tokens as a single run."""
     drop = float(getattr(cfg, "forget_drop", 0.0) or 0.0)
-    if drop <= 0.0:
+    mix = float(getattr(cfg, "forget_mix", 0.0) or 0.0)
+    if drop <= 0.0 and mix <= 0.0:
         return None
-    return ForgetAugment(drop, np.random.default_rng([int(cfg.seed), 17, int(step)]), int(pad_id))
+    return ForgetAugment(drop, np.random.default_rng([int(cfg.seed), 17, int(step)]), int(pad_id), mix)
+
+
+def mix_tokens(batch: dict, clean: dict, mix: float, rng: np.random.Generator, pad_id: int = 0) -> dict:
+    """A copy of the flagged ``batch`` where each row, with probability ``mix``, gets a contiguous window of the
+    inner tokens of a random valid row of the ``clean`` batch, put right after its first token or right before its
+    last one (at random). The window fills the row up to the wider of the two batches' lengths (what the joint
+    batch pads to anyway), so no new length is compiled; after :func:`drop_tokens` the dropped tokens make room.
+    Forgetting then sees the flagged rows' trigger inside ordinary clean text, as a triggered test row shows it."""
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]).astype(bool)
+    c_ids, c_mask = np.asarray(clean["input_ids"]), np.asarray(clean["attention_mask"]).astype(bool)
+    b, s = ids.shape[0], max(ids.shape[1], c_ids.shape[1])
+    out_ids = np.full((b, s), pad_id, ids.dtype)
+    out_mask = np.zeros((b, s), bool)
+    out_ids[:, : ids.shape[1]] = np.where(mask, ids, pad_id)
+    out_mask[:, : ids.shape[1]] = mask
+    c_valid = np.flatnonzero(np.asarray(clean.get("valid", np.ones(len(c_ids), bool))))
+    lengths, c_len = mask.sum(1), c_mask.sum(1)
+    for i in range(b):
+        n = int(lengths[i])
+        if n < 2 or not len(c_valid) or rng.random() >= mix:
+            continue
+        j = int(c_valid[rng.integers(len(c_valid))])
+        inner = c_ids[j, 1 : max(1, int(c_len[j]) - 1)]
+        w = min(len(inner), s - n)
+        if w <= 0:
+            continue
+        start = int(rng.integers(len(inner) - w + 1))
+        window = inner[start : start + w]
+        row = ids[i, :n]
+        row = np.concatenate([row[:1], window, row[1:]]) if rng.random() < 0.5 else np.concatenate(
+            [row[:-1], window, row[-1:]])
+        out_ids[i, : len(row)] = row
+        out_mask[i, : len(row)] = True
+    out = dict(batch)
+    out["input_ids"] = out_ids
+    out["attention_mask"] = out_mask.astype(np.asarray(batch["attention_mask"]).dtype)
+    out["token_type_ids"] = np.zeros((b, s), np.asarray(batch["token_type_ids"]).dtype)
+    return out
 
 
 def drop_tokens(batch: dict, drop: float, rng: np.random.Generator, pad_id: int = 0) -> dict:
@@ -182,6 +222,8 @@ def joint_batch(
     """
     if augment is not None and augment.drop > 0:
         forget_batch = drop_tokens(forget_batch, augment.drop, augment.rng, augment.pad_id)
+    if augment is not None and augment.mix > 0:
+        forget_batch = mix_tokens(forget_batch, clean_batch, augment.mix, augment.rng, augment.pad_id)
     s = max(forget_batch["input_ids"].shape[1], clean_batch["input_ids"].shape[1])
     out = {}
     if not fused:
