@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdup import dropout as _dropout_lib
 from jdup.errors import JdupError
 from jdup.models import layers as L
 from jdup.models.common import Output
@@ -215,7 +216,15 @@ class Layer(nnx.Module):
         self, h: jax.Array, bias: jax.Array, *, deterministic: bool, rngs, cls_only: bool = False
     ) -> jax.Array:
         """``h [B, S, D]`` -> ``[B, S, D]``; with ``cls_only`` only position 0 is computed (attending to every
-        position) and the result is ``[B, 1, D]``: exact for a last layer whose only use is the [CLS] row."""
+        position) and the result is ``[B, 1, D]``: exact for a last layer whose only use is the [CLS] row. With
+        dropout on, its masks (attention, residual branches, LoRA inputs) are the [CLS] rows of the full layer's
+        masks (:func:`jdup.dropout.leading_rows`), so the row equals the full computation's up to float rounding."""
+        if cls_only and not deterministic:
+            with _dropout_lib.leading_rows(h.shape[1]):
+                return self._forward(h, bias, deterministic=deterministic, rngs=rngs, cls_only=True)
+        return self._forward(h, bias, deterministic=deterministic, rngs=rngs, cls_only=cls_only)
+
+    def _forward(self, h, bias, *, deterministic: bool, rngs, cls_only: bool) -> jax.Array:
         p = self.cfg.hidden_dropout_prob
         x = h[:, :1] if cls_only else h
         a = self.attention(h, bias, deterministic=deterministic, rngs=rngs, queries=x if cls_only else None)
@@ -297,7 +306,8 @@ class _EncoderClassifier(nnx.Module):
           last_layer_positions: ``"all"`` (default) or ``"cls"`` (static): the last layer computes only position
             0 (its attention still reads every position), which is all the head and [CLS] pooling need; the
             logits are unchanged, about ``1/num_hidden_layers`` of the work is saved, and the last entry of
-            ``hidden_states`` is then ``[batch, 1, dim]`` (the [CLS] row only). Used by detection features.
+            ``hidden_states`` is then ``[batch, 1, dim]`` (the [CLS] row only). Used by detection features,
+            predictions and the unlearning step (with dropout on, the masks are the full layer's [CLS] rows).
 
         Returns:
           ``Output(logits [batch, num_labels] in the compute dtype, hidden_states or None)``.
