@@ -156,9 +156,13 @@ def minilm_torch_cls(minilm_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def victim_cache(tmp_path_factory) -> pathlib.Path:
-    """``$JDUP_TEST_CACHE/victims`` when set (kept across sessions), else a folder of this session's temp dir."""
+    """``$JDUP_TEST_CACHE/victims`` when set (kept across sessions), else a folder of this session's temp dir (the
+    run's common temp dir under pytest-xdist, so the workers share one victim)."""
     env = os.environ.get("JDUP_TEST_CACHE")
-    path = pathlib.Path(env) / "victims" if env else tmp_path_factory.getbasetemp() / "jdup-victims"
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp/popen-gw<N>: its parent is common to the workers
+        base = base.parent
+    path = pathlib.Path(env) / "victims" if env else base / "jdup-victims"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -167,9 +171,12 @@ def victim_cache(tmp_path_factory) -> pathlib.Path:
 def victims(victim_cache, sst2_dir) -> dict[str, dict]:
     from tests.helpers.victim import ATTACKS, train_victim
 
+    from filelock import FileLock
+
     for attack in ATTACKS:
         _shared_data(sst2_dir / attack)
-    return train_victim(victim_cache, sst2_dir)
+    with FileLock(str(victim_cache / ".lock")):  # one builder; other workers (pytest-xdist) wait, then reuse it
+        return train_victim(victim_cache, sst2_dir)
 
 
 @pytest.fixture(scope="session")
