@@ -485,6 +485,9 @@ class UnlearnSettings:
     forget_floor: float = 0.02  # ... or at most this fraction of them (whichever is larger)
     stop_patience: int = 2  # forget_check: evaluations without a better kept state, once one has forgotten,
     #                         before stopping
+    check_mix: bool = False  # forget_check: judge forgetting on the held-out flagged rows each put into a held-out
+    #                          clean row of another class (the trigger inside ordinary text, as in a triggered test
+    #                          row) instead of on the rows as they are, which overstate forgetting
     clean_holdout_frac: float = 0.2  # proxy: fraction of dev-clean held out of the CE set to measure accuracy
     #                                   honestly (accuracy on the CE rows themselves is optimistic); 0 = measure
     #                                   on the CE rows

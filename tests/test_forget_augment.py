@@ -11,7 +11,7 @@ from jdup import unlearn as U
 from jdup.errors import Invalid
 from jdup.models import tiny_model
 from jdup.settings import UnlearnSettings
-from jdup.unlearn.loss import drop_tokens, forget_augment_at, mix_tokens
+from jdup.unlearn.loss import drop_tokens, forget_augment_at, mix_encoded, mix_tokens
 
 
 def _batch(lengths, seq=16, seed=0):
@@ -136,3 +136,53 @@ def test_forget_mix_alone_turns_augmentation_on():
     fb, cb = _batch([8] * 4, seed=1), _batch([16] * 4, seed=2)
     j = U.joint_batch(fb, np.zeros((4, 2), np.float32), cb, True, forget_augment_at(UnlearnSettings(forget_mix=1.0), 0))
     assert j["attention_mask"][:4].sum() > fb["attention_mask"].sum()
+
+
+def test_mix_encoded_puts_each_row_into_a_clean_row():
+    rows, clean = _encoded(6, 1), _encoded(5, 2, seq=12)
+    mixed = mix_encoded(rows, clean, [0, 13])
+    assert mixed.input_ids.shape == rows.input_ids.shape and len(mixed) == 6
+    np.testing.assert_array_equal(mixed.lengths, mixed.attention_mask.sum(1))
+    room = rows.lengths < rows.max_length
+    assert room.sum() >= 4 and (mixed.lengths[room] > rows.lengths[room]).all()
+    assert (mixed.lengths >= rows.lengths).all() and (mixed.lengths <= rows.max_length).all()
+    for i in range(6):
+        row, own = list(mixed.input_ids[i, : mixed.lengths[i]]), list(rows.input_ids[i, : rows.lengths[i]])
+        assert row[0] == 2 and row[-1] == 3
+        assert row[: len(own) - 1] == own[:-1] or row[len(row) - len(own) + 1 :] == own[1:]
+    np.testing.assert_array_equal(mixed.labels, rows.labels)
+    again = mix_encoded(rows, clean, [0, 13])
+    np.testing.assert_array_equal(again.input_ids, mixed.input_ids)
+    assert mix_encoded(rows, clean.subset([]), 0) is rows
+
+
+def test_prepare_sets_check_mix_judges_mixed_rows(monkeypatch):
+    from jdup.unlearn import monitors
+
+    seen = {}
+
+    def capture(rows, clean, target, base_acc, params):
+        seen["rows"], seen["clean"] = rows, clean
+        return None
+
+    monkeypatch.setattr(monitors, "forget_check_monitor", capture)
+    victim = tiny_model("bert", 2, seed=4)
+    dev_clean, dev_poison = _encoded(40, 3), _encoded(20, 4)
+    dev_detect = D.Encoded.concat([dev_clean, dev_poison])
+    flags = np.r_[np.zeros(40, bool), np.ones(20, bool)]
+    kw = dict(early_stop="forget_check", progress=False, target_label=1, eval_batch_size=8)
+    plain = monitors.prepare_sets(UnlearnSettings(**kw), victim, dev_detect, flags, dev_clean, dev_poison, 1)
+    rows_plain = seen["rows"]
+    mixed = monitors.prepare_sets(UnlearnSettings(**kw, check_mix=True), victim, dev_detect, flags, dev_clean,
+                                  dev_poison, 1)
+    rows_mixed, clean = seen["rows"], seen["clean"]
+    np.testing.assert_array_equal(rows_plain.input_ids, plain.holdout.input_ids)  # off: the held-out rows as they are
+    assert len(rows_mixed) == len(mixed.holdout) == 4
+    assert (rows_mixed.lengths >= mixed.holdout.lengths).all()
+    assert (rows_mixed.lengths > mixed.holdout.lengths).any()
+    others = {int(t) for i in np.flatnonzero(clean.labels != 1) for t in clean.input_ids[i, 1 : clean.lengths[i] - 1]}
+    for i in range(4):
+        n = int(mixed.holdout.lengths[i])
+        added = [int(t) for t in rows_mixed.input_ids[i, : rows_mixed.lengths[i]]]
+        extra = [t for t in added if t not in set(mixed.holdout.input_ids[i, :n].tolist())]
+        assert set(extra) <= others  # the added tokens come from held-out clean rows of the other class

@@ -8,6 +8,7 @@ what shapes the traced computation (static); the weights ``λ`` are traced array
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -193,6 +194,27 @@ def drop_tokens(batch: dict, drop: float, rng: np.random.Generator, pad_id: int 
     tt = np.asarray(batch["token_type_ids"])
     out["token_type_ids"] = np.where(new_mask, np.take_along_axis(tt, order, 1), 0).astype(tt.dtype)
     return out
+
+
+def mix_encoded(rows: Any, clean: Any, seed: Any) -> Any:
+    """Each row of ``rows`` (a :class:`jdup.data.Encoded`) with the inner tokens of a random row of ``clean`` put
+    after its first token or before its last (:func:`mix_tokens` with ``mix=1``, up to ``rows.max_length``
+    tokens), drawn with ``default_rng(seed)``: the held-out flagged rows of ``forget_check`` inside ordinary text
+    (``check_mix``). ``rows`` unchanged when either set is empty."""
+    if not len(rows) or not len(clean):
+        return rows
+    arrays = {k: getattr(rows, k) for k in MODEL_INPUTS}
+    c_arrays = {k: getattr(clean, k) for k in MODEL_INPUTS}
+    out = mix_tokens(arrays, c_arrays, 1.0, np.random.default_rng(seed), int(rows.pad_id))
+    w = rows.max_length
+    mask = out["attention_mask"][:, :w]
+    return dataclasses.replace(
+        rows,
+        input_ids=out["input_ids"][:, :w].astype(rows.input_ids.dtype),
+        attention_mask=mask.astype(rows.attention_mask.dtype),
+        token_type_ids=out["token_type_ids"][:, :w].astype(rows.token_type_ids.dtype),
+        lengths=mask.sum(1).astype(rows.lengths.dtype),
+    )
 
 
 def joint_batch(

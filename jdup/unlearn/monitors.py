@@ -15,6 +15,7 @@ from flax import nnx
 
 from jdup import data as D
 from jdup import predict as predict_lib
+from jdup.unlearn.loss import mix_encoded
 from jdup.unlearn.stop import StopParams, forget_check_monitor
 
 
@@ -134,7 +135,9 @@ def prepare_sets(
 
     Flagged rows held out for the proxy and forget_check rules: ``round(holdout_frac · n_flagged)`` drawn with
     ``default_rng([seed, 7])``; clean rows held out of the CE set: ``round(clean_holdout_frac · n_clean)`` drawn
-    with ``default_rng([seed, 11])`` (none if that leaves no CE rows).
+    with ``default_rng([seed, 11])`` (none if that leaves no CE rows). With ``check_mix`` the ``forget_check`` rule
+    judges forgetting on the held-out flagged rows each put into a held-out clean row of another class
+    (:func:`jdup.unlearn.loss.mix_encoded`, ``default_rng([seed, 13])``).
     """
     k = int(victim.config.num_labels)
     flagged_idx = np.flatnonzero(np.asarray(flags, bool))
@@ -174,7 +177,11 @@ def prepare_sets(
         )
         if cfg.early_stop == "forget_check":
             params = StopParams(cfg.forget_ratio, cfg.forget_floor, cfg.max_cacc_drop, cfg.stop_patience)
-            monitor = forget_check_monitor(holdout, clean_check, target, base_acc, params)
+            check_rows = holdout
+            if getattr(cfg, "check_mix", False):  # the held-out flagged rows inside held-out clean rows of
+                others = clean_check.subset(np.flatnonzero(clean_check.labels != target))  # the other classes
+                check_rows = mix_encoded(holdout, others, [cfg.seed, 13])
+            monitor = forget_check_monitor(check_rows, clean_check, target, base_acc, params)
         else:
             monitor = proxy_monitor(
                 holdout,
