@@ -422,9 +422,10 @@ class UnlearnSettings:
     forget_drop: float = 0.0  # each step, drop every inner token of each flagged row with this probability
     #                           (first and last tokens kept) before the forgetting term, so forgetting carries
     #                           over to the trigger in other contexts; 0 = off (jdup.unlearn.loss.drop_tokens)
-    forget_mix: float = 0.0  # each step, with this probability a flagged row also gets a window of a clean row's
-    #                          tokens (from the step's clean batch; after forget_drop), so the trigger is forgotten
-    #                          inside ordinary text; 0 = off (jdup.unlearn.loss.mix_tokens)
+    forget_mix: float = 0.0  # each step, with this probability a flagged row also gets a window of the tokens of a
+    #                          clean row of another class than the target (from the step's clean batch; after
+    #                          forget_drop), so the trigger is forgotten inside ordinary text; 0 = off
+    #                          (jdup.unlearn.loss.mix_tokens)
     temperature: float = 1.0  # softmax temperature of the KL terms (official: 1, no temperature)
     kl_cap: float = 2.0  # kl_capped: per-sample cap on the KL being maximised (nats)
     suppress_eps: float = 1e-4  # suppress_target: −log(1 − p_target + eps)

@@ -186,3 +186,20 @@ def test_prepare_sets_check_mix_judges_mixed_rows(monkeypatch):
         added = [int(t) for t in rows_mixed.input_ids[i, : rows_mixed.lengths[i]]]
         extra = [t for t in added if t not in set(mixed.holdout.input_ids[i, :n].tolist())]
         assert set(extra) <= others  # the added tokens come from held-out clean rows of the other class
+
+
+def test_mix_tokens_takes_windows_from_other_classes_only():
+    fb = _batch([4] * 6, seq=16, seed=5)
+    cb = _batch([12, 12, 12], seq=16, seed=6)
+    cb["labels"] = np.array([1, 0, 1], np.int32)
+    out = mix_tokens(fb, cb, 1.0, np.random.default_rng(2), exclude_label=1)
+    allowed = {int(t) for t in cb["input_ids"][1, 1:11]}
+    for i in range(6):
+        own = {int(t) for t in fb["input_ids"][i, :4]}
+        extra = {int(t) for t in out["input_ids"][i, : out["attention_mask"][i].sum()]} - own
+        assert extra and extra <= allowed
+    cb["labels"] = np.array([1, 1, 1], np.int32)  # no clean row of another class: rows unchanged
+    same = mix_tokens(fb, cb, 1.0, np.random.default_rng(2), exclude_label=1)
+    np.testing.assert_array_equal(same["attention_mask"].sum(1), fb["attention_mask"].sum(1))
+    aug = forget_augment_at(UnlearnSettings(forget_mix=1.0), 0, 0, target=1)
+    assert aug.target == 1

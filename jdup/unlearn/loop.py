@@ -400,7 +400,7 @@ def run_cells(
                     cells[i].teacher,
                     plans[i].clean_batch(step),
                     cells[i].settings.fused_step,
-                    forget_augment_at(cells[i].settings, step, pad_id),
+                    forget_augment_at(cells[i].settings, step, pad_id, cells[i].target),
                 )
                 for i in idx
             ]

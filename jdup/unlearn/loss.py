@@ -123,9 +123,10 @@ class ForgetAugment(NamedTuple):
     rng: np.random.Generator
     pad_id: int = 0
     mix: float = 0.0  # probability that a flagged row also gets a window of a clean row's tokens (mix_tokens)
+    target: int | None = None  # the defender's target: windows come from clean rows of the other classes only
 
 
-def forget_augment_at(cfg: Any, step: int, pad_id: int = 0) -> ForgetAugment | None:
+def forget_augment_at(cfg: Any, step: int, pad_id: int = 0, target: int | None = None) -> ForgetAugment | None:
     """The augmentation of step ``step`` (0-based) of a run with settings ``cfg`` (``forget_drop``,
     ``forget_mix``, ``seed``), or ``None`` when both are 0. The generator is ``default_rng([seed, 17, step])``, so a
     resumed run and a sweep cell draw the same tokens as a single run."""
@@ -133,13 +134,16 @@ def forget_augment_at(cfg: Any, step: int, pad_id: int = 0) -> ForgetAugment | N
     mix = float(getattr(cfg, "forget_mix", 0.0) or 0.0)
     if drop <= 0.0 and mix <= 0.0:
         return None
-    return ForgetAugment(drop, np.random.default_rng([int(cfg.seed), 17, int(step)]), int(pad_id), mix)
+    rng = np.random.default_rng([int(cfg.seed), 17, int(step)])
+    return ForgetAugment(drop, rng, int(pad_id), mix, None if target is None else int(target))
 
 
-def mix_tokens(batch: dict, clean: dict, mix: float, rng: np.random.Generator, pad_id: int = 0) -> dict:
+def mix_tokens(batch: dict, clean: dict, mix: float, rng: np.random.Generator, pad_id: int = 0,
+               exclude_label: int | None = None) -> dict:
     """A copy of the flagged ``batch`` where each row, with probability ``mix``, gets a contiguous window of the
-    inner tokens of a random valid row of the ``clean`` batch, put right after its first token or right before its
-    last one (at random). The window fills the row up to the wider of the two batches' lengths (what the joint
+    inner tokens of a random valid row of the ``clean`` batch (whose label is not ``exclude_label``, the target:
+    the mixed row then still belongs where the forgetting term pushes it), put right after its first token or
+    right before its last one (at random). The window fills the row up to the wider of the two batches' lengths (what the joint
     batch pads to anyway), so no new length is compiled; after :func:`drop_tokens` the dropped tokens make room.
     Forgetting then sees the flagged rows' trigger inside ordinary clean text, as a triggered test row shows it."""
     ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]).astype(bool)
@@ -149,7 +153,10 @@ def mix_tokens(batch: dict, clean: dict, mix: float, rng: np.random.Generator, p
     out_mask = np.zeros((b, s), bool)
     out_ids[:, : ids.shape[1]] = np.where(mask, ids, pad_id)
     out_mask[:, : ids.shape[1]] = mask
-    c_valid = np.flatnonzero(np.asarray(clean.get("valid", np.ones(len(c_ids), bool))))
+    usable = np.asarray(clean.get("valid", np.ones(len(c_ids), bool)), bool)
+    if exclude_label is not None and "labels" in clean:
+        usable = usable & (np.asarray(clean["labels"]) != exclude_label)
+    c_valid = np.flatnonzero(usable)
     lengths, c_len = mask.sum(1), c_mask.sum(1)
     for i in range(b):
         n = int(lengths[i])
@@ -245,7 +252,8 @@ def joint_batch(
     if augment is not None and augment.drop > 0:
         forget_batch = drop_tokens(forget_batch, augment.drop, augment.rng, augment.pad_id)
     if augment is not None and augment.mix > 0:
-        forget_batch = mix_tokens(forget_batch, clean_batch, augment.mix, augment.rng, augment.pad_id)
+        forget_batch = mix_tokens(forget_batch, clean_batch, augment.mix, augment.rng, augment.pad_id,
+                                  augment.target)
     s = max(forget_batch["input_ids"].shape[1], clean_batch["input_ids"].shape[1])
     out = {}
     if not fused:
