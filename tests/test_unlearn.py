@@ -414,6 +414,12 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     ):
         assert k in m, k
     assert json.loads((out / "metrics.json").read_text())["n_flagged"] == m["n_flagged"]
+    # JAX's compile work per phase adds up to the call's (docs/performance.md)
+    ph = m["seconds_phases"]
+    by_phase, c = ph["compile_phases"], ph["compile"]
+    assert set(by_phase) == {"load", "detect", "prepare", "before", "unlearn", "after", "save"}
+    assert min(by_phase.values()) >= 0.0 and by_phase["unlearn"] > 0.0
+    assert abs(sum(by_phase.values()) - (c["trace_s"] + c["lower_s"] + c["compile_s"])) < 1e-3
     flags = np.load(out / "detection" / "flags.npy")
     assert flags.sum() == m["n_flagged"] > 0
     assert not (out / "ckpt").exists()

@@ -4,6 +4,13 @@ computation up to float rounding."""
 
 import contextlib
 import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +23,8 @@ from jdup import unlearn as U
 from jdup.models import tiny_model
 from jdup.predict import predict
 from jdup.stages import unlearn as S
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(
     lora_rank=4,
@@ -139,3 +148,60 @@ def test_a_short_run_equals_the_full_layer_run(setup, monkeypatch):
         nnx.state(a.merged),
         nnx.state(b.merged),
     )
+
+
+STEP_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from jdup import runtime
+    runtime.setup(cache_dir=sys.argv[2])
+    from jdup import models, unlearn as U
+    from jdup.stages import unlearn as S
+    sys.path.insert(0, sys.argv[3])
+    from tests.test_unlearn_speed import TINY, _encoded
+    model = models.from_pretrained(sys.argv[1])
+    forget, retain = _encoded(8, 1, trigger=7), _encoded(8, 2)
+    cfg = S.UnlearnConfig(**TINY)
+    teacher = np.zeros((8, 2), np.float32)
+    before = runtime.compile_totals()
+    res = U.unlearn(model, forget, retain, cfg, teacher_logits=teacher, target_label=1)
+    print(json.dumps({"log": res.log, "compile": runtime.compile_since(before)}))
+    """
+)
+
+
+def _step_child(model, cache, src) -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_", "JDUP_COMPILATION_CACHE", "JDUP_KEEP"))
+    }
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(src))
+    proc = subprocess.run(
+        [sys.executable, "-c", STEP_CHILD, str(model), str(cache), str(REPO)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=src,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_the_unlearning_step(tiny_model_dir, tmp_path):
+    """The step's executables are kept across processes (jdup.aot): a second process runs the same binary (the
+    same per-step numbers, bit for bit) without tracing and lowering the step again."""
+    src = (
+        tmp_path / "src"
+    )  # a copy: the file names hash jdup's source, which concurrent edits must not change
+    shutil.copytree(REPO / "jdup", src / "jdup", ignore=shutil.ignore_patterns("__pycache__"))
+    cache = tmp_path / "xla"
+    first = _step_child(tiny_model_dir, cache, src)
+    steps = [p for p in (cache / "aot").glob("*.exe")]
+    assert steps  # the step of each padded length (and no forward: the teacher logits were given)
+    second = _step_child(tiny_model_dir, cache, src)
+    assert first["log"] == second["log"] and len(first["log"]) > 2
+    assert second["compile"]["programs"] <= first["compile"]["programs"] - len(steps)
+    assert second["compile"]["trace_s"] < first["compile"]["trace_s"]

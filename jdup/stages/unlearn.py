@@ -237,6 +237,13 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     t0 = time.perf_counter()
     age, compile0 = runtime.process_seconds(), runtime.compile_totals()
     phases: dict[str, Any] = {"startup": age}  # where the call's time goes (docs/performance.md)
+    compile_phases: dict[str, float] = {}  # JAX's compile work (trace + lower + XLA compile or cache load) per phase
+    clock = [compile0]
+
+    def compiled(name: str) -> None:
+        d = runtime.compile_since(clock[0])
+        clock[0] = runtime.compile_totals()
+        compile_phases[name] = d["trace_s"] + d["lower_s"] + d["compile_s"]
     out = output.path  # the staging folder; output.out is where the finished output goes
     settings = cfg.settings()
     mesh = stage_mesh(cfg.mesh)
@@ -254,6 +261,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         ra_labels = robust_labels(splits["test-clean"], splits["test-poison"], target, cfg.data)
 
     phases["load"] = time.perf_counter() - t0
+    compiled("load")
     # 1. detection over dev-detect = dev-clean ‖ dev-poison, in memory
     dev_detect = D.TextDataset.concat([splits["dev-clean"], splits["dev-poison"]],
                                       os.path.join(os.fspath(cfg.data), "dev-detect"))
@@ -266,6 +274,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
                         "allow_empty_forget=true to export the model unchanged",
                         flags_from if flags_from != "detected" else os.path.join(output.out, "detection"))
     det_seconds = time.perf_counter() - t_det
+    compiled("detect")
     is_poison = np.concatenate(
         [np.zeros(len(splits["dev-clean"]), bool), np.ones(len(splits["dev-poison"]), bool)]
     )
@@ -275,6 +284,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     t = time.perf_counter()
     sets = prepare_sets(settings, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target)
     phases["prepare"] = time.perf_counter() - t
+    compiled("prepare")
 
     # 3. before
     t = time.perf_counter()
@@ -282,6 +292,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     before = evaluate_model(victim, enc["test-clean"], enc["test-poison"], target, ra_labels, tag="before",
                             **eval_kw)
     phases["before"] = time.perf_counter() - t
+    compiled("before")
 
     # 4. unlearn (the UPGP projection, if any, is built by unlearn() on its student)
     t_un = time.perf_counter()
@@ -297,16 +308,20 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         mesh=mesh,
     )
     un_seconds = time.perf_counter() - t_un
+    compiled("unlearn")
 
     # 5. after
     t = time.perf_counter()
     after = evaluate_model(res.merged, enc["test-clean"], enc["test-poison"], target, ra_labels, tag="after",
                            **eval_kw)
     phases["after"] = time.perf_counter() - t
+    compiled("after")
     t = time.perf_counter()
     models.save_pretrained(res.merged, os.path.join(out, "model"), tokenizer_src=tok)
     phases["save"] = time.perf_counter() - t
+    compiled("save")
     phases["compile"] = runtime.compile_since(compile0)  # inside the phases above (tracing, XLA or cache load)
+    phases["compile_phases"] = compile_phases
 
     fl = flags.astype(bool)
     record = {

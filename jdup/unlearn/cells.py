@@ -30,7 +30,7 @@ from jdup import mesh as mesh_lib
 from jdup.predict import MODEL_INPUTS, model_inputs
 from jdup.unlearn.loss import LossSettings
 from jdup.unlearn.monitors import Evaluation
-from jdup.unlearn.step import OptimizerSpec, step_key, train_step
+from jdup.unlearn.step import OptimizerSpec, keep_step, step_key, train_step
 from jdup.unlearn.student import Student
 
 
@@ -120,7 +120,7 @@ def cells_step(graphdef, spec: OptimizerSpec, settings: LossSettings, k: int) ->
         out = one(first(state), frozen, first(batch), first(params), t)
         return jax.tree.map(lambda x: x[None], out)
 
-    return jax.jit(single)
+    return keep_step(jax.jit(single), graphdef, spec, settings)  # executables kept across processes (jdup.aot)
 
 
 def keep_best(state: LoopState, better) -> LoopState:

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdup import optim
+from jdup import aot, optim
+from jdup import dropout as dropout_lib
 from jdup.unlearn.loss import LossSettings, loss_pieces, objective
 
 
@@ -182,3 +183,16 @@ def _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch
 #: :func:`train_step` jitted with ``graphdef``, ``optimizer`` and ``settings`` static: runs with the same model
 #: structure, step counts and loss settings reuse the compiled step whatever their learning rate and weights.
 jit_train_step = jax.jit(train_step, static_argnums=(0, 1, 2))
+
+
+def keep_step(jitted, graphdef, optimizer: OptimizerSpec, settings: LossSettings):
+    """A jitted step closing over ``graphdef``, ``optimizer`` and ``settings``, with its executables kept across
+    processes (:func:`jdup.aot.keep_compiled`: a repeated ``jdup unlearn`` loads the step of each padded length
+    instead of tracing and lowering it again; the same binary, so the same numbers). Not with a projection: its
+    transforms close over arrays that no file name can identify, so that step is compiled in every process."""
+    if optimizer.projection is not None or optimizer.retain_projection is not None:
+        return jitted
+    return aot.keep_compiled(
+        jitted,
+        lambda: f"unlearn.step {aot.stable_repr((graphdef, optimizer, settings))} dropout={dropout_lib.impl()}",
+    )
