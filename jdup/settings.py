@@ -493,6 +493,12 @@ class UnlearnSettings:
     #                                   honestly (accuracy on the CE rows themselves is optimistic); 0 = measure
     #                                   on the CE rows
     asr_threshold: float = 0.2  # oracle_dev_poison: stop once dev-poison ASR <= this (the official loop's 0.2)
+    target_tilt: bool = False  # after unlearning, subtract from the target logit (head bias) the largest multiple of
+    #                            0.25 (up to 8) at which accuracy on held-out dev-clean rows (clean_holdout_frac,
+    #                            taken out of the CE set) stays >= the victim's on them minus tilt_tol
+    #                            (jdup.unlearn.tilt): the residual ASR of a purified model is mostly its own error on
+    #                            non-target rows, and this spends the clean accuracy unlearning gained on lowering it
+    tilt_tol: float = 0.0  # target_tilt: held-out clean accuracy may end this far below the victim's
 
     # --- UPGP projection (jdup.projection)
     projection: str = "none"  # none | gradient | representation | inflora
@@ -526,6 +532,7 @@ class UnlearnSettings:
         check_range(self, "warmup_frac", 0, 1)
         check_range(self, "forget_drop", 0, 1, hi_open=True)
         check_range(self, "forget_mix", 0, 1)
+        check_range(self, "tilt_tol", 0, 1)
         check_range(self, "lora_dropout", 0, 1, hi_open=True)
         check(self, "temperature", self.temperature > 0, "must be > 0")
         try:

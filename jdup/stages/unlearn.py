@@ -35,6 +35,7 @@ from jdup import atomic, distributed, manifest, models, runtime
 from jdup import config as config_lib
 from jdup import data as D
 from jdup import lora as lora_lib
+from jdup import predict as predict_lib
 from jdup.checkpoint import Checkpoint
 from jdup.errors import JdupError
 from jdup.evaluate import evaluate_model, robust_labels
@@ -42,6 +43,7 @@ from jdup.settings import DetectConfig, UnlearnConfig
 from jdup.stages import detect as detect_stage
 from jdup.stages.common import StageResult, attack_target, run_record, stage_mesh, write_record
 from jdup.unlearn import prepare_sets, unlearn
+from jdup.unlearn.tilt import apply_tilt, choose_tilt
 
 log = logging.getLogger("jdup.unlearn")
 
@@ -308,6 +310,12 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         mesh=mesh,
     )
     un_seconds = time.perf_counter() - t_un
+    tilt = None
+    if cfg.target_tilt and sets.clean_check is not None:  # lower the target logit as held-out accuracy allows
+        held = predict_lib.predict(res.merged, sets.clean_check, cfg.eval_batch_size, mesh=mesh)
+        tilt = choose_tilt(held, sets.clean_check.labels, sets.target, sets.base_acc, cfg.tilt_tol)
+        apply_tilt(res.merged, sets.target, tilt.shift)
+        log.info("unlearn: target tilt %s", tilt)
     compiled("unlearn")
 
     # 5. after
@@ -350,6 +358,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         "lambda_asr": cfg.lambda_asr,
         "lambda_acc": cfg.lambda_acc,
         "projection": cfg.projection,
+        "target_tilt": tilt._asdict() if tilt is not None else None,
         "trainable_params": lora_lib.count_params(res.student.trainable),
         "detect_seconds": det_seconds,
         "unlearn_seconds": un_seconds,

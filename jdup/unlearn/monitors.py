@@ -103,6 +103,9 @@ class UnlearnSets(NamedTuple):
       teacher: ``[len(forget), K]`` victim logits on ``forget``.
       target: the defender's target label (``cfg.target_label`` or :func:`infer_target`).
       monitor: the stop rule (``None`` for ``early_stop == "none"``).
+      clean_check: the held-out labelled clean rows (not in ``retain``) when a stop rule or ``target_tilt`` uses
+        them, else ``None``.
+      base_acc: the victim's accuracy on ``clean_check`` (``None`` without it).
     """
 
     forget: D.Encoded
@@ -111,6 +114,8 @@ class UnlearnSets(NamedTuple):
     teacher: np.ndarray
     target: int
     monitor: Monitor | None
+    clean_check: D.Encoded | None = None
+    base_acc: float | None = None
 
 
 def prepare_sets(
@@ -163,7 +168,8 @@ def prepare_sets(
 
     monitor = None
     retain = dev_clean
-    if held_out:
+    clean_check, base_acc = None, None
+    if held_out or getattr(cfg, "target_tilt", False):
         clean_check = retain
         n_clean_hold = int(round(cfg.clean_holdout_frac * len(retain)))
         if 0 < n_clean_hold < len(retain):
@@ -175,7 +181,9 @@ def prepare_sets(
                 predict_lib.predict(victim, clean_check, cfg.eval_batch_size).argmax(-1) == clean_check.labels
             ).mean()
         )
-        if cfg.early_stop == "forget_check":
+        if not held_out:
+            pass  # target_tilt only: the clean hold-out, no stop rule
+        elif cfg.early_stop == "forget_check":
             params = StopParams(cfg.forget_ratio, cfg.forget_floor, cfg.max_cacc_drop, cfg.stop_patience)
             check_rows = holdout
             if getattr(cfg, "check_mix", False):  # the held-out flagged rows inside held-out clean rows of
@@ -191,6 +199,6 @@ def prepare_sets(
                 asr_stop=cfg.proxy_asr_stop,
                 max_acc_drop=cfg.max_cacc_drop,
             )
-    elif cfg.early_stop == "oracle_dev_poison":
+    if cfg.early_stop == "oracle_dev_poison":
         monitor = oracle_monitor(dev_poison, eval_target, cfg.asr_threshold)
-    return UnlearnSets(forget, holdout, retain, teacher, int(target), monitor)
+    return UnlearnSets(forget, holdout, retain, teacher, int(target), monitor, clean_check, base_acc)
