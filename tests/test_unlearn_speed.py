@@ -124,6 +124,7 @@ def test_trimmed_logits_loss_and_grads_equal_the_full_layer(setup, monkeypatch):
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(gt))
 
 
+@pytest.mark.slow
 def test_a_short_run_equals_the_full_layer_run(setup, monkeypatch):
     victim, cfg, _, forget, retain, teacher, _ = setup
     from jdup.unlearn import loop
@@ -190,6 +191,7 @@ def _step_child(model, cache, src) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_the_unlearning_step(tiny_model_dir, tmp_path):
     """The step's executables are kept across processes (jdup.aot): a second process runs the same binary (the
     same per-step numbers, bit for bit) without tracing and lowering the step again."""
