@@ -29,6 +29,25 @@ os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"  # read by JAX at import: the s
 # the CLI turns JAX's persistent compilation cache on (~/.cache/jdup/xla); tests stay hermetic unless asked
 os.environ.setdefault("JDUP_COMPILATION_CACHE", "0")
 
+
+def _collective_timeouts() -> str:
+    """XLA:CPU aborts a process whose simulated devices wait more than 40 s for each other in a collective; on a
+    loaded 2-core machine (pytest-xdist workers beside multi-device subprocesses) that is not a hang. The tests
+    (and their subprocesses, which inherit ``XLA_FLAGS``) allow 10 minutes. jaxlib >= 0.10 knows these flags."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(x) for x in version("jaxlib").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return ""
+    if (major, minor) < (0, 10):
+        return ""
+    return ("--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+            "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+
+
+os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), _collective_timeouts())))
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -169,9 +188,9 @@ def victim_cache(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def victims(victim_cache, sst2_dir) -> dict[str, dict]:
-    from tests.helpers.victim import ATTACKS, train_victim
-
     from filelock import FileLock
+
+    from tests.helpers.victim import ATTACKS, train_victim
 
     for attack in ATTACKS:
         _shared_data(sst2_dir / attack)

@@ -372,7 +372,7 @@ def worker(tmp_path_factory):
     env = dict(os.environ)
     env.update(
         {
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
             "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": cache,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
