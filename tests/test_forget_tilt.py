@@ -72,3 +72,29 @@ def test_prepare_sets_holds_out_clean_rows_for_the_tilt_only_when_asked():
     assert len(on.forget) == 10  # no flagged rows held out without a stop rule
     expect = float((predict(victim, on.clean_check, 8).argmax(-1) == on.clean_check.labels).mean())
     assert on.base_acc == pytest.approx(expect)
+
+
+@pytest.mark.slow
+def test_run_unlearn_exports_the_tilted_model(tiny_model_dir, synthetic_dup, tmp_path):
+    from jdup import models
+    from jdup.stages import unlearn as S
+
+    cfg = S.UnlearnConfig(
+        model=str(tiny_model_dir), data=str(synthetic_dup), out=str(tmp_path / "tilt"), max_length=32,
+        lora_rank=4, lora_alpha=8.0, batch_size=4, epochs=0, eval_batch_size=8, progress=False, ckpt_every_steps=0,
+        target_tilt=True, tilt_tol=0.5, detect={"progress": False, "plots": False, "max_length": 32},
+    )
+    m = S.run_unlearn(cfg)
+    t, target = m["target_tilt"], m["defender_target"]
+    assert t["shift"] > 0 and t["acc"] >= t["base_acc"] - 0.5 - 1e-9
+    n_dev = len(D.read_split(synthetic_dup, "dev-clean"))
+    assert m["n_retain"] == n_dev - round(0.2 * n_dev)  # the clean hold-out left the CE set
+    victim = models.from_pretrained(tiny_model_dir)
+    purified = models.from_pretrained(tmp_path / "tilt" / "model")
+    tok = models.load_tokenizer(tiny_model_dir)
+    tc = D.encode(tok, D.read_split(synthetic_dup, "test-clean"), 32)
+    lv, lp = predict(victim, tc, 8), predict(purified, tc, 8)
+    expect = lv.copy()
+    expect[:, target] -= t["shift"]
+    np.testing.assert_allclose(lp, expect, atol=1e-4)
+    assert abs(float((lp.argmax(-1) == tc.labels).mean()) - m["cacc_after"]) < 1e-9
