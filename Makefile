@@ -30,11 +30,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/jdup run configs/demo.yaml
 
+# pytest-xdist workers: one per core by default (`make test WORKERS=0` runs in one process)
+WORKERS ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p tests.fast_lane -m "not slow" --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) -p tests.fast_lane -m "not slow" --durations=25 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_cpu_set.py
