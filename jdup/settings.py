@@ -498,7 +498,8 @@ class UnlearnSettings:
     #                            taken out of the CE set) stays >= the victim's on them minus tilt_tol
     #                            (jdup.unlearn.tilt): the residual ASR of a purified model is mostly its own error on
     #                            non-target rows, and this spends the clean accuracy unlearning gained on lowering it
-    tilt_tol: float = 0.0  # target_tilt: held-out clean accuracy may end this far below the victim's
+    tilt_tol: float = 0.0  # target_tilt: held-out clean accuracy may end this far below the victim's (negative:
+    #                        must stay that far above it, a safety margin against a noisy hold-out)
 
     # --- UPGP projection (jdup.projection)
     projection: str = "none"  # none | gradient | representation | inflora
@@ -532,7 +533,7 @@ class UnlearnSettings:
         check_range(self, "warmup_frac", 0, 1)
         check_range(self, "forget_drop", 0, 1, hi_open=True)
         check_range(self, "forget_mix", 0, 1)
-        check_range(self, "tilt_tol", 0, 1)
+        check_range(self, "tilt_tol", -1, 1)
         check_range(self, "lora_dropout", 0, 1, hi_open=True)
         check(self, "temperature", self.temperature > 0, "must be > 0")
         try:

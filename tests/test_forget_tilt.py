@@ -26,6 +26,7 @@ def test_choose_tilt_stops_at_the_first_shift_below_the_floor():
     assert choose_tilt(logits, labels, 1, base_acc=5 / 6, tol=0.0).shift == 0.0  # 0.25 still at 4/6: stop
     above = np.stack([np.zeros(6), margin - 1.0], 1)  # the same rows, already 6/6 without a tilt
     assert choose_tilt(above, labels, 1, base_acc=5 / 6, tol=0.0).shift == 0.75  # 1.0 loses the 2.0 positive
+    assert choose_tilt(above, labels, 1, base_acc=5 / 6, tol=-1 / 6).shift == 0.0  # a margin: must stay at 6/6
     assert choose_tilt(logits, labels, 1, base_acc=5 / 6, tol=1 / 6).shift == 2.75
     assert choose_tilt(logits, labels, 1, base_acc=1.0, tol=0.0).shift == 0.0  # already below: no tilt
     # a failing step ends the walk even if a later one would pass again
