@@ -6,7 +6,7 @@
 #   benchmarks/validation_unlearn.sh table                     # runs/vu/table.md from every finished run
 #
 # Recipes: defaults (the shipped defaults), forget_check (the defender-side stop rule, epochs as a cap),
-# dup-official (--preset dup-official), tilt (the defaults with target_tilt=true). Outputs: runs/vu/<victim>/<recipe>/ (metrics.json, history.json, model/).
+# dup-official (--preset dup-official), tilt (the defaults with target_tilt). Outputs: runs/vu/<victim>/<recipe>/ (metrics.json, history.json, model/).
 # Run it nice'd on a shared machine; a killed run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +28,9 @@ recipe_args() {
     # held-out clean rows of the other classes, clean accuracy on held-out dev-clean rows (tolerance 1 point)
     forget_check) echo "early_stop=forget_check epochs=16 max_cacc_drop=0.01 forget_ratio=0.5 forget_floor=0.02 stop_patience=2" ;;
     dup-official) echo "--preset dup-official" ;;
-    # the defaults, then the target logit lowered as far as held-out dev-clean accuracy stays at the victim's
-    # (docs/unlearning.md#the-attack-success-rate-left-after-unlearning)
-    tilt) echo "target_tilt=true" ;;
+    # the defaults, then the target logit lowered as far as accuracy on half of dev-clean (held out of the CE
+    # term) stays within 1 point of the victim's (docs/unlearning.md#the-attack-success-rate-left-after-unlearning)
+    tilt) echo "target_tilt=true clean_holdout_frac=0.5 tilt_tol=0.01" ;;
     *) echo "unknown recipe $1" >&2; exit 2 ;;
   esac
 }
