@@ -18,7 +18,7 @@ The official DUP code itself (public: ManHu2025/DUP; never copied here) runs onl
 (``--official-dir DIR``): ``--official-detect-cmd`` / ``--official-unlearn-cmd`` (defaults: the repository's own
 ``python demo_detection.py`` / ``python demo_unlearning.py``, with the victim, data and configs prepared in that
 folder as its README says; ``{model}``, ``{data}`` and ``{out}`` in a command are replaced) run as fresh processes
-in that folder, timed like the rest, and the rows gain ``official`` figures and ratios (targets, issue 22: detect
+in that folder, timed like the rest, and the rows gain ``official`` figures and ratios (targets: detect
 ≥ 5× the official process on a repeat call and ≥ 4× on the first call, unlearn ≥ 2×). At the checkout this was
 written against (2e97b96) the demo scripts cannot run as they are on a CPU-only machine (``torch.cuda.set_device``;
 ``openbackdoor/data`` is not in the repository; ``umap``, ``seaborn`` and ``wandb`` are imported at module top), so
@@ -62,7 +62,7 @@ DEFAULTS = dict(
     epochs=5,  # unlearning epochs (official: 5)
 )
 TARGETS = {"detect_repeat_over_warm": 1.3, "detect_first_over_warm": 1.6, "unlearn_speedup": 2.0,
-           # issue 22: against the official DUP process (or, without --official-dir, the PyTorch reference)
+           # the speed targets: against the official DUP process (or, without --official-dir, the PyTorch reference)
            "detect_speedup_repeat": 5.0, "detect_speedup_first": 4.0}
 OFFICIAL_CMDS = {"detect": "python demo_detection.py", "unlearn": "python demo_unlearning.py"}
 
@@ -279,7 +279,7 @@ def _summarise(rec: dict, warm_inprocess: float | None) -> None:
         "repeat": C.normalised_from_peaks(rec, jr, tr) if jr else None,
     }
     targets = {}
-    # the issue-22 ratios: against the official process when it ran, else against the PyTorch reference
+    # the target ratios: against the official process when it ran, else against the PyTorch reference
     o = rec.get("official", {}).get("calls")
     if o:
         of = o[0]["wall_s"]
