@@ -33,7 +33,7 @@ os.environ.setdefault("JDUP_COMPILATION_CACHE", "0")
 def _collective_timeouts() -> str:
     """XLA:CPU aborts a process whose simulated devices wait more than 40 s for each other in a collective; on a
     loaded 2-core machine (pytest-xdist workers beside multi-device subprocesses) that is not a hang. The tests
-    (and their subprocesses, which inherit ``XLA_FLAGS``) allow 10 minutes. jaxlib >= 0.10 knows these flags."""
+    (and their subprocesses, which inherit ``XLA_FLAGS``) allow 4 minutes. jaxlib >= 0.10 knows these flags."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -42,8 +42,8 @@ def _collective_timeouts() -> str:
         return ""
     if (major, minor) < (0, 10):
         return ""
-    return ("--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-            "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+    return ("--xla_cpu_collective_call_terminate_timeout_seconds=240 "
+            "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60")
 
 
 os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), _collective_timeouts())))
