@@ -146,7 +146,7 @@ def _print_result(result: Any) -> None:
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (a section named after the command is used)")
 PresetOpt = typer.Option(
-    None, "--preset", help="named settings from configs/presets/ (dup-official: the DUP authors' detection and "
+    None, "--preset", help="named settings from jdup/presets/ (dup-official: the DUP authors' detection and "
     "unlearning recipe); above the --config file, below named options and key=value overrides"
 )
 OverwriteOpt = typer.Option(
@@ -232,7 +232,7 @@ def run(
     ctx: typer.Context,
     config: str = typer.Argument(..., help="run config (see configs/demo.yaml)"),
     preset: str = typer.Option(
-        None, "--preset", help="named settings from configs/presets/ for the detect and unlearn sections the "
+        None, "--preset", help="named settings from jdup/presets/ for the detect and unlearn sections the "
         "config has (dup-official: the DUP authors' recipe); above the file's values, below key=value overrides"
     ),
     overwrite: bool = typer.Option(

@@ -118,16 +118,16 @@ def _deepcopy(d: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Presets: named bundles of stage settings in configs/presets/<name>.yaml (``--preset NAME``)
+# Presets: named bundles of stage settings in jdup/presets/<name>.yaml (``--preset NAME``)
 
-#: Folder of the shipped presets (``configs/presets`` of the repository this package sits in).
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")
+#: Folder of the shipped presets: package data (``jdup/presets``), so an installed wheel has them too.
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 #: Stages a preset may carry settings for.
 PRESET_STAGES = ("detect", "unlearn")
 
 
 def preset_names() -> list[str]:
-    """Names of the shipped presets (files ``configs/presets/<name>.yaml``)."""
+    """Names of the shipped presets (files ``jdup/presets/<name>.yaml``)."""
     if not os.path.isdir(PRESET_DIR):
         return []
     return sorted(f[: -len(".yaml")] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))

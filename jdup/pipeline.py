@@ -4,7 +4,7 @@ The run config is a YAML mapping with one section per stage plus a few top-level
 
     out: runs/demo          # every stage writes under this folder
     seed: 2025              # default seed of every stage that has one (a section's own value wins)
-    preset: dup-official    # optional: configs/presets/<name>.yaml under the detect/unlearn sections' own keys
+    preset: dup-official    # optional: jdup/presets/<name>.yaml under the detect/unlearn sections' own keys
     poison:  {...}          # PoisonConfig fields, or omit / `enabled: false` to use existing data
     train:   {...}          # TrainConfig fields, or omit / `enabled: false` to use an existing victim
     detect:  {...}          # DetectConfig fields
@@ -159,7 +159,7 @@ def plan(cfg: Mapping, *, source: str = "config", origins: Mapping[str, str] | N
     preset = cfg.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise JdupError(f"preset: must be a preset name, got {preset!r}", config_lib.origin_of(origins, "preset", source))
-    # `preset: NAME` (configs/presets/NAME.yaml) sits below the file's own detect/unlearn keys
+    # `preset: NAME` (jdup/presets/NAME.yaml) sits below the file's own detect/unlearn keys
     cfg = config_lib.apply_run_preset({k: v for k, v in cfg.items() if k != "preset"}, preset, over=False)
     if not cfg.get("out") or not isinstance(cfg["out"], (str, os.PathLike)):
         raise JdupError("the run config needs `out:` (the folder every stage writes under)", source)

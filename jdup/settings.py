@@ -410,7 +410,7 @@ EARLY_STOP = ("none", "proxy", "forget_check", "oracle_dev_poison")
 class UnlearnSettings:
     """Settings of the unlearning algorithm. Defaults follow the official DUP code (docs/dup-method.md §4.2) except
     where docs/deviations.md says otherwise (``forget_loss``, ``epochs``, ``max_length``, ...); the official recipe
-    is ``--preset dup-official`` (configs/presets/dup-official.yaml: ``forget_loss=kl epochs=5 early_stop=none``,
+    is ``--preset dup-official`` (jdup/presets/dup-official.yaml: ``forget_loss=kl epochs=5 early_stop=none``,
     512 tokens, ``detect.method=dup``)."""
 
     # --- objective (docs/dup-method.md §3.4)

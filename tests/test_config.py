@@ -121,7 +121,7 @@ def test_load_yaml_names_a_file_that_is_not_utf8(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# --preset dup-official: the DUP authors' recipe (configs/presets/dup-official.yaml)
+# --preset dup-official: the DUP authors' recipe (jdup/presets/dup-official.yaml)
 
 #: The official values, read off ManHu2025/DUP (demo_unlearning.py, the defender's class defaults) and
 #: docs/dup-method.md; every one must reach the built configs.

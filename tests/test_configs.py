@@ -8,7 +8,7 @@
   section builds its dataclass, nested option dicts (``unlearn.detect``, ``unlearn.projection_options``) build
   theirs;
 * sweep configs (``configs/sweeps/*.yaml``): ``jdup.sweep.expand`` builds every cell;
-* presets (``configs/presets/*.yaml``): ``detect:`` / ``unlearn:`` sections of stage keys, every key commented,
+* presets (``jdup/presets/*.yaml``): ``detect:`` / ``unlearn:`` sections of stage keys, every key commented,
   each built into its stage's dataclass as ``jdup <stage> --preset NAME`` does.
 """
 
@@ -167,7 +167,7 @@ def test_stage_files_chain_together():
     assert len({f[s]["out"] for s in STAGE_FILES}) == len(STAGE_FILES)
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "presets").glob("*.yaml")), ids=rel)
+@pytest.mark.parametrize("path", sorted((REPO / "jdup" / "presets").glob("*.yaml")), ids=rel)
 def test_preset_comments_every_key(path):
     """Every key line of a preset carries an inline comment (the preset is read by people checking the recipe)."""
     undocumented = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
