@@ -38,21 +38,7 @@ TINY = dict(
 )
 
 
-def _encoded(n, seed, vocab=60, seq=12, trigger=None):
-    from jdup import data as D
-
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, seq + 1, n).astype(np.int32)
-    ids = np.zeros((n, seq), np.int32)
-    mask = np.zeros((n, seq), np.int32)
-    for i, k in enumerate(lengths):
-        ids[i, :k] = rng.integers(5, vocab, k)
-        ids[i, 0] = 2
-        mask[i, :k] = 1
-        if trigger is not None:
-            ids[i, 1] = trigger
-    labels = rng.integers(0, 2, n).astype(np.int32)
-    return D.Encoded(ids, mask, np.zeros_like(ids), lengths, labels, np.zeros(n, np.int8), (8, seq), 0)
+from tests.test_unlearn import _encoded  # noqa: E402  (the same tiny token batches as the unlearning tests)
 
 
 @pytest.mark.parametrize("rng_impl", ["hash", "threefry"])
