@@ -79,6 +79,7 @@ def _main(
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.debug("compilation cache: %s", runtime.setup(enabled=compilation_cache))  # before any JAX work
+    log.debug("host BLAS threads: %s", runtime.limit_host_blas())  # before NumPy / SciPy load their OpenBLAS
     if distributed or dist.requested(coordinator, num_processes, process_id):
         dist.resolve(coordinator, num_processes, process_id)  # bad values: one line before JAX is imported
         if log_level.lower() != "debug":  # JAX's C++ logs of a failed join repeat our one line over many lines
@@ -308,7 +309,8 @@ def info() -> None:
         except md.PackageNotFoundError:
             versions[pkg] = None
     typer.echo(json.dumps({"versions": versions, "devices": [str(d) for d in jax.devices()],
-                           "architectures": registry.names(), "compilation_cache": runtime.describe()}, indent=2))
+                           "architectures": registry.names(), "compilation_cache": runtime.describe(),
+                           "host_blas": runtime.host_blas_info()}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,3 +210,46 @@ def test_settings_keep_their_public_homes():
     assert unlearn.UnlearnSettings is settings.UnlearnSettings and unlearn_stage.UnlearnConfig is settings.UnlearnConfig
     assert losses.FORGET_LOSSES == settings.FORGET_LOSSES and features.POOLINGS is settings.POOLINGS
     assert set(train.DTYPES) == set(settings.TRAIN_DTYPES) and set(unlearn_stage.DTYPES) == set(settings.UNLEARN_DTYPES)
+
+
+BLAS_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    from jdup import cli
+    cli.main(sys.argv[1:])
+    import numpy as np, jax.numpy as jnp, jax.scipy.linalg as jsl
+    jsl.solve_triangular(jnp.eye(64), jnp.ones((64, 8)), lower=True).block_until_ready()  # loads SciPy's BLAS
+    from jdup import runtime
+    print("@@" + json.dumps(runtime.host_blas_info()))
+    """
+)
+
+
+@pytest.mark.parametrize("user", [None, "2"])
+def test_cli_runs_the_host_blas_on_one_thread_unless_the_user_chose(tmp_path, user):
+    """OpenBLAS threads busy-wait beside XLA's pool (the detection head's triangular solves): the CLI sets one
+    thread before NumPy / SciPy load, and keeps a number the user set."""
+    pytest.importorskip("threadpoolctl")
+    env = {k: v for k, v in _env(tmp_path).items() if k != "OPENBLAS_NUM_THREADS"}
+    if user:
+        env["OPENBLAS_NUM_THREADS"] = user
+    out = subprocess.run([sys.executable, "-c", BLAS_CHILD, "--no-compilation-cache", "info"], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout[out.stdout.rindex("@@") + 2:])
+    want = user or "1"
+    assert got["OPENBLAS_NUM_THREADS"] == want
+    assert got["loaded"] and set(got["loaded"].values()) == {int(want)}, got
+    info = json.loads(out.stdout[out.stdout.index("{"): out.stdout.index("\n}") + 2])
+    assert info["host_blas"]["OPENBLAS_NUM_THREADS"] == want
+
+
+def test_limit_host_blas_after_numpy_loaded_limits_the_loaded_libraries(tmp_path):
+    pytest.importorskip("threadpoolctl")
+    code = ("import numpy, json; from jdup import runtime; how = runtime.limit_host_blas();"
+            "print(json.dumps([how, runtime.host_blas_info()]))")
+    env = {k: v for k, v in _env(tmp_path).items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    how, info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert how == "threadpoolctl" and set(info["loaded"].values()) == {1}, info
