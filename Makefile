@@ -43,8 +43,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_cpu_set.py
 
+# `make bench-cli OFFICIAL_DIR=/path/to/DUP`: also time the official DUP code (a checkout of ManHu2025/DUP)
+OFFICIAL_DIR ?=
 bench-cli: $(STAMP)
-	$(BIN)/python benchmarks/run_cpu_set.py --only cli --keep-others
+	$(BIN)/python benchmarks/run_cpu_set.py --only cli --keep-others $(if $(OFFICIAL_DIR),--official-dir "$(OFFICIAL_DIR)")
 
 bench-accel:
 	$(BENCH_PY) benchmarks/run_accel_set.py

@@ -15,14 +15,13 @@ What a user pays per call, start-up, imports, model load, tracing, compilation, 
   faster than the reference end to end.
 
 The official DUP code itself (public: ManHu2025/DUP; never copied here) runs only where the user passes a checkout
-(``--official-dir DIR``): ``--official-detect-cmd`` / ``--official-unlearn-cmd`` (defaults: the repository's own
-``python demo_detection.py`` / ``python demo_unlearning.py``, with the victim, data and configs prepared in that
-folder as its README says; ``{model}``, ``{data}`` and ``{out}`` in a command are replaced) run as fresh processes
-in that folder, timed like the rest, and the rows gain ``official`` figures and ratios (targets: detect
-≥ 5× the official process on a repeat call and ≥ 4× on the first call, unlearn ≥ 2×). At the checkout this was
-written against (2e97b96) the demo scripts cannot run as they are on a CPU-only machine (``torch.cuda.set_device``;
-``openbackdoor/data`` is not in the repository; ``umap``, ``seaborn`` and ``wandb`` are imported at module top), so
-a command adapted by the user is expected there.
+(``--official-dir DIR``): ``--official-detect-cmd`` / ``--official-unlearn-cmd`` (defaults: ``python -m
+benchmarks.official_dup detect|unlearn --checkout DIR --model {model} --data {data} --out {out}``, which runs the
+official ``demo_detection.py`` / ``demo_unlearning.py`` ``main`` on this victim and data on a CPU; see that
+module for what it adapts; ``{model}``, ``{data}``, ``{out}`` and ``{python}`` in a command are replaced) run as
+fresh shell processes in that folder, timed like the rest, and the rows gain ``official`` figures (the JSON line
+the process prints last: AUROC / FRR / FAR / rows flagged, CACC / ASR) and ratios (targets: detect ≥ 5× the
+official process on a repeat call and ≥ 4× on the first call, unlearn ≥ 2×).
 
 Every jdup call also reports its phases (``phases``: start-up, load, tokenise, passes, compile/trace/cache load,
 write, plots) from the stage's own record (``detection.json`` / ``metrics.json``), so the gap between a CLI call and
@@ -45,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -64,7 +64,11 @@ DEFAULTS = dict(
 TARGETS = {"detect_repeat_over_warm": 1.3, "detect_first_over_warm": 1.6, "unlearn_speedup": 2.0,
            # the speed targets: against the official DUP process (or, without --official-dir, the PyTorch reference)
            "detect_speedup_repeat": 5.0, "detect_speedup_first": 4.0}
-OFFICIAL_CMDS = {"detect": "python demo_detection.py", "unlearn": "python demo_unlearning.py"}
+#: default official commands (run with cwd = the checkout): the CPU adapter around the official demos' ``main``
+OFFICIAL_CMDS = {
+    part: "{python} -m benchmarks.official_dup " + part + " --checkout {checkout} --model {model} --data {data} --out {out}"
+    for part in ("detect", "unlearn")
+}
 
 
 def jdup_command() -> list[str]:
@@ -251,7 +255,8 @@ def _official(args, part: str, n: int, work: Path, rec: dict) -> None:
     template = getattr(args, f"official_{part}_cmd") or OFFICIAL_CMDS[part]
 
     def cmd(out):
-        return template.format(model=args.model, data=args.data, out=out, python=sys.executable)
+        q = {k: shlex.quote(str(v)) for k, v in dict(checkout=folder, python=sys.executable).items()}
+        return template.format(model=args.model, data=args.data, out=out, **q)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True)
     rec["official"] = {"dir": str(folder), "commit": commit.stdout.strip() or None, "cmd": template,
@@ -329,11 +334,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--parts", default="detect,unlearn")
     ap.add_argument("--jax-cache-env", action="store_true", help="also set JAX_COMPILATION_CACHE_DIR etc.")
     ap.add_argument("--official-dir", default=None,
-                    help="a checkout of the official DUP code (ManHu2025/DUP), prepared as its README says: adds "
-                    "fresh-process rows of the official code")
+                    help="a checkout of the official DUP code (ManHu2025/DUP): adds fresh-process rows of the official "
+                    "code (by default through benchmarks/official_dup.py)")
     ap.add_argument("--official-detect-cmd", default=None,
                     help=f"shell command run in --official-dir (default {OFFICIAL_CMDS['detect']!r}; "
-                    "{model} {data} {out} {python} are replaced)")
+                    "{model} {data} {out} {python} {checkout} are replaced)")
     ap.add_argument("--official-unlearn-cmd", default=None,
                     help=f"likewise for unlearning (default {OFFICIAL_CMDS['unlearn']!r})")
     ap.add_argument("--workdir", default=None, help="outputs + cache folders (default: a temporary folder)")
