@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(C.RESULTS / "cpu.jsonl"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--official-dir", default=None,
-                    help="--only cli: a prepared checkout of the official DUP code, timed beside jdup and the reference "
+                    help="--only cli: a checkout of the official DUP code (ManHu2025/DUP), timed beside jdup and the reference "
                     "(bench_cli.py --official-dir; its --official-*-cmd options through --cli-args)")
     ap.add_argument("--cli-args", default="", help="--only cli: more bench_cli.py arguments (one shell-quoted string)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per benchmark")
