@@ -289,7 +289,7 @@ def build_config(checkout: Path, part: str, attack: str, dataset: str, model: Pa
     with open(checkout / "configs" / CONFIG_OF.get(attack, f"{attack}_config.json")) as f:
         config = json.load(f)
     name = "bert-base-uncased"  # the name the official BERT branches key on
-    config["victim"].update(model=name, path=str(model), type="plm", num_classes=2)
+    config["victim"].update(model=name, path=str(model), type="plm", num_classes=4 if dataset == "agnews" else 2)
     config["poison_dataset"]["name"] = config["target_dataset"]["name"] = dataset
     config["attacker"]["train"].update(poison_dataset=dataset, poison_model=name, epochs=5, batch_size=4)
     config["attacker"]["poisoner"].update(poison_rate=0.2, target_label=target_label, load=True)
