@@ -21,7 +21,8 @@ official ``demo_detection.py`` / ``demo_unlearning.py`` ``main`` on this victim 
 module for what it adapts; ``{model}``, ``{data}``, ``{out}`` and ``{python}`` in a command are replaced) run as
 fresh shell processes in that folder, timed like the rest, and the rows gain ``official`` figures (the JSON line
 the process prints last: AUROC / FRR / FAR / rows flagged, CACC / ASR) and ratios (targets: detect ≥ 5× the
-official process on a repeat call and ≥ 4× on the first call, unlearn ≥ 2×).
+official process on a repeat call and ≥ 4× on the first call, unlearn ≥ 2×; the official unlearning runs with
+``--lambda-asr 1``: the demo's own 0 trains cross-entropy only and leaves the backdoor in place).
 
 Every jdup call also reports its phases (``phases``: start-up, load, tokenise, passes, compile/trace/cache load,
 write, plots) from the stage's own record (``detection.json`` / ``metrics.json``), so the gap between a CLI call and
@@ -69,6 +70,10 @@ OFFICIAL_CMDS = {
     part: "{python} -m benchmarks.official_dup " + part + " --checkout {checkout} --model {model} --data {data} --out {out}"
     for part in ("detect", "unlearn")
 }
+# the official unlearning with its forgetting term on (lambda_asr = 1, as the PyTorch reference and jdup's side of
+# this benchmark): the demo script ships lambda_asr = 0, which trains cross-entropy only and keeps the backdoor
+# (same compute, so the same time, but no purified model to compare)
+OFFICIAL_CMDS["unlearn"] += " --lambda-asr 1"
 
 
 def jdup_command() -> list[str]:
