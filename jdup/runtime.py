@@ -1,4 +1,5 @@
-"""Process-wide runtime settings: JAX's persistent compilation cache, on by default.
+"""Process-wide runtime settings: JAX's persistent compilation cache, on by default, and one host BLAS thread
+(:func:`limit_host_blas`).
 
 Repeated CLI calls (``jdup detect`` / ``unlearn`` / ``run`` over many victims) compile the same XLA programs
 again in every fresh process. :func:`setup` (called once by the CLI before any JAX work) points JAX's persistent
