@@ -182,13 +182,14 @@ def standins(names=STANDIN_MODULES):
 
 # ---------------------------------------------------------------------------------------------------------- data
 def read_dup_csv(path: str | os.PathLike) -> list[tuple[str, int, int]]:
-    """One DUP CSV (header ``,0,1,2``: index, text, label, poison flag) as ``(text, label, poison_label)`` rows."""
-    import pandas as pd
+    """One DUP CSV (header ``,0,1,2``: index, text, label, poison flag) as ``(text, label, poison_label)`` rows
+    (the reference's reader, :func:`benchmarks.torch_baseline.data.read_dup_csv`, as plain tuples)."""
+    from benchmarks.torch_baseline.data import read_dup_csv as read_rows
 
-    frame = pd.read_csv(path)
-    if frame.shape[1] < 4:
-        raise ValueError(f"{path}: expected 4 columns (index, text, label, poison flag), found {frame.shape[1]}")
-    return [(str(r[1]), int(r[2]), int(r[3])) for r in frame.itertuples(index=False, name=None)]
+    try:
+        return [tuple(r) for r in read_rows(path)]
+    except ValueError as e:
+        raise ValueError(f"{path}: expected 4 columns (index, text, label, poison flag): {e}") from None
 
 
 def collate_fn(rows):
