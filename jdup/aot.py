@@ -127,14 +127,11 @@ def _load_or_compile(jitted: Callable, key: Callable[[], str], name: list[str], 
         except Exception as e:  # truncated, stale or foreign file: removed, compiled again (and kept if fresh)
             log.debug("aot: removing %s (%s)", path, e)
             path.unlink(missing_ok=True)
-    from jdup import runtime
-
-    before = runtime.compile_totals()
-    exe = jitted.lower(*args).compile()
-    if runtime.compile_since(before)["cache_hits"]:
-        # loaded from the compilation cache: XLA:CPU does not serialise such an executable completely (a later
-        # process fails with "Function ... not found" when it runs it), so only fresh compilations are kept
-        return exe
+    # compiled here, not looked up in JAX's compilation cache: XLA:CPU does not serialise an executable loaded from
+    # there completely (a later process fails with "Function ... not found" when it runs it), and the cache may
+    # hold this program already (written by an older jdup, whose kept executables have other names); then no later
+    # process would ever load it from here
+    exe = _compile_bypassing_cache(jitted.lower(*args))
     try:
         from jdup import atomic
 
@@ -144,6 +141,22 @@ def _load_or_compile(jitted: Callable, key: Callable[[], str], name: list[str], 
     except Exception as e:  # not serialisable or not writable: this process still runs the compiled program
         log.debug("aot: not kept %s (%s)", path, e)
     return exe
+
+
+def _compile_bypassing_cache(lowered: Any) -> Any:
+    """``lowered.compile()`` with JAX's persistent compilation cache off for this one compilation (the same XLA
+    compiler and options, so the same binary)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()  # JAX decides once per process whether the cache is used; make it look again
+    try:
+        return lowered.compile(compiler_options={})  # not None: a new compilation, not the Lowered's memoised one
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        cc.reset_cache()
 
 
 def _evict(folder: Path, keep: int = MAX_FILES) -> None:

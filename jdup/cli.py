@@ -397,8 +397,26 @@ def exit_with(code: int) -> None:
 
 
 def console() -> None:
-    """Console-script wrapper: exits with :func:`main`'s code."""
-    exit_with(main())
+    """Console-script wrapper: exits with :func:`main`'s code. A one-process call leaves without the interpreter's
+    teardown (:func:`leave_now`)."""
+    code = main()
+    if dist.process_count() <= 1:
+        leave_now(code)
+    exit_with(code)
+
+
+def leave_now(code: int) -> None:
+    """Ends a finished one-process call at once. Every output is written and closed by then (files are written
+    atomically and checkpoints waited for inside the stages); what the normal exit would add is JAX freeing its
+    backend and Python finalising every module, about 0.5 s of each CLI call on a 2-core CPU. JAX's own exit hook
+    (waiting for pending effects) and the log handlers' flush run first."""
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.effects_barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

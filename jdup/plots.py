@@ -9,12 +9,26 @@ The functions take plain numbers and labels (no stage results, no sweep records)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from jdup import atomic
 from jdup import metrics as metrics_lib
+
+
+def preload() -> None:
+    """Import Matplotlib (about 0.6 s) in a background thread, so that a caller who will draw after a long
+    computation (``jdup detect``'s passes release the GIL while XLA runs) does not wait for the import then. Safe to
+    call more than once; drawing before the import has finished simply waits for it (Python's import lock)."""
+    global _PRELOAD
+    if _PRELOAD is None:
+        _PRELOAD = threading.Thread(target=_plt, name="jdup-plots-preload", daemon=True)
+        _PRELOAD.start()
+
+
+_PRELOAD: threading.Thread | None = None
 
 
 def _plt():

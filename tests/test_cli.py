@@ -457,6 +457,12 @@ def test_console_script_help_and_exit_code():
         assert command in done.stdout
     for option in ("--distributed", "--coordinator", "--num-processes", "--process-id"):  # joining a job
         assert option in done.stdout
+    # a one-process call leaves without interpreter teardown (os._exit): what it printed into a pipe (block
+    # buffered) and its log lines still arrive whole
+    done = subprocess.run([*cmd, "--log-level", "debug", "info"], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["devices"] and "compilation cache" in done.stderr
     done = subprocess.run(
         [sys.executable, "-m", "jdup", "run", "no/such/config.yaml"],
         capture_output=True,

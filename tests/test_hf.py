@@ -147,9 +147,16 @@ def test_wordpiece_tokenizer_fast_path_matches_autotokenizer(minilm_dir, tmp_pat
     hub.save_tokenizer(tok, tmp_path)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "BertTokenizer"
     assert type(AutoTokenizer.from_pretrained(str(tmp_path))).__name__ == type(ref).__name__
-    code = "import sys; from jdup import models; models.load_tokenizer('builtin:minilm'); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    # jdup's batching (encode) and export need neither transformers nor torch: neither is imported
+    code = ("import sys, numpy as np; from jdup import models, data as D; tok = models.load_tokenizer('builtin:minilm'); "
+            "D.encode(tok, D.TextDataset(np.array(['a fine film'], object), np.zeros(1, np.int64), np.zeros(1, np.int8)),"
+            " 16); models.hub.save_tokenizer(tok, __import__('pathlib').Path(sys.argv[1])); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    out = subprocess.run([sys.executable, "-c", code, str(saved)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+    assert (saved / "tokenizer.json").read_bytes() == (minilm_dir / "tokenizer.json").read_bytes()
 
 
 def test_load_state_from_tensors_is_reader_agnostic():

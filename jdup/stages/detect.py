@@ -132,6 +132,8 @@ def detect_and_write(
     :func:`write_detection` into ``folder``. ``t0`` is when the stage started (``seconds`` counts from it, loading
     included); ``plots`` is the default of ``cfg.plots = None``."""
     t_load = time.perf_counter() - t0
+    if plots if cfg.plots is None else cfg.plots:
+        plots_lib.preload()  # Matplotlib's import overlaps the passes instead of following them
     compile0 = runtime.compile_totals()
     res = detect(model, tokenizer, calib, scored, cfg.settings(), mesh=mesh)
     record = write_detection(folder, cfg, res, scored, t0=t0, t_load=t_load, plots=plots, mesh=mesh,
