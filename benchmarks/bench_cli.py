@@ -8,9 +8,11 @@ What a user pays per call, start-up, imports, model load, tracing, compilation, 
   shows the OS file cache effect). For the targets, the warm in-process detection time of jdup
   (``bench_detect.py --impl jdup``: one warm-up call, then ``--reps`` timed calls in one process) is measured in
   the same run. Targets (issue 15): repeat call ≤ 1.3× the warm in-process time, first call ≤ 1.6×.
-* ``unlearn``: ``jdup unlearn --model M --data D --out ... early_stop=none detect.method=dup forget_loss=kl`` (built-in
-  detection on dev-detect with DUP's fusion, 5 epochs over the flagged rows, batch 32, evaluation before/after,
-  export; the official settings without an early-stop rule, so both sides take the same number of steps) first with an empty cache, then repeated; the
+* ``unlearn``: ``jdup unlearn --model M --data D --out ... early_stop=none detect.method=dup forget_loss=kl
+  evaluate_before=false`` (built-in detection on dev-detect with DUP's fusion, 5 epochs over the flagged rows,
+  batch 32, evaluation of the purified model, export: the official process's work; the official settings without
+  an early-stop rule, so both sides take the same number of steps) first with an empty cache, then repeated, then
+  one call with jdup's defaults (``--no-unlearn-defaults`` skips it); the
   reference: ``python -m benchmarks.torch_baseline run`` (the same stages in one torch process). Target: jdup ≥ 2×
   faster than the reference end to end.
 
@@ -235,7 +237,10 @@ def bench_unlearn(args, work: Path) -> dict:
     env = child_env(cache, args.jax_cache_env)
     # the official pipeline: DUP's fusion for the built-in detection (same flagged rows, same steps as the reference)
     # and DUP's forget loss (the reference's), so both sides run the same recipe whatever jdup's defaults are
-    settings = ["early_stop=none", "progress=false", f"epochs={args.epochs}", "detect.method=dup", "forget_loss=kl"]
+    # the official process evaluates the purified model only: jdup does the same work (evaluate_before=false); a
+    # call with jdup's own defaults (evaluation before and after included) is timed after the repeat calls
+    settings = ["early_stop=none", "progress=false", f"epochs={args.epochs}", "detect.method=dup", "forget_loss=kl",
+                "evaluate_before=false"]
 
     def jdup_cmd(out):
         return jdup_command() + ["unlearn", "--model", model, "--data", data, "--out", str(out), *settings]
@@ -246,6 +251,10 @@ def bench_unlearn(args, work: Path) -> dict:
 
     rec: dict = {"bench": "cli_unlearn", "model": model, "data": data, "jdup_settings": settings}
     rec["jdup"] = {"calls": _calls(jdup_cmd, 1 + args.reps, env, cache, work, "jdup-unlearn")}
+    if args.unlearn_defaults:
+        rec["jdup_defaults"] = {"cmd_settings": ["progress=false"], "calls": _calls(
+            lambda out: jdup_command() + ["unlearn", "--model", model, "--data", data, "--out", str(out),
+                                          "progress=false"], 1, env, cache, work, "jdup-unlearn-defaults")}
     rec["torch"] = {"calls": _calls(ref_cmd, 1, child_env(None), None, work, "ref-unlearn")}
     _official(args, "unlearn", 1, work, rec)
     _summarise(rec, None)
@@ -344,6 +353,8 @@ def main(argv=None) -> list[dict]:
     for k, v in DEFAULTS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     ap.add_argument("--parts", default="detect,unlearn")
+    ap.add_argument("--unlearn-defaults", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time one `jdup unlearn` call with jdup's defaults (after the repeat calls)")
     ap.add_argument("--jax-cache-env", action="store_true", help="also set JAX_COMPILATION_CACHE_DIR etc.")
     ap.add_argument("--official-dir", default=None,
                     help="a checkout of the official DUP code (ManHu2025/DUP): adds fresh-process rows of the official "

@@ -95,7 +95,9 @@ def cli_rows(recs: dict[str, dict]) -> list[str]:
             if s.get("official_first_s") and s.get(key):  # the official process runs once (no cache to warm)
                 sp = s["official_first_s"] / s[key]
                 rows.append(
-                    f"| unlearning against the official DUP process ({_official(u)}), {label} call, s | "
+                    f"| unlearning against the official DUP process ({_official(u)}; jdup "
+                    f"{'without' if 'evaluate_before=false' in u.get('jdup_settings', []) else 'with'} the victim's "
+                    f"evaluation, as the official process), {label} call, s | "
                     f"{_f(s[key], 1)} | {_f(s['official_first_s'], 1)} (official) | "
                     f"{sp:.2f}×{_mfu_ratio({'normalised': u['normalised'].get(f'official_{label}') or {}})} | ≥ 2× "
                     f"{_ok(sp, 2.0, True)} |"
@@ -109,6 +111,14 @@ def cli_rows(recs: dict[str, dict]) -> list[str]:
                     f"process), {label}, s | {_f(s[key], 1)} | {_f(tf, 1)} | {sp:.2f}×{_mfu_ratio({'normalised': norm})}"
                     f" | ≥ {TARGETS['cli_unlearn']:.0f}× {_ok(sp, TARGETS['cli_unlearn'], True)} |"
                 )
+        dc = (u.get("jdup_defaults") or {}).get("calls") or []
+        if dc and dc[0].get("rc") == 0:
+            out = dc[0].get("output") or {}
+            rows.append(
+                f"| `jdup unlearn` with jdup's defaults (evaluation before and after; cache warm), s | "
+                f"{_f(dc[0]['wall_s'], 1)} | | CACC {_f(out.get('cacc_after'), 3)}, ASR {_f(out.get('asr_after'), 3)}"
+                f" | — |"
+            )
     return rows
 
 

@@ -562,6 +562,8 @@ class UnlearnConfig(UnlearnSettings):
     max_length: int = 128  # tokens per text for unlearning and evaluation (truncation; official 512); batches
     #                        are padded to length buckets
     dtype: str = "float32"  # compute dtype of the model: float32 | bfloat16
+    evaluate_before: bool = True  # also evaluate the victim (cacc/asr/ra_before); false: after only, as the
+    #                               official code does (one forward over test-clean + test-poison less)
     allow_empty_forget: bool = False  # detection flagged no row: export the victim unchanged instead of stopping
     mesh: str = "auto"  # devices: auto (all, on the data axis) | N (N devices; 1 = one) | DxM (data x model, e.g.
     #                     2x4); does not change the result

@@ -142,6 +142,23 @@ def test_1_unlearn_reuses_its_detection_only_when_the_detection_settings_match(u
 
 
 @pytest.mark.slow
+def test_1_unlearn_without_the_victims_evaluation_trains_the_same_model(unlearned, tmp_path, monkeypatch):
+    """evaluate_before=false skips only the victim's evaluation: the purified model and its metrics are the same."""
+    src, args = unlearned
+    out = tmp_path / "un"
+    unlearn_stage = stage_module("unlearn")
+    real, calls = unlearn_stage.evaluate_model, []
+    monkeypatch.setattr(unlearn_stage, "evaluate_model", lambda *a, **k: calls.append(k["tag"]) or real(*a, **k))
+    assert jdup(*args, "--out", out, "evaluate_before=false") == 0
+    assert calls == ["after"]
+    got, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, src))
+    assert got["cacc_before"] is got["asr_before"] is got["ra_before"] is None
+    assert ref["cacc_before"] is not None
+    for k in ("cacc_after", "asr_after", "ra_after", "n_flagged", "steps"):
+        assert got[k] == ref[k], k
+
+
+@pytest.mark.slow
 def test_1_unlearn_refuses_a_detection_made_for_another_model(unlearned, tmp_path, synthetic_dup, capsys):
     from jdup import models
 

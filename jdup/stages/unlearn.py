@@ -291,8 +291,8 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
     # 3. before
     t = time.perf_counter()
     eval_kw = dict(batch_size=cfg.eval_batch_size, progress=cfg.progress, mesh=mesh)
-    before = evaluate_model(victim, enc["test-clean"], enc["test-poison"], target, ra_labels, tag="before",
-                            **eval_kw)
+    before = (evaluate_model(victim, enc["test-clean"], enc["test-poison"], target, ra_labels, tag="before",
+                             **eval_kw) if cfg.evaluate_before else None)
     phases["before"] = time.perf_counter() - t
     compiled("before")
 
@@ -333,9 +333,9 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
 
     fl = flags.astype(bool)
     record = {
-        "cacc_before": before.cacc,
-        "asr_before": before.asr,
-        "ra_before": before.ra,
+        "cacc_before": before.cacc if before is not None else None,  # None: evaluate_before=false
+        "asr_before": before.asr if before is not None else None,
+        "ra_before": before.ra if before is not None else None,
         "cacc_after": after.cacc,
         "asr_after": after.asr,
         "ra_after": after.ra,
