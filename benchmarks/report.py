@@ -115,7 +115,8 @@ def cli_rows(recs: dict[str, dict]) -> list[str]:
         if dc and dc[0].get("rc") == 0:
             out = dc[0].get("output") or {}
             rows.append(
-                f"| `jdup unlearn` with jdup's defaults (evaluation before and after; cache warm), s | "
+                f"| `jdup unlearn` with jdup's defaults (evaluation before and after; after the calls above, so the "
+                f"forward programs come from the cache and the defaults' own step is compiled), s | "
                 f"{_f(dc[0]['wall_s'], 1)} | | CACC {_f(out.get('cacc_after'), 3)}, ASR {_f(out.get('asr_after'), 3)}"
                 f" | — |"
             )
