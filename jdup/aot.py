@@ -12,7 +12,8 @@ definition and the pass's static options), the arguments' tree structure, shapes
 ``jdup`` module, the JAX / jaxlib versions, the device kind, ``XLA_FLAGS`` and the JAX settings that change a
 trace. It is used only where that identifies the program: the compilation cache is on, one process, one device
 (anything else calls the jitted function as it is); ``JDUP_KEEP_EXECUTABLES=0`` turns it off. A file that cannot be
-read or loaded is removed.
+read or loaded is removed. A program that is kept is compiled with the compilation cache bypassed (XLA:CPU cannot
+serialise an executable loaded from there completely), so it is kept even when the cache already holds it.
 """
 
 from __future__ import annotations
