@@ -242,7 +242,7 @@ def bench_unlearn(args, work: Path) -> dict:
     settings = ["early_stop=none", "progress=false", f"epochs={args.epochs}", "detect.method=dup", "forget_loss=kl",
                 "evaluate_before=false"]
 
-    def jdup_cmd(out):
+    def jdup_cmd(out, settings=settings):
         return jdup_command() + ["unlearn", "--model", model, "--data", data, "--out", str(out), *settings]
 
     def ref_cmd(out):
@@ -253,8 +253,7 @@ def bench_unlearn(args, work: Path) -> dict:
     rec["jdup"] = {"calls": _calls(jdup_cmd, 1 + args.reps, env, cache, work, "jdup-unlearn")}
     if args.unlearn_defaults:
         rec["jdup_defaults"] = {"cmd_settings": ["progress=false"], "calls": _calls(
-            lambda out: jdup_command() + ["unlearn", "--model", model, "--data", data, "--out", str(out),
-                                          "progress=false"], 1, env, cache, work, "jdup-unlearn-defaults")}
+            lambda out: jdup_cmd(out, ["progress=false"]), 1, env, cache, work, "jdup-unlearn-defaults")}
     rec["torch"] = {"calls": _calls(ref_cmd, 1, child_env(None), None, work, "ref-unlearn")}
     _official(args, "unlearn", 1, work, rec)
     _summarise(rec, None)

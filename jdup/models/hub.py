@@ -158,7 +158,7 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
             # (jdup.models.json_tokenizer): no AutoTokenizer, which reads the model config through
             # transformers.configuration_utils and so imports torch when it is installed, and no transformers import
             # at all unless something beyond jdup's batching asks for it; the token ids are the same (tests/test_hf.py)
-            return JsonTokenizer(folder, cls, TOKENIZER_FILES)
+            return JsonTokenizer(folder, cls)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(os.fspath(folder))
@@ -196,6 +196,8 @@ def save_tokenizer(tokenizer_src: Any, dest: Path) -> None:
     Raises:
       JdupError: a source folder without tokenizer files.
     """
+    if isinstance(tokenizer_src, JsonTokenizer):  # its folder's files, copied below (transformers not imported)
+        tokenizer_src = tokenizer_src.folder
     if not hasattr(tokenizer_src, "save_pretrained") and is_gguf(os.fspath(tokenizer_src)):
         tokenizer_src = tokenizer_from_gguf(tokenizer_src)
     if hasattr(tokenizer_src, "save_pretrained"):

@@ -10,14 +10,13 @@ same calls a ``transformers.PreTrainedTokenizerFast`` makes on the same ``tokeni
 ``longest_first`` on the configured side, no padding, ``encode_batch``), so the ids are the same
 (``tests/test_hf.py``). Every other call or attribute goes to a ``PreTrainedTokenizerFast`` of the same folder,
 built the first time it is needed, so the object behaves like the Hugging Face tokenizer it stands for.
-:meth:`JsonTokenizer.save_pretrained` copies the folder's tokenizer files.
+:func:`jdup.models.hub.save_tokenizer` exports it by copying the tokenizer files of its :attr:`~JsonTokenizer.folder`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,12 @@ class JsonTokenizer:
     """See the module docstring. ``folder``: a checkpoint folder with ``tokenizer.json`` and
     ``tokenizer_config.json``; ``tokenizer_class``: the class its config names (written back on export)."""
 
-    def __init__(self, folder: str | os.PathLike, tokenizer_class: str, files: tuple[str, ...] = ()):
+    def __init__(self, folder: str | os.PathLike, tokenizer_class: str):
         from tokenizers import Tokenizer
 
-        self._folder = Path(folder)
-        self._files = tuple(f for f in files if (self._folder / f).is_file())
-        self._raw = Tokenizer.from_file(os.fspath(self._folder / "tokenizer.json"))
-        with open(self._folder / "tokenizer_config.json", encoding="utf-8") as f:
+        self.folder = Path(folder)  # the checkpoint folder its files come from
+        self._raw = Tokenizer.from_file(os.fspath(self.folder / "tokenizer.json"))
+        with open(self.folder / "tokenizer_config.json", encoding="utf-8") as f:
             cfg = json.load(f)
         self._hf: Any = None
         self.jdup_tokenizer_class = tokenizer_class
@@ -76,7 +74,7 @@ class JsonTokenizer:
             from transformers import PreTrainedTokenizerFast
 
             self._hf = PreTrainedTokenizerFast.from_pretrained(
-                os.fspath(self._folder), model_input_names=list(INPUT_NAMES)
+                os.fspath(self.folder), model_input_names=list(INPUT_NAMES)
             )
             self._hf.jdup_tokenizer_class = self.jdup_tokenizer_class
         return self._hf
@@ -86,11 +84,5 @@ class JsonTokenizer:
             raise AttributeError(name)
         return getattr(self.hf, name)
 
-    def save_pretrained(self, dest: str | os.PathLike) -> None:
-        """Copy the folder's tokenizer files into ``dest`` (the export then loads exactly like the source)."""
-        os.makedirs(dest, exist_ok=True)
-        for f in self._files:
-            shutil.copy2(self._folder / f, Path(dest) / f)
-
     def __repr__(self) -> str:
-        return f"JsonTokenizer({os.fspath(self._folder)!r}, {self.jdup_tokenizer_class!r})"
+        return f"JsonTokenizer({os.fspath(self.folder)!r}, {self.jdup_tokenizer_class!r})"
