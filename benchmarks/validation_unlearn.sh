@@ -17,6 +17,7 @@ data_of() {  # the data folder a victim was trained on
     tune-sst2-badnets-full) echo "${SST2:-../shared/data/sst-2/1}/badnets" ;;
     *-sst2-*) v=${1#*-sst2-}; echo "runs/data/sst2-$v" ;;
     *-movies-*) v=${1#*-movies-}; echo "runs/data/movies-$v" ;;
+    *-sms-*) v=${1#*-sms-}; echo "runs/data/sms-$v" ;;
     *) echo "unknown victim $1" >&2; exit 2 ;;
   esac
 }

@@ -19,7 +19,9 @@ TRAIN="lr=1e-4 warmup=0.1 max_length=128 group_by_length=true batch_size=32 targ
 VICTIMS="tune-sst2-badnets-s1 tune-sst2-badnets-full
 val-sst2-badnets-s2 val-sst2-badnets-s3 val-sst2-badnets-s4
 val-sst2-addsent-s2 val-sst2-addsent-s3 val-sst2-addsent-s4
-val-movies-badnets-s2 val-movies-addsent-s2"
+val-movies-badnets-s2 val-movies-addsent-s2
+val-sms-badnets-s2 val-sms-badnets-s3 val-sms-badnets-s4
+val-sms-addsent-s2 val-sms-addsent-s3 val-sms-addsent-s4"
 
 # poison <data-out> <source> <attack> <seed> <max_rows>: a seeded poisoned folder (rate 0.2, target 1).
 poison() {
@@ -55,6 +57,12 @@ build() {
       a=${1#val-movies-}; a=${a%-s*}; s=${1##*-s}
       poison "runs/data/movies-$a-s$s" movies "$a" "$s" 3000
       train "$1" "runs/data/movies-$a-s$s" 1 "$s" ;;
+    # VALIDATION, a third dataset: built-in SMS spam (target 1 = spam, ~13 % of the rows), 3,000-row subsample of
+    # the training split (dev/test are smaller than that), 1 epoch.
+    val-sms-badnets-s[0-9]|val-sms-addsent-s[0-9])
+      a=${1#val-sms-}; a=${a%-s*}; s=${1##*-s}
+      poison "runs/data/sms-$a-s$s" sms_spam "$a" "$s" 3000
+      train "$1" "runs/data/sms-$a-s$s" 1 "$s" ;;
     *) echo "unknown victim $1 (see: $0 list)" >&2; exit 2 ;;
   esac
 }

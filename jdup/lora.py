@@ -77,7 +77,8 @@ def _next_context_key() -> jax.Array | None:
     state = getattr(_CTX, "state", None)
     if state is None:
         return None
-    key = jax.random.fold_in(state[0], state[1])
+    key = jax.random.fold_in(state[0], state[1]) if _dropout_lib.impl() == "threefry" else (
+        _dropout_lib.seed_words(state[0], state[1]))
     state[1] += 1
     return key
 
@@ -130,7 +131,7 @@ class LoRALinear(nnx.Module):
         key = None
         if self.dropout_rate > 0.0:
             if deterministic is False and rngs is not None:
-                key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+                key = _dropout_lib.next_seed(rngs.dropout) if isinstance(rngs, nnx.Rngs) else rngs
             elif deterministic is None:
                 key = _next_context_key()
         if key is not None:

@@ -86,3 +86,51 @@ def test_model_and_lora_dropout_use_it():
     a, b = run(1), run(2)
     assert np.abs(a - det).max() > 1e-4 and np.abs(a - b).max() > 1e-4
     np.testing.assert_array_equal(a, run(1))
+
+
+def test_seed_words_of_consecutive_counters_give_independent_masks():
+    # the seeds a layer stack draws from one step key (next_seed: counter 0, 1, 2, ...) must give unrelated masks
+    keep, shape, n_masks = 0.9, (16, 24, 96), 48
+    key = jax.random.fold_in(jax.random.key(2025), 7)
+    seeds = jax.vmap(lambda c: DR.seed_words(key, c))(jnp.arange(n_masks))
+    assert len({tuple(np.asarray(s).tolist()) for s in seeds}) == n_masks
+    m = _masks(seeds, keep, shape).reshape(n_masks, -1).astype(np.float64)
+    n = m.shape[1]
+    assert np.all(np.abs(m.mean(1) - keep) < 6 * np.sqrt(keep * (1 - keep) / n))
+    for a, b in [(0, 1), (1, 2), (10, 11), (3, 40)]:
+        both = (m[a] * m[b]).mean()
+        assert abs(both - keep * keep) < 6 * np.sqrt(keep * keep * (1 - keep * keep) / n), (a, b)
+    # keys that differ in one raw word (jax.random.key(1) vs key(2)) still give unrelated masks
+    m1 = np.asarray(DR.keep_mask(jax.random.key(1), keep, shape)).reshape(-1).astype(np.float64)
+    m2 = np.asarray(DR.keep_mask(jax.random.key(2), keep, shape)).reshape(-1).astype(np.float64)
+    for lag in (0, 1):  # also not a neighbour-swapped copy
+        both = (m1[lag:] * m2[: n - lag]).mean()
+        assert abs(both - keep * keep) < 6 * np.sqrt(keep * keep * (1 - keep * keep) / n), lag
+
+
+def test_next_seed_advances_the_stream_like_calling_it():
+    rngs = nnx.Rngs(dropout=jax.random.key(3))
+    s0, s1 = DR.next_seed(rngs.dropout), DR.next_seed(rngs.dropout)
+    assert int(rngs.dropout.count[...]) == 2 and not np.array_equal(np.asarray(s0), np.asarray(s1))
+    np.testing.assert_array_equal(np.asarray(s1), np.asarray(DR.seed_words(jax.random.key(3), 1)))
+    # seed words and the typed key they came from draw the same mask
+    np.testing.assert_array_equal(
+        np.asarray(DR.keep_mask(DR.seed_words(jax.random.key(5)), 0.8, (9, 11))),
+        np.asarray(DR.keep_mask(jax.random.key(5), 0.8, (9, 11))),
+    )
+
+
+def test_a_training_forward_runs_no_threefry_per_mask():
+    # each mask's seed comes from integer hashing of the step key (jdup.dropout.next_seed); a fold_in or bits call
+    # per mask (XLA unrolls threefry into ~20 rounds each) made up a quarter of a step's compile time on CPU
+    victim = tiny_model("bert", 2, seed=1)
+    m = lora.add_lora(victim, rank=4, alpha=8, dropout=0.5)
+    ids = jnp.ones((2, 7), jnp.int32)
+
+    def fwd(key):
+        return m(ids, deterministic=False, rngs=nnx.Rngs(dropout=key)).logits
+
+    prims = {e.primitive.name for e in jax.make_jaxpr(fwd)(jax.random.key(0)).jaxpr.eqns}
+    text = str(jax.make_jaxpr(fwd)(jax.random.key(0)))
+    assert not {"random_bits", "random_fold_in", "random_split", "threefry2x32"} & prims, prims
+    assert "threefry" not in text and "random_bits" not in text

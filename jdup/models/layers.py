@@ -47,7 +47,7 @@ def dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | Non
         return x
     if rngs is None:
         raise ValueError("deterministic=False needs rngs=nnx.Rngs(dropout=...) at call time")
-    return _dropout_lib.dropout(x, rate, rngs.dropout())
+    return _dropout_lib.dropout(x, rate, _dropout_lib.next_seed(rngs.dropout))
 
 
 def linear(d_in: int, d_out: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
