@@ -99,7 +99,9 @@ def seed_words(key: jax.Array, counter=0) -> jax.Array:
         already derived seed words (``uint32 [2]``, hashed again with ``counter``).
       counter: the mask's number (an int or a traced integer scalar); distinct counters give unrelated seeds.
     """
-    words = (jax.random.key_data(key) if _is_typed_key(key) else jnp.asarray(key)).reshape(-1).astype(jnp.uint32)
+    words = (
+        (jax.random.key_data(key) if _is_typed_key(key) else jnp.asarray(key)).reshape(-1).astype(jnp.uint32)
+    )
     c = jnp.asarray(counter).astype(jnp.uint32)
     s0 = _mix32(words[0] ^ _mix32(c * jnp.uint32(_PHI) + jnp.uint32(_K0)))
     for j in range(2, words.shape[0]):  # keys with more than two words (rbg: four)
