@@ -38,6 +38,7 @@ the hash only the kept elements are hashed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -45,6 +46,8 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 __all__ = ["keep_mask", "dropout", "impl", "leading_rows", "seed_words", "next_seed"]
 
@@ -61,12 +64,23 @@ def impl() -> str:
     return "threefry" if v in ("threefry", "jax", "bernoulli") else "hash"
 
 
+# The hash is written with ``jax.lax`` primitives on ``uint32``: every ``jnp`` operator is a small jitted function
+# of its own, and tracing a training step (forty masks, each hashed and seeded) through them cost about a second
+# per padded length.
+def _u32(v: int) -> np.uint32:
+    return np.uint32(v)
+
+
 def _mix32(h: jax.Array) -> jax.Array:
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(_M1)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(_M2)
-    return h ^ (h >> 16)
+    h = lax.bitwise_xor(h, lax.shift_right_logical(h, _u32(16)))
+    h = lax.mul(h, _u32(_M1))
+    h = lax.bitwise_xor(h, lax.shift_right_logical(h, _u32(15)))
+    h = lax.mul(h, _u32(_M2))
+    return lax.bitwise_xor(h, lax.shift_right_logical(h, _u32(16)))
+
+
+def _word(words: jax.Array, i: int) -> jax.Array:
+    return lax.index_in_dim(words, i, keepdims=False)
 
 
 _ROWS = threading.local()
@@ -100,16 +114,20 @@ def seed_words(key: jax.Array, counter=0) -> jax.Array:
         already derived seed words (``uint32 [2]``, hashed again with ``counter``).
       counter: the mask's number (an int or a traced integer scalar); distinct counters give unrelated seeds.
     """
-    words = (
-        (jax.random.key_data(key) if _is_typed_key(key) else jnp.asarray(key)).reshape(-1).astype(jnp.uint32)
-    )
-    c = jnp.asarray(counter).astype(jnp.uint32)
-    s0 = _mix32(words[0] ^ _mix32(c * jnp.uint32(_PHI) + jnp.uint32(_K0)))
+    raw = jax.random.key_data(key) if _is_typed_key(key) else jnp.asarray(key)
+    return _seed_words(raw, jnp.asarray(counter))
+
+
+@jax.jit
+def _seed_words(raw: jax.Array, counter: jax.Array) -> jax.Array:
+    words = lax.convert_element_type(lax.reshape(raw, (raw.size,)), np.uint32)
+    c = lax.convert_element_type(counter, np.uint32)
+    s0 = _mix32(lax.bitwise_xor(_word(words, 0), _mix32(lax.add(lax.mul(c, _u32(_PHI)), _u32(_K0)))))
     for j in range(2, words.shape[0]):  # keys with more than two words (rbg: four)
-        s0 = _mix32(s0 ^ words[j])
-    last = words[1] if words.shape[0] > 1 else words[0]
-    s1 = _mix32(last ^ _mix32(s0 + jnp.uint32(_K1)))
-    return jnp.stack([s0, s1])
+        s0 = _mix32(lax.bitwise_xor(s0, _word(words, j)))
+    last = _word(words, 1 if words.shape[0] > 1 else 0)
+    s1 = _mix32(lax.bitwise_xor(last, _mix32(lax.add(s0, _u32(_K1)))))
+    return lax.concatenate([lax.broadcast(s0, (1,)), lax.broadcast(s1, (1,))], 0)
 
 
 def next_seed(stream) -> jax.Array:
@@ -118,8 +136,10 @@ def next_seed(stream) -> jax.Array:
     it is ``stream()``, a typed key."""
     if impl() == "threefry":
         return stream()
-    out = seed_words(stream.key[...], stream.count[...])
-    stream.count[...] += 1
+    count = stream.count.get_value()
+    out = seed_words(stream.key.get_value(), count)
+    # a whole-value set: ``count[...] += 1`` asks a tracer for its sharding, which costs ~0.1 s of tracing per call
+    stream.count.set_value(count + 1)
     return out
 
 
@@ -155,16 +175,27 @@ def keep_mask(key: jax.Array, keep_prob: float, shape, full_shape=None) -> jax.A
         return jnp.zeros(shape, bool)
     if n >= 2**32:
         raise ValueError(f"a hash mask holds fewer than 2**32 elements; {full_shape} needs a typed key")
-    seed = seed_words(key) if typed else jnp.asarray(key).astype(jnp.uint32).reshape(2)
+    seed = seed_words(key) if typed else lax.convert_element_type(jnp.asarray(key).reshape(2), np.uint32)
+    return _hash_mask(seed, min(round(keep_prob * 2**32), 2**32 - 1), shape, full_shape)
+
+
+# jitted (inlined by XLA): a training step traces forty masks of a handful of shapes, and each traced jnp/lax
+# operation costs a fraction of a millisecond under autodiff; a cached inner trace is one operation per mask
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _hash_mask(seed: jax.Array, threshold: int, shape: tuple, full_shape: tuple) -> jax.Array:
+    n = math.prod(full_shape)
     if full_shape == shape:
-        idx = jax.lax.iota(jnp.uint32, n).reshape(shape)
+        idx = lax.reshape(lax.iota(np.uint32, n), shape)
     else:  # the flat positions of the leading block in the full mask: only those elements are hashed
         strides = [math.prod(full_shape[d + 1 :]) for d in range(len(shape))]
-        idx = sum(
-            jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(st) for d, st in enumerate(strides)
-        )
-    h = _mix32(_mix32(idx ^ seed[0]) + seed[1])
-    return h < jnp.uint32(min(round(keep_prob * 2**32), 2**32 - 1))
+        idx = lax.broadcasted_iota(np.uint32, shape, 0) if len(shape) else lax.full(shape, 0, np.uint32)
+        idx = lax.mul(idx, _u32(strides[0])) if len(shape) else idx
+        for d in range(1, len(shape)):
+            idx = lax.add(idx, lax.mul(lax.broadcasted_iota(np.uint32, shape, d), _u32(strides[d])))
+    s0 = lax.broadcast(_word(seed, 0), shape)
+    s1 = lax.broadcast(_word(seed, 1), shape)
+    h = _mix32(lax.add(_mix32(lax.bitwise_xor(idx, s0)), s1))
+    return lax.lt(h, lax.full(shape, threshold, np.uint32))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -173,4 +204,4 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
         return x
     keep = 1.0 - rate
     m = keep_mask(key, keep, x.shape)
-    return jnp.where(m, x / keep, 0).astype(x.dtype)
+    return lax.select(m, lax.div(x, lax.full_like(x, keep)), lax.full_like(x, 0))
