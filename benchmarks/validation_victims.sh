@@ -58,11 +58,11 @@ build() {
       poison "runs/data/movies-$a-s$s" movies "$a" "$s" 3000
       train "$1" "runs/data/movies-$a-s$s" 1 "$s" ;;
     # VALIDATION, a third dataset: built-in SMS spam (target 1 = spam, ~13 % of the rows), 3,000-row subsample of
-    # the training split (dev/test are smaller than that), 1 epoch.
+    # the training split (dev/test are smaller than that), 2 epochs (docs/protocol.md).
     val-sms-badnets-s[0-9]|val-sms-addsent-s[0-9])
       a=${1#val-sms-}; a=${a%-s*}; s=${1##*-s}
       poison "runs/data/sms-$a-s$s" sms_spam "$a" "$s" 3000
-      train "$1" "runs/data/sms-$a-s$s" 1 "$s" ;;
+      train "$1" "runs/data/sms-$a-s$s" 2 "$s" ;;
     *) echo "unknown victim $1 (see: $0 list)" >&2; exit 2 ;;
   esac
 }
