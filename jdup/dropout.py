@@ -65,8 +65,8 @@ def impl() -> str:
 
 
 # The hash is written with ``jax.lax`` primitives on ``uint32``: every ``jnp`` operator is a small jitted function
-# of its own, and tracing a training step (forty masks, each hashed and seeded) through them cost about a second
-# per padded length.
+# of its own, and tracing a training step (forty masks, each hashed and seeded) through them cost 1-2 s per padded
+# length.
 def _u32(v: int) -> np.uint32:
     return np.uint32(v)
 
