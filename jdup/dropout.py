@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["keep_mask", "dropout", "impl", "leading_rows", "seed_words", "next_seed"]
+__all__ = ["keep_mask", "dropout", "impl", "leading_rows", "seed_words", "counter_seed", "next_seed"]
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
@@ -130,14 +130,18 @@ def _seed_words(raw: jax.Array, counter: jax.Array) -> jax.Array:
     return lax.concatenate([lax.broadcast(s0, (1,)), lax.broadcast(s1, (1,))], 0)
 
 
+def counter_seed(key: jax.Array, counter) -> jax.Array:
+    """The seed of mask number ``counter`` drawn from ``key``: :func:`seed_words` (integer hashing), or with
+    ``JDUP_DROPOUT_RNG=threefry`` the typed key ``fold_in(key, counter)``."""
+    return jax.random.fold_in(key, counter) if impl() == "threefry" else seed_words(key, counter)
+
+
 def next_seed(stream) -> jax.Array:
-    """The next mask seed of an ``nnx.Rngs`` stream (e.g. ``rngs.dropout``): :func:`seed_words` of the stream's
-    key and counter, then the counter advances (as calling the stream does). With ``JDUP_DROPOUT_RNG=threefry``
-    it is ``stream()``, a typed key."""
-    if impl() == "threefry":
-        return stream()
+    """The next mask seed of an ``nnx.Rngs`` stream (e.g. ``rngs.dropout``): :func:`counter_seed` of the stream's
+    key and counter, then the counter advances, as calling the stream does (with ``JDUP_DROPOUT_RNG=threefry`` the
+    result is what ``stream()`` returns)."""
     count = stream.count.get_value()
-    out = seed_words(stream.key.get_value(), count)
+    out = counter_seed(stream.key.get_value(), count)
     # a whole-value set: ``count[...] += 1`` asks a tracer for its sharding, which costs ~0.1 s of tracing per call
     stream.count.set_value(count + 1)
     return out

@@ -77,11 +77,7 @@ def _next_context_key() -> jax.Array | None:
     state = getattr(_CTX, "state", None)
     if state is None:
         return None
-    key = (
-        jax.random.fold_in(state[0], state[1])
-        if _dropout_lib.impl() == "threefry"
-        else (_dropout_lib.seed_words(state[0], state[1]))
-    )
+    key = _dropout_lib.counter_seed(state[0], state[1])
     state[1] += 1
     return key
 

@@ -70,6 +70,13 @@ def test_threefry_switch(monkeypatch):
     np.testing.assert_array_equal(
         np.asarray(DR.keep_mask(k, 0.9, (10, 10))), np.asarray(jax.random.bernoulli(k, 0.9, (10, 10)))
     )
+    # the stream's keys are exactly what calling the stream gives
+    a, b = nnx.Rngs(dropout=k), nnx.Rngs(dropout=k)
+    for _ in range(3):
+        np.testing.assert_array_equal(
+            np.asarray(jax.random.key_data(DR.next_seed(a.dropout))),
+            np.asarray(jax.random.key_data(b.dropout())),
+        )
 
 
 @pytest.mark.slow
