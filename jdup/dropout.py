@@ -67,16 +67,12 @@ def impl() -> str:
 # The hash is written with ``jax.lax`` primitives on ``uint32``: every ``jnp`` operator is a small jitted function
 # of its own, and tracing a training step (forty masks, each hashed and seeded) through them cost 1-2 s per padded
 # length.
-def _u32(v: int) -> np.uint32:
-    return np.uint32(v)
-
-
 def _mix32(h: jax.Array) -> jax.Array:
-    h = lax.bitwise_xor(h, lax.shift_right_logical(h, _u32(16)))
-    h = lax.mul(h, _u32(_M1))
-    h = lax.bitwise_xor(h, lax.shift_right_logical(h, _u32(15)))
-    h = lax.mul(h, _u32(_M2))
-    return lax.bitwise_xor(h, lax.shift_right_logical(h, _u32(16)))
+    h = lax.bitwise_xor(h, lax.shift_right_logical(h, np.uint32(16)))
+    h = lax.mul(h, np.uint32(_M1))
+    h = lax.bitwise_xor(h, lax.shift_right_logical(h, np.uint32(15)))
+    h = lax.mul(h, np.uint32(_M2))
+    return lax.bitwise_xor(h, lax.shift_right_logical(h, np.uint32(16)))
 
 
 def _word(words: jax.Array, i: int) -> jax.Array:
@@ -122,11 +118,13 @@ def seed_words(key: jax.Array, counter=0) -> jax.Array:
 def _seed_words(raw: jax.Array, counter: jax.Array) -> jax.Array:
     words = lax.convert_element_type(lax.reshape(raw, (raw.size,)), np.uint32)
     c = lax.convert_element_type(counter, np.uint32)
-    s0 = _mix32(lax.bitwise_xor(_word(words, 0), _mix32(lax.add(lax.mul(c, _u32(_PHI)), _u32(_K0)))))
+    s0 = _mix32(
+        lax.bitwise_xor(_word(words, 0), _mix32(lax.add(lax.mul(c, np.uint32(_PHI)), np.uint32(_K0))))
+    )
     for j in range(2, words.shape[0]):  # keys with more than two words (rbg: four)
         s0 = _mix32(lax.bitwise_xor(s0, _word(words, j)))
     last = _word(words, 1 if words.shape[0] > 1 else 0)
-    s1 = _mix32(lax.bitwise_xor(last, _mix32(lax.add(s0, _u32(_K1)))))
+    s1 = _mix32(lax.bitwise_xor(last, _mix32(lax.add(s0, np.uint32(_K1)))))
     return lax.concatenate([lax.broadcast(s0, (1,)), lax.broadcast(s1, (1,))], 0)
 
 
@@ -192,10 +190,11 @@ def _hash_mask(seed: jax.Array, threshold: int, shape: tuple, full_shape: tuple)
         idx = lax.reshape(lax.iota(np.uint32, n), shape)
     else:  # the flat positions of the leading block in the full mask: only those elements are hashed
         strides = [math.prod(full_shape[d + 1 :]) for d in range(len(shape))]
-        idx = lax.broadcasted_iota(np.uint32, shape, 0) if len(shape) else lax.full(shape, 0, np.uint32)
-        idx = lax.mul(idx, _u32(strides[0])) if len(shape) else idx
+        idx = lax.mul(
+            lax.broadcasted_iota(np.uint32, shape, 0), np.uint32(strides[0])
+        )  # shape != full: rank >= 1
         for d in range(1, len(shape)):
-            idx = lax.add(idx, lax.mul(lax.broadcasted_iota(np.uint32, shape, d), _u32(strides[d])))
+            idx = lax.add(idx, lax.mul(lax.broadcasted_iota(np.uint32, shape, d), np.uint32(strides[d])))
     s0 = lax.broadcast(_word(seed, 0), shape)
     s1 = lax.broadcast(_word(seed, 1), shape)
     h = _mix32(lax.add(_mix32(lax.bitwise_xor(idx, s0)), s1))
