@@ -80,6 +80,7 @@ def _main(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.debug("compilation cache: %s", runtime.setup(enabled=compilation_cache))  # before any JAX work
     log.debug("host BLAS threads: %s", runtime.limit_host_blas())  # before NumPy / SciPy load their OpenBLAS
+    log.debug("host malloc: %s", runtime.tune_host_malloc())  # before XLA's worker threads first allocate
     if distributed or dist.requested(coordinator, num_processes, process_id):
         dist.resolve(coordinator, num_processes, process_id)  # bad values: one line before JAX is imported
         if log_level.lower() != "debug":  # JAX's C++ logs of a failed join repeat our one line over many lines
@@ -310,7 +311,8 @@ def info() -> None:
             versions[pkg] = None
     typer.echo(json.dumps({"versions": versions, "devices": [str(d) for d in jax.devices()],
                            "architectures": registry.names(), "compilation_cache": runtime.describe(),
-                           "host_blas": runtime.host_blas_info()}, indent=2))
+                           "host_blas": runtime.host_blas_info(), "host_malloc": runtime.host_malloc_info()},
+                          indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

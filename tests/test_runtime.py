@@ -253,3 +253,57 @@ def test_limit_host_blas_after_numpy_loaded_limits_the_loaded_libraries(tmp_path
     assert out.returncode == 0, out.stderr[-2000:]
     how, info = json.loads(out.stdout.strip().splitlines()[-1])
     assert how == "threadpoolctl" and set(info["loaded"].values()) == {1}, info
+
+
+MALLOC_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from jdup import cli
+    cli.main(sys.argv[1:])  # the CLI's start-up, as `jdup info` runs it
+    import jax, jax.numpy as jnp
+    from jdup import runtime
+
+    @jax.jit
+    def f(x):  # a 64 MB intermediate: above glibc's largest mmap threshold and a worker arena's heap
+        return (jnp.tanh(x @ x.T) @ x).sum()
+
+    x = jnp.ones((4096, 64), jnp.float32)
+    f(x).block_until_ready()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        f(x).block_until_ready()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print("@@" + json.dumps([runtime.host_malloc_info(), faults]))
+    """
+)
+
+
+def _malloc_child(tmp_path, extra_env: dict) -> tuple[dict, int]:
+    env = {k: v for k, v in _env(tmp_path).items()
+           if k != "GLIBC_TUNABLES" and not (k.startswith("MALLOC_") and k.endswith("_"))}
+    env.update(extra_env)
+    out = subprocess.run([sys.executable, "-c", MALLOC_CHILD, "--no-compilation-cache", "info"], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info, faults = json.loads(out.stdout[out.stdout.rindex("@@") + 2:])
+    return info, faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cli_keeps_large_xla_buffers_in_the_heap(tmp_path):
+    """An XLA:CPU program's large intermediates are malloc'ed on every run; untuned glibc maps fresh zeroed pages
+    for each (thousands of page faults per run); after the CLI's start-up the freed buffers are reused."""
+    tuned, faults_tuned = _malloc_child(tmp_path, {})
+    if tuned["state"] == "unavailable":
+        pytest.skip("not glibc")
+    off, faults_off = _malloc_child(tmp_path, {"JDUP_HOST_MALLOC": "0"})
+    assert tuned == {"state": "set", "settings": {"arena_max": 1, "mmap_max": 0, "trim_threshold": 2**31 - 1}}
+    assert off == {"state": "off", "settings": None}
+    # 5 runs x 64 MB = 80,000 pages of 4 KB if every run maps its buffer afresh
+    assert faults_off > 40_000, faults_off
+    assert faults_tuned * 10 < faults_off, (faults_tuned, faults_off)
+
+
+def test_host_malloc_keeps_the_users_settings(tmp_path):
+    info, _ = _malloc_child(tmp_path, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert info == {"state": "user", "settings": None}
