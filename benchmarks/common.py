@@ -41,11 +41,16 @@ ENV = {  # set before transformers / jax are imported
 
 
 def setup_env() -> None:
-    """Offline, quiet Hugging Face; repo root on ``sys.path`` (so ``benchmarks.*`` imports work from scripts)."""
+    """Offline, quiet Hugging Face; repo root on ``sys.path`` (so ``benchmarks.*`` imports work from scripts); the
+    C allocator tuned as the CLI tunes it (``jdup.runtime.tune_host_malloc``, before any framework allocates: both
+    sides of an in-process comparison get it; ``JDUP_HOST_MALLOC=0`` measures without)."""
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    from jdup import runtime  # imports no JAX
+
+    runtime.tune_host_malloc()
 
 
 def num_cores() -> int:
@@ -422,8 +427,11 @@ def emit(record: dict[str, Any], out: str | Path | None) -> None:
     Every line carries the machine, the versions and BOTH frameworks' matmul peaks of this run
     (:func:`add_peaks` fills in whatever the record lacks).
     """
+    from jdup import runtime
+
     record.setdefault("machine", machine_info())
     record.setdefault("versions", versions())
+    record.setdefault("host_malloc", runtime.host_malloc_info()["state"])  # None: this process did not tune it
     add_peaks(record)
     line = json.dumps(record, default=_json_default)
     print(line, flush=True)
