@@ -21,7 +21,9 @@ val-sst2-badnets-s2 val-sst2-badnets-s3 val-sst2-badnets-s4
 val-sst2-addsent-s2 val-sst2-addsent-s3 val-sst2-addsent-s4
 val-movies-badnets-s2 val-movies-addsent-s2
 val-sms-badnets-s2 val-sms-badnets-s3 val-sms-badnets-s4
-val-sms-addsent-s2 val-sms-addsent-s3 val-sms-addsent-s4"
+val-sms-addsent-s2 val-sms-addsent-s3 val-sms-addsent-s4
+val-sst2-synbkd-s2 val-sst2-synbkd-s3 val-sst2-synbkd-s4
+val-sst2-stylebkd-s2 val-sst2-stylebkd-s3 val-sst2-stylebkd-s4"
 
 # poison <data-out> <source> <attack> <seed> <max_rows>: a seeded poisoned folder (rate 0.2, target 1).
 poison() {
@@ -36,8 +38,39 @@ train() {
       $TRAIN epochs="$3" seed="$4"
 }
 
+# subsample <data-out> <attack> <seed>: the authors' SynBkd / StyleBkd folder with its training file cut to 3,000
+# rows (2,400 clean + 600 poisoned, drawn with the seed); dev and test files whole (docs/protocol.md)
+subsample() {
+  [ -f "$1/dirty/0.2/train-poison.csv" ] && return
+  "${PYTHON:-.venv/bin/python}" - "$2" "$3" "$1" "$SST2" <<'PY'
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jdup import data
+
+T, S, out, sst2 = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+src, rng = sst2 / T, np.random.default_rng(S)
+tmp = out.with_name(out.name + ".partial")
+for split in ("dev-clean", "dev-poison", "test-clean", "test-poison", "test-detect"):
+    data.write_dup_csv(data.read_split(src, split), tmp / f"{split}.csv")
+tr = data.read_split(src, "train", rate=0.2)
+pick = lambda rows, n: np.sort(rng.choice(rows, n, replace=False))  # noqa: E731
+keep = np.r_[pick(np.nonzero(tr.poison == 0)[0], 2400), pick(np.nonzero(tr.poison == 1)[0], 600)]
+data.write_dup_csv(tr.subset(rng.permutation(keep)), tmp / "dirty" / "0.2" / "train-poison.csv")
+tmp.rename(out)
+PY
+}
+
 build() {
   case "$1" in
+    # VALIDATION, paraphrase triggers: the authors' SynBkd / StyleBkd files (jdup cannot generate them), training
+    # file subsampled to 3,000 rows with the victim's seed, 2 epochs.
+    val-sst2-synbkd-s[0-9]|val-sst2-stylebkd-s[0-9])
+      a=${1#val-sst2-}; a=${a%-s*}; s=${1##*-s}
+      subsample "runs/data/sst2-$a-s$s" "$a" "$s"
+      train "$1" "runs/data/sst2-$a-s$s" 2 "$s" ;;
     # TUNING: the full-size SST-2 BadNets victim (authors' dirty/0.2 file, 6,920 rows, 3 epochs, seed 2025).
     tune-sst2-badnets-full) train "$1" "$SST2/badnets" 3 2025 ;;
     # TUNING, small: the recipe of the SST-2 validation victims below at seed 1 (3,000 rows, 1 epoch).
