@@ -42,15 +42,15 @@ ENV = {  # set before transformers / jax are imported
 
 def setup_env() -> None:
     """Offline, quiet Hugging Face; repo root on ``sys.path`` (so ``benchmarks.*`` imports work from scripts); the
-    C allocator tuned as the CLI tunes it (``jdup.runtime.tune_host_malloc``, before any framework allocates: both
-    sides of an in-process comparison get it; ``JDUP_HOST_MALLOC=0`` measures without)."""
+    C allocator tuned as the CLI tunes it when ``JDUP_HOST_MALLOC=1`` (``jdup.runtime.tune_host_malloc``, before any
+    framework allocates: both sides of an in-process comparison get it)."""
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from jdup import runtime  # imports no JAX
 
-    runtime.tune_host_malloc()
+    runtime.tune_host_malloc(only_if_asked=True)
 
 
 def num_cores() -> int:

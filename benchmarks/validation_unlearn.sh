@@ -18,6 +18,7 @@ data_of() {  # the data folder a victim was trained on
     *-sst2-*) v=${1#*-sst2-}; echo "runs/data/sst2-$v" ;;
     *-movies-*) v=${1#*-movies-}; echo "runs/data/movies-$v" ;;
     *-sms-*) v=${1#*-sms-}; echo "runs/data/sms-$v" ;;
+    *-trec-*) v=${1#*-trec-}; echo "runs/data/trec-$v" ;;
     *) echo "unknown victim $1" >&2; exit 2 ;;
   esac
 }

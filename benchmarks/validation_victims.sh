@@ -23,7 +23,9 @@ val-movies-badnets-s2 val-movies-addsent-s2
 val-sms-badnets-s2 val-sms-badnets-s3 val-sms-badnets-s4
 val-sms-addsent-s2 val-sms-addsent-s3 val-sms-addsent-s4
 val-sst2-synbkd-s2 val-sst2-synbkd-s3 val-sst2-synbkd-s4
-val-sst2-stylebkd-s2 val-sst2-stylebkd-s3 val-sst2-stylebkd-s4"
+val-sst2-stylebkd-s2 val-sst2-stylebkd-s3 val-sst2-stylebkd-s4
+val-trec-badnets-s2 val-trec-badnets-s3 val-trec-badnets-s4
+val-trec-addsent-s2 val-trec-addsent-s3 val-trec-addsent-s4"
 
 # poison <data-out> <source> <attack> <seed> <max_rows>: a seeded poisoned folder (rate 0.2, target 1).
 poison() {
@@ -31,11 +33,11 @@ poison() {
       max_rows="$5" out="$1"
 }
 
-# train <name> <data> <epochs> <seed>
+# train <name> <data> <epochs> <seed> [key=value ...]
 train() {
   [ -f "runs/victims/$1/metrics.json" ] && { echo "skip $1 (done)"; return; }
   /usr/bin/time -f "$1 wall %e s" "$JDUP" train --model builtin:minilm --data "$2" --out "runs/victims/$1" \
-      $TRAIN epochs="$3" seed="$4"
+      $TRAIN epochs="$3" seed="$4" "${@:5}"
 }
 
 # subsample <data-out> <attack> <seed>: the authors' SynBkd / StyleBkd folder with its training file cut to 3,000
@@ -96,6 +98,11 @@ build() {
       a=${1#val-sms-}; a=${a%-s*}; s=${1##*-s}
       poison "runs/data/sms-$a-s$s" sms_spam "$a" "$s" 3000
       train "$1" "runs/data/sms-$a-s$s" 2 "$s" ;;
+    # VALIDATION, six classes: built-in TREC question types (target 1), 3,000-row subsample, 3 epochs.
+    val-trec-badnets-s[0-9]|val-trec-addsent-s[0-9])
+      a=${1#val-trec-}; a=${a%-s*}; s=${1##*-s}
+      poison "runs/data/trec-$a-s$s" trec "$a" "$s" 3000
+      train "$1" "runs/data/trec-$a-s$s" 3 "$s" num_labels=6 ;;
     *) echo "unknown victim $1 (see: $0 list)" >&2; exit 2 ;;
   esac
 }

@@ -1,5 +1,5 @@
 """Process-wide runtime settings: JAX's persistent compilation cache, on by default, one host BLAS thread
-(:func:`limit_host_blas`) and a C allocator that keeps XLA's large buffers between executions
+(:func:`limit_host_blas`); optionally a C allocator that keeps XLA's large buffers between executions
 (:func:`tune_host_malloc`).
 
 Repeated CLI calls (``jdup detect`` / ``unlearn`` / ``run`` over many victims) compile the same XLA programs
@@ -339,7 +339,8 @@ def host_blas_info() -> dict:
     return info
 
 
-#: ``0``/``false``/``off``/``no`` leaves the C allocator as it is (:func:`tune_host_malloc`).
+#: ``1``/``true``/``on``/``yes`` makes the CLI tune the C allocator (:func:`tune_host_malloc`); ``0``/``false``/
+#: ``off``/``no`` stops :func:`tune_host_malloc` from tuning it even when called.
 ENV_HOST_MALLOC = "JDUP_HOST_MALLOC"
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -355,34 +356,39 @@ def _user_malloc_settings() -> bool:
     )
 
 
-def tune_host_malloc() -> str:
+def tune_host_malloc(only_if_asked: bool = False) -> str:
     """Keep XLA:CPU's large temporary buffers in the C heap between executions instead of mapping fresh pages.
 
-    Why: an XLA:CPU executable allocates its large intermediates (the buffers of its dot fusions, tens to hundreds
-    of MB for a training step) with ``malloc`` on every run, from its worker threads. glibc serves a request above
-    its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on ``free``, and a worker thread's
-    arena falls back to ``mmap`` for anything larger than its 64 MB heap whatever the threshold, so the kernel
-    zero-fills those pages again on every step. One `jdup unlearn` call on SST-2 (65 steps, MiniLM, 2 cores) took
-    8.4 million page faults and 30 s of system time that way. With one arena (``M_ARENA_MAX=1``: the worker
-    threads allocate from the main heap), no mmap-backed chunks (``M_MMAP_MAX=0``) and a high trim threshold the
-    freed buffers are reused: 0.45 million page faults, 4 s of system time, unlearning steps about a third faster
-    and the peak resident memory no higher (docs/performance.md). Results are unchanged: only where the memory
-    comes from differs.
+    An XLA:CPU executable allocates its large intermediates (the buffers of its dot fusions, hundreds of MB for a
+    training step) with ``malloc`` on every run, from its worker threads. glibc serves a request above its mmap
+    threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on ``free``, and a worker thread's arena falls
+    back to ``mmap`` for anything larger than its 64 MB heap whatever the threshold, so the kernel zero-fills
+    those pages again on every step: one ``jdup unlearn`` call on SST-2 (65 steps, MiniLM) took 8.3 million page
+    faults and about 30 s of system time. This asks glibc for one arena (``M_ARENA_MAX=1``: the worker threads
+    allocate from the main heap), no mmap-backed chunks (``M_MMAP_MAX=0``) and a high trim threshold, so freed
+    buffers are reused. Results are unchanged (only where the memory comes from differs), but it is **not on by
+    default**: in whole CLI calls the heap kept buffers of every padded length at once (peak memory 1.9 -> 3.3 GB
+    for that call) and the calls were not reliably faster (docs/performance.md).
 
-    Call it before the first JAX computation (the CLI does, first thing): glibc fixes a thread's arena when the
-    thread first allocates, and the arena limit when the first extra arena is made. It changes the allocator of the
-    whole process, so a library caller decides (``import jdup.runtime; jdup.runtime.tune_host_malloc()``).
-    ``JDUP_HOST_MALLOC=0`` opts out; a ``GLIBC_TUNABLES`` with ``glibc.malloc.*`` entries or ``MALLOC_*_``
-    variables set by the user are kept as they are.
+    Call it before the first JAX computation: glibc fixes a thread's arena when the thread first allocates, and the
+    arena limit when the first extra arena is made. It changes the allocator of the whole process.
+    ``JDUP_HOST_MALLOC=1`` makes the CLI call it at start-up; ``JDUP_HOST_MALLOC=0`` disables it; a
+    ``GLIBC_TUNABLES`` with ``glibc.malloc.*`` entries or ``MALLOC_*_`` variables set by the user are kept.
+
+    Args:
+      only_if_asked: tune only when ``JDUP_HOST_MALLOC`` asks for it (what the CLI passes); otherwise (a library
+        caller's explicit call) tune unless it says no.
 
     Returns:
-      ``"set"`` (applied), ``"off"`` (opted out), ``"user"`` (the user's settings kept), ``"unavailable"`` (not
-      glibc, e.g. macOS or musl) or ``"failed"`` (glibc refused a setting). Repeated calls return the first answer.
+      ``"set"`` (applied), ``"off"`` (not asked for, or opted out), ``"user"`` (the user's settings kept),
+      ``"unavailable"`` (not glibc, e.g. macOS or musl) or ``"failed"`` (glibc refused a setting). Repeated calls
+      return the first answer.
     """
     global _malloc_state
     if _malloc_state is not None:
         return _malloc_state
-    if os.environ.get(ENV_HOST_MALLOC, "").strip().lower() in _OFF:
+    env = os.environ.get(ENV_HOST_MALLOC, "").strip().lower()
+    if env in _OFF or (only_if_asked and env not in _ON - {""}):
         _malloc_state = "off"
     elif _user_malloc_settings():
         _malloc_state = "user"

@@ -290,20 +290,31 @@ def _malloc_child(tmp_path, extra_env: dict) -> tuple[dict, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_cli_keeps_large_xla_buffers_in_the_heap(tmp_path):
+def test_host_malloc_keeps_large_xla_buffers_in_the_heap_when_asked(tmp_path):
     """An XLA:CPU program's large intermediates are malloc'ed on every run; untuned glibc maps fresh zeroed pages
-    for each (thousands of page faults per run); after the CLI's start-up the freed buffers are reused."""
-    tuned, faults_tuned = _malloc_child(tmp_path, {})
+    for each (thousands of page faults per run); with JDUP_HOST_MALLOC=1 the CLI's start-up tunes the allocator
+    and the freed buffers are reused. By default the CLI leaves the allocator alone."""
+    tuned, faults_tuned = _malloc_child(tmp_path, {"JDUP_HOST_MALLOC": "1"})
     if tuned["state"] == "unavailable":
         pytest.skip("not glibc")
-    off, faults_off = _malloc_child(tmp_path, {"JDUP_HOST_MALLOC": "0"})
+    default, faults_default = _malloc_child(tmp_path, {})
     assert tuned == {"state": "set", "settings": {"arena_max": 1, "mmap_max": 0, "trim_threshold": 2**31 - 1}}
-    assert off == {"state": "off", "settings": None}
+    assert default == {"state": "off", "settings": None}
     # 5 runs x 64 MB = 80,000 pages of 4 KB if every run maps its buffer afresh
-    assert faults_off > 40_000, faults_off
-    assert faults_tuned * 10 < faults_off, (faults_tuned, faults_off)
+    assert faults_default > 40_000, faults_default
+    assert faults_tuned * 10 < faults_default, (faults_tuned, faults_default)
 
 
-def test_host_malloc_keeps_the_users_settings(tmp_path):
-    info, _ = _malloc_child(tmp_path, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+def test_host_malloc_keeps_the_users_settings_and_opt_out(tmp_path):
+    info, _ = _malloc_child(tmp_path, {"JDUP_HOST_MALLOC": "1", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert info == {"state": "user", "settings": None}
+    code = ("import json; from jdup import runtime; "
+            "print(json.dumps([runtime.tune_host_malloc(), runtime.tune_host_malloc(only_if_asked=True)]))")
+    env = {k: v for k, v in _env(tmp_path).items() if k != "GLIBC_TUNABLES"}
+    for value, want in (("0", "off"), ("", "set")):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "JDUP_HOST_MALLOC": value},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        if got[0] != "unavailable":  # a library caller's explicit call tunes unless told not to; then it sticks
+            assert got == [want, want], (value, got)
