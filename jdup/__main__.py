@@ -1,5 +1,5 @@
 """``python -m jdup ...`` is the same as the ``jdup`` console script."""
 
-from jdup.cli import console
+from jdup.launch import console
 
 console()

@@ -80,7 +80,7 @@ def _main(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.debug("compilation cache: %s", runtime.setup(enabled=compilation_cache))  # before any JAX work
     log.debug("host BLAS threads: %s", runtime.limit_host_blas())  # before NumPy / SciPy load their OpenBLAS
-    log.debug("host malloc: %s", runtime.tune_host_malloc(only_if_asked=True))  # JDUP_HOST_MALLOC=1; before JAX
+    log.debug("host malloc: %s", runtime.tune_host_malloc(only_if_asked=True))  # JDUP_HOST_MALLOC; before JAX
     if distributed or dist.requested(coordinator, num_processes, process_id):
         dist.resolve(coordinator, num_processes, process_id)  # bad values: one line before JAX is imported
         if log_level.lower() != "debug":  # JAX's C++ logs of a failed join repeat our one line over many lines

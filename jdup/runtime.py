@@ -1,5 +1,6 @@
 """Process-wide runtime settings: JAX's persistent compilation cache, on by default, one host BLAS thread
-(:func:`limit_host_blas`); optionally a C allocator that keeps XLA's large buffers between executions
+(:func:`limit_host_blas`), transparent huge pages for the C allocator's large buffers in CLI calls
+(:func:`reexec_with_huge_pages`), and optionally a C allocator that keeps XLA's large buffers between executions
 (:func:`tune_host_malloc`).
 
 Repeated CLI calls (``jdup detect`` / ``unlearn`` / ``run`` over many victims) compile the same XLA programs
@@ -339,9 +340,18 @@ def host_blas_info() -> dict:
     return info
 
 
-#: ``1``/``true``/``on``/``yes`` makes the CLI tune the C allocator (:func:`tune_host_malloc`); ``0``/``false``/
-#: ``off``/``no`` stops :func:`tune_host_malloc` from tuning it even when called.
+#: How a CLI call treats the C allocator: unset/``auto``/``hugetlb`` (default): huge pages where they help
+#: (:func:`reexec_with_huge_pages`); ``1``/``true``/``on``/``yes``/``heap``: the heap settings of
+#: :func:`tune_host_malloc` instead; ``0``/``false``/``off``/``no``: glibc's defaults (and :func:`tune_host_malloc`
+#: does nothing even when called).
 ENV_HOST_MALLOC = "JDUP_HOST_MALLOC"
+_AUTO = {"", "auto", "hugetlb", "huge"}
+_HEAP = {"1", "true", "on", "yes", "heap"}
+#: The glibc tunable the CLI starts with by default: malloc asks the kernel for transparent huge pages
+#: (``madvise(MADV_HUGEPAGE)``) for its heap and mmap-backed chunks. glibc >= 2.35 reads it at process start only.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+_REEXEC_MARK = "JDUP_HOST_MALLOC_REEXEC"  # set by the CLI for the process it re-executes as
+_THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 #: What :func:`tune_host_malloc` asks glibc for: one arena, no mmap-backed chunks, freed memory kept up to 2 GiB.
@@ -349,11 +359,79 @@ HOST_MALLOC = {"arena_max": 1, "mmap_max": 0, "trim_threshold": 2**31 - 1}
 _malloc_state: str | None = None
 
 
-def _user_malloc_settings() -> bool:
+def _user_malloc_settings(environ=None) -> bool:
     """The user tuned glibc's malloc through the environment (``GLIBC_TUNABLES`` or the ``MALLOC_*_`` variables)."""
-    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
-        k.startswith("MALLOC_") and k.endswith("_") for k in os.environ
+    env = os.environ if environ is None else environ
+    return "glibc.malloc." in env.get("GLIBC_TUNABLES", "") or any(
+        k.startswith("MALLOC_") and k.endswith("_") for k in env
     )
+
+
+def _glibc_version() -> tuple[int, int] | None:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"; absent on musl, macOS
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``), or None where unknown."""
+    try:
+        text = _THP_ENABLED.read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
+
+
+def huge_pages_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment a CLI call re-executes itself with to get huge pages (:func:`reexec_with_huge_pages`), or
+    None where that would not change anything: ``JDUP_HOST_MALLOC`` asks for something else, the user set glibc
+    malloc options, the process already is the re-executed one, glibc is older than 2.35 (or not glibc), or the
+    kernel's transparent huge pages are ``always`` (every large mapping gets them already) or ``never``.
+
+    Args:
+      environ: the environment to decide on and extend (default ``os.environ``).
+    """
+    env = dict(os.environ if environ is None else environ)
+    if env.get(ENV_HOST_MALLOC, "").strip().lower() not in _AUTO or env.get(_REEXEC_MARK):
+        return None
+    if not sys.platform.startswith("linux") or _user_malloc_settings(env):
+        return None
+    version = _glibc_version()
+    if version is None or version < (2, 35) or thp_mode() != "madvise":
+        return None
+    tunables = env.get("GLIBC_TUNABLES", "")
+    env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+    env[_REEXEC_MARK] = "1"
+    return env
+
+
+def reexec_with_huge_pages() -> None:
+    """Re-executes this process (same interpreter, same command line) with glibc's malloc asking for transparent
+    huge pages, where :func:`huge_pages_env` says it helps; otherwise returns. What the ``jdup`` command does first.
+
+    XLA:CPU allocates the large intermediates of a program (hundreds of MB for a training step) with ``malloc``
+    on every run; glibc maps them afresh and the kernel zero-fills them page by page, 4 KB at a time: about 8
+    million page faults and 30 s of system time in one ``jdup unlearn`` call on SST-2. With
+    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` the same buffers come in 2 MB pages: 0.3 million faults, about half
+    the system time, the same peak memory and the same numbers (docs/performance.md). glibc reads the tunable only
+    when a process starts, hence the re-execution, before anything heavy is imported (about 0.1 s).
+    ``JDUP_HOST_MALLOC=0`` (glibc's defaults) or ``=1`` (:func:`tune_host_malloc`'s heap settings) skip it; a
+    ``GLIBC_TUNABLES`` with ``glibc.malloc.*`` or ``MALLOC_*_`` variables of the user are kept as they are.
+    """
+    env = huge_pages_env()
+    argv = getattr(sys, "orig_argv", None)
+    if env is None or not sys.executable or not argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    except OSError:  # cannot re-execute (e.g. the interpreter was replaced): run with glibc's defaults
+        return
 
 
 def tune_host_malloc(only_if_asked: bool = False) -> str:
@@ -372,23 +450,26 @@ def tune_host_malloc(only_if_asked: bool = False) -> str:
 
     Call it before the first JAX computation: glibc fixes a thread's arena when the thread first allocates, and the
     arena limit when the first extra arena is made. It changes the allocator of the whole process.
-    ``JDUP_HOST_MALLOC=1`` makes the CLI call it at start-up; ``JDUP_HOST_MALLOC=0`` disables it; a
-    ``GLIBC_TUNABLES`` with ``glibc.malloc.*`` entries or ``MALLOC_*_`` variables set by the user are kept.
+    ``JDUP_HOST_MALLOC=1`` makes the CLI call it at start-up (instead of the default huge pages,
+    :func:`reexec_with_huge_pages`); ``JDUP_HOST_MALLOC=0`` disables it; a ``GLIBC_TUNABLES`` with
+    ``glibc.malloc.*`` entries or ``MALLOC_*_`` variables set by the user are kept.
 
     Args:
       only_if_asked: tune only when ``JDUP_HOST_MALLOC`` asks for it (what the CLI passes); otherwise (a library
         caller's explicit call) tune unless it says no.
 
     Returns:
-      ``"set"`` (applied), ``"off"`` (not asked for, or opted out), ``"user"`` (the user's settings kept),
-      ``"unavailable"`` (not glibc, e.g. macOS or musl) or ``"failed"`` (glibc refused a setting). Repeated calls
-      return the first answer.
+      ``"set"`` (applied), ``"hugetlb"`` (this is a CLI process re-executed with huge pages; nothing else done),
+      ``"off"`` (not asked for, or opted out), ``"user"`` (the user's settings kept), ``"unavailable"`` (not
+      glibc, e.g. macOS or musl) or ``"failed"`` (glibc refused a setting). Repeated calls return the first answer.
     """
     global _malloc_state
     if _malloc_state is not None:
         return _malloc_state
     env = os.environ.get(ENV_HOST_MALLOC, "").strip().lower()
-    if env in _OFF or (only_if_asked and env not in _ON - {""}):
+    if os.environ.get(_REEXEC_MARK) and HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+        _malloc_state = "hugetlb"
+    elif env in _OFF or (only_if_asked and env not in _HEAP):
         _malloc_state = "off"
     elif _user_malloc_settings():
         _malloc_state = "user"
@@ -413,5 +494,8 @@ def _mallopt_all() -> str:
 
 
 def host_malloc_info() -> dict:
-    """What :func:`tune_host_malloc` did in this process (``None``: not called) and the settings it applies."""
-    return {"state": _malloc_state, "settings": dict(HOST_MALLOC) if _malloc_state == "set" else None}
+    """What this process asked of the C allocator: ``state`` as :func:`tune_host_malloc` returns it (``None``: not
+    called), the heap ``settings`` it applied, the ``GLIBC_TUNABLES`` the process started with and the kernel's
+    transparent-huge-page mode."""
+    return {"state": _malloc_state, "settings": dict(HOST_MALLOC) if _malloc_state == "set" else None,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES") or None, "thp": thp_mode()}
