@@ -221,9 +221,13 @@ def bench_detect(args, work: Path) -> dict:
 
         wargs = ["--impl", "jdup", "--model", model, "--data-dir", str(Path(data).parent)]
         wargs += ["--attack", Path(data).name, "--reps", str(args.inprocess_reps)]
-        w = C.run_worker(Path(bench_detect.__file__).resolve(), wargs)
+        from jdup import runtime
+
+        # the allocator the CLI calls start with (glibc's huge pages where they help), so that the warm figure and
+        # the calls compare like for like
+        w = C.run_worker(Path(bench_detect.__file__).resolve(), wargs, env=runtime.huge_pages_env())
         rec["jdup"]["inprocess"] = {
-            k: w[k] for k in ("total", "warmup_s", "compile_s", "peak", "auroc", "peak_rss_mb") if k in w
+            k: w[k] for k in ("total", "warmup_s", "compile_s", "peak", "auroc", "peak_rss_mb", "host_malloc") if k in w
         }
         warm = w["total"]["median"]
     _summarise(rec, warm)

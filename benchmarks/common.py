@@ -406,10 +406,12 @@ class JaxCompileClock:
 # workers and output
 
 
-def run_worker(script: str | Path, args: Sequence[str], timeout: float = 3600) -> dict[str, Any]:
-    """Run ``python script --worker args...`` in a fresh process; return the JSON of its last ``{...}`` line."""
+def run_worker(script: str | Path, args: Sequence[str], timeout: float = 3600,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python script --worker args...`` in a fresh process (environment ``env``, default this one's);
+    return the JSON of its last ``{...}`` line."""
     cmd = [sys.executable, str(script), "--worker", *args]
-    env = dict(os.environ, **ENV)
+    env = dict(os.environ if env is None else env, **ENV)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
