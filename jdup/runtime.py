@@ -418,7 +418,7 @@ def reexec_with_huge_pages() -> None:
     million page faults and 30 s of system time in one ``jdup unlearn`` call on SST-2. With
     ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` the same buffers come in 2 MB pages: 0.3 million faults, about half
     the system time, the same peak memory and the same numbers (docs/performance.md). glibc reads the tunable only
-    when a process starts, hence the re-execution, before anything heavy is imported (about 0.1 s).
+    when a process starts, hence the re-execution, before anything heavy is imported (0.04-0.08 s per call).
     ``JDUP_HOST_MALLOC=0`` (glibc's defaults) or ``=1`` (:func:`tune_host_malloc`'s heap settings) skip it; a
     ``GLIBC_TUNABLES`` with ``glibc.malloc.*`` or ``MALLOC_*_`` variables of the user are kept as they are.
     """
