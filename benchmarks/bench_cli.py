@@ -183,23 +183,12 @@ def _calls(make_cmd, n: int, env: dict, cache: Path | None, work: Path, tag: str
             r["cache_entries"] = _entries(cache)
         if tag.startswith("jdup"):
             r["phases"] = phases_of(out)
-            r["host_malloc"] = _host_malloc(env)
+            from jdup import runtime
+
+            r["host_malloc"] = runtime.cli_malloc_choice(env)  # what the call asked of glibc's allocator
         runs.append(r)
         print(f"# {tag} call {i + 1}: {r['wall_s']:.1f} s (rc {r['rc']})", file=sys.stderr, flush=True)
     return runs
-
-
-def _host_malloc(env: dict) -> str:
-    """What a jdup call with ``env`` asks of glibc's allocator: ``hugetlb`` (the command re-executes itself with
-    huge pages), ``heap`` (``JDUP_HOST_MALLOC=1``), ``user`` (the caller's ``GLIBC_TUNABLES`` / ``MALLOC_*_``) or
-    ``default``."""
-    from jdup import runtime
-
-    if runtime.huge_pages_env(env) is not None:
-        return "hugetlb"
-    if env.get(runtime.ENV_HOST_MALLOC, "").strip().lower() in runtime._HEAP:
-        return "heap"
-    return "user" if runtime._user_malloc_settings(env) else "default"
 
 
 def bench_detect(args, work: Path) -> dict:

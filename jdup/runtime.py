@@ -409,6 +409,18 @@ def huge_pages_env(environ: dict[str, str] | None = None) -> dict[str, str] | No
     return env
 
 
+def cli_malloc_choice(environ: dict[str, str] | None = None) -> str:
+    """What a ``jdup`` command started with ``environ`` (default ``os.environ``) asks of glibc's allocator:
+    ``"hugetlb"`` (it re-executes itself with huge pages), ``"heap"`` (``JDUP_HOST_MALLOC=1``: the heap settings),
+    ``"user"`` (the caller's ``glibc.malloc.*`` tunables or ``MALLOC_*_`` variables) or ``"default"``."""
+    env = os.environ if environ is None else environ
+    if huge_pages_env(env) is not None:
+        return "hugetlb"
+    if env.get(ENV_HOST_MALLOC, "").strip().lower() in _HEAP:
+        return "heap"
+    return "user" if _user_malloc_settings(env) else "default"
+
+
 def reexec_with_huge_pages() -> None:
     """Re-executes this process (same interpreter, same command line) with glibc's malloc asking for transparent
     huge pages, where :func:`huge_pages_env` says it helps; otherwise returns. What the ``jdup`` command does first.

@@ -375,6 +375,8 @@ def test_huge_pages_env_decides_from_the_environment(monkeypatch):
                   {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}):
         assert runtime.huge_pages_env(other) is None, other
     assert runtime.huge_pages_env({"JDUP_HOST_MALLOC": "auto"}) is not None
+    assert [runtime.cli_malloc_choice(e) for e in ({}, {"JDUP_HOST_MALLOC": "1"}, {"MALLOC_ARENA_MAX_": "2"},
+                                                    {"JDUP_HOST_MALLOC": "0"})] == ["hugetlb", "heap", "user", "default"]
     monkeypatch.setattr(runtime, "thp_mode", lambda: "always")  # every large mapping gets huge pages already
     assert runtime.huge_pages_env({}) is None
     monkeypatch.setattr(runtime, "thp_mode", lambda: "madvise")
