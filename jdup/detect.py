@@ -118,6 +118,9 @@ class DetectionResult:
         ``md_layers``/``ss``, the input of :func:`decide` for other ``alpha``/``frr`` values without a new pass).
       upgp: ``upgp``/``ensemble`` only: :class:`UPGPComponents`.
       ensemble: ``ensemble`` only: :class:`EnsembleComponents`.
+      logits: ``dup``/``dan``/``ensemble``: ``[N, C]`` float32, the model's logits on the scored rows (from the
+        scoring pass, so a caller needs no second forward over them, e.g. the teacher logits of unlearning);
+        ``upgp``: None.
 
     For ``upgp`` the DUP-specific arrays (``md``, ``ss``, ``z_md``, ``z_ss``) are zeros, ``md_layers`` is
     ``[N, 0]``, ``layers``/``ch``/``val_scores``/``val_index`` are empty; ``ensemble`` keeps DUP's.
@@ -144,6 +147,8 @@ class DetectionResult:
     # dup/dan: the validation half's [n_V, K] per-layer and [n_V] raw spectral scores (input of decide())
     val_md_layers: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
     val_ss: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    # dup/dan/ensemble: [N, C] the model's logits on the scored rows, from the scoring pass (None for upgp)
+    logits: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,8 +226,12 @@ def detect(model, tokenizer, calib, scored, settings: DetectSettings | None = No
     enc_kw = dict(max_length=cfg.max_length, buckets=cfg.buckets, config=model.config)
     calib_c = calib.subset(c_idx)
     enc_c = data_lib.encode(tokenizer, calib_c, **enc_kw)
-    # V ∪ scored: one pass, tokenised chunk by chunk (host memory bounded by chunk_rows)
-    both = data_lib.TextDataset.concat([calib.subset(v_idx), scored])
+    # scored rows with the text of a calibration row (e.g. dev-detect holds dev-clean) are not forwarded again: their
+    # scores come from that row's pass (the same numbers up to float rounding)
+    in_c, in_v = _overlap(scored.texts, calib_c.texts, [calib.texts[i] for i in v_idx])
+    fresh = np.flatnonzero((in_c < 0) & (in_v < 0))
+    # V ∪ the other scored rows: one pass, tokenised chunk by chunk (host memory bounded by chunk_rows)
+    both = data_lib.TextDataset.concat([calib.subset(v_idx), scored.subset(fresh)])
     n_v = len(v_idx)
     n_both = len(both)
     chunk = cfg.chunk_rows if cfg.chunk_rows and cfg.chunk_rows > 0 else n_both
@@ -238,6 +247,9 @@ def detect(model, tokenizer, calib, scored, settings: DetectSettings | None = No
     got = feat_lib.extract_features(model, enc_c, cfg.batch_size, progress=cfg.progress, mesh=mesh, **fkw)
     x_c = jnp.asarray(got["features"])
     y_c = jnp.asarray(calib_c.labels)
+    c_rows = np.unique(in_c[in_c >= 0])  # calibration rows also scored: their features are kept for the head
+    kept_c = {k: got[k][c_rows] for k in ("features", "logits")}
+    del got
     n_layers = x_c.shape[1]
     timings["calibration_pass"] = time.perf_counter() - t
 
@@ -257,6 +269,12 @@ def detect(model, tokenizer, calib, scored, settings: DetectSettings | None = No
     # ---- pass 2: validation ∪ scored, scalars only
     t = time.perf_counter()
     fn, state = feat_lib.make_batch_fn(model, head, head_key=head_key, mesh=mesh, **fkw)
+    from_c = (
+        feat_lib.apply_head(head, head_key, kept_c["features"], kept_c["logits"], enc_c.lengths[c_rows], aux,
+                            cfg.batch_size)
+        if len(c_rows) else {}
+    )
+    del kept_c
     aux = mesh_lib.put_replicated(aux, mesh)
     res: dict[str, np.ndarray] = {}
     for i, start in enumerate(starts):
@@ -276,6 +294,8 @@ def detect(model, tokenizer, calib, scored, settings: DetectSettings | None = No
             if k not in res:
                 res[k] = np.zeros((n_both,) + v.shape[1:], v.dtype)
             res[k][start : start + len(part)] = v
+    res = _with_overlap(res, n_v, len(scored), fresh, in_c, in_v, from_c, c_rows)
+    n_both = n_v + len(scored)
     timings["scoring_pass"] = time.perf_counter() - t
 
     # ---- host: normalisation, fusion, threshold
@@ -310,7 +330,42 @@ def detect(model, tokenizer, calib, scored, settings: DetectSettings | None = No
         timings=timings,
         val_md_layers=per_layer[:n_v],
         val_ss=ss_raw[:n_v],
+        logits=res["logits"][n_v:].astype(np.float32),
     )
+
+
+def _overlap(texts: list[str], calib_texts: list[str], val_texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """For every text of ``texts``: the first row of ``calib_texts`` with the same text (else -1), and, for the
+    others, the first row of ``val_texts`` with it (else -1)."""
+    first_c: dict[str, int] = {}
+    for i, t in enumerate(calib_texts):
+        first_c.setdefault(t, i)
+    first_v: dict[str, int] = {}
+    for i, t in enumerate(val_texts):
+        first_v.setdefault(t, i)
+    in_c = np.fromiter((first_c.get(t, -1) for t in texts), np.int64, len(texts))
+    in_v = np.fromiter((first_v.get(t, -1) if c < 0 else -1 for t, c in zip(texts, in_c, strict=True)), np.int64,
+                       len(texts))
+    return in_c, in_v
+
+
+def _with_overlap(res: dict[str, np.ndarray], n_v: int, n_scored: int, fresh: np.ndarray, in_c: np.ndarray,
+                  in_v: np.ndarray, from_c: dict[str, np.ndarray], c_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The scoring pass's outputs over V ‖ all scored rows: the pass covered V ‖ ``scored[fresh]``; a scored row
+    equal to validation row ``j`` copies row ``j``, one equal to calibration row ``c_rows[k]`` takes ``from_c[k]``."""
+    if len(fresh) == n_scored:
+        return res
+    dv, dc = np.flatnonzero(in_v >= 0), np.flatnonzero(in_c >= 0)
+    out = {}
+    for k, v in res.items():
+        a = np.zeros((n_v + n_scored,) + v.shape[1:], v.dtype)
+        a[:n_v] = v[:n_v]
+        a[n_v + fresh] = v[n_v:]
+        a[n_v + dv] = v[in_v[dv]]
+        if len(dc):
+            a[n_v + dc] = from_c[k][np.searchsorted(c_rows, in_c[dc])]
+        out[k] = a
+    return out
 
 
 class Decision(NamedTuple):
@@ -467,6 +522,7 @@ def _detect_sensitivity(model, tokenizer, calib, scored, cfg: DetectSettings) ->
         timings=timings,
         upgp=upgp,
         ensemble=ensemble,
+        logits=dup.logits if dup is not None else None,
     )
 
 

@@ -195,13 +195,42 @@ def make_batch_fn(
             return {"features": feats, "logits": logits}
 
         return fn, state
-    hfn = jax.jit(head) if head_key is None else _cached(("head", head_key), lambda: jax.jit(head))
+    hfn = head_fn(head, head_key)
 
     def fn(state, batch: dict, aux: Any) -> dict:
         feats, logits, lengths = fwd(state, batch)
         return hfn(feats, logits, {"lengths": lengths}, aux)
 
     return fn, state
+
+
+def head_fn(head: Head, head_key: Hashable | None = None) -> Callable:
+    """The jitted ``head`` (cached per ``head_key`` when given, see :func:`make_batch_fn`)."""
+    return jax.jit(head) if head_key is None else _cached(("head", head_key), lambda: jax.jit(head))
+
+
+def apply_head(
+    head: Head, head_key: Hashable | None, features: np.ndarray, logits: np.ndarray, lengths: np.ndarray, aux: Any,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """``head`` on features already extracted (``[N, L, D]``, with the rows' ``[N, C]`` logits and ``[N]`` real
+    lengths), in blocks of ``batch_size`` rows (the last one padded with copies of its first row), so it runs the
+    executable the passes of :func:`make_batch_fn` compiled for that batch size. Returns ``{name: [N, ...]}`` as
+    NumPy. Used for rows whose features a calibration pass already holds (the scoring pass skips them)."""
+    hfn = head_fn(head, head_key)
+    n = len(features)
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(n, start + batch_size))
+        pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+        got = hfn(jnp.asarray(features[pad], jnp.float32), jnp.asarray(logits[pad], jnp.float32),
+                  {"lengths": jnp.asarray(lengths[pad], jnp.int32)}, aux)
+        for k, v in got.items():
+            v = np.asarray(v)[: len(idx)]
+            if k not in out:
+                out[k] = np.zeros((n,) + v.shape[1:], v.dtype)
+            out[k][idx] = v
+    return out
 
 
 def _forward_fn(graphdef, arch: str, how: str, call_kw: tuple) -> Callable:

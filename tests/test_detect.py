@@ -100,6 +100,39 @@ def test_one_forward_pass_per_sample(tiny_bert, small_sets, monkeypatch):
     assert len(seen) == 40 + 40 + len(scored)
 
 
+def test_scored_rows_that_are_calibration_rows_are_not_forwarded_again(tiny_bert, small_sets, monkeypatch):
+    """A scored set holding the calibration rows (unlearning's dev-detect = dev-clean ‖ dev-poison) is scored from
+    the calibration passes for those rows: the same scores, flags and logits as when every row is forwarded."""
+    import dataclasses
+
+    calib, scored = small_sets
+    # the calibration rows (both halves, shuffled) among the scored rows
+    both = data.TextDataset.concat([calib.subset(np.random.default_rng(1).permutation(len(calib))), scored])
+    # the same rows with a trailing space: the same tokens, but other texts, so all of them are forwarded
+    spaced = dataclasses.replace(both, texts=[t + " " for t in both.texts])
+    seen = []
+    real = predict.run_batches
+
+    def counting(fn, batch_iter, n_rows, **kw):
+        seen.append(n_rows)
+        return real(fn, batch_iter, n_rows, **kw)
+
+    monkeypatch.setattr(predict, "run_batches", counting)
+    shared = detect.detect(*tiny_bert, calib, both, CFG)
+    assert sum(seen) == 40 + 40 + len(scored)  # each distinct row once
+    seen.clear()
+    full = detect.detect(*tiny_bert, calib, spaced, CFG)
+    assert sum(seen) == 40 + 40 + len(both)
+    np.testing.assert_allclose(shared.scores, full.scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(shared.md_layers, full.md_layers, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(shared.flags, full.flags)
+    np.testing.assert_array_equal(shared.preds, full.preds)
+    assert shared.threshold == pytest.approx(full.threshold, rel=1e-6)
+    # the result's logits are the model's (what a second forward would give)
+    np.testing.assert_allclose(shared.logits, predict.predict(tiny_bert[0], data.encode(
+        tiny_bert[1], both, CFG.max_length, buckets=CFG.buckets), 16), rtol=1e-4, atol=1e-5)
+
+
 def test_scores_follow_rows_when_the_scored_set_is_permuted(tiny_bert, small_sets, tiny_result):
     calib, scored = small_sets
     perm = np.random.default_rng(0).permutation(len(scored))

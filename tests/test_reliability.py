@@ -20,6 +20,7 @@ import csv
 import errno
 import importlib
 import json
+import types
 import os
 import shutil
 import signal
@@ -550,7 +551,7 @@ def test_8_unlearning_with_nothing_flagged_stops_unless_allowed(tmp_path, tiny_m
 
     unlearn_stage = stage_module("unlearn")
     monkeypatch.setattr(unlearn_stage, "run_detection", lambda cfg, model, tokenizer, splits, dev_detect, folder,
-                        **kw: np.zeros(len(dev_detect), bool))
+                        **kw: types.SimpleNamespace(flags=np.zeros(len(dev_detect), bool), logits=None))
     out = tmp_path / "un"
     args = ("unlearn", "--model", tiny_model_dir, "--data", synthetic_dup, "--out", out, *UNLEARN)
     assert jdup(*args) == 2

@@ -1,6 +1,7 @@
 """The defender-side stop rule's numerics (jdup.unlearn.stop): pure functions, no model."""
 
 import numpy as np
+import pytest
 
 from jdup.unlearn import stop
 
@@ -91,3 +92,46 @@ def test_prepare_sets_wires_forget_check():
     none = prepare_sets(UnlearnSettings(progress=False, eval_batch_size=8), victim, dev_detect, flags, dev_clean,
                         dev_poison, eval_target=1)
     assert none.monitor is None and len(none.holdout) == 0 and len(none.forget) == 10
+
+
+def test_prepare_sets_takes_the_detection_logits_instead_of_a_second_forward(monkeypatch):
+    """Given the victim's logits on dev-detect (the detection pass's), the teacher logits and the held-out clean
+    accuracy come from them: no forward pass; they equal a forward pass's; a wrong row count is an error."""
+    from jdup import data as D
+    from jdup import predict as predict_lib
+    from jdup.models import tiny_model
+    from jdup.settings import UnlearnSettings
+    from jdup.unlearn import monitors, prepare_sets
+
+    def enc(n, seed, seq=10):
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(5, 60, (n, seq)).astype(np.int32)
+        ids[:, 0] = 2
+        labels = rng.integers(0, 2, n).astype(np.int32)
+        return D.Encoded(ids, np.ones_like(ids), np.zeros_like(ids), np.full(n, seq, np.int32), labels,
+                         np.zeros(n, np.int8), (8, seq), 0)
+
+    victim = tiny_model("bert", 2, seed=4)
+    dev_clean, dev_poison = enc(20, 1), enc(10, 2)
+    dev_detect = D.Encoded.concat([dev_clean, dev_poison])
+    flags = np.zeros(30, bool)
+    flags[[3, 20, 22, 25, 29]] = True
+    cfg = UnlearnSettings(early_stop="forget_check", progress=False, eval_batch_size=8)
+    ref = prepare_sets(cfg, victim, dev_detect, flags, dev_clean, dev_poison, eval_target=1)
+    unmarked = predict_lib.predict(victim, dev_detect, 8)
+    logits = unmarked.copy()
+    logits[:, 1] += 0.01 * np.arange(30)  # marked, to see which rows the sets took
+    monkeypatch.setattr(monitors.predict_lib, "predict", lambda *a, **k: pytest.fail("a second forward pass"))
+    got = prepare_sets(cfg, victim, dev_detect, flags, dev_clean, dev_poison, eval_target=1, victim_logits=logits)
+    flagged = np.flatnonzero(flags)
+    perm = np.random.default_rng([cfg.seed, 7]).permutation(len(flagged))
+    train = flagged[np.sort(perm[int(round(cfg.holdout_frac * len(flagged))):])]
+    np.testing.assert_array_equal(got.teacher, logits[train])  # the given rows, marks included
+    np.testing.assert_allclose(got.teacher[:, 0], ref.teacher[:, 0], rtol=1e-5, atol=1e-6)  # = a forward's
+    check = np.sort(np.random.default_rng([cfg.seed, 11]).permutation(20)[:4])  # the held-out clean rows
+    assert got.base_acc == pytest.approx(np.mean(logits[check].argmax(-1) == dev_clean.labels[check]))
+    plain = prepare_sets(cfg, victim, dev_detect, flags, dev_clean, dev_poison, eval_target=1,
+                         victim_logits=unmarked)
+    assert plain.base_acc == pytest.approx(ref.base_acc) and plain.target == ref.target
+    with pytest.raises(ValueError, match="victim_logits has 29 rows"):
+        prepare_sets(cfg, victim, dev_detect, flags, dev_clean, dev_poison, eval_target=1, victim_logits=logits[:29])

@@ -37,6 +37,7 @@ from jdup import data as D
 from jdup import lora as lora_lib
 from jdup import predict as predict_lib
 from jdup.checkpoint import Checkpoint
+from jdup.detect import DetectionResult
 from jdup.errors import JdupError
 from jdup.evaluate import evaluate_model, robust_labels
 from jdup.settings import DetectConfig, UnlearnConfig
@@ -164,13 +165,15 @@ def _given_detection(cfg: UnlearnConfig, output: manifest.StageOutput, n: int) -
 
 
 def _flags(cfg: UnlearnConfig, output: manifest.StageOutput, victim: nnx.Module, tokenizer: Any,
-           splits: dict[str, D.TextDataset | None], dev_detect: D.TextDataset, mesh: Any) -> tuple[np.ndarray, str]:
-    """Flags over dev-clean ‖ dev-poison and where they came from: ``--detection``, a finished or interrupted
+           splits: dict[str, D.TextDataset | None], dev_detect: D.TextDataset, mesh: Any
+           ) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """Flags over dev-clean ‖ dev-poison, where they came from (``--detection``, a finished or interrupted
     detection of this output whose manifest matches this run's detection settings, or a new detection, run in
-    memory on the splits already read (its folder written from the result)."""
+    memory on the splits already read, its folder written from the result) and, from a new detection, the victim's
+    logits on those rows (else None)."""
     n = len(dev_detect)
     if cfg.detection:
-        return _given_detection(cfg, output, n), os.path.abspath(os.fspath(cfg.detection))
+        return _given_detection(cfg, output, n), os.path.abspath(os.fspath(cfg.detection)), None
     work = os.path.join(output.path, "detection")
     dcfg = _dev_detect_config(cfg, work)
     expected = detect_stage.dev_manifest(dcfg)
@@ -189,27 +192,27 @@ def _flags(cfg: UnlearnConfig, output: manifest.StageOutput, victim: nnx.Module,
             log.info("unlearn: reusing the detection in %s (same settings, model and data)", reuse)
             if output.writer and reuse != work:
                 shutil.copytree(reuse, work)
-            return _load_flags(work if output.writer else reuse, n), reuse
+            return _load_flags(work if output.writer else reuse, n), reuse, None
     shutil.rmtree(work, ignore_errors=True)
-    flags = run_detection(dcfg, victim, tokenizer, splits, dev_detect, work, mesh=mesh, manifest_=expected)
-    if len(flags) != n:
-        raise JdupError(f"detection returned {len(flags)} flags for {n} rows")
-    return flags, "detected"
+    res = run_detection(dcfg, victim, tokenizer, splits, dev_detect, work, mesh=mesh, manifest_=expected)
+    if len(res.flags) != n:
+        raise JdupError(f"detection returned {len(res.flags)} flags for {n} rows")
+    return np.asarray(res.flags, bool), "detected", res.logits
 
 
 def run_detection(dcfg: DetectConfig, victim: nnx.Module, tokenizer: Any, splits: dict[str, D.TextDataset | None],
                   dev_detect: D.TextDataset, folder: str, *, mesh: Any = None, manifest_: dict | None = None
-                  ) -> np.ndarray:
+                  ) -> DetectionResult:
     """The built-in detection: :func:`jdup.detect.detect` on ``dev_detect`` calibrated on the dev-clean split
     already read, in memory; its files are written into ``folder`` from the result (manifest last). Returns the
-    flags."""
+    result (flags, and the victim's logits on ``dev_detect`` that the unlearning's teacher reuses)."""
     calib = splits["dev-clean"]
     if dcfg.calib_set != "dev-clean":
         calib = D.read_split(dcfg.data, dcfg.calib_set, num_labels=int(victim.config.num_labels))
     res, _ = detect_stage.detect_and_write(dcfg, victim, tokenizer, calib, dev_detect, folder,
                                            t0=time.perf_counter(), plots=False, mesh=mesh)
     manifest.write(folder, manifest_ or detect_stage.dev_manifest(dcfg))  # last: the folder is complete
-    return np.asarray(res.flags, bool)
+    return res
 
 
 def _guard_checkpoint(cfg: UnlearnConfig, output: manifest.StageOutput, flags: np.ndarray) -> str:
@@ -269,7 +272,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
                                       os.path.join(os.fspath(cfg.data), "dev-detect"))
     n_detect = len(dev_detect)
     t_det = time.perf_counter()
-    flags, flags_from = _flags(cfg, output, victim, tok, splits, dev_detect, mesh)
+    flags, flags_from, detect_logits = _flags(cfg, output, victim, tok, splits, dev_detect, mesh)
     if not flags.any() and not cfg.allow_empty_forget:
         raise JdupError(f"detection flagged none of the {n_detect} dev-clean ‖ dev-poison rows, so there is nothing "
                         "to unlearn; lower the detection threshold (e.g. detect.frr=0.2) or set "
@@ -284,7 +287,8 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
 
     # 2. forget set (training part + held-out part for the proxy rule), retain set, teacher, monitor
     t = time.perf_counter()
-    sets = prepare_sets(settings, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target)
+    sets = prepare_sets(settings, victim, enc_detect, flags, enc["dev-clean"], enc["dev-poison"], target,
+                        victim_logits=detect_logits)  # the detection pass's logits: no second forward
     phases["prepare"] = time.perf_counter() - t
     compiled("prepare")
 

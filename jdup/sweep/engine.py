@@ -191,6 +191,7 @@ class Detection(NamedTuple):
     flags: np.ndarray  # bool [len(dev-detect)]: the rows unlearning forgets
     metrics: dict  # the result line's detection columns (jdup.sweep.report.detection_metrics)
     seconds: float  # wall time of the two detect calls
+    logits: np.ndarray | None = None  # [len(dev-detect), K] the victim's logits from the dev-detect pass (teacher)
 
 
 @dataclasses.dataclass
@@ -412,7 +413,8 @@ class Engine:
             dev_poison = np.asarray(base.dev_detect.poison).astype(bool)
             metrics = R.detection_metrics(dev, test, dev_poison, np.asarray(test_detect.poison).astype(bool))
             metrics["detect_split_seed"] = int(cfg.split_seed)
-            base.detections[key] = Detection(np.asarray(dev.flags, bool), metrics, time.perf_counter() - t0)
+            base.detections[key] = Detection(np.asarray(dev.flags, bool), metrics, time.perf_counter() - t0,
+                                             dev.logits)
         return base.detections[key]
 
     def before(self, base: Base, eval_batch_size: int) -> dict:
@@ -489,6 +491,7 @@ class Engine:
                 base.enc["dev-clean"],
                 base.enc["dev-poison"],
                 base.target,
+                victim_logits=d.logits,  # as `jdup unlearn`: the detection pass's logits, no second forward
             )
             runs.append(vmapped.CellRun(u, sets))
         extras = [{**e, "prepare_seconds": (time.perf_counter() - t0) / len(cells)} for e in extras]

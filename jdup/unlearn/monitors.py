@@ -86,6 +86,13 @@ def oracle_monitor(dev_poison: D.Encoded, target: int, asr_threshold: float) -> 
     return monitor
 
 
+def _starts_with(rows: D.Encoded, head: D.Encoded) -> bool:
+    """Whether the first ``len(head)`` rows of ``rows`` are ``head``'s (same tokens)."""
+    n = len(head)
+    return (len(rows) >= n and rows.input_ids.shape[1:] == head.input_ids.shape[1:]
+            and bool(np.array_equal(rows.input_ids[:n], head.input_ids)))
+
+
 def infer_target(teacher_logits: np.ndarray, num_labels: int) -> int:
     """The backdoor target a defender can infer: the majority teacher prediction on the flagged rows."""
     if teacher_logits.size == 0:
@@ -126,6 +133,8 @@ def prepare_sets(
     dev_clean: D.Encoded,
     dev_poison: D.Encoded,
     eval_target: int,
+    *,
+    victim_logits: np.ndarray | None = None,
 ) -> UnlearnSets:
     """The forget set, its holdout, the retain set, the teacher logits, the defender's target and the monitor.
 
@@ -137,6 +146,10 @@ def prepare_sets(
       dev_clean: tokenised dev-clean (labelled clean rows).
       dev_poison: tokenised dev-poison (only for the ``oracle_dev_poison`` rule).
       eval_target: the attack's true target (only for the ``oracle_dev_poison`` rule).
+      victim_logits: optional ``[len(dev_detect), K]`` logits of ``victim`` on ``dev_detect`` already computed
+        (e.g. :attr:`jdup.detect.DetectionResult.logits` of the detection that produced ``flags``); then the teacher
+        logits are those rows' and, when ``dev_detect`` starts with ``dev_clean`` (dev-clean ‖ dev-poison), the
+        clean accuracy too, without another forward pass (the same numbers up to float rounding).
 
     Flagged rows held out for the proxy and forget_check rules: ``round(holdout_frac · n_flagged)`` drawn with
     ``default_rng([seed, 7])``; clean rows held out of the CE set: ``round(clean_holdout_frac · n_clean)`` drawn
@@ -146,7 +159,12 @@ def prepare_sets(
     """
     k = int(victim.config.num_labels)
     flagged_idx = np.flatnonzero(np.asarray(flags, bool))
-    teacher_all = (
+    if victim_logits is not None and len(victim_logits) != len(dev_detect):
+        raise ValueError(f"victim_logits has {len(victim_logits)} rows for {len(dev_detect)} dev_detect rows")
+    # dev_detect = dev_clean ‖ ...: the clean rows' logits are its first rows
+    clean_logits = (np.asarray(victim_logits)[: len(dev_clean)]
+                    if victim_logits is not None and _starts_with(dev_detect, dev_clean) else None)
+    teacher_all = np.asarray(victim_logits, np.float32)[flagged_idx] if victim_logits is not None else (
         predict_lib.predict(
             victim,
             dev_detect.subset(flagged_idx),
@@ -171,16 +189,16 @@ def prepare_sets(
     clean_check, base_acc = None, None
     if held_out or getattr(cfg, "target_tilt", False):
         clean_check = retain
+        check_rows = np.arange(len(retain))
         n_clean_hold = int(round(cfg.clean_holdout_frac * len(retain)))
         if 0 < n_clean_hold < len(retain):
             perm_c = np.random.default_rng([cfg.seed, 11]).permutation(len(retain))
-            clean_check = retain.subset(np.sort(perm_c[:n_clean_hold]))
+            check_rows = np.sort(perm_c[:n_clean_hold])
+            clean_check = retain.subset(check_rows)
             retain = retain.subset(np.sort(perm_c[n_clean_hold:]))
-        base_acc = float(
-            (
-                predict_lib.predict(victim, clean_check, cfg.eval_batch_size).argmax(-1) == clean_check.labels
-            ).mean()
-        )
+        check_logits = (clean_logits[check_rows] if clean_logits is not None
+                        else predict_lib.predict(victim, clean_check, cfg.eval_batch_size))
+        base_acc = float((check_logits.argmax(-1) == clean_check.labels).mean())
         if not held_out:
             pass  # target_tilt only: the clean hold-out, no stop rule
         elif cfg.early_stop == "forget_check":
