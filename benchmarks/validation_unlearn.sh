@@ -7,7 +7,7 @@
 #
 # Recipes: defaults (the shipped defaults), forget_check (the defender-side stop rule, epochs as a cap),
 # dup-official (--preset dup-official), tilt (the defaults with target_tilt). Outputs: runs/vu/<victim>/<recipe>/ (metrics.json, history.json, model/).
-# Run it nice'd on a shared machine; a killed run resumes.
+# Run it nice'd on a shared machine; a killed run resumes, a finished one is skipped (RERUN=1: run it again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JDUP=${JDUP:-.venv/bin/jdup}
@@ -54,6 +54,9 @@ fi
 
 recipe=$1; shift
 for v in "$@"; do
+  if [ -f "runs/vu/$v/$recipe/metrics.json" ] && [ -z "${RERUN:-}" ]; then  # finished: a restarted job skips it
+    echo "$v $recipe: done (runs/vu/$v/$recipe/metrics.json; RERUN=1 runs it again)"; continue
+  fi
   # shellcheck disable=SC2046
   /usr/bin/time -f "$v $recipe wall %e s" "$JDUP" unlearn --model "runs/victims/$v/model" --data "$(data_of "$v")" \
       --out "runs/vu/$v/$recipe" $(recipe_args "$recipe") progress=false
