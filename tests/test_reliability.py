@@ -20,7 +20,6 @@ import csv
 import errno
 import importlib
 import json
-import types
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
