@@ -454,3 +454,22 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     with pytest.raises(JdupError, match="test-poison"):  # the oracle rule needs the attack's target
         S.run_unlearn(dataclasses.replace(cfg2, data=str(bare), out=str(tmp_path / "bare2"), detection=None,
                                           early_stop="oracle_dev_poison"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_unlearning_a_rematerialised_model_equals_the_plain_one(arch):
+    """``remat=True`` (each layer recomputed in the backward pass, for memory) trains the LoRA student to the same
+    adapters, dropout on: the remat wrapper carries the dropout stream and works on the step's traced parameters
+    (``nnx.remat`` failed there: "Cannot mutate Param from a different trace level")."""
+    cfg = S.UnlearnConfig(**{**TINY, "epochs": 1})
+    forget, retain = _encoded(8, 5, trigger=9), _encoded(8, 6)
+    plain = U.unlearn(tiny_model(arch, 2, seed=4), forget, retain, cfg)
+    remat = U.unlearn(tiny_model(arch, 2, seed=4, remat=True), forget, retain, cfg)
+    assert remat.steps == plain.steps == 2
+    np.testing.assert_allclose([r["loss"] for r in remat.log], [r["loss"] for r in plain.log], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+        plain.student.trainable,
+        remat.student.trainable,
+    )

@@ -230,7 +230,7 @@ class BartStack(nnx.Module):
             else:
                 call = lambda m, x, e, bs, r: m(x, bs[0], deterministic=deterministic, rngs=r)
                 args = (layer, h, h, biases, rngs)
-            h = nnx.remat(call)(*args) if self.cfg.remat else call(*args)
+            h = L.remat_call(call, *args[:-1], rngs=rngs) if self.cfg.remat else call(*args)
             states.append(h)
         return states
 

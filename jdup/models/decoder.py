@@ -15,7 +15,7 @@ to count from the first real token instead).
 
 Numerics: compute in ``dtype`` (float32 or bfloat16), parameters in ``param_dtype``; RMSNorm statistics, RoPE
 angles and the attention softmax are always float32. ``config.remat`` rematerialises each layer in the backward
-pass (``nnx.remat``). Dropout (``attention_dropout``, normally 0) needs ``rngs`` at call time: the model holds
+pass (:func:`jdup.models.layers.remat_call`). Dropout (``attention_dropout``, normally 0) needs ``rngs`` at call time: the model holds
 parameters only.
 
 ``hidden_states`` follow transformers: the embedding output, then one entry per layer, where the **last entry is
@@ -341,9 +341,10 @@ class DecoderModel(nnx.Module):
         states = [h]
         for layer in self.layers:
             if self.cfg.remat:
-                h = nnx.remat(
-                    lambda m, x, c, s, bb, r: m(x, c, s, bb, deterministic=deterministic, rngs=r)
-                )(layer, h, cos, sin, bias, rngs)
+                h = L.remat_call(
+                    lambda m, x, c, s, bb, r: m(x, c, s, bb, deterministic=deterministic, rngs=r),
+                    layer, h, cos, sin, bias, rngs=rngs,
+                )
             else:
                 h = layer(h, cos, sin, bias, deterministic=deterministic, rngs=rngs)
             states.append(h)

@@ -249,7 +249,7 @@ class Encoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             co = last_cls_only and i == n - 1
             if self.remat:
-                h = nnx.remat(_layer_fn(deterministic, co))(layer, h, bias, rngs)
+                h = L.remat_call(_layer_fn(deterministic, co), layer, h, bias, rngs=rngs)
             else:
                 h = layer(h, bias, deterministic=deterministic, rngs=rngs, cls_only=co)
             states.append(h)
@@ -257,7 +257,7 @@ class Encoder(nnx.Module):
 
 
 def _layer_fn(deterministic: bool, cls_only: bool):
-    """``(layer, h, bias, rngs) -> layer(...)`` with the static flags closed over (for ``nnx.remat``)."""
+    """``(layer, h, bias, rngs) -> layer(...)`` with the static flags closed over (for :func:`L.remat_call`)."""
 
     def f(m, x, b, r):
         return m(x, b, deterministic=deterministic, rngs=r, cls_only=cls_only)

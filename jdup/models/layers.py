@@ -50,6 +50,29 @@ def dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | Non
     return _dropout_lib.dropout(x, rate, _dropout_lib.next_seed(rngs.dropout))
 
 
+def remat_call(fn, module: nnx.Module, *args, rngs: nnx.Rngs | None = None):
+    """``fn(module, *args, rngs)`` rematerialised in the backward pass (``jax.checkpoint``): the layer's
+    activations are recomputed instead of kept, for memory.
+
+    Written with ``nnx.split`` / ``nnx.merge`` around a pure function rather than ``nnx.remat``: the module's
+    variables go in as values and only the dropout stream's counter comes back out (the same masks as without
+    remat), so it also works where the module's parameters are another transform's tracers (a LoRA student inside
+    the unlearning step's gradient), where ``nnx.remat``'s write-back of the module state fails.
+    """
+    graphdef, state = nnx.split(module)
+    rgd, rstate = nnx.split(rngs) if rngs is not None else (None, ())
+
+    def pure(state, rstate, *a):
+        r = nnx.merge(rgd, rstate) if rngs is not None else None
+        out = fn(nnx.merge(graphdef, state), *a, r)
+        return out, (nnx.state(r) if r is not None else rstate)
+
+    out, rstate = jax.checkpoint(pure)(state, rstate, *args)
+    if rngs is not None:
+        nnx.update(rngs, rstate)
+    return out
+
+
 def linear(d_in: int, d_out: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
     """``nnx.Linear`` (``kernel [in, out]``) with a ``normal(0, std)`` kernel and zero bias."""
     return nnx.Linear(
