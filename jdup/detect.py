@@ -294,14 +294,13 @@ def detect(model, tokenizer, calib, scored, settings: DetectSettings | None = No
             if k not in res:
                 res[k] = np.zeros((n_both,) + v.shape[1:], v.dtype)
             res[k][start : start + len(part)] = v
-    res = _with_overlap(res, n_v, len(scored), fresh, in_c, in_v, from_c, c_rows)
-    n_both = n_v + len(scored)
+    res = _with_overlap(res, n_v, len(scored), fresh, in_c, in_v, from_c, c_rows)  # V ‖ every scored row
     timings["scoring_pass"] = time.perf_counter() - t
 
     # ---- host: normalisation, fusion, threshold
     t = time.perf_counter()
     per_layer = res["md_layers"].astype(np.float64)
-    ss_raw = res["ss"].astype(np.float64) if cfg.method in DUP_PASS else np.zeros(n_both)
+    ss_raw = res["ss"].astype(np.float64) if cfg.method in DUP_PASS else np.zeros(len(per_layer))
     dec = decide(per_layer, ss_raw, n_v, cfg)
     md_all, ss_all, z_md, z_ss = dec.md, dec.ss, dec.z_md, dec.z_ss
     val, sc, tau, flags = dec.val_scores, dec.scores, dec.threshold, dec.flags

@@ -226,11 +226,11 @@ class BartStack(nnx.Module):
         for layer in self.layers:
             if self.is_decoder:
                 call = lambda m, x, e, bs, r: m(x, e, *bs, deterministic=deterministic, rngs=r)
-                args = (layer, h, enc, biases, rngs)
+                args = (layer, h, enc, biases)
             else:
                 call = lambda m, x, e, bs, r: m(x, bs[0], deterministic=deterministic, rngs=r)
-                args = (layer, h, h, biases, rngs)
-            h = L.remat_call(call, *args[:-1], rngs=rngs) if self.cfg.remat else call(*args)
+                args = (layer, h, h, biases)
+            h = L.remat_call(call, *args, rngs=rngs) if self.cfg.remat else call(*args, rngs)
             states.append(h)
         return states
 

@@ -15,8 +15,8 @@ to count from the first real token instead).
 
 Numerics: compute in ``dtype`` (float32 or bfloat16), parameters in ``param_dtype``; RMSNorm statistics, RoPE
 angles and the attention softmax are always float32. ``config.remat`` rematerialises each layer in the backward
-pass (:func:`jdup.models.layers.remat_call`). Dropout (``attention_dropout``, normally 0) needs ``rngs`` at call time: the model holds
-parameters only.
+pass (:func:`jdup.models.layers.remat_call`). Dropout (``attention_dropout``, normally 0) needs ``rngs`` at call
+time: the model holds parameters only.
 
 ``hidden_states`` follow transformers: the embedding output, then one entry per layer, where the **last entry is
 after the final RMSNorm** (the raw output of the last layer is not returned). DUP's LLM features take the last real
