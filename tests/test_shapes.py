@@ -171,8 +171,9 @@ def test_unlearn_reads_the_splits_once_and_detects_in_memory(tmp_path, tiny_mode
     res = unlearn_stage.run_unlearn(cfg)
     assert sorted(reads) == ["dev-clean", "dev-poison", "test-clean", "test-poison"]  # each split read once
     assert not loads  # the flags never go through flags.npy
-    # unlearning tokenises the four splits once; detection its calibration half and V ∪ dev-detect (its own length)
-    assert sorted(encodes) == sorted([96, 20, 60, 40, 48, 48 + 96 + 20])  # no second tokenisation of dev-detect
+    # unlearning tokenises the four splits once; detection its calibration half C and V ∪ (dev-detect rows that are
+    # not calibration rows): dev-detect's 96 dev-clean rows take their C / V scores, only its 20 poison rows are new
+    assert sorted(encodes) == sorted([96, 20, 60, 40, 48, 48 + 20])  # no second tokenisation of dev-detect
     assert res.stage == "unlearn" and res.record["n_flagged"] == res["n_flagged"] > 0
     det = json.loads((tmp_path / "out" / "detection" / "detection.json").read_text())
     assert det["n_scored"] == 96 + 20 and det["mesh"] == res.record["mesh"] and det["process_count"] == 1
