@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine = S.Engine(S.SweepConfig(progress=False), out="/tmp/jdup-bench-sweep")
     base = engine.prepare_base(cells[0])
     cfgs = [S.stage_unlearn_config(c, model=base.victim, data=base.data_dir, out="") for c in cells]
-    flags = engine.detection(base, detect_config(cfgs[0]))["flags"]
+    flags = engine.detection(base, detect_config(cfgs[0])).flags
     enc = base.enc
     runs = [
         V.CellRun(

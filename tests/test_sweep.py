@@ -757,3 +757,16 @@ def test_shipped_sweep_configs_parse(name, cells, groups, sst2_dir):
         assert c.config.data.source == "dup" and c.config.tags.get("attack")
         data_dir = os.path.join(REPO, c.config.data.dir)
         assert os.path.isfile(os.path.join(data_dir, "dev-clean.csv")), data_dir  # beside the repo (sst2_dir)
+
+
+@pytest.mark.slow  # about 30 s on 2 cores
+def test_the_sweep_benchmark_runs_and_its_two_paths_agree(tmp_path):
+    """benchmarks/bench_sweep.py (K cells vmapped vs one after the other) on the tiny model: it runs through the
+    engine's detection and both paths end at the same losses."""
+    from benchmarks import bench_sweep
+
+    out = tmp_path / "sweep.jsonl"
+    line = bench_sweep.main(["--k", "2", "--epochs", "1", "--repeats", "1", "--out", str(out)])
+    assert line["k"] == 2 and line["steps"] > 0
+    assert line["max_abs_loss_diff"] < 1e-4  # the vmapped cells equal the library loop run cell by cell
+    assert json.loads(out.read_text().splitlines()[-1])["per_cell_s"] == line["per_cell_s"]
