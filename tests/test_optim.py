@@ -378,7 +378,10 @@ def test_two_stream_chain_is_a_transform_over_the_pair_of_gradients():
         u, state = update((g_f, g_r), state, params)
         u_f, s_f = forget.update(g_f, s_f, params)
         u_r, s_r = retain.update(g_r, s_r, params)
-        np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(u_f["w"] + u_r["w"]), rtol=1e-6, atol=1e-9)
+        want = np.asarray(u_f["w"] + u_r["w"])
+        # jitted against eager: float32 rounding of a sum whose terms may cancel, so the tolerance is relative to the
+        # update's scale (a swapped or unprojected stream would differ by ~1e-2)
+        np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
         if t >= 1:  # lr 0 at the first update; afterwards the forget part is orthogonal to the basis, the sum not
             assert _ratio(u_f, basis, "global") <= 1e-5 and _ratio(u, basis, "global") > 1e-3
     assert int(optim.get_basis(state).count) == 4  # set_basis / get_basis find the projection inside the pair
