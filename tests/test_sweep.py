@@ -759,7 +759,7 @@ def test_shipped_sweep_configs_parse(name, cells, groups, sst2_dir):
         assert os.path.isfile(os.path.join(data_dir, "dev-clean.csv")), data_dir  # beside the repo (sst2_dir)
 
 
-@pytest.mark.slow  # about 30 s on 2 cores
+@pytest.mark.slow  # about 12 s on 2 cores
 def test_the_sweep_benchmark_runs_and_its_two_paths_agree(tmp_path):
     """benchmarks/bench_sweep.py (K cells vmapped vs one after the other) on the tiny model: it runs through the
     engine's detection and both paths end at the same losses."""
