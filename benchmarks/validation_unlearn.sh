@@ -15,7 +15,9 @@ JDUP=${JDUP:-.venv/bin/jdup}
 data_of() {  # the data folder a victim was trained on
   case "$1" in
     tune-sst2-badnets-full) echo "${SST2:-../shared/data/sst-2/1}/badnets" ;;
+    *-sst2-*-e3-*) v=${1#*-sst2-}; echo "runs/data/sst2-${v/-e3/}" ;;
     *-sst2-*) v=${1#*-sst2-}; echo "runs/data/sst2-$v" ;;
+    *-smollm2-*) v=${1#*-smollm2-}; echo "runs/data/smollm2-$v" ;;
     *-movies-*) v=${1#*-movies-}; echo "runs/data/movies-$v" ;;
     *-sms-*) v=${1#*-sms-}; echo "runs/data/sms-$v" ;;
     *-trec-*) v=${1#*-trec-}; echo "runs/data/trec-$v" ;;

@@ -25,7 +25,10 @@ val-sms-addsent-s2 val-sms-addsent-s3 val-sms-addsent-s4
 val-sst2-synbkd-s2 val-sst2-synbkd-s3 val-sst2-synbkd-s4
 val-sst2-stylebkd-s2 val-sst2-stylebkd-s3 val-sst2-stylebkd-s4
 val-trec-badnets-s2 val-trec-badnets-s3 val-trec-badnets-s4
-val-trec-addsent-s2 val-trec-addsent-s3 val-trec-addsent-s4"
+val-trec-addsent-s2 val-trec-addsent-s3 val-trec-addsent-s4
+val-smollm2-badnets-s2 val-smollm2-badnets-s3 val-smollm2-badnets-s4
+val-sst2-badnets-e3-s2 val-sst2-badnets-e3-s3 val-sst2-badnets-e3-s4
+val-sst2-addsent-e3-s2 val-sst2-addsent-e3-s3 val-sst2-addsent-e3-s4"
 
 # poison <data-out> <source> <attack> <seed> <max_rows>: a seeded poisoned folder (rate 0.2, target 1).
 poison() {
@@ -33,11 +36,12 @@ poison() {
       max_rows="$5" out="$1"
 }
 
-# train <name> <data> <epochs> <seed> [key=value ...]
+# train <name> <data> <epochs> <seed> [key=value ...]: MiniLM (MODEL=... for another base model; later
+# key=value pairs override the shared recipe)
 train() {
   [ -f "runs/victims/$1/metrics.json" ] && { echo "skip $1 (done)"; return; }
-  /usr/bin/time -f "$1 wall %e s" "$JDUP" train --model builtin:minilm --data "$2" --out "runs/victims/$1" \
-      $TRAIN epochs="$3" seed="$4" "${@:5}"
+  /usr/bin/time -f "$1 wall %e s" "$JDUP" train --model "${MODEL:-builtin:minilm}" --data "$2" \
+      --out "runs/victims/$1" $TRAIN epochs="$3" seed="$4" "${@:5}"
 }
 
 # subsample <data-out> <attack> <seed>: the authors' SynBkd / StyleBkd folder with its training file cut to 3,000
@@ -61,6 +65,40 @@ tr = data.read_split(src, "train", rate=0.2)
 pick = lambda rows, n: np.sort(rng.choice(rows, n, replace=False))  # noqa: E731
 keep = np.r_[pick(np.nonzero(tr.poison == 0)[0], 2400), pick(np.nonzero(tr.poison == 1)[0], 600)]
 data.write_dup_csv(tr.subset(rng.permutation(keep)), tmp / "dirty" / "0.2" / "train-poison.csv")
+tmp.rename(out)
+PY
+}
+
+# smollm2_subsample <data-out> <seed>: the decoder's SST-2 BadNets subsample (docs/results.md, "A decoder end to
+# end"), drawn with the seed: 1,600 training rows of the authors' dirty/0.2 file (320 poisoned); dev 300 clean +
+# 150 poisoned; test 400 + 200, test-detect = those 600
+smollm2_subsample() {
+  [ -f "$1/dirty/0.2/train-poison.csv" ] && return
+  "${PYTHON:-.venv/bin/python}" - "$2" "$1" "$SST2" <<'PY'
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jdup import data
+
+S, out, sst2 = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+src, rng, tmp = sst2 / "badnets", np.random.default_rng(S), out.with_name(out.name + ".partial")
+
+
+def take(ds, n, rows=None):
+    rows = np.arange(len(ds)) if rows is None else rows
+    return ds.subset(np.sort(rng.choice(rows, n, replace=False)))
+
+
+parts = {}
+for split, n in (("dev-clean", 300), ("dev-poison", 150), ("test-clean", 400), ("test-poison", 200)):
+    parts[split] = take(data.read_split(src, split), n)
+    data.write_dup_csv(parts[split], tmp / f"{split}.csv")
+data.write_dup_csv(data.TextDataset.concat([parts["test-clean"], parts["test-poison"]]), tmp / "test-detect.csv")
+tr = data.read_split(src, "train", rate=0.2)
+mix = data.TextDataset.concat([take(tr, 1280, np.nonzero(tr.poison == 0)[0]), take(tr, 320, np.nonzero(tr.poison == 1)[0])])
+data.write_dup_csv(mix.subset(rng.permutation(len(mix))), tmp / "dirty" / "0.2" / "train-poison.csv")
 tmp.rename(out)
 PY
 }
@@ -103,6 +141,16 @@ build() {
       a=${1#val-trec-}; a=${a%-s*}; s=${1##*-s}
       poison "runs/data/trec-$a-s$s" trec "$a" "$s" 3000
       train "$1" "runs/data/trec-$a-s$s" 3 "$s" num_labels=6 ;;
+    # VALIDATION, a decoder: SmolLM2-135M with a new score head on the seeded subsample above, 2 epochs.
+    val-smollm2-badnets-s[0-9])
+      s=${1##*-s}
+      smollm2_subsample "runs/data/smollm2-badnets-s$s" "$s"
+      MODEL=builtin:smollm2 train "$1" "runs/data/smollm2-badnets-s$s" 2 "$s" lr=5e-5 max_length=64 batch_size=16 ;;
+    # VALIDATION, stronger training: the SST-2 subsample of the 1-epoch victims (same data folder), 3 epochs.
+    val-sst2-badnets-e3-s[0-9]|val-sst2-addsent-e3-s[0-9])
+      a=${1#val-sst2-}; a=${a%-e3-s*}; s=${1##*-s}
+      poison "runs/data/sst2-$a-s$s" "$SST2/badnets" "$a" "$s" 3000
+      train "$1" "runs/data/sst2-$a-s$s" 3 "$s" ;;
     *) echo "unknown victim $1 (see: $0 list)" >&2; exit 2 ;;
   esac
 }
