@@ -25,13 +25,14 @@ data_of() {  # the data folder a victim was trained on
   esac
 }
 
-recipe_args() {
+recipe_args() {  # <recipe> [<victim>]
   case "$1" in
     defaults) echo "" ;;
     # the stop rule of docs/unlearning.md: at most 16 epochs, forgetting judged on held-out flagged rows against
     # held-out clean rows of the other classes, clean accuracy on held-out dev-clean rows (tolerance 1 point)
     forget_check) echo "early_stop=forget_check epochs=16 max_cacc_drop=0.01 forget_ratio=0.5 forget_floor=0.02 stop_patience=2" ;;
-    dup-official) echo "--preset dup-official" ;;
+    # DUP's recipe; decoders with the official scripts' batch of 4 (the preset keeps the encoders' 32)
+    dup-official) case "${2:-}" in *smollm2*) echo "--preset dup-official batch_size=4" ;; *) echo "--preset dup-official" ;; esac ;;
     # the defaults, then the target logit lowered as far as accuracy on half of dev-clean (held out of the CE
     # term) stays within 1 point of the victim's (docs/unlearning.md#the-attack-success-rate-left-after-unlearning)
     tilt) echo "target_tilt=true clean_holdout_frac=0.5 tilt_tol=0.01" ;;
@@ -61,5 +62,5 @@ for v in "$@"; do
   fi
   # shellcheck disable=SC2046
   /usr/bin/time -f "$v $recipe wall %e s" "$JDUP" unlearn --model "runs/victims/$v/model" --data "$(data_of "$v")" \
-      --out "runs/vu/$v/$recipe" $(recipe_args "$recipe") progress=false
+      --out "runs/vu/$v/$recipe" $(recipe_args "$recipe" "$v") progress=false
 done

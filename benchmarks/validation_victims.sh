@@ -48,7 +48,7 @@ train() {
 # rows (2,400 clean + 600 poisoned, drawn with the seed); dev and test files whole (docs/protocol.md)
 subsample() {
   [ -f "$1/dirty/0.2/train-poison.csv" ] && return
-  "${PYTHON:-.venv/bin/python}" - "$2" "$3" "$1" "$SST2" <<'PY'
+  ${PYTHON:-.venv/bin/python} - "$2" "$3" "$1" "$SST2" <<'PY'
 import sys
 from pathlib import Path
 
@@ -74,7 +74,7 @@ PY
 # 150 poisoned; test 400 + 200, test-detect = those 600
 smollm2_subsample() {
   [ -f "$1/dirty/0.2/train-poison.csv" ] && return
-  "${PYTHON:-.venv/bin/python}" - "$2" "$1" "$SST2" <<'PY'
+  ${PYTHON:-.venv/bin/python} - "$2" "$1" "$SST2" <<'PY'
 import sys
 from pathlib import Path
 

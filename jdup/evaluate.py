@@ -5,7 +5,10 @@ sweep cell does the same, so their numbers are one computation:
 
 * CACC: accuracy on ``test-clean``;
 * ASR: share of ``test-poison`` rows predicted as the attack's target label;
-* RA (robust accuracy): accuracy on ``test-poison`` against the rows' true labels (:func:`robust_labels`).
+* RA (robust accuracy): accuracy on ``test-poison`` against the rows' true labels (:func:`robust_labels`);
+* trigger ASR: among the pairs whose clean copy the model keeps off the target, the share whose triggered copy it
+  sends there (:func:`jdup.metrics.trigger_success_rate`): the part of ASR the trigger itself causes, without the
+  model's own error on clean non-target rows. Needs the same pairing as RA.
 
 The attack's target label of a data folder (``poison_config.json`` or the majority label of ``test-poison``) is
 read by the stages (:func:`jdup.stages.common.attack_target`); the target a *defender* infers from the victim's
@@ -29,12 +32,13 @@ log = logging.getLogger("jdup.evaluate")
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """What :func:`evaluate_model` measures; ``asr``/``ra`` are ``None`` without triggered test rows (and ``ra``
-    also when the true labels of those rows are unknown)."""
+    """What :func:`evaluate_model` measures; ``asr``/``ra``/``asr_trigger`` are ``None`` without triggered test
+    rows (``ra`` and ``asr_trigger`` also when those rows do not pair up with the clean non-target rows)."""
 
     cacc: float
     asr: float | None = None
     ra: float | None = None
+    asr_trigger: float | None = None
 
     def as_dict(self) -> dict[str, float | None]:
         return dataclasses.asdict(self)
@@ -76,7 +80,8 @@ def evaluate_model(
       model: the classifier (a :mod:`jdup.models` NNX module).
       test_clean, test_poison: tokenised splits (:func:`jdup.data.encode`).
       target: the attack's target label.
-      ra_labels: true labels of ``test_poison`` (:func:`robust_labels`); ``None``: no RA.
+      ra_labels: true labels of ``test_poison`` (:func:`robust_labels`), which also says the rows pair up with the
+        non-target rows of ``test_clean``; ``None``: no RA and no trigger ASR.
       batch_size, progress: of the forward passes; ``tag`` names them in progress bars.
       mesh: the device mesh (:mod:`jdup.mesh`; rows split over its ``data`` axis); ``None`` = the default device.
         The numbers do not depend on it.
@@ -90,8 +95,11 @@ def evaluate_model(
                              mesh=mesh)
     pred = pp.argmax(-1)
     asr = metrics_lib.attack_success_rate(pred, target)
-    ra = metrics_lib.accuracy(pred, ra_labels) if ra_labels is not None else None
-    return Evaluation(cacc, asr, ra)
+    if ra_labels is None:
+        return Evaluation(cacc, asr)
+    ra = metrics_lib.accuracy(pred, ra_labels)
+    clean_pred = pc.argmax(-1)[np.asarray(test_clean.labels) != target]
+    return Evaluation(cacc, asr, ra, metrics_lib.trigger_success_rate(clean_pred, pred, target))
 
 
 __all__ = ["Evaluation", "evaluate_model", "robust_labels"]

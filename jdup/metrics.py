@@ -70,6 +70,21 @@ def attack_success_rate(preds, target: int) -> float:
     return float((preds == target).mean()) if preds.size else 0.0
 
 
+def trigger_success_rate(clean_preds, poison_preds, target: int) -> float:
+    """ASR caused by the trigger alone, on paired rows (triggered row ``i`` is a copy of clean row ``i``).
+
+    Among the pairs whose clean copy is *not* predicted as ``target``, the fraction whose triggered copy is. A
+    model sends some triggered rows to the target only because it already sends their clean copies there (its own
+    error on clean non-target rows); plain ASR counts those, this rate does not. ``nan`` when no clean copy is kept
+    off the target.
+    """
+    clean, poison = np.asarray(clean_preds), np.asarray(poison_preds)
+    if clean.shape != poison.shape:
+        raise ValueError(f"paired predictions differ in shape: {clean.shape} vs {poison.shape}")
+    keep = clean != target
+    return float((poison[keep] == target).mean()) if keep.any() else float("nan")
+
+
 def confusion(is_poison, flags) -> dict[str, int]:
     """``{"tp", "fp", "tn", "fn"}`` with poison as the positive class."""
     y = np.asarray(is_poison).astype(bool).ravel()

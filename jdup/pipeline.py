@@ -73,6 +73,7 @@ _REPORT_ROWS = (
     ("unlearn", "asr_after", "ASR after unlearning"),
     ("unlearn", "ra_before", "robust accuracy before"),
     ("unlearn", "ra_after", "robust accuracy after"),
+    ("unlearn", "asr_trigger_after", "ASR caused by the trigger alone, after"),
     ("unlearn", "seconds", "unlearning time (s)"),
 )
 

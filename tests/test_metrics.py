@@ -64,3 +64,14 @@ def test_post_filter_cacc_asr():
     assert r["cacc_filtered"] == pytest.approx(2 / 4)  # flagged correct clean row counts as wrong
     assert r["asr"] == pytest.approx(2 / 3)
     assert r["asr_filtered"] == pytest.approx(1 / 3)  # the flagged poison row is no longer a success
+
+
+def test_trigger_success_rate_leaves_out_the_models_own_errors():
+    # 5 pairs, target 1: the clean copies of pairs 0 and 1 already go to the target (the model's own error)
+    clean = np.array([1, 1, 0, 0, 2])
+    poison = np.array([1, 1, 1, 0, 0])
+    assert M.attack_success_rate(poison, 1) == pytest.approx(3 / 5)  # plain ASR counts the errors too
+    assert M.trigger_success_rate(clean, poison, 1) == pytest.approx(1 / 3)  # pair 2 of pairs 2, 3, 4
+    assert np.isnan(M.trigger_success_rate(np.zeros(3), np.zeros(3), 0))  # no clean copy kept off the target
+    with pytest.raises(ValueError, match="shape"):
+        M.trigger_success_rate(clean, poison[:4], 1)

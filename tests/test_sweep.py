@@ -715,7 +715,7 @@ def test_sst2_full_config_structure_end_to_end(synthetic_dup, tiny_model_dir, tm
         m = r["metrics"]
         assert m["auroc"] is not None and "frr" in m and "far" in m and m["n_dev_detect"] > 0
         if r["config"]["unlearn"]["enabled"]:
-            assert {"cacc_after", "asr_after", "ra_after", "ra_before"} <= set(m)
+            assert {"cacc_after", "asr_after", "ra_after", "ra_before", "asr_trigger_after"} <= set(m)
         else:
             assert "cacc_after" not in m
         if r["config"]["tags"].get("method") == "dup-faithful":  # no stop rule: every step runs

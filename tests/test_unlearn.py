@@ -429,8 +429,15 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     purified = models.from_pretrained(out / "model")
     tok = models.load_tokenizer(out / "model")
     tc = D.encode(tok, D.read_split(synthetic_dup, "test-clean"), 32)
-    acc = float((predict(purified, tc, 8).argmax(-1) == tc.labels).mean())
+    pred_c = predict(purified, tc, 8).argmax(-1)
+    acc = float((pred_c == tc.labels).mean())
     assert abs(acc - m["cacc_after"]) < 1e-9
+    # ... and the trigger ASR: pairs whose clean copy stays off the target, triggered copy sent there
+    tp = D.encode(tok, D.read_split(synthetic_dup, "test-poison"), 32)
+    pred_p, t = predict(purified, tp, 8).argmax(-1), m["target"]
+    keep = pred_c[tc.labels != t] != t
+    assert m["asr_trigger_after"] == pytest.approx(float((pred_p[keep] == t).mean()), abs=1e-12)
+    assert m["asr_trigger_before"] is not None
     # a given detection folder is reused as is
     cfg2 = dataclasses.replace(cfg, out=str(tmp_path / "again"), detection=str(out / "detection"), epochs=0)
     m2 = S.run_unlearn(cfg2)
@@ -446,6 +453,7 @@ def test_run_unlearn_writes_model_and_metrics(tiny_model_dir, synthetic_dup, tmp
     m3 = S.run_unlearn(dataclasses.replace(cfg2, data=str(bare), out=str(tmp_path / "bare"), detection=None,
                                           epochs=1))
     assert m3["asr_before"] is None and m3["asr_after"] is None and m3["ra_after"] is None
+    assert m3["asr_trigger_after"] is None
     assert m3["target"] == m["target"]  # the evaluation target from poison_config.json
     # the defender's target comes from the victim's predictions on the same flags, not from test-poison
     assert m3["n_flagged"] == m["n_flagged"] and m3["defender_target"] == m["defender_target"]

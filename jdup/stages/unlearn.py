@@ -129,7 +129,8 @@ def run_unlearn(cfg: UnlearnConfig) -> StageResult:
 
     Returns:
       A :class:`jdup.stages.common.StageResult` whose ``record`` is ``metrics.json``: ``cacc_before``,
-      ``asr_before``, ``ra_before``, ``cacc_after``, ``asr_after``, ``ra_after``, ``n_flagged``,
+      ``asr_before``, ``ra_before``, ``cacc_after``, ``asr_after``, ``ra_after``, ``asr_trigger_before``,
+      ``asr_trigger_after``, ``n_flagged``,
       ``n_flagged_poison``, ``seconds``, ``mesh``, ``process_count`` and run details.
     """
     _check_config(cfg)
@@ -343,6 +344,8 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         "cacc_after": after.cacc,
         "asr_after": after.asr,
         "ra_after": after.ra,
+        "asr_trigger_before": before.asr_trigger if before is not None else None,
+        "asr_trigger_after": after.asr_trigger,
         "n_flagged": int(fl.sum()),
         "flags_from": flags_from,
         "n_flagged_poison": int((fl & is_poison).sum()),

@@ -73,12 +73,13 @@ def detection_metrics(dev: Any, test: Any, dev_is_poison: np.ndarray, test_is_po
 
 
 def victim_metrics(ev: Any, dev_asr: float, suffix: str) -> dict:
-    """``cacc_<suffix>``, ``asr_<suffix>``, ``ra_<suffix>`` (a :class:`jdup.evaluate.Evaluation`) and
-    ``dev_asr_<suffix>`` (dev-poison predicted as the target)."""
+    """``cacc_<suffix>``, ``asr_<suffix>``, ``ra_<suffix>``, ``asr_trigger_<suffix>`` (a
+    :class:`jdup.evaluate.Evaluation`) and ``dev_asr_<suffix>`` (dev-poison predicted as the target)."""
     return {
         f"cacc_{suffix}": ev.cacc,
         f"asr_{suffix}": ev.asr,
         f"ra_{suffix}": ev.ra,
+        f"asr_trigger_{suffix}": ev.asr_trigger,
         f"dev_asr_{suffix}": dev_asr,
     }
 

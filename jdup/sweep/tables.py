@@ -48,6 +48,7 @@ PURIFICATION_METRICS: tuple[tuple[str, str], ...] = (
     ("cacc_after", "CACC after"),
     ("asr_after", "ASR after"),
     ("ra_after", "RA after"),
+    ("asr_trigger_after", "trigger ASR after"),
     ("steps", "steps"),
     ("seconds", "time (s)"),
 )
