@@ -5,7 +5,8 @@ docs/protocol.md wrote under runs/ (git-ignored):
 
 * ``runs/victims/<victim>/metrics.json``: the victim (its training seconds);
 * ``runs/vd/<victim>/<recipe>/detection.json``: ``jdup detect`` on test-detect (``default`` or ``dup-official``);
-* ``runs/vu/<victim>/<recipe>/metrics.json``: ``jdup unlearn`` (CACC / ASR before and after).
+* ``runs/vu/<victim>/<recipe>/metrics.json``: ``jdup unlearn`` (CACC / ASR before and after, and the trigger ASR
+  after: the share of paired test rows the trigger alone sends to the target, empty for runs that did not record it).
 
 A victim is named ``<set>-<dataset>-<attack>-s<seed>`` (``val-sst2-badnets-s3``); the group is everything but the
 seed. Prints one Markdown row per group and recipe, the per-victim rows under it, and writes the same to
@@ -90,18 +91,20 @@ def rows(groups: dict[str, dict[int, dict]], recipes: tuple[str, ...] = ("defaul
 
 def victim_rows(groups: dict[str, dict[int, dict]]) -> list[str]:
     lines = [
-        "| victim | recipe | AUROC | flagged (poisoned) | CACC before → after | ASR before → after | steps | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| victim | recipe | AUROC | flagged (poisoned) | CACC before → after | ASR before → after | trigger ASR after "
+        "| steps | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for group, seeds in groups.items():
         for seed, e in sorted(seeds.items()):
             for recipe, u in e["unlearn"].items():
                 det = e["detect"].get("default" if recipe == "defaults" else recipe, {})
-                auroc = det.get("auroc")
+                auroc, trig = det.get("auroc"), u.get("asr_trigger_after")  # trig: None before it was recorded
                 lines.append(
                     f"| {group}-s{seed} | {recipe} | {'' if auroc is None else format(auroc, '.4f')} | "
                     f"{u['n_flagged']} ({u['n_flagged_poison']}) | {u['cacc_before']:.3f} → {u['cacc_after']:.3f} | "
-                    f"{u['asr_before']:.3f} → {u['asr_after']:.3f} | {u['steps']} | {u['seconds']:.0f} |"
+                    f"{u['asr_before']:.3f} → {u['asr_after']:.3f} | {'' if trig is None else format(trig, '.3f')} | "
+                    f"{u['steps']} | {u['seconds']:.0f} |"
                 )
     return lines
 

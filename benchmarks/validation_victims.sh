@@ -16,7 +16,7 @@ SST2=${SST2:-../shared/data/sst-2/1}          # the DUP authors' SST-2 folders (
 # Victim training recipe shared by all victims (docs/results.md, "Full-size SST-2 victims").
 TRAIN="lr=1e-4 warmup=0.1 max_length=128 group_by_length=true batch_size=32 target=1 progress=false"
 
-VICTIMS="tune-sst2-badnets-s1 tune-sst2-badnets-full
+VICTIMS="tune-sst2-badnets-s1 tune-sst2-badnets-full tune-sst2-synbkd-s1 tune-sst2-stylebkd-s1
 val-sst2-badnets-s2 val-sst2-badnets-s3 val-sst2-badnets-s4
 val-sst2-addsent-s2 val-sst2-addsent-s3 val-sst2-addsent-s4
 val-movies-badnets-s2 val-movies-addsent-s2
@@ -107,8 +107,9 @@ build() {
   case "$1" in
     # VALIDATION, paraphrase triggers: the authors' SynBkd / StyleBkd files (jdup cannot generate them), training
     # file subsampled to 3,000 rows with the victim's seed, 2 epochs.
-    val-sst2-synbkd-s[0-9]|val-sst2-stylebkd-s[0-9])
-      a=${1#val-sst2-}; a=${a%-s*}; s=${1##*-s}
+    # TUNING: the same recipe at seed 1 (the detector study of docs/detection.md).
+    val-sst2-synbkd-s[0-9]|val-sst2-stylebkd-s[0-9]|tune-sst2-synbkd-s1|tune-sst2-stylebkd-s1)
+      a=${1#*-sst2-}; a=${a%-s*}; s=${1##*-s}
       subsample "runs/data/sst2-$a-s$s" "$a" "$s"
       train "$1" "runs/data/sst2-$a-s$s" 2 "$s" ;;
     # TUNING: the full-size SST-2 BadNets victim (authors' dirty/0.2 file, 6,920 rows, 3 epochs, seed 2025).

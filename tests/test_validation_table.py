@@ -14,9 +14,10 @@ def test_groups_seeds_and_counts_the_goal(tmp_path):
     runs = tmp_path / "runs"
     for seed, asr, cacc in [(2, 0.04, 0.80), (3, 0.10, 0.81), (4, 0.02, 0.77)]:
         name = f"val-sst2-badnets-s{seed}"
+        trig = {"asr_trigger_after": 0.001} if seed == 3 else {}  # runs before the metric existed have none
         _write(runs / "vu" / name / "defaults" / "metrics.json",
                dict(asr_before=1.0, asr_after=asr, cacc_before=0.79, cacc_after=cacc, n_flagged=10,
-                    n_flagged_poison=9, steps=5, seconds=1.0))
+                    n_flagged_poison=9, steps=5, seconds=1.0, **trig))
         _write(runs / "vd" / name / "default" / "detection.json", {"auroc": 0.9 + seed / 100})
     _write(runs / "vu" / "val-sst2-addsent-s2" / "defaults" / "metrics.json",
            dict(asr_before=1.0, asr_after=0.01, cacc_before=0.8, cacc_after=0.8, n_flagged=1, n_flagged_poison=1,
@@ -32,4 +33,6 @@ def test_groups_seeds_and_counts_the_goal(tmp_path):
     assert "0.053 ± 0.042" in badnets and "0.9300 ± 0.0100" in badnets and "| 1 of 3 |" in badnets
     assert "< 3 seeds" in next(x for x in lines if x.startswith("| val-sst2-addsent"))
     assert vt.main(["--runs", str(runs), "--out", str(tmp_path / "v.md")]) == 0
-    assert "val-sst2-badnets-s4 | defaults | 0.9400 | 10 (9)" in (tmp_path / "v.md").read_text()
+    text = (tmp_path / "v.md").read_text()
+    assert "val-sst2-badnets-s4 | defaults | 0.9400 | 10 (9)" in text
+    assert "| 1.000 → 0.100 | 0.001 | 5 |" in text and "| 1.000 → 0.020 |  | 5 |" in text
