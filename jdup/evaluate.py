@@ -33,7 +33,8 @@ log = logging.getLogger("jdup.evaluate")
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """What :func:`evaluate_model` measures; ``asr``/``ra``/``asr_trigger`` are ``None`` without triggered test
-    rows (``ra`` and ``asr_trigger`` also when those rows do not pair up with the clean non-target rows)."""
+    rows (``ra`` and ``asr_trigger`` also when those rows do not pair up with the clean non-target rows, and
+    ``asr_trigger`` when the model sends every clean non-target row to the target)."""
 
     cacc: float
     asr: float | None = None
@@ -99,7 +100,8 @@ def evaluate_model(
         return Evaluation(cacc, asr)
     ra = metrics_lib.accuracy(pred, ra_labels)
     clean_pred = pc.argmax(-1)[np.asarray(test_clean.labels) != target]
-    return Evaluation(cacc, asr, ra, metrics_lib.trigger_success_rate(clean_pred, pred, target))
+    trig = metrics_lib.trigger_success_rate(clean_pred, pred, target)
+    return Evaluation(cacc, asr, ra, None if np.isnan(trig) else trig)  # undefined: every clean copy on the target
 
 
 __all__ = ["Evaluation", "evaluate_model", "robust_labels"]
