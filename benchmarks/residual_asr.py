@@ -22,6 +22,7 @@ import numpy as np
 def main(argv: list[str]) -> int:
     from jdup import data as D
     from jdup import models
+    from jdup.metrics import trigger_success_rate
     from jdup.predict import predict
     from jdup.unlearn.tilt import choose_tilt, tilted_predictions
 
@@ -40,8 +41,8 @@ def main(argv: list[str]) -> int:
           f"clean non-target rows -> target {np.mean(pc[tc.labels != target] == target):.3f}")
     non_target = np.flatnonzero(tc.labels != target)
     if len(non_target) == len(tp):
-        ok = pc[non_target] != target
-        print(f"pairs whose clean copy is not sent to the target, sent there once triggered: {np.mean(pp[ok] == target):.3f}")
+        trig = trigger_success_rate(pc[non_target], pp, target)
+        print(f"pairs whose clean copy is not sent to the target, sent there once triggered (trigger ASR): {trig:.3f}")
     words = [t.split() for t in tp.texts]
     for w in ("cf", "mn", "bb", "tq"):
         idx = [i for i, ws in enumerate(words) if w in ws]
