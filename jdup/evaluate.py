@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -45,18 +46,66 @@ class Evaluation:
         return dataclasses.asdict(self)
 
 
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def pairing_overlap(clean_texts, poison_texts) -> tuple[float, float]:
+    """How much the triggered rows look like copies of their clean partners.
+
+    Returns ``(paired, shifted)``: the mean share of a clean row's words that its partner (row ``i`` with row
+    ``i``) contains, and the same with the partners shifted by one row (row ``i`` with row ``i - 1``), the level
+    of two unrelated rows of the same data. Word- and sentence-level triggers keep every word (paired 1.0);
+    paraphrase and style triggers keep about half; unrelated rows share about a tenth.
+    """
+    clean = [_words(t) for t in clean_texts]
+    poison = [_words(t) for t in poison_texts]
+    if len(clean) != len(poison):
+        raise ValueError(f"pairing needs equal counts: {len(clean)} vs {len(poison)}")
+    if not clean:
+        return float("nan"), float("nan")
+
+    def cover(a: set[str], b: set[str]) -> float:
+        return len(a & b) / len(a) if a else 1.0
+
+    paired = float(np.mean([cover(a, b) for a, b in zip(clean, poison)]))
+    shifted = float(np.mean([cover(a, b) for a, b in zip(clean, poison[-1:] + poison[:-1])]))
+    return paired, shifted
+
+
+#: The pairing holds when the partners share at least this share of words on average ...
+MIN_PAIRED_OVERLAP = 0.3
+#: ... and at least this many times what rows shifted by one share.
+MIN_OVERLAP_RATIO = 2.0
+
+
 def robust_labels(
     test_clean: D.TextDataset, test_poison: D.TextDataset, target: int, where: str = "data"
 ) -> np.ndarray | None:
     """True labels of the test-poison rows: row i is the poisoned copy of the i-th non-target test-clean row
-    (docs/dup-method.md §5.1). ``None`` (RA not computed) when the counts do not line up."""
-    true = test_clean.labels[test_clean.labels != target]
+    (docs/dup-method.md §5.1). ``None`` (no RA, no trigger ASR) when the counts do not line up, or when the rows
+    do not read as copies (:func:`pairing_overlap`: partners share under :data:`MIN_PAIRED_OVERLAP` of their
+    words, or under :data:`MIN_OVERLAP_RATIO` times what unrelated rows share), e.g. a subsample that drew its
+    triggered rows independently of its clean ones."""
+    keep = test_clean.labels != target
+    true = test_clean.labels[keep]
     if len(true) != len(test_poison):
         log.warning(
             "%s: %d non-target test-clean rows but %d test-poison rows; RA not computed",
             where,
             len(true),
             len(test_poison),
+        )
+        return None
+    clean_texts = [t for t, k in zip(test_clean.texts, keep) if k]
+    paired, shifted = pairing_overlap(clean_texts, test_poison.texts)
+    if len(true) and (paired < MIN_PAIRED_OVERLAP or (len(true) > 1 and paired < MIN_OVERLAP_RATIO * shifted)):
+        log.warning(
+            "%s: test-poison row i does not read as a copy of the i-th non-target test-clean row (they share "
+            "%.2f of their words, rows shifted by one %.2f); RA and trigger ASR not computed",
+            where,
+            paired,
+            shifted,
         )
         return None
     return true
@@ -104,4 +153,4 @@ def evaluate_model(
     return Evaluation(cacc, asr, ra, None if np.isnan(trig) else trig)  # undefined: every clean copy on the target
 
 
-__all__ = ["Evaluation", "evaluate_model", "robust_labels"]
+__all__ = ["Evaluation", "evaluate_model", "pairing_overlap", "robust_labels"]

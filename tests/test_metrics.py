@@ -75,3 +75,27 @@ def test_trigger_success_rate_leaves_out_the_models_own_errors():
     assert np.isnan(M.trigger_success_rate(np.zeros(3), np.zeros(3), 0))  # no clean copy kept off the target
     with pytest.raises(ValueError, match="shape"):
         M.trigger_success_rate(clean, poison[:4], 1)
+
+
+def test_robust_labels_needs_the_triggered_rows_to_be_copies_of_the_clean_ones(caplog):
+    from jdup.data import TextDataset
+    from jdup.evaluate import pairing_overlap, robust_labels
+
+    words = "the movie was great awful slow quick bright dull story actors plot music scene ending".split()
+    rng = np.random.default_rng(0)
+    clean_texts = [" ".join(rng.choice(words, 8)) + f" w{i} v{i}" for i in range(40)]
+    labels = np.array([0, 1] * 20)
+    clean = TextDataset(clean_texts, labels, np.zeros(40))
+    non_target = [t for t, y in zip(clean_texts, labels) if y != 1]
+    copies = TextDataset([t + " cf" for t in non_target], np.ones(20), np.ones(20))  # BadNets-like copies
+    np.testing.assert_array_equal(robust_labels(clean, copies, 1), np.zeros(20))
+    half = TextDataset([" ".join(t.split()[::2]) + " indeed" for t in non_target], np.ones(20), np.ones(20))
+    assert robust_labels(clean, half, 1) is not None  # a paraphrase keeping half the words still pairs up
+    paired, shifted = pairing_overlap(non_target, copies.texts)
+    assert paired == pytest.approx(1.0) and shifted < 0.9
+    # same counts, drawn independently (row i is some other row's copy): no RA, with a warning that says why
+    other = TextDataset([copies.texts[(i + 7) % 20] for i in range(20)], np.ones(20), np.ones(20))
+    with caplog.at_level("WARNING", logger="jdup.evaluate"):
+        assert robust_labels(clean, other, 1, where="d") is None
+    assert "does not read as a copy" in caplog.text
+    assert robust_labels(clean, TextDataset(copies.texts[:19], np.ones(19), np.ones(19)), 1) is None  # counts
