@@ -68,8 +68,8 @@ def pairing_overlap(clean_texts, poison_texts) -> tuple[float, float]:
     def cover(a: set[str], b: set[str]) -> float:
         return len(a & b) / len(a) if a else 1.0
 
-    paired = float(np.mean([cover(a, b) for a, b in zip(clean, poison)]))
-    shifted = float(np.mean([cover(a, b) for a, b in zip(clean, poison[-1:] + poison[:-1])]))
+    paired = float(np.mean([cover(a, b) for a, b in zip(clean, poison, strict=True)]))
+    shifted = float(np.mean([cover(a, b) for a, b in zip(clean, poison[-1:] + poison[:-1], strict=True)]))
     return paired, shifted
 
 
@@ -97,7 +97,7 @@ def robust_labels(
             len(test_poison),
         )
         return None
-    clean_texts = [t for t, k in zip(test_clean.texts, keep) if k]
+    clean_texts = [t for t, k in zip(test_clean.texts, keep, strict=True) if k]
     paired, shifted = pairing_overlap(clean_texts, test_poison.texts)
     if len(true) and (paired < MIN_PAIRED_OVERLAP or (len(true) > 1 and paired < MIN_OVERLAP_RATIO * shifted)):
         log.warning(

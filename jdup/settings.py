@@ -473,6 +473,10 @@ class UnlearnSettings:
     #                           (jdup's research option, not the official rule: ground-truth dev-poison ASR checked
     #                           every eval, best state kept; the official loop checks once after the run)
     eval_every_steps: int = 0  # how often the stop rule is evaluated; 0 = once per epoch
+    collapse_guard: float = 0.1  # early_stop=none: if the last epoch's accuracy on its clean (CE) batches is this
+    #                              far below the first epoch's, and the drop is beyond noise (z >= 3), keep the
+    #                              last epoch-end state that was not, with a warning (jdup.unlearn.guard); a run
+    #                              that keeps its clean accuracy is untouched. 0 = off (the official loop has none)
     holdout_frac: float = (
         0.2  # proxy: fraction of the flagged rows held out (not trained on) to measure forgetting
     )
@@ -534,6 +538,7 @@ class UnlearnSettings:
         check_range(self, "forget_drop", 0, 1, hi_open=True)
         check_range(self, "forget_mix", 0, 1)
         check_range(self, "tilt_tol", -1, 1)
+        check_range(self, "collapse_guard", 0, 1, hi_open=True)
         check_range(self, "lora_dropout", 0, 1, hi_open=True)
         check(self, "temperature", self.temperature > 0, "must be > 0")
         try:

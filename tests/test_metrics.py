@@ -86,7 +86,7 @@ def test_robust_labels_needs_the_triggered_rows_to_be_copies_of_the_clean_ones(c
     clean_texts = [" ".join(rng.choice(words, 8)) + f" w{i} v{i}" for i in range(40)]
     labels = np.array([0, 1] * 20)
     clean = TextDataset(clean_texts, labels, np.zeros(40))
-    non_target = [t for t, y in zip(clean_texts, labels) if y != 1]
+    non_target = [t for t, y in zip(clean_texts, labels, strict=True) if y != 1]
     copies = TextDataset([t + " cf" for t in non_target], np.ones(20), np.ones(20))  # BadNets-like copies
     np.testing.assert_array_equal(robust_labels(clean, copies, 1), np.zeros(20))
     half = TextDataset([" ".join(t.split()[::2]) + " indeed" for t in non_target], np.ones(20), np.ones(20))

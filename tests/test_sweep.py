@@ -265,7 +265,7 @@ def test_sweep_cells_equal_jdup_unlearn(tiny_model_dir, synthetic_dup, tmp_path)
         assert want["defender_target"] == got["defender_target"]  # inferred from the flagged rows by both
         for k in ("cacc_before", "asr_before", "ra_before", "cacc_after", "asr_after", "ra_after"):
             np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5, err_msg=k)
-        for k in ("steps", "total_steps", "best_step", "stopped_early", "n_forget_train", "n_retain"):
+        for k in ("steps", "total_steps", "best_step", "stopped_early", "collapsed", "n_forget_train", "n_retain"):
             assert got[k] == want[k], k
         hist = json.loads((out / "history.json").read_text())
         np.testing.assert_allclose(got["loss_last"], hist["steps"][-1]["loss"], rtol=1e-5)

@@ -360,6 +360,7 @@ def _run_unlearn(cfg: UnlearnConfig, output: manifest.StageOutput) -> StageResul
         "total_steps": res.total_steps,
         "best_step": res.best_step,
         "stopped_early": res.stopped_early,
+        "collapsed": res.collapsed,
         "early_stop": cfg.early_stop,
         "forget_loss": cfg.forget_loss,
         "lambda_asr": cfg.lambda_asr,

@@ -96,6 +96,7 @@ def unlearn_metrics(res: Any, run: Any) -> dict:
         "total_steps": int(res.total_steps),
         "best_step": int(res.best_step),
         "stopped_early": bool(res.stopped_early),
+        "collapsed": bool(res.collapsed),
         "loss_last": float(last.get("loss", np.nan)),
         "forget_last": float(last.get("forget", np.nan)),
         "retain_last": float(last.get("retain", np.nan)),

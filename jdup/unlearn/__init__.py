@@ -9,6 +9,7 @@
 * :mod:`~jdup.unlearn.monitors`: the stop rules and :func:`prepare_sets` (forget/holdout/retain from the flags);
 * :mod:`~jdup.unlearn.loop`: :func:`unlearn` (one run) and :func:`run_cells` (K runs, the sweep), both the one
   loop; :class:`StepInfo`, :class:`UnlearnResult`;
+* :mod:`~jdup.unlearn.guard`: the collapse guard of a run without a stop rule (pure checks of the step log);
 * :mod:`~jdup.unlearn.cells`: the loop's device state :class:`LoopState` and the pure pieces it vmaps over K
   cells (one step, the kept state, the final state), the batch stacking and :class:`Placement`.
 

@@ -34,6 +34,7 @@ from jdup.checkpoint import Checkpoint
 from jdup.errors import JdupError
 from jdup.predict import MODEL_INPUTS
 from jdup.settings import UnlearnSettings, settings_of
+from jdup.unlearn import guard as guard_lib
 from jdup.unlearn.cells import (
     CellParams,
     LoopState,
@@ -67,7 +68,7 @@ class StepInfo(NamedTuple):
     """What the ``on_step`` hook of :func:`unlearn` receives after every optimizer step."""
 
     step: int  # steps done so far (1-based after the first update)
-    metrics: dict  # host floats: loss, forget, retain, grad_norm, lr
+    metrics: dict  # host floats: loss, forget, retain, retain_acc, grad_norm, lr
     student: Student  # graphdef + current trainable/frozen state (read-only use)
     opt_state: Any  # current optimizer state (e.g. to refresh a projection basis with jdup.optim.set_basis)
 
@@ -87,6 +88,8 @@ class UnlearnResult:
       stopped_early: True if the stop rule fired before ``total_steps``.
       padded_steps: steps at which this cell's batch was lengthened to the longest batch of its group (a sweep
         group; always 0 for one run): there its dropout masks differ from a single run's.
+      collapsed: the collapse guard (:mod:`jdup.unlearn.guard`) found the last epoch collapsed and returned the
+        state of ``best_step`` instead of the final one.
     """
 
     student: Student
@@ -98,6 +101,7 @@ class UnlearnResult:
     log: list
     stopped_early: bool
     padded_steps: int = 0
+    collapsed: bool = False
 
 
 class Cell(NamedTuple):
@@ -266,6 +270,7 @@ def run_cells(
     plans = [D.BatchPlan.from_config(c.forget, c.retain, c.settings) for c in cells]
     pad_id = int(c0.forget.pad_id)
     monitored = c0.monitor is not None
+    guard_tol = 0.0 if monitored else float(cfg0.collapse_guard)  # a stop rule keeps its own best state
     progress = cfg0.progress if progress is None else progress
 
     starts = [c.student.trainable for c in cells]
@@ -451,6 +456,14 @@ def run_cells(
             bar.update(1)
             if monitored and (step % eval_every == 0 or step == total):
                 evaluate(step)
+            if guard_tol > 0 and step % per_epoch == 0:  # an epoch end: copy aside the states that kept accuracy
+                flush()
+                ok = np.zeros(k, bool)
+                for i, c in enumerate(cells):
+                    last = guard_lib.review(logs[i], per_epoch, c.settings.batch_size, guard_tol)[-1:]
+                    ok[i] = bool(last) and last[0].step == step and not last[0].collapsed
+                if ok.any():
+                    state = keep_best_cells(state, place(ok, where.cells))
             if ck is not None and (step % cfg0.ckpt_every_steps == 0 or tally.stopped.all() or step == total):
                 flush()
                 ck.save(
@@ -479,10 +492,25 @@ def run_cells(
 
     results = []
     final = final_state(state, monitored)
+    collapsed = [False] * k_real
+    kept = [int(s) for s in tally.steps[:k_real]]
+    if guard_tol > 0:
+        for i, c in enumerate(cells):
+            checks = guard_lib.review(logs[i], per_epoch, c.settings.batch_size, guard_tol)
+            if checks and checks[-1].collapsed:
+                collapsed[i] = True
+                kept[i] = max([e.step for e in checks if not e.collapsed], default=0)
+                log.warning(
+                    "unlearn%s: accuracy on the clean batches fell from %.3f (epoch 1) to %.3f (epoch %d, z = %.1f):"
+                    " the classifier collapsed; returning the state after epoch %d (step %d), in which the "
+                    "backdoor may remain (collapse_guard=%g; early_stop=forget_check or fewer epochs may do better)",
+                    f" cell {i}" if k_real > 1 else "", checks[0].reference, checks[-1].accuracy,
+                    checks[-1].epoch, checks[-1].z, kept[i] // per_epoch, kept[i], guard_tol,
+                )
     for i, c in enumerate(cells):
-        tr = take(final, i)
+        tr = take(state.best if collapsed[i] else final, i)
         nnx.update(c.student.model, tr)
-        best_step = int(tally.best_step[i]) if monitored else int(tally.steps[i])
+        best_step = int(tally.best_step[i]) if monitored else kept[i]
         results.append(
             UnlearnResult(
                 Student(c.student.model, graphdef, tr, c.student.frozen),
@@ -494,6 +522,7 @@ def run_cells(
                 logs[i],
                 bool(tally.stopped[i]),
                 padded_steps[i],
+                collapsed[i],
             )
         )
     return results

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -68,7 +69,15 @@ def student_logits(graphdef, trainable, frozen, batch: dict, key: jax.Array | No
 
 
 def loss_pieces(graphdef, trainable, frozen, batch: dict, key: jax.Array | None, settings: LossSettings):
-    """The two loss terms on a joint batch, separately (both to be minimised).
+    """The two loss terms on a joint batch, separately (both to be minimised): :func:`loss_terms` without the
+    clean-batch accuracy."""
+    forget, retain, _ = loss_terms(graphdef, trainable, frozen, batch, key, settings)
+    return forget, retain
+
+
+def loss_terms(graphdef, trainable, frozen, batch: dict, key: jax.Array | None, settings: LossSettings):
+    """The two loss terms on a joint batch, separately (both to be minimised), and the student's accuracy on the
+    batch's clean rows (no gradient flows through it).
 
     Args:
       graphdef, trainable, frozen: the student split (:func:`~jdup.unlearn.build_student`).
@@ -79,8 +88,10 @@ def loss_pieces(graphdef, trainable, frozen, batch: dict, key: jax.Array | None,
       settings: :class:`LossSettings`.
 
     Returns:
-      ``(forget, retain)`` scalars: ``forget`` is the forgetting term (e.g. ``−KL``), ``retain`` the clean CE. The
-      objective is ``λ_asr·forget + λ_acc·retain`` (:func:`objective`).
+      ``(forget, retain, retain_acc)`` scalars: ``forget`` is the forgetting term (e.g. ``−KL``), ``retain`` the
+      clean CE, ``retain_acc`` the share of the clean rows whose label the student predicts (dropout on, as in
+      training; the collapse guard of :mod:`jdup.unlearn.guard` reads it). The objective is
+      ``λ_asr·forget + λ_acc·retain`` (:func:`objective`).
     """
     b = batch["teacher_logits"].shape[0]
     if "retain_inputs" in batch:  # two forward passes, each at its own bucket length
@@ -101,7 +112,10 @@ def loss_pieces(graphdef, trainable, frozen, batch: dict, key: jax.Array | None,
         eps=settings.suppress_eps,
     )
     retain = losses.cross_entropy(retain_logits, batch["labels"], batch["retain_mask"])
-    return forget, retain
+    hits = jax.lax.stop_gradient(jnp.argmax(retain_logits, -1) == batch["labels"]).astype(jnp.float32)
+    mask = batch["retain_mask"]
+    retain_acc = jnp.sum(hits * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return forget, retain, retain_acc
 
 
 def objective(forget, retain, lambda_asr, lambda_acc):

@@ -27,7 +27,7 @@ import optax
 
 from jdup import aot, optim
 from jdup import dropout as dropout_lib
-from jdup.unlearn.loss import LossSettings, loss_pieces, objective
+from jdup.unlearn.loss import LossSettings, loss_terms, objective
 
 
 class StepHParams(NamedTuple):
@@ -144,21 +144,24 @@ def train_step(graphdef, optimizer, settings: LossSettings, trainable, frozen, o
       hp: :class:`StepHParams` (traced).
 
     Returns:
-      The new trainable state, the new optimizer state and ``metrics``: ``loss``, ``forget``, ``retain`` and
-      ``grad_norm`` (of the weighted gradient, before clipping) as device scalars.
+      The new trainable state, the new optimizer state and ``metrics``: ``loss``, ``forget``, ``retain``,
+      ``retain_acc`` (accuracy on the clean rows) and ``grad_norm`` (of the weighted gradient, before clipping)
+      as device scalars.
     """
     tx = optimizer.build(hp)
     if optimizer.two_streams:  # static: projected forget stream + unprojected retain stream
         return _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch, key, hp)
 
     def weighted(trainable):
-        forget, retain = loss_pieces(graphdef, trainable, frozen, batch, key, settings)
-        return objective(forget, retain, hp.lambda_asr, hp.lambda_acc), (forget, retain)
+        forget, retain, acc = loss_terms(graphdef, trainable, frozen, batch, key, settings)
+        return objective(forget, retain, hp.lambda_asr, hp.lambda_acc), (forget, retain, acc)
 
-    (loss, (forget, retain)), grads = jax.value_and_grad(weighted, has_aux=True)(trainable)
+    (loss, (forget, retain, acc)), grads = jax.value_and_grad(weighted, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "forget": forget, "retain": retain, "grad_norm": optax.tree.norm(grads)}
+    metrics = {
+        "loss": loss, "forget": forget, "retain": retain, "retain_acc": acc, "grad_norm": optax.tree.norm(grads)
+    }
     return trainable, opt_state, metrics
 
 
@@ -166,9 +169,10 @@ def _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch
     """One forward pass, two backward passes (one per loss term), two optimizer streams."""
 
     def pieces(tr):
-        return loss_pieces(graphdef, tr, frozen, batch, key, settings)
+        forget, retain, acc = loss_terms(graphdef, tr, frozen, batch, key, settings)
+        return (forget, retain), acc
 
-    (forget, retain), vjp = jax.vjp(pieces, trainable)
+    (forget, retain), vjp, acc = jax.vjp(pieces, trainable, has_aux=True)
     one, zero = jnp.ones_like(forget), jnp.zeros_like(forget)
     (g_forget,) = vjp((one, zero))
     (g_retain,) = vjp((zero, jnp.ones_like(retain)))
@@ -176,7 +180,9 @@ def _two_stream_step(graphdef, tx, settings, trainable, frozen, opt_state, batch
     trainable = optax.apply_updates(trainable, updates)
     grads = jax.tree.map(lambda a, b: hp.lambda_asr * a + hp.lambda_acc * b, g_forget, g_retain)
     loss = objective(forget, retain, hp.lambda_asr, hp.lambda_acc)
-    metrics = {"loss": loss, "forget": forget, "retain": retain, "grad_norm": optax.tree.norm(grads)}
+    metrics = {
+        "loss": loss, "forget": forget, "retain": retain, "retain_acc": acc, "grad_norm": optax.tree.norm(grads)
+    }
     return trainable, opt_state, metrics
 
 
