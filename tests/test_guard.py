@@ -88,3 +88,34 @@ def test_the_loop_returns_the_last_sound_epoch_when_the_last_one_collapsed(caplo
     dip, _ = _run([0.8] * 8 + [0.3] * 8 + [0.8] * 8, tol=0.1, per_epoch=8)  # a dip in the middle that recovers
     assert not dip.collapsed and _same(dip.student.trainable, long_sound.student.trainable)
     assert _same(long_sound.student.trainable, seen_l[24])
+
+
+def test_in_a_vmapped_group_each_cell_is_guarded_on_its_own():
+    """Two cells run together (the sweep's path): the one whose last epoch collapsed gets its own sound state
+    back, the other its final state, each equal to the same run alone."""
+    from jdup import models
+    from jdup import unlearn as U
+    from jdup.settings import UnlearnSettings
+
+    per_epoch, epochs = 8, 3
+    accs = {2025: [0.8] * 24, 7: [0.8] * 16 + [0.3] * 8}
+
+    def cell(seed, seen):
+        cfg = UnlearnSettings(lora_rank=4, lora_alpha=8.0, epochs=epochs, batch_size=8, lr=1e-2, progress=False,
+                              warmup_frac=0.0, ckpt_every_steps=0, seed=seed)
+
+        def hook(info):
+            seen[info.step] = jax.tree.map(np.array, info.student.trainable)
+            return {"retain_acc": accs[seed][info.step - 1]}
+
+        victim = models.tiny_model("bert", 2, seed=1)
+        return U.make_cell(victim, _encoded(8 * per_epoch, 3), _encoded(64, 4), cfg, target_label=1, on_step=hook)
+
+    seen_a, seen_b = {}, {}
+    a, b = U.run_cells([cell(2025, seen_a), cell(7, seen_b)])
+    assert not a.collapsed and a.best_step == 24 and _same(a.student.trainable, seen_a[24])
+    assert b.collapsed and b.best_step == 16 and _same(b.student.trainable, seen_b[16])
+    alone = U.run_cells([cell(7, {})])[0]
+    assert alone.collapsed and alone.best_step == 16
+    for x, y in zip(jax.tree.leaves(b.student.trainable), jax.tree.leaves(alone.student.trainable), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # vmapped vs alone: float rounding only
