@@ -161,6 +161,9 @@ def test_results_tables_detection_per_detector_and_purification_per_method(tmp_p
     assert dup["detect_seconds_mean"] == pytest.approx(6.0)  # one entry per split seed, not per cell
     pur = T.purification_rows(ordered)
     assert [(r["method"], r["n_seeds"]) for r in pur] == [("dup-faithful", 2), ("defaults", 1)]
+    ordered[4]["metrics"]["collapsed"] = True  # the collapse guard returned an earlier state in that cell
+    assert [r["method"] for r in T.purification_rows(ordered)] == ["dup-faithful", "defaults (1 collapsed)"]
+    ordered[4]["metrics"]["collapsed"] = False
     assert pur[0]["ra_after_mean"] == pytest.approx(0.75) and pur[0]["asr_after_std"] == pytest.approx(0.1)
 
     R.run_report(tmp_path)

@@ -217,17 +217,20 @@ def _disambiguate(rows: list[dict]) -> None:
 
 def purification_rows(records: Sequence[Mapping]) -> list[dict]:
     """One row per setting (all axis values but ``seed``) of the cells that unlearned (``cacc_after`` present):
-    attack, model, method (``tags.method`` or the defence axis values), mean ± std over seeds."""
+    attack, model, method (``tags.method`` or the defence axis values; ``(k collapsed)`` appended when the
+    collapse guard returned an earlier state in k of its cells), mean ± std over seeds."""
     groups: dict[tuple, list[Mapping]] = {}
     for r in records:
         if r.get("status") == "ok" and metric_value(r, "cacc_after") is not None:
             groups.setdefault(_setting(r), []).append(r)
     rows = []
     for recs in groups.values():
+        collapsed = sum(bool(r.get("metrics", {}).get("collapsed")) for r in recs)
         row: dict[str, Any] = {
             "attack": attack_label(recs[0]),
             "model": model_label(recs[0]),
-            "method": method_label(recs[0]),
+            # the collapse guard returned an earlier state in this many cells (jdup.unlearn.guard)
+            "method": method_label(recs[0]) + (f" ({collapsed} collapsed)" if collapsed else ""),
             "n_seeds": len({json.dumps(r.get("seed")) for r in recs}),
         }
         row.update(_mean_std(recs, PURIFICATION_METRICS))
