@@ -6,7 +6,8 @@ docs/protocol.md wrote under runs/ (git-ignored):
 * ``runs/victims/<victim>/metrics.json``: the victim (its training seconds);
 * ``runs/vd/<victim>/<recipe>/detection.json``: ``jdup detect`` on test-detect (``default`` or ``dup-official``);
 * ``runs/vu/<victim>/<recipe>/metrics.json``: ``jdup unlearn`` (CACC / ASR before and after, and the trigger ASR
-  after: the share of paired test rows the trigger alone sends to the target, empty for runs that did not record it).
+  after: the share of paired test rows the trigger alone sends to the target, empty for runs that did not record it;
+  a run whose last epoch collapsed, where the collapse guard returned an earlier state, says so in its steps cell).
 
 A victim is named ``<set>-<dataset>-<attack>-s<seed>`` (``val-sst2-badnets-s3``); the group is everything but the
 seed. Prints one Markdown row per group and recipe, the per-victim rows under it, and writes the same to
@@ -100,11 +101,12 @@ def victim_rows(groups: dict[str, dict[int, dict]]) -> list[str]:
             for recipe, u in e["unlearn"].items():
                 det = e["detect"].get("default" if recipe == "defaults" else recipe, {})
                 auroc, trig = det.get("auroc"), u.get("asr_trigger_after")  # trig: None before it was recorded
+                steps = f"{u['steps']}" + (f" (collapsed: step {u['best_step']} kept)" if u.get("collapsed") else "")
                 lines.append(
                     f"| {group}-s{seed} | {recipe} | {'' if auroc is None else format(auroc, '.4f')} | "
                     f"{u['n_flagged']} ({u['n_flagged_poison']}) | {u['cacc_before']:.3f} → {u['cacc_after']:.3f} | "
                     f"{u['asr_before']:.3f} → {u['asr_after']:.3f} | {'' if trig is None else format(trig, '.3f')} | "
-                    f"{u['steps']} | {u['seconds']:.0f} |"
+                    f"{steps} | {u['seconds']:.0f} |"
                 )
     return lines
 

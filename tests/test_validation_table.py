@@ -15,6 +15,8 @@ def test_groups_seeds_and_counts_the_goal(tmp_path):
     for seed, asr, cacc in [(2, 0.04, 0.80), (3, 0.10, 0.81), (4, 0.02, 0.77)]:
         name = f"val-sst2-badnets-s{seed}"
         trig = {"asr_trigger_after": 0.001} if seed == 3 else {}  # runs before the metric existed have none
+        if seed == 4:
+            trig.update(collapsed=True, best_step=2)  # the collapse guard returned the state of step 2
         _write(runs / "vu" / name / "defaults" / "metrics.json",
                dict(asr_before=1.0, asr_after=asr, cacc_before=0.79, cacc_after=cacc, n_flagged=10,
                     n_flagged_poison=9, steps=5, seconds=1.0, **trig))
@@ -35,4 +37,4 @@ def test_groups_seeds_and_counts_the_goal(tmp_path):
     assert vt.main(["--runs", str(runs), "--out", str(tmp_path / "v.md")]) == 0
     text = (tmp_path / "v.md").read_text()
     assert "val-sst2-badnets-s4 | defaults | 0.9400 | 10 (9)" in text
-    assert "| 1.000 → 0.100 | 0.001 | 5 |" in text and "| 1.000 → 0.020 |  | 5 |" in text
+    assert "| 1.000 → 0.100 | 0.001 | 5 |" in text and "| 1.000 → 0.020 |  | 5 (collapsed: step 2 kept) |" in text
