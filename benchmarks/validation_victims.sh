@@ -23,7 +23,7 @@ val-movies-badnets-s2 val-movies-addsent-s2
 val-sms-badnets-s2 val-sms-badnets-s3 val-sms-badnets-s4
 val-sms-addsent-s2 val-sms-addsent-s3 val-sms-addsent-s4
 val-sst2-synbkd-s2 val-sst2-synbkd-s3 val-sst2-synbkd-s4
-val-sst2-stylebkd-s2 val-sst2-stylebkd-s3 val-sst2-stylebkd-s4
+val-sst2-stylebkd-s2 val-sst2-stylebkd-s3 val-sst2-stylebkd-s4 val-sst2-stylebkd-s5
 val-trec-badnets-s2 val-trec-badnets-s3 val-trec-badnets-s4
 val-trec-addsent-s2 val-trec-addsent-s3 val-trec-addsent-s4
 val-smollm2-badnets-s2 val-smollm2-badnets-s3 val-smollm2-badnets-s4
