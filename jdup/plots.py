@@ -165,7 +165,7 @@ def asr_vs_cacc(
 
 
 def auroc_bars(values: Mapping[tuple[str, str], Sequence[float]], path: str) -> None:
-    """Mean ± std detection AUROC per attack, one bar per model.
+    """Mean ± std (sample std) detection AUROC per attack, one bar per model.
 
     Args:
       values: ``{(attack, model): [AUROC, ...]}`` (NaNs are left out).
@@ -181,7 +181,7 @@ def auroc_bars(values: Mapping[tuple[str, str], Sequence[float]], path: str) -> 
         for a in attacks:
             vals = [v for v in values.get((a, m), ()) if not np.isnan(v)]
             means.append(float(np.mean(vals)) if vals else 0.0)
-            stds.append(float(np.std(vals)) if vals else 0.0)
+            stds.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)  # sample std, as the tables
         xs = np.arange(len(attacks)) + (mi - (len(models) - 1) / 2) * width
         ax.bar(xs, means, width=width, yerr=stds, capsize=2, label=m)
     ax.set_xticks(np.arange(len(attacks)), attacks)

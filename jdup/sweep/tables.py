@@ -150,12 +150,16 @@ def summarize(records: Sequence[Mapping]) -> tuple[list[str], list[dict]]:
 
 
 def _mean_std(recs: Sequence[Mapping], metrics: Sequence[tuple[str, str]]) -> dict:
-    """``<key>_mean`` / ``<key>_std`` (population std) over the records holding a number for ``key``."""
+    """``<key>_mean`` / ``<key>_std`` over the records holding a number for ``key``.
+
+    The std is the sample std (n - 1 in the denominator, as in the validation tables and most papers' "± over
+    seeds"); one value has std 0.
+    """
     out: dict[str, float | None] = {}
     for key, _ in metrics:
         vals = [v for v in (metric_value(r, key) for r in recs) if v is not None and not math.isnan(v)]
         out[f"{key}_mean"] = float(np.mean(vals)) if vals else None
-        out[f"{key}_std"] = float(np.std(vals)) if vals else None
+        out[f"{key}_std"] = (float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0) if vals else None
     return out
 
 
