@@ -5,7 +5,7 @@ Result lines (:mod:`jdup.sweep.engine` calls these): :func:`detection_metrics`, 
 :func:`unlearn_metrics`, :func:`summary`.
 
 ``jdup report`` (:func:`run_report`): rows are *settings*, every axis value of a cell except ``seed``. Each metric
-is shown as mean ± std over the seeds of a setting (population std, ``ddof=0``; a single seed shows ``± 0``).
+is shown as mean ± std over the seeds of a setting (sample std, ``ddof=1``; a single seed shows ``± 0``).
 Written into the sweep folder:
 
 * ``report.csv``: one row per setting, the axis columns, ``n_seeds``, then ``<metric>_mean`` / ``<metric>_std``;
