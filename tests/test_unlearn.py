@@ -191,9 +191,11 @@ def test_traced_step_matches_the_fixed_optimizer_and_vmaps_over_cells(victim):
         tr_b, os_b, m_b = U.jit_train_step(
             st.graphdef, spec, settings, tr_b, st.frozen, os_b, batch, U.step_key(cfg.seed, t), hp
         )
-        assert float(m_a["loss"]) == float(m_b["loss"])
-    # equal up to float32 rounding of two differently fused programs (the tolerance of the vmapped cells below; a
-    # wrong learning rate or weight would move the parameters by ~1e-3)
+        # equal up to float32 rounding of two differently fused programs: after the first step the parameters
+        # already differ in the last bits on some CPUs, so the losses of later steps may too (a wrong learning rate
+        # or loss weight moves the loss by ~1e-3)
+        np.testing.assert_allclose(float(m_a["loss"]), float(m_b["loss"]), rtol=1e-6, atol=0)
+    # the parameters to the tolerance of the vmapped cells below (a wrong learning rate moves them by ~1e-3)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), tr_a, tr_b)
 
     # two cells (lr, lambdas, seeds differ) in one vmapped step == each cell's own step
