@@ -196,3 +196,25 @@ def test_every_figure_goes_through_jdup_plots(tmp_path):
     assert names == ["hist.png", "roc.png", "run.png"]
     for n in names:
         assert (tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_of_a_restricted_run_join_their_attack(tmp_path):
+    """Two invocations of one sweep folder, the second restricted to a new row by an axis override: the report
+    orders cells by attack (the first axis), then by when a plan first named them, not the second run first.
+    The victims do not exist, so every cell fails at once and is recorded (failed cells are ordered too)."""
+    from jdup.sweep import engine
+
+    attacks = [{"data.dir": str(tmp_path / a), "model.victim": str(tmp_path / a / "model"), "tags.attack": a}
+               for a in ("badnets", "addsent")]
+    rows = [{"tags.method": "defaults"}, {"tags.method": "gradient", "unlearn.projection": "gradient"}]
+    base = {"name": "t", "progress": False, "fixed": {"data": {"source": "dup"}, "model": {"name": "builtin:minilm"}}}
+    out = tmp_path / "sweep"
+    engine.run_sweep({**base, "axes": {"attack": attacks, "row": rows[:1], "seed": [1, 2]}}, out)
+    engine.run_sweep({**base, "axes": {"attack": attacks, "row": rows[1:], "seed": [1]}}, out)
+    plan = json.loads((out / "sweep.json").read_text())
+    assert len(plan["cells"]) == 2 and len(plan["known_cells"]) == 6  # this run's plan; every plan's cells
+    ordered = R._grid_order(R.latest_results(out), str(out))
+    assert all(r["status"] != "ok" for r in ordered) and len(ordered) == 6
+    got = [(r["point"]["tags.attack"], r["point"]["tags.method"], r["point"]["seed"]) for r in ordered]
+    assert got == [("badnets", "defaults", 1), ("badnets", "defaults", 2), ("badnets", "gradient", 1),
+                   ("addsent", "defaults", 1), ("addsent", "defaults", 2), ("addsent", "gradient", 1)]

@@ -85,7 +85,14 @@ def run_sweep(
     store = ResultsStore(out, writer=writer)
     cells = grid.expand(cfg, source)
     if writer:
-        plan = {"config": config_lib.to_dict(cfg), "cells": [{"id": c.id, "point": c.point} for c in cells]}
+        planned = [{"id": c.id, "point": c.point} for c in cells]
+        plan = {
+            "config": config_lib.to_dict(cfg),
+            "cells": planned,
+            # every cell any invocation of this folder planned, in first-planned order (`jdup report` orders its
+            # tables by it, so the rows of a run restricted by an axis override join the earlier ones' places)
+            "known_cells": _known_cells(os.path.join(out, "sweep.json"), planned),
+        }
         atomic.write_text(os.path.join(out, "sweep.json"), _json(plan, indent=1))
     # Process 0's results decide what is left, so that every process runs the same cells (hosts with their own
     # disks may hold different results.jsonl files)
@@ -179,6 +186,19 @@ def run_sweep(
 
 def _json(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, indent=indent, default=json_default) + "\n"
+
+
+def _known_cells(path: str, planned: list[dict]) -> list[dict]:
+    """The ``known_cells`` of the folder's previous ``sweep.json`` (its ``cells`` if older), then the cells of
+    ``planned`` not among them; an unreadable or missing file counts as none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        known = [c for c in old.get("known_cells", old.get("cells", [])) if isinstance(c, dict) and "id" in c]
+    except (OSError, ValueError, AttributeError):
+        known = []
+    seen = {c["id"] for c in known}
+    return known + [c for c in planned if c["id"] not in seen]
 
 
 # ---------------------------------------------------------------------------------------------------------------

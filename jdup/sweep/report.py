@@ -200,14 +200,32 @@ def latest_results(sweep_dir: str | os.PathLike) -> list[dict]:
 
 
 def _grid_order(records: list[dict], sweep_dir: str) -> list[dict]:
-    """Records in the grid order of ``sweep.json`` (cells it does not list keep their file order, last)."""
+    """Records in grid order: grouped by the value of the config's first (outermost) axis, e.g. the attack, and
+    within a group in the order the folder's invocations first planned the cells (``known_cells`` of
+    ``sweep.json``). So the rows of a run restricted by an axis override sit beside the earlier runs' rows of the
+    same attack instead of before them all. Cells no plan lists keep their file order, last in their group."""
     try:
         with open(os.path.join(sweep_dir, "sweep.json"), encoding="utf-8") as f:
-            ids = [c["id"] for c in json.load(f)["cells"]]
-    except (OSError, ValueError, KeyError, TypeError):
+            plan = json.load(f)
+        known = [c for c in plan.get("known_cells", plan["cells"]) if isinstance(c, dict)]
+        axes = (plan.get("config") or {}).get("axes") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return records
-    pos = {cid: i for i, cid in enumerate(ids)}
-    return sorted(records, key=lambda r: pos.get(r.get("id"), len(pos)))
+    outer_keys: set[str] = set()
+    if isinstance(axes, Mapping) and axes:
+        name, values = next(iter(axes.items()))
+        entries = values if isinstance(values, list) else [values]
+        outer_keys = {str(k) for v in entries if isinstance(v, Mapping) for k in v} or {str(name)}
+
+    def outer(point: Any) -> str:
+        point = point if isinstance(point, Mapping) else {}
+        return json.dumps({k: point[k] for k in sorted(outer_keys) if k in point}, sort_keys=True, default=str)
+
+    group_rank: dict[str, int] = {}
+    for point in [c.get("point") for c in known] + [r.get("point") for r in records]:
+        group_rank.setdefault(outer(point), len(group_rank))
+    pos = {c.get("id"): i for i, c in enumerate(known)}
+    return sorted(records, key=lambda r: (group_rank[outer(r.get("point"))], pos.get(r.get("id"), len(pos))))
 
 
 def run_report(sweep_dir: str | os.PathLike) -> dict:
