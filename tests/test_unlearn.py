@@ -194,7 +194,7 @@ def test_traced_step_matches_the_fixed_optimizer_and_vmaps_over_cells(victim):
         # equal up to float32 rounding of two differently fused programs: after the first step the parameters
         # already differ in the last bits on some CPUs, so the losses of later steps may too (a wrong learning rate
         # or loss weight moves the loss by ~1e-3)
-        np.testing.assert_allclose(float(m_a["loss"]), float(m_b["loss"]), rtol=1e-6, atol=0)
+        np.testing.assert_allclose(float(m_a["loss"]), float(m_b["loss"]), rtol=1e-5, atol=0)
     # the parameters to the tolerance of the vmapped cells below (a wrong learning rate moves them by ~1e-3)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), tr_a, tr_b)
 
