@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import accel_common as A  # noqa: E402
 from benchmarks import common as C  # noqa: E402
+from tests.helpers.subproc import xla_flags  # noqa: E402
 
 
 def test_length_histogram_sampling():
@@ -85,7 +87,7 @@ def test_dry_run_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run_accel_set.py"), "--dry-run", "--out", str(out),
          "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, cwd=REPO, timeout=900,
+        capture_output=True, text=True, cwd=REPO, timeout=900, env={**os.environ, "XLA_FLAGS": xla_flags()},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]

@@ -77,8 +77,10 @@ XLA_CPU_RENDEZVOUS_ABORT = "Termination timeout for"
 
 
 def _run(n_devices: int, checks: str, timeout: int = 900) -> str:
+    from tests.helpers.subproc import xla_flags
+
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = xla_flags(n_devices)
     env["JAX_PLATFORMS"] = "cpu"
     for attempt in range(2):
         r = subprocess.run(
@@ -134,8 +136,10 @@ def _free_port() -> int:
 
 def _two_processes(mode: str, out: str) -> None:
     """Runs ``_main_process(mode)`` in two local processes of 2 simulated devices each, joined on a free port."""
+    from tests.helpers.subproc import xla_flags
+
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = xla_flags(2)
     env["JAX_PLATFORMS"] = "cpu"
     port = str(_free_port())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

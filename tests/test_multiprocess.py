@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from jdup import cli
+from tests.helpers.subproc import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ("epochs=1", "batch_size=16", "max_length=32", "buckets=[32]", "progress=false", "eval_batch_size=64")
@@ -39,7 +40,7 @@ def child_env(tmp: Path, **extra: str) -> dict:
     scratch = tmp / "tmp"
     scratch.mkdir(exist_ok=True)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", JAX_PLATFORMS="cpu",
-               PYTHONUNBUFFERED="1", TMPDIR=str(scratch), PYTHONPATH=str(REPO))
+               PYTHONUNBUFFERED="1", TMPDIR=str(scratch), PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(inherit=False))
     env.update(extra)
     return env
 

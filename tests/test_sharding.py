@@ -72,8 +72,10 @@ def test_put_rows_rejects_a_batch_the_data_axis_does_not_divide():
 
 @pytest.mark.slow
 def test_sharded_equals_single_device_on_8_fake_devices():
+    from tests.helpers.subproc import xla_flags
+
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = xla_flags(8)
     env["JAX_PLATFORMS"] = "cpu"
     r = subprocess.run(
         [sys.executable, __file__],

@@ -30,6 +30,7 @@ import pytest
 from jdup import sweep as S
 from jdup.errors import JdupError
 from jdup.unlearn.cells import stack_batches
+from tests.helpers.subproc import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -372,7 +373,7 @@ def worker(tmp_path_factory):
     env = dict(os.environ)
     env.update(
         {
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+            "XLA_FLAGS": xla_flags(8),
             "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": cache,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
