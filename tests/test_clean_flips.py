@@ -18,8 +18,9 @@ def test_mcnemar_exact_is_the_two_sided_binomial_test(fixed, broken):
 
 
 def test_two_models_row_by_row(tmp_path, tiny_model_dir, synthetic_dup, capsys):
-    """The purified model against itself changes nothing; against a victim whose head bias sends most rows to one class, every row
-    the two disagree on is counted once, as fixed or broken, and the per-class accuracies match the predictions."""
+    """The purified model against itself changes nothing; against a victim whose head bias sends most rows to one
+    class, every row the two disagree on is counted once, as fixed or broken, and the per-class accuracies match
+    the predictions."""
     from jdup import data as D
     from jdup import models
     from jdup.predict import predict

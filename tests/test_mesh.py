@@ -77,7 +77,7 @@ XLA_CPU_RENDEZVOUS_ABORT = "Termination timeout for"
 
 
 def _run(n_devices: int, checks: str, timeout: int = 900) -> str:
-    from tests.helpers.subproc import xla_flags
+    from tests.helpers.subproc import xla_flags  # here, not at the top: this file is also the subprocess's script
 
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(n_devices)
@@ -136,7 +136,7 @@ def _free_port() -> int:
 
 def _two_processes(mode: str, out: str) -> None:
     """Runs ``_main_process(mode)`` in two local processes of 2 simulated devices each, joined on a free port."""
-    from tests.helpers.subproc import xla_flags
+    from tests.helpers.subproc import xla_flags  # (see _run)
 
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(2)
