@@ -77,7 +77,8 @@ XLA_CPU_RENDEZVOUS_ABORT = "Termination timeout for"
 
 
 def _run(n_devices: int, checks: str, timeout: int = 900) -> str:
-    from tests.helpers.subproc import xla_flags  # here, not at the top: this file is also the subprocess's script
+    # imported here, not at the top: this file is also the subprocess's script
+    from tests.helpers.subproc import xla_flags
 
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(n_devices)

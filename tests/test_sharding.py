@@ -72,7 +72,8 @@ def test_put_rows_rejects_a_batch_the_data_axis_does_not_divide():
 
 @pytest.mark.slow
 def test_sharded_equals_single_device_on_8_fake_devices():
-    from tests.helpers.subproc import xla_flags  # here, not at the top: this file is also the subprocess's script
+    # imported here, not at the top: this file is also the subprocess's script
+    from tests.helpers.subproc import xla_flags
 
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(8)
