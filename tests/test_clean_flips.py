@@ -1,4 +1,5 @@
-"""benchmarks/clean_flips.py: the exact McNemar test, and the row-by-row comparison of two models on test-clean."""
+"""benchmarks/clean_flips.py (the exact McNemar test, the row-by-row comparison of two models on test-clean) and
+benchmarks/class_shift.py (the shift of the target logit chosen on dev-clean)."""
 
 import json
 
@@ -53,3 +54,22 @@ def test_two_models_row_by_row(tmp_path, tiny_model_dir, synthetic_dup, capsys):
     assert out["cacc_after"] - out["cacc_before"] == pytest.approx((out["fixed"] - out["broken"]) / out["rows"], abs=2e-4)
     for c, row in out["per_class"].items():
         assert row["acc_before"] == pytest.approx(ok_b[tc.labels == int(c)].mean(), abs=1e-3)
+
+
+def test_class_shift_picks_the_dev_clean_best_shift_of_the_target_logit():
+    """benchmarks/class_shift.py: a model that sends every row to class 0 by a margin of 1.1 is moved back by the
+    smallest shift that gives the best accuracy; ties prefer the smaller |b|; the summary reads the shifted rows."""
+    from benchmarks import class_shift as cs
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    logits = np.stack([np.full(200, 1.1), np.where(labels == 1, 1.0, -1.0)], axis=1)  # class 1 rows lose by 0.1
+    assert np.all(cs.shifted(logits, 1, 0.0) == 0)
+    b = cs.best_shift(logits, labels, 1)
+    assert b == 0.25  # the first grid step past the 0.1 margin (and below the 2.1 that would flip class 0 rows)
+    assert np.all(cs.shifted(logits, 1, b) == labels)
+    assert cs.best_shift(np.stack([labels == 0, labels == 1], 1).astype(float) * 5, labels, 1) == 0.0  # tie -> 0
+    lg = {"dev-clean": (logits, labels), "test-clean": (logits, labels), "test-poison": (logits, labels)}
+    at0, at_b = cs.summary(lg, 1, 0.0), cs.summary(lg, 1, b)
+    assert at0["target_acc"] == 0.0 and at0["other_acc"] == 1.0 and at0["asr"] == 0.0
+    assert at_b["cacc"] == 1.0 and at_b["asr"] == pytest.approx(np.mean(labels == 1), abs=1e-4)
