@@ -19,14 +19,14 @@ import sys
 
 import numpy as np
 
+from jdup.unlearn.tilt import tilted_predictions
+
 GRID = np.arange(-16, 17) / 4.0  # -4 .. 4 in steps of 0.25
 
 
 def shifted(logits: np.ndarray, target: int, b: float) -> np.ndarray:
-    """Predictions after adding ``b`` to the target logit."""
-    z = np.array(logits, dtype=np.float64, copy=True)
-    z[:, target] += b
-    return z.argmax(-1)
+    """Predictions after adding ``b`` to the target logit (``target_tilt``'s predictions with the opposite sign)."""
+    return tilted_predictions(logits, target, -b)
 
 
 def best_shift(logits: np.ndarray, labels: np.ndarray, target: int, grid: np.ndarray = GRID) -> float:
